@@ -1,0 +1,156 @@
+//! The `jobhost` subcommands: argument parsing (clap) and what each command does at the top.
+//!
+//! Commands that load plugins (`check`, `plugin inspect`) do it only in probe children: a
+//! broken plugin can make them print an error, never crash them.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, PoolMode};
+use crate::plugins::{self, Info, PluginError};
+
+/// Exit status for "something failed": a bad config, a refused plugin, a failed job.
+pub const EXIT_ERROR: u8 = 1;
+
+/// A preforking job host: loads plugins, forks workers, feeds them jobs, supervises them.
+#[derive(Debug, Parser)]
+#[command(name = "jobhost", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a config and load + init every plugin it names, in a child process.
+    Check {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Work with plugin files.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Print a plugin's name, version, description and plugin-api version, or why it is refused.
+    Inspect {
+        /// One or more plugin files (`lib<name>.so`).
+        #[arg(required = true, value_name = "FILE.so")]
+        files: Vec<PathBuf>,
+    },
+}
+
+pub type CliResult = Result<ExitCode, Box<dyn Error>>;
+
+pub fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
+    }
+}
+
+/// `jobhost check -c FILE`: one line per pool, exit 0; or the first error, exit 1.
+fn check(path: &Path) -> CliResult {
+    let config = Config::load(path)?;
+    init_cli_logging(config.host.log_level);
+    // One probe per plugin file, initialising it once per pool's settings.
+    let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+    for pool in &config.pools {
+        files
+            .entry(pool.plugin_path(&config.host))
+            .or_default()
+            .push(pool.settings_toml());
+    }
+    let mut infos: BTreeMap<PathBuf, Info> = BTreeMap::new();
+    for (file, settings) in &files {
+        let info = plugins::probe(file, settings, config.host.init_timeout)?;
+        infos.insert(file.clone(), info);
+    }
+    for pool in &config.pools {
+        let file = pool.plugin_path(&config.host);
+        let info = infos
+            .get(&file)
+            .ok_or_else(|| format!("internal: {} was not probed", file.display()))?;
+        info.check_mode(&file, pool.mode == PoolMode::Loop)
+            .map_err(|e| in_pool(&pool.name, e))?;
+        println!(
+            "ok  pool {:<12} plugin {} {} (plugin-api {}), mode {}, {} worker{} — {}",
+            pool.name,
+            info.name,
+            info.version,
+            info.api_version,
+            match pool.mode {
+                PoolMode::Jobs => "jobs",
+                PoolMode::Loop => "loop",
+            },
+            pool.workers,
+            if pool.workers == 1 { "" } else { "s" },
+            file.display(),
+        );
+    }
+    println!(
+        "{}: {} pool(s), config ok",
+        config.path.display(),
+        config.pools.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn in_pool(pool: &str, e: PluginError) -> String {
+    format!("pool {pool}: {e}")
+}
+
+/// `jobhost plugin inspect FILE.so...`: each file is probed in its own child.
+fn inspect(files: &[PathBuf]) -> CliResult {
+    init_cli_logging(log::LevelFilter::Warn);
+    let mut failed = false;
+    for (i, file) in files.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        match plugins::probe(file, &[], std::time::Duration::from_secs(30)) {
+            Ok(info) => {
+                println!("file:        {}", file.display());
+                println!("name:        {}", info.name);
+                println!("version:     {}", info.version);
+                println!("description: {}", info.description);
+                println!(
+                    "plugin-api:  {} (this jobhost: {})",
+                    info.api_version,
+                    plugins::HOST_API_VERSION
+                );
+                println!("modes:       {}", info.modes());
+            }
+            Err(e) => {
+                eprintln!("jobhost: refused: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(EXIT_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Logging for one-shot commands: stderr, so plugins' log lines show up next to our output.
+fn init_cli_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_time_level(log::LevelFilter::Off)
+        .build();
+    // Fails only if a logger is already set, which leaves that one in place.
+    let _ = simplelog::TermLogger::init(
+        level,
+        config,
+        simplelog::TerminalMode::Stderr,
+        simplelog::ColorChoice::Never,
+    );
+}

@@ -1,0 +1,161 @@
+//! `faulty`: a job-mode plugin that misbehaves on command, for testing jobhost.
+//!
+//! It exists so tests can check that the host survives each way a plugin can fail: a panic
+//! becomes an error and the worker lives on; a crash, abort, exit or hang costs one worker,
+//! which the master replaces; a leak grows a worker's memory until a limit recycles it.
+//!
+//! Setting `init` (optional): misbehave in `init` itself, which runs in the master before any
+//! fork — `"panic"`, `"segv"`, `"abort"`, `"exit"`, `"hang"` do what the payloads below do,
+//! `"fail"` returns an error. jobhost runs `init` in a probe child first, so none of these may
+//! take the master (or `jobhost check`) down.
+//!
+//! Payload (ASCII, surrounding whitespace allowed):
+//! - `ok`: returns `ok`.
+//! - `panic`: panics with "faulty: asked to panic".
+//! - `segv`: the process dies of SIGSEGV.
+//! - `abort`: the process dies of SIGABRT (`std::process::abort`).
+//! - `exit`: the process exits with status [`EXIT_CODE`] (42).
+//! - `hang`: never returns.
+//! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
+//!   worker; returns `leaked <N> MiB`.
+//!
+//! Anything else is an error: `faulty: unknown command ...`.
+
+use std::time::Duration;
+
+use jobhost_plugin_api::{export_plugin, Plugin, Settings};
+
+/// The exit status of the process after the `exit` command.
+pub const EXIT_CODE: i32 = 42;
+
+pub struct Faulty {
+    /// What `leak` allocated: kept until the worker exits.
+    leaked: Vec<Vec<u8>>,
+}
+
+impl Plugin for Faulty {
+    fn init(settings: &Settings) -> Result<Self, String> {
+        match settings.get::<String>("init")?.as_deref() {
+            None => {}
+            Some("panic") => panic!("faulty: asked to panic in init"),
+            Some("segv") => segv(),
+            Some("abort") => std::process::abort(),
+            Some("exit") => std::process::exit(EXIT_CODE),
+            Some("hang") => hang(),
+            Some("fail") => return Err("faulty: asked to fail in init".into()),
+            Some(other) => {
+                return Err(format!(
+                    "setting `init`: unknown value {other:?} (expected panic, segv, abort, exit, hang or fail)"
+                ))
+            }
+        }
+        Ok(Faulty { leaked: Vec::new() })
+    }
+
+    fn handle(&mut self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let text = String::from_utf8_lossy(payload);
+        let mut words = text.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("ok"), None, _) => Ok(b"ok".to_vec()),
+            (Some("panic"), None, _) => panic!("faulty: asked to panic"),
+            (Some("segv"), None, _) => segv(),
+            (Some("abort"), None, _) => {
+                log::warn!("faulty: aborting as asked");
+                std::process::abort()
+            }
+            (Some("exit"), None, _) => {
+                log::warn!("faulty: exiting with status {EXIT_CODE} as asked");
+                std::process::exit(EXIT_CODE)
+            }
+            (Some("hang"), None, _) => hang(),
+            (Some("leak"), Some(mib), None) => self.leak(mib),
+            _ => Err(format!(
+                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang or leak <MiB>)"
+            )),
+        }
+    }
+}
+
+impl Faulty {
+    fn leak(&mut self, mib: &str) -> Result<Vec<u8>, String> {
+        let count: usize = mib
+            .parse()
+            .map_err(|_| format!("faulty: leak needs a whole number of MiB, got {mib:?}"))?;
+        let bytes = count
+            .checked_mul(1 << 20)
+            .ok_or_else(|| format!("faulty: cannot leak {count} MiB: too large"))?;
+        let mut block = Vec::new();
+        block
+            .try_reserve_exact(bytes)
+            .map_err(|e| format!("faulty: cannot allocate {count} MiB: {e}"))?;
+        // A non-zero fill writes every byte, so every page is really backed (not just reserved).
+        block.resize(bytes, 0xa5);
+        self.leaked.push(block);
+        log::info!("faulty: leaked {count} MiB as asked");
+        Ok(format!("leaked {count} MiB").into_bytes())
+    }
+}
+
+/// Kills the process with SIGSEGV, even if a handler was installed (Rust's own stack-overflow
+/// handler, for one, would otherwise swallow a raised signal).
+fn hang() -> ! {
+    log::warn!("faulty: hanging forever as asked");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn segv() -> ! {
+    log::warn!("faulty: raising SIGSEGV as asked");
+    // SAFETY: plain libc calls with valid arguments; the default action ends the process.
+    unsafe {
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSEGV);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(libc::SIGSEGV);
+    }
+    // Not reached; if it were, still die rather than return.
+    std::process::abort()
+}
+
+export_plugin!(Faulty);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin() -> Faulty {
+        Faulty::init(&Settings::from_toml("").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ok_returns_ok() {
+        assert_eq!(plugin().handle(b"ok").unwrap(), b"ok");
+        assert_eq!(plugin().handle(b" ok\n").unwrap(), b"ok");
+    }
+
+    #[test]
+    fn leak_keeps_written_memory() {
+        let mut faulty = plugin();
+        assert_eq!(faulty.handle(b"leak 1").unwrap(), b"leaked 1 MiB");
+        assert_eq!(faulty.leaked.len(), 1);
+        assert_eq!(faulty.leaked[0].len(), 1 << 20);
+        assert!(faulty.leaked[0].iter().step_by(4096).all(|&b| b == 0xa5));
+        let err = faulty.handle(b"leak lots").unwrap_err();
+        assert!(err.contains("\"lots\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_commands_are_errors() {
+        let err = plugin().handle(b"explode").unwrap_err();
+        assert!(
+            err.starts_with("faulty: unknown command \"explode\""),
+            "{err}"
+        );
+        assert!(plugin().handle(b"ok please").is_err());
+        assert!(plugin().handle(b"leak").is_err());
+        assert!(plugin().handle(b"").is_err());
+    }
+}
