@@ -185,3 +185,197 @@ pub fn run(command: &mut Command) -> Run {
         output,
     }
 }
+
+/// Polls `condition` every 20 ms until it holds or `within` passes; panics with `what` then.
+/// Tests wait for state this way instead of sleeping fixed amounts: fast when the machine is
+/// fast, patient when it is loaded.
+pub fn wait_until(what: &str, within: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The generous deadline for anything a healthy master does "at once".
+pub const SOON: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A running `jobhost run` master in an [`Env`], killed (SIGKILL, with its workers) on drop.
+pub struct Master {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Env {
+    /// Writes `config_text` (with `[host] runtime_dir = "run"` added if absent) and starts a
+    /// master on it; returns once its job socket exists.
+    pub fn start_master(&self, config_text: &str) -> Master {
+        let config = self.config(config_text);
+        let log = self.path().join("master.log");
+        let log_file = fs::File::create(&log).expect("create master.log");
+        let child = Command::new(bin_dir().join("jobhost"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .current_dir(self.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn jobhost run");
+        let mut master = Master {
+            child,
+            log,
+            socket: self.path().join("run/jobs.sock"),
+        };
+        let deadline = std::time::Instant::now() + SOON;
+        while !master.socket.exists() {
+            assert!(
+                !master.exited(),
+                "master exited at start:\n{}",
+                master.log_text()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no job socket after {SOON:?}:\n{}",
+                master.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        master
+    }
+}
+
+impl Master {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, within: std::time::Duration) {
+        wait_until(&format!("log line {needle:?}"), within, || {
+            self.log_count(needle) > 0
+        });
+    }
+
+    /// True once the master has exited (std caches the status for a later wait).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The master's live children (its workers), from /proc.
+    pub fn workers(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Waits until the master has exactly `n` workers, and returns their pids.
+    pub fn wait_for_workers(&self, n: usize) -> Vec<i32> {
+        wait_until(&format!("{n} workers"), SOON, || self.workers().len() == n);
+        self.workers()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("signal the master");
+    }
+
+    /// Waits for the master to exit; returns its exit code (panics on a signal death).
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> i32 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status
+                    .code()
+                    .unwrap_or_else(|| panic!("master died of {status}:\n{}", self.log_text()));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "master did not exit within {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// A connected job client.
+    pub fn client(&self) -> jobhost::client::Client {
+        jobhost::client::Client::connect(&self.socket).expect("connect to the master")
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let workers = self.workers();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in workers {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Live (not zombie) children of `pid`, from /proc/PID/task/*/children.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.retain(|child| is_alive(*child));
+    out.sort_unstable();
+    out
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn is_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A minimal config: plugins from this env, sockets in `run/`, with `pools` appended.
+pub fn config_with(pools: &str) -> String {
+    format!("[host]\nplugins_dir = \"plugins\"\nruntime_dir = \"run\"\nlog_level = \"debug\"\ngraceful_timeout = \"20s\"\n\n{pools}")
+}
+
+/// CPU time (user + system) a process has used, in clock ticks (1/100 s), from /proc/PID/stat.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    utime + stime
+}

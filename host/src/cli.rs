@@ -26,12 +26,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start the master: load and init every plugin, fork the workers, serve jobs.
+    Run {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Validate a config and load + init every plugin it names, in a child process.
     Check {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Submit jobs: one PAYLOAD, or one job per stdin line with results in input order.
+    Submit(crate::submit::SubmitArgs),
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -51,7 +59,12 @@ pub type CliResult = Result<ExitCode, Box<dyn Error>>;
 
 pub fn run(cli: Cli) -> CliResult {
     match cli.command {
+        Command::Run { config } => {
+            crate::master::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config } => check(&config),
+        Command::Submit(args) => crate::submit::run(args),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
     }
 }
@@ -143,14 +156,6 @@ fn inspect(files: &[PathBuf]) -> CliResult {
 
 /// Logging for one-shot commands: stderr, so plugins' log lines show up next to our output.
 fn init_cli_logging(level: log::LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_level(log::LevelFilter::Off)
-        .build();
-    // Fails only if a logger is already set, which leaves that one in place.
-    let _ = simplelog::TermLogger::init(
-        level,
-        config,
-        simplelog::TerminalMode::Stderr,
-        simplelog::ColorChoice::Never,
-    );
+    // Only a file sink can fail to open; stderr cannot.
+    let _ = crate::logging::init(level, None, "jobhost");
 }

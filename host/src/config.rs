@@ -131,6 +131,12 @@ pub struct PoolConfig {
     pub max_rss: Option<u64>,
     /// Pause taking jobs while the system has fewer bytes available; absent or 0: no check.
     pub min_available_memory: Option<u64>,
+    /// This many worker crashes within `crash_window` mark the pool failing (default 10).
+    pub crash_limit: u32,
+    /// The window crashes are counted in (default 60s).
+    pub crash_window: Duration,
+    /// A failing pool tries one new worker this often (default 30s).
+    pub failing_retry: Duration,
     /// `[pool.settings]`, handed to the plugin's `init` (default empty).
     pub settings: toml::Table,
     /// 1-based line of this pool's `name`, for later error messages.
@@ -437,6 +443,9 @@ struct RawPool {
     max_lifetime: Option<Dur>,
     max_rss: Option<Size>,
     min_available_memory: Option<Size>,
+    crash_limit: Option<Spanned<Int>>,
+    crash_window: Option<Dur>,
+    failing_retry: Option<Dur>,
     settings: Option<Spanned<toml::Table>>,
 }
 
@@ -1074,6 +1083,7 @@ fn build_pool(
         3,
     )? as u32;
     let max_jobs = int_in(src, p.max_jobs, &key("max_jobs"), 0, i64::MAX, 0)? as u64;
+    let crash_limit = int_in(src, p.crash_limit, &key("crash_limit"), 1, 1_000_000, 10)? as u32;
 
     Ok(PoolConfig {
         name: p.name.into_inner(),
@@ -1091,6 +1101,9 @@ fn build_pool(
         max_lifetime: p.max_lifetime.and_then(|d| nonzero(d.0)),
         max_rss: p.max_rss.and_then(|s| nonzero(s.0)),
         min_available_memory: p.min_available_memory.and_then(|s| nonzero(s.0)),
+        crash_limit,
+        crash_window: p.crash_window.map_or(Duration::from_secs(60), |d| d.0),
+        failing_retry: p.failing_retry.map_or(Duration::from_secs(30), |d| d.0),
         settings,
         line,
     })
@@ -1519,7 +1532,7 @@ max_jobs = 0
     fn unknown_key_in_a_pool() {
         let env = Env::new();
         let text = format!("{POOL}\n[[pool]]\nname = \"h\"\nplugin = \"hash\"\n  workrs = 2\n");
-        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, settings (did you mean workers?)");
+        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings (did you mean workers?)");
         assert_eq!(e.key(), Some("pool[1].workrs"));
         // The message from the brief's e2e test: line 8, column 1.
         let host = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";

@@ -7,10 +7,28 @@
 //! Module map (one concern each):
 //! - [`config`]: the TOML config file — schema, defaults, validation, error positions.
 //! - [`plugins`]: private copies of plugin files, the probe child, loading, the registry.
+//! - [`master`]: the master's epoll loop — supervision, dispatch, signals, shutdown.
+//! - [`worker`]: a worker process — after-fork setup, the batch-runner loop, job sources.
+//! - [`server`]: the job socket and its client connections.
+//! - [`protocol`]: the binary frames on every socket.
+//! - [`signals`]: signals as counted events on a self-pipe.
+//! - [`logging`]: the host's log (pid and role on every line).
+//! - [`sys`]: RSS, PSS and available memory from /proc.
+//! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
+//! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
 //! - [`cli`]: the `jobhost` subcommands.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the process diagram.
 
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod logging;
+pub mod master;
 pub mod plugins;
+pub mod protocol;
+pub mod server;
+pub mod signals;
+pub mod submit;
+pub mod sys;
+pub mod worker;

@@ -660,6 +660,7 @@ fn parse_lines(buf: &[u8]) -> Vec<ProbeLine> {
 
 /// The probe child's work. Reports each stage before entering it, so a crash can be placed.
 fn probe_child(path: &Path, init_settings: &[String], pipe: OwnedFd) {
+    crate::logging::set_role("probe");
     let mut out = fs::File::from(pipe);
     let mut send = |line: &ProbeLine| {
         if let Ok(mut bytes) = serde_json::to_vec(line) {

@@ -2,5 +2,9 @@
 //! processes. One module per behaviour; `jobhost_e2e` (tests/harness.rs) sets up each world.
 
 mod check_config;
+mod loop_mode;
 mod plugin_inspect;
 mod plugin_loading;
+mod resources;
+mod shutdown;
+mod supervision;

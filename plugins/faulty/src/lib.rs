@@ -9,6 +9,9 @@
 //! `"fail"` returns an error. jobhost runs `init` in a probe child first, so none of these may
 //! take the master (or `jobhost check`) down.
 //!
+//! Setting `worker_start` (optional): the same modes in `worker_start`, which runs in every
+//! freshly forked worker — `"segv"` there makes a real crash loop.
+//!
 //! Payload (ASCII, surrounding whitespace allowed):
 //! - `ok`: returns `ok`.
 //! - `panic`: panics with "faulty: asked to panic".
@@ -31,25 +34,52 @@ pub const EXIT_CODE: i32 = 42;
 pub struct Faulty {
     /// What `leak` allocated: kept until the worker exits.
     leaked: Vec<Vec<u8>>,
+    /// How to misbehave in `worker_start`, if at all.
+    worker_start: Option<String>,
+}
+
+/// The ways `init` and `worker_start` can be told to misbehave.
+const MODES: [&str; 6] = ["panic", "segv", "abort", "exit", "hang", "fail"];
+
+fn unknown_mode(setting: &str, mode: &str) -> String {
+    format!(
+        "setting `{setting}`: unknown value {mode:?} (expected one of {})",
+        MODES.join(", ")
+    )
+}
+
+/// Does what `mode` says, in the callback named `callback`; `None` does nothing.
+fn misbehave(callback: &str, mode: Option<&str>) -> Result<(), String> {
+    match mode {
+        None => Ok(()),
+        Some("panic") => panic!("faulty: asked to panic in {callback}"),
+        Some("segv") => segv(),
+        Some("abort") => std::process::abort(),
+        Some("exit") => std::process::exit(EXIT_CODE),
+        Some("hang") => hang(),
+        Some("fail") => Err(format!("faulty: asked to fail in {callback}")),
+        Some(other) => Err(unknown_mode(callback, other)),
+    }
 }
 
 impl Plugin for Faulty {
     fn init(settings: &Settings) -> Result<Self, String> {
-        match settings.get::<String>("init")?.as_deref() {
-            None => {}
-            Some("panic") => panic!("faulty: asked to panic in init"),
-            Some("segv") => segv(),
-            Some("abort") => std::process::abort(),
-            Some("exit") => std::process::exit(EXIT_CODE),
-            Some("hang") => hang(),
-            Some("fail") => return Err("faulty: asked to fail in init".into()),
-            Some(other) => {
-                return Err(format!(
-                    "setting `init`: unknown value {other:?} (expected panic, segv, abort, exit, hang or fail)"
-                ))
+        misbehave("init", settings.get::<String>("init")?.as_deref())?;
+        let worker_start = settings.get::<String>("worker_start")?;
+        // Refuse a bad value now, in the master, rather than in every worker.
+        if let Some(mode) = worker_start.as_deref() {
+            if !MODES.contains(&mode) {
+                return Err(unknown_mode("worker_start", mode));
             }
         }
-        Ok(Faulty { leaked: Vec::new() })
+        Ok(Faulty {
+            leaked: Vec::new(),
+            worker_start,
+        })
+    }
+
+    fn worker_start(&mut self) -> Result<(), String> {
+        misbehave("worker_start", self.worker_start.as_deref())
     }
 
     fn handle(&mut self, payload: &[u8]) -> Result<Vec<u8>, String> {

@@ -12,6 +12,10 @@
 //!   then a newline. It is written to a hidden `.tmp` file and renamed, so readers never see
 //!   half a file. The input file is then removed.
 //!
+//! - `stop_when_empty` (optional, default false): when the inbox is empty, say
+//!   [`Step::Stop`] instead of Idle — process a folder once and end the worker (the pool is then
+//!   not refilled until restarted).
+//!
 //! Two workers may pick the same file; whoever finds it gone just moves on (both would write
 //! the same count, so the result is right either way).
 
@@ -25,6 +29,7 @@ use jobhost_plugin_api::{export_plugin, Modes, Plugin, Settings, Step};
 pub struct WordCount {
     inbox: PathBuf,
     outbox: PathBuf,
+    stop_when_empty: bool,
 }
 
 impl Plugin for WordCount {
@@ -43,12 +48,18 @@ impl Plugin for WordCount {
                 inbox.display()
             ));
         }
-        Ok(WordCount { inbox, outbox })
+        let stop_when_empty = settings.get_or("stop_when_empty", false)?;
+        Ok(WordCount {
+            inbox,
+            outbox,
+            stop_when_empty,
+        })
     }
 
     fn run_once(&mut self) -> Result<Step, String> {
         match self.next_file()? {
             Some(name) => self.process(name),
+            None if self.stop_when_empty => Ok(Step::Stop),
             None => Ok(Step::Idle),
         }
     }

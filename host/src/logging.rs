@@ -1,0 +1,119 @@
+//! The host's log: every line carries the time, the level, the pid and the role — `master` or
+//! the worker's pool — so a grep for a pool or a pid shows one process's story:
+//!
+//! `2026-11-23T01:02:03.456Z INFO  jobhost[4242] echo: worker started (gen 1)`
+//!
+//! Owns the global `log` logger for every jobhost process (a forked worker inherits it and
+//! only changes its role). Plugins' records arrive here through plugin-api's forwarding.
+//! It never blocks on anything but its own write, and a failed write is dropped, not fatal.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+/// Where lines go.
+enum Sink {
+    Stderr,
+    File { path: PathBuf, file: File },
+}
+
+struct HostLogger {
+    state: Mutex<State>,
+}
+
+struct State {
+    sink: Sink,
+    role: String,
+}
+
+static LOGGER: HostLogger = HostLogger {
+    state: Mutex::new(State {
+        sink: Sink::Stderr,
+        role: String::new(),
+    }),
+};
+
+impl Log for HostLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let time = humantime::format_rfc3339_millis(SystemTime::now());
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let role = if state.role.is_empty() {
+            "jobhost"
+        } else {
+            state.role.as_str()
+        };
+        let line = format!(
+            "{time} {:<5} jobhost[{}] {role}: {}\n",
+            record.level(),
+            std::process::id(),
+            record.args()
+        );
+        let _ = match &mut state.sink {
+            Sink::Stderr => io::stderr().write_all(line.as_bytes()),
+            Sink::File { file, .. } => file.write_all(line.as_bytes()),
+        };
+    }
+
+    fn flush(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            let _ = match &mut state.sink {
+                Sink::Stderr => io::stderr().flush(),
+                Sink::File { file, .. } => file.flush(),
+            };
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Installs the logger (once per process; later calls only change the level) writing to
+/// stderr, or appending to `file`.
+pub fn init(level: LevelFilter, file: Option<&Path>, role: &str) -> io::Result<()> {
+    let sink = match file {
+        None => Sink::Stderr,
+        Some(path) => Sink::File {
+            path: path.to_owned(),
+            file: open_append(path)?,
+        },
+    };
+    if let Ok(mut state) = LOGGER.state.lock() {
+        state.sink = sink;
+        state.role = role.to_owned();
+    }
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+    Ok(())
+}
+
+/// Names this process in every following line: `master`, or a worker's pool name.
+pub fn set_role(role: &str) {
+    if let Ok(mut state) = LOGGER.state.lock() {
+        state.role = role.to_owned();
+    }
+}
+
+/// Reopens the log file (after logrotate moved it); a no-op on stderr.
+pub fn reopen() -> io::Result<()> {
+    let Ok(mut state) = LOGGER.state.lock() else {
+        return Ok(());
+    };
+    if let Sink::File { path, file } = &mut state.sink {
+        *file = open_append(path)?;
+    }
+    Ok(())
+}

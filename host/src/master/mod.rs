@@ -1,0 +1,1324 @@
+//! The master: loads and `init`s every plugin, binds its sockets, forks the workers, then runs
+//! one epoll loop — no threads — that reads top to bottom:
+//!
+//! ```text
+//! loop {
+//!     wait      epoll: signal pipe, job socket, clients, workers' socketpairs; the timeout is the
+//!               next deadline (job timeout, kill grace, back-off, shutdown), or none when idle
+//!     reap      waitpid every dead worker; requeue or fail its jobs; decide on a replacement
+//!     signals   TERM/INT graceful · QUIT now · TTIN/TTOU ± one worker per pool · USR1 reopen log
+//!     io        accept clients, read submits, read workers' outcomes, route results back
+//!     timeouts  a job past job_timeout: SIGTERM its worker, SIGKILL after a grace
+//!     workers   fork up to each pool's wanted count, honouring crash back-off
+//!     dispatch  queued jobs to the least-loaded workers of their pool
+//!     flush     buffered frames to workers and clients
+//! }
+//! ```
+//!
+//! The master never runs plugin job code (`handle`, `run_once`) and never forks from any thread
+//! but its only one. A job it accepted is answered exactly once: with its result, or failed
+//! with the reason once its attempts are used up or the master shuts down.
+
+mod pool;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::config::{Config, PoolMode};
+use crate::plugins::{PluginError, Registry};
+use crate::protocol::{self, Frame, FrameReader, Status};
+use crate::server::{self, Connection, ReadOutcome};
+use crate::signals::{self, SignalPipe};
+use crate::worker::{self, Limit, WorkerExit};
+use pool::{Pool, SpawnPace};
+pub use pool::{PoolState, PoolStats};
+
+/// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How many jobs a worker may hold at once: the one it runs and the next ones ready to go, so
+/// it never waits for the master between jobs.
+const PREFETCH: usize = 4;
+/// How long a shutting-down master keeps trying to deliver the last results.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// After accept() fails for lack of file descriptors, stop accepting for this long.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+
+// epoll tokens: kind in the top bits, an id below.
+const TOKEN_SIGNALS: u64 = 0;
+const TOKEN_LISTENER: u64 = 1;
+const KIND_SHIFT: u32 = 60;
+const KIND_CLIENT: u64 = 1;
+const KIND_WORKER: u64 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Bind(#[from] server::BindError),
+    #[error("{context}: {source}")]
+    Os {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn os(context: impl Into<String>) -> impl FnOnce(nix::Error) -> MasterError {
+    let context = context.into();
+    move |e| MasterError::Os {
+        context,
+        source: io::Error::from(e),
+    }
+}
+
+/// How a worker left, as the master logs and counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Stopped,
+    Recycled(Limit),
+    PluginStopped,
+    BootFailed,
+    MasterGone,
+    /// Died on its own: the job-facing reason ("killed by SIGSEGV"), and whether a core was
+    /// dumped (log only: it depends on the machine's settings, not on what went wrong).
+    Crashed {
+        how: String,
+        core: bool,
+    },
+    KilledOnTimeout(Duration),
+}
+
+impl Ending {
+    fn is_crash(&self) -> bool {
+        matches!(
+            self,
+            Ending::Crashed { .. } | Ending::BootFailed | Ending::KilledOnTimeout(_)
+        )
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Ending::Stopped => "stopped".into(),
+            Ending::Recycled(limit) => format!("recycled ({} reached)", limit.as_str()),
+            Ending::PluginStopped => "stopped by its plugin (loop mode said Stop)".into(),
+            Ending::BootFailed => "failed to start (worker_start failed)".into(),
+            Ending::MasterGone => "lost its master channel".into(),
+            Ending::Crashed { how, core } => {
+                format!(
+                    "crashed: {how}{}",
+                    if *core { " (core dumped)" } else { "" }
+                )
+            }
+            Ending::KilledOnTimeout(t) => format!("killed: its job ran past job_timeout {t:?}"),
+        }
+    }
+}
+
+/// Why the master is signalling a worker, which decides how its exit is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillReason {
+    /// Scale down, restart, shutdown: finish the current job, then exit.
+    Stop,
+    Timeout,
+}
+
+struct Kill {
+    reason: KillReason,
+    sigkill_at: Instant,
+    sigkill_sent: bool,
+}
+
+struct Worker {
+    id: u64,
+    pid: Pid,
+    pool: usize,
+    generation: u64,
+    channel: UnixStream,
+    reader: FrameReader,
+    out: Vec<u8>,
+    out_pos: usize,
+    wants_write: bool,
+    /// Jobs sent, in order; the head is the one running.
+    in_flight: VecDeque<u64>,
+    head_started: Option<Instant>,
+    started: Instant,
+    jobs_done: u64,
+    kill: Option<Kill>,
+}
+
+impl Worker {
+    fn draining(&self) -> bool {
+        self.kill.is_some()
+    }
+}
+
+/// An accepted job.
+struct Job {
+    pool: usize,
+    /// The submitting connection and the client's id for the job; `None` once it has gone.
+    client: Option<(u64, u64)>,
+    payload: Vec<u8>,
+    failures: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Graceful stop: no new work; workers finish their job; answer everything; exit.
+    Stopping {
+        deadline: Instant,
+    },
+}
+
+pub struct Master {
+    config: Config,
+    #[allow(dead_code)] // holds every loaded build mapped; reload (issue 6) loads into it
+    registry: Registry,
+    pools: Vec<Pool>,
+    pool_index: HashMap<String, usize>,
+    workers: HashMap<u64, Worker>,
+    worker_by_pid: HashMap<Pid, u64>,
+    next_worker_id: u64,
+    jobs: HashMap<u64, Job>,
+    next_job_key: u64,
+    clients: HashMap<u64, Connection>,
+    next_client_id: u64,
+    listener: Option<std::os::unix::net::UnixListener>,
+    accept_paused_until: Option<Instant>,
+    epoll: Option<Epoll>,
+    signals: Option<SignalPipe>,
+    phase: Phase,
+    generation: u64,
+    pid: Pid,
+    scratch: Vec<u8>,
+    /// Connections and workers with output to write at the end of this pass.
+    dirty_clients: Vec<u64>,
+    dirty_workers: Vec<u64>,
+}
+
+impl Master {
+    /// Everything before the loop: plugins loaded and initialised, sockets bound, signals
+    /// routed. An error here is a start-up error: nothing was forked.
+    pub fn start(config: Config) -> Result<Master, MasterError> {
+        let runtime = &config.host.runtime_dir;
+        std::fs::create_dir_all(runtime).map_err(|source| MasterError::Os {
+            context: format!("cannot create runtime_dir {}", runtime.display()),
+            source,
+        })?;
+        raise_fd_limit();
+        let mut registry = Registry::new(&runtime.join("plugins"))?;
+        let mut pools = Vec::new();
+        for pool in &config.pools {
+            let file = pool.plugin_path(&config.host);
+            let loaded = registry.load(&file, &[pool.settings_toml()], config.host.init_timeout)?;
+            loaded.info.check_mode(&file, pool.mode == PoolMode::Loop)?;
+            // init in the master, before any fork: what it builds is shared by the workers.
+            let instance = loaded.library.instantiate(&file, &pool.settings_toml())?;
+            log::info!(
+                "pool {}: plugin {} {} ({}), {} worker(s), mode {}",
+                pool.name,
+                loaded.info.name,
+                loaded.info.version,
+                loaded.private.display(),
+                pool.workers,
+                if pool.mode == PoolMode::Loop {
+                    "loop"
+                } else {
+                    "jobs"
+                }
+            );
+            pools.push(Pool::new(pool.clone(), instance));
+        }
+        let pool_index = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.config.name.clone(), i))
+            .collect();
+        let listener = server::bind(&config.server.socket, config.server.socket_mode)?;
+        signals::ignore_sigpipe().map_err(os("cannot ignore SIGPIPE"))?;
+        let signals = SignalPipe::install(&[
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGHUP,
+            Signal::SIGTTIN,
+            Signal::SIGTTOU,
+            Signal::SIGUSR1,
+            Signal::SIGCHLD,
+        ])
+        .map_err(os("cannot install signal handlers"))?;
+        let epoll =
+            Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(os("cannot create epoll"))?;
+        epoll
+            .add(
+                signals.fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS),
+            )
+            .map_err(os("epoll"))?;
+        epoll
+            .add(
+                listener.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+            )
+            .map_err(os("epoll"))?;
+        log::info!("listening for jobs on {}", config.server.socket.display());
+        Ok(Master {
+            config,
+            registry,
+            pools,
+            pool_index,
+            workers: HashMap::new(),
+            worker_by_pid: HashMap::new(),
+            next_worker_id: 1,
+            jobs: HashMap::new(),
+            next_job_key: 1,
+            clients: HashMap::new(),
+            next_client_id: 1,
+            listener: Some(listener),
+            accept_paused_until: None,
+            epoll: Some(epoll),
+            signals: Some(signals),
+            phase: Phase::Running,
+            generation: 1,
+            pid: Pid::this(),
+            scratch: vec![0; 256 * 1024],
+            dirty_clients: Vec::new(),
+            dirty_workers: Vec::new(),
+        })
+    }
+
+    /// The loop. Returns when the master has stopped; every accepted job has been answered.
+    pub fn run(&mut self) -> Result<(), MasterError> {
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            self.maintain_workers();
+            self.dispatch();
+            self.flush();
+            if self.finished() {
+                break;
+            }
+            let n = self.wait(&mut events)?;
+            self.reap();
+            self.handle_signals();
+            for event in &events[..n] {
+                self.handle_io(event.data(), event.events());
+            }
+            self.enforce_timeouts();
+        }
+        self.final_flush();
+        self.remove_socket_file();
+        log::info!("master exiting");
+        Ok(())
+    }
+
+    fn epoll(&self) -> &Epoll {
+        // Present from start() until a forked child drops it on its way into the worker.
+        self.epoll.as_ref().expect("epoll exists in the master")
+    }
+
+    /// epoll_wait until an event or the next deadline. No deadline: sleep until something
+    /// happens — an idle master uses no CPU.
+    fn wait(&mut self, events: &mut [EpollEvent]) -> Result<usize, MasterError> {
+        let timeout = match self.next_deadline() {
+            None => EpollTimeout::NONE,
+            Some(at) => {
+                let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
+                EpollTimeout::try_from(ms.min(60_000) as u64).unwrap_or(EpollTimeout::NONE)
+            }
+        };
+        match self.epoll().wait(events, timeout) {
+            Ok(n) => Ok(n),
+            Err(nix::Error::EINTR) => Ok(0),
+            Err(e) => Err(os("epoll_wait")(e)),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for w in self.workers.values() {
+            if let Some(kill) = &w.kill {
+                if !kill.sigkill_sent {
+                    consider(kill.sigkill_at);
+                }
+            } else if let (Some(started), Some(timeout)) =
+                (w.head_started, self.pools[w.pool].config.job_timeout)
+            {
+                consider(started + timeout);
+            }
+        }
+        for (idx, pool) in self.pools.iter().enumerate() {
+            if let Some(t) = pool.backoff.next_spawn {
+                if !pool.stopped && self.live_workers(idx) < pool.wanted {
+                    consider(t);
+                }
+            }
+        }
+        if let Phase::Stopping { deadline } = self.phase {
+            consider(deadline);
+        }
+        if let Some(t) = self.accept_paused_until {
+            consider(t);
+        }
+        next
+    }
+
+    fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. }) && self.workers.is_empty()
+    }
+
+    // ---- reap ------------------------------------------------------------------------------
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(status) => {
+                    if let Some(pid) = status.pid() {
+                        self.worker_exited(pid, status);
+                    }
+                }
+                Err(nix::Error::EINTR) => {}
+                Err(nix::Error::ECHILD) => return,
+                Err(e) => {
+                    log::error!("waitpid: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn worker_exited(&mut self, pid: Pid, status: WaitStatus) {
+        let Some(id) = self.worker_by_pid.remove(&pid) else {
+            log::debug!("reaped pid {pid}, not a worker ({status:?})");
+            return;
+        };
+        // Take in the outcomes it wrote before it died, so finished jobs count as finished.
+        self.read_worker(id);
+        let Some(mut worker) = self.workers.remove(&id) else {
+            return;
+        };
+        if let Some(epoll) = &self.epoll {
+            let _ = epoll.delete(worker.channel.as_fd());
+        }
+        let ending = classify(
+            status,
+            worker.kill.as_ref(),
+            self.pools[worker.pool].config.job_timeout,
+        );
+        let now = Instant::now();
+        let pool_idx = worker.pool;
+        let name = self.pools[pool_idx].config.name.clone();
+        let message = format!(
+            "worker {pid} (pool {name}, generation {}, {} jobs in {:.1?}) {}",
+            worker.generation,
+            worker.jobs_done,
+            worker.started.elapsed(),
+            ending.describe()
+        );
+        if ending.is_crash() {
+            log::warn!("{message}");
+        } else {
+            log::info!("{message}");
+        }
+
+        // Its jobs: the head ran (unless it never booted) and failed with it; the rest never
+        // started and go back to the front of the queue as they were.
+        let mut jobs = std::mem::take(&mut worker.in_flight);
+        if ending.is_crash() && ending != Ending::BootFailed {
+            if let Some(head) = jobs.pop_front() {
+                self.job_lost(head, &ending);
+            }
+        }
+        while let Some(key) = jobs.pop_back() {
+            self.requeue_front(key);
+        }
+
+        let pool = &mut self.pools[pool_idx];
+        match &ending {
+            Ending::PluginStopped => {
+                pool.stopped = true;
+                log::info!("pool {name} stopped by its plugin; `restart` it to start it again");
+            }
+            e if e.is_crash() => {
+                let was_failing = pool.backoff.is_failing(now);
+                let delay = pool.backoff.crashed(now);
+                if pool.backoff.is_failing(now) && !was_failing {
+                    log::error!(
+                        "pool {name} is failing: {} crashes within {:?}; trying one worker every {:?}",
+                        pool.config.crash_limit,
+                        pool.config.crash_window,
+                        pool.config.failing_retry
+                    );
+                } else if !delay.is_zero() {
+                    log::info!("pool {name}: next worker in {delay:?} (crash back-off)");
+                }
+            }
+            _ => {}
+        }
+        if matches!(self.phase, Phase::Running) && !pool.stopped {
+            pool.stats.restarts += 1;
+        }
+    }
+
+    /// The job's worker died while running it: retry it elsewhere, or fail it for good.
+    fn job_lost(&mut self, key: u64, ending: &Ending) {
+        let Some(job) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        job.failures += 1;
+        let pool = &mut self.pools[job.pool];
+        let max = pool.config.max_attempts;
+        let why = match ending {
+            Ending::Crashed { how, .. } => format!("worker {how}"),
+            Ending::KilledOnTimeout(t) => format!("job timed out after {t:?}"),
+            other => other.describe(),
+        };
+        if job.failures >= max || matches!(self.phase, Phase::Stopping { .. }) {
+            pool.stats.failed += 1;
+            let message = format!("{why}, attempt {} of {max}", job.failures);
+            self.answer(key, Status::Failed, message.as_bytes());
+        } else {
+            pool.stats.retried += 1;
+            log::info!(
+                "retrying job {key} on another worker ({why}, attempt {} of {max})",
+                job.failures
+            );
+            pool.queue.push_front(key);
+        }
+    }
+
+    fn requeue_front(&mut self, key: u64) {
+        let Some(job) = self.jobs.get(&key) else {
+            return;
+        };
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            self.answer(key, Status::Failed, b"shutting down");
+        } else {
+            self.pools[job.pool].queue.push_front(key);
+        }
+    }
+
+    // ---- signals ---------------------------------------------------------------------------
+
+    fn handle_signals(&mut self) {
+        let Some(delivered) = self.signals.as_ref().map(SignalPipe::take) else {
+            return;
+        };
+        for (signal, times) in delivered.iter() {
+            match signal {
+                Signal::SIGTERM | Signal::SIGINT => self.handle_stop(signal),
+                Signal::SIGQUIT => self.handle_quit(),
+                Signal::SIGTTIN => (0..times).for_each(|_| self.handle_ttin()),
+                Signal::SIGTTOU => (0..times).for_each(|_| self.handle_ttou()),
+                Signal::SIGUSR1 => self.handle_usr1(),
+                Signal::SIGHUP => {
+                    log::warn!(
+                        "SIGHUP: reloading is not available in this version; nothing changed"
+                    )
+                }
+                Signal::SIGCHLD => {} // reap() already ran
+                _ => {}
+            }
+        }
+    }
+
+    /// TERM/INT: graceful stop. Stop taking work, answer queued jobs "shutting down", let
+    /// each worker finish its current job within graceful_timeout, then exit. A second INT
+    /// (Ctrl-C twice) means "now"; a second TERM changes nothing — `timeout`, `kill -- -PGID`
+    /// and systemd's control-group kill all deliver more than one.
+    fn handle_stop(&mut self, signal: Signal) {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            if signal == Signal::SIGINT {
+                log::warn!("SIGINT again: stopping now");
+                return self.handle_quit();
+            }
+            log::info!("{signal}: already stopping");
+            return;
+        }
+        let grace = self.config.host.graceful_timeout;
+        log::info!("{signal}: graceful stop; in-flight jobs have {grace:?} to finish");
+        let deadline = Instant::now() + grace;
+        self.phase = Phase::Stopping { deadline };
+        self.close_listener();
+        for idx in 0..self.pools.len() {
+            while let Some(key) = self.pools[idx].queue.pop_front() {
+                self.answer(key, Status::Failed, b"shutting down");
+            }
+        }
+        let ids: Vec<u64> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.stop_worker(id, deadline);
+        }
+    }
+
+    /// QUIT: kill every worker now, answer every job "shutting down", exit.
+    fn handle_quit(&mut self) {
+        log::info!("SIGQUIT: stopping now");
+        let now = Instant::now();
+        self.phase = Phase::Stopping { deadline: now };
+        self.close_listener();
+        for worker in self.workers.values_mut() {
+            let _ = kill(worker.pid, Signal::SIGKILL);
+            worker.kill = Some(Kill {
+                reason: KillReason::Stop,
+                sigkill_at: now,
+                sigkill_sent: true,
+            });
+        }
+        let keys: Vec<u64> = self.jobs.keys().copied().collect();
+        for key in keys {
+            self.answer(key, Status::Failed, b"shutting down");
+        }
+        for pool in &mut self.pools {
+            pool.queue.clear();
+        }
+    }
+
+    /// TTIN: one worker more in every pool.
+    fn handle_ttin(&mut self) {
+        for pool in &mut self.pools {
+            pool.wanted += 1;
+            log::info!(
+                "SIGTTIN: pool {} now wants {} worker(s)",
+                pool.config.name,
+                pool.wanted
+            );
+        }
+    }
+
+    /// TTOU: one worker fewer in every pool (never below zero); an idle one leaves first.
+    fn handle_ttou(&mut self) {
+        for idx in 0..self.pools.len() {
+            if self.pools[idx].wanted == 0 {
+                continue;
+            }
+            self.pools[idx].wanted -= 1;
+            log::info!(
+                "SIGTTOU: pool {} now wants {} worker(s)",
+                self.pools[idx].config.name,
+                self.pools[idx].wanted
+            );
+            let victim = self
+                .workers
+                .values()
+                .filter(|w| w.pool == idx && !w.draining())
+                .min_by_key(|w| (w.in_flight.len(), std::cmp::Reverse(w.started)))
+                .map(|w| w.id);
+            if let Some(id) = victim {
+                let deadline = Instant::now() + self.config.host.graceful_timeout;
+                self.stop_worker(id, deadline);
+            }
+        }
+    }
+
+    /// USR1: reopen the log file, and have every worker do the same.
+    fn handle_usr1(&mut self) {
+        if let Err(e) = crate::logging::reopen() {
+            log::error!("cannot reopen the log file: {e}");
+        }
+        for w in self.workers.values() {
+            let _ = kill(w.pid, Signal::SIGUSR1);
+        }
+        log::info!("SIGUSR1: log reopened");
+    }
+
+    /// Asks a worker to finish its current job and exit; SIGKILL at `deadline` if it has not.
+    /// Jobs it holds but has not started go back to the queue when it exits.
+    fn stop_worker(&mut self, id: u64, deadline: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.kill.is_some() {
+            return;
+        }
+        let _ = kill(worker.pid, Signal::SIGTERM);
+        worker.kill = Some(Kill {
+            reason: KillReason::Stop,
+            sigkill_at: deadline,
+            sigkill_sent: false,
+        });
+    }
+
+    fn close_listener(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.delete(listener.as_fd());
+            }
+            self.remove_socket_file();
+        }
+    }
+
+    fn remove_socket_file(&self) {
+        let _ = std::fs::remove_file(&self.config.server.socket);
+    }
+
+    // ---- io --------------------------------------------------------------------------------
+
+    fn handle_io(&mut self, token: u64, flags: EpollFlags) {
+        match (token >> KIND_SHIFT, token) {
+            (_, TOKEN_SIGNALS) => {} // handled in handle_signals
+            (_, TOKEN_LISTENER) => self.accept(),
+            (KIND_CLIENT, _) => self.client_event(token & !(0xf << KIND_SHIFT), flags),
+            (KIND_WORKER, _) => {
+                let id = token & !(0xf << KIND_SHIFT);
+                if flags
+                    .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+                {
+                    self.read_worker(id);
+                }
+                if flags.contains(EpollFlags::EPOLLOUT) {
+                    self.dirty_workers.push(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn accept(&mut self) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        let max_frame = self.max_frame();
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let id = self.next_client_id;
+                    self.next_client_id += 1;
+                    let conn = match Connection::new(stream, max_frame) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::warn!("dropping a new client: {e}");
+                            continue;
+                        }
+                    };
+                    let token = (KIND_CLIENT << KIND_SHIFT) | id;
+                    if let Err(e) = self.epoll().add(
+                        conn.stream.as_fd(),
+                        EpollEvent::new(EpollFlags::EPOLLIN, token),
+                    ) {
+                        log::warn!("dropping a new client: epoll: {e}");
+                        continue;
+                    }
+                    self.clients.insert(id, conn);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE/ENFILE: the listener stays readable; pause it instead of spinning.
+                    log::error!("accept: {e}; not accepting for {ACCEPT_PAUSE:?}");
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    if let (Some(listener), Some(epoll)) = (&self.listener, &self.epoll) {
+                        let _ = epoll.delete(listener.as_fd());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resume_accept_if_due(&mut self) {
+        if self
+            .accept_paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
+            self.accept_paused_until = None;
+            if let (Some(listener), Some(epoll)) = (&self.listener, &self.epoll) {
+                let _ = epoll.add(
+                    listener.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+                );
+            }
+        }
+    }
+
+    /// The largest submit frame: the payload limit plus the id and the longest pool name.
+    fn max_frame(&self) -> usize {
+        usize::try_from(self.config.server.max_payload)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1 + 8 + 2 + 1024)
+    }
+
+    fn client_event(&mut self, id: u64, flags: EpollFlags) {
+        if flags.contains(EpollFlags::EPOLLOUT) {
+            self.dirty_clients.push(id);
+        }
+        if !flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+            return;
+        }
+        let Some(conn) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if conn.paused {
+            return;
+        }
+        let closed = matches!(conn.read(&mut self.scratch), ReadOutcome::Closed);
+        if let Err(reason) = self.take_submits(id) {
+            log::info!("closing client {id}: {reason}");
+            return self.drop_client(id);
+        }
+        if closed {
+            self.drop_client(id);
+        }
+    }
+
+    /// Turns every whole frame a client sent into an accepted or rejected job.
+    fn take_submits(&mut self, client: u64) -> Result<(), String> {
+        loop {
+            let Some(conn) = self.clients.get_mut(&client) else {
+                return Ok(());
+            };
+            let frame = match conn.reader.next() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    conn.reader.shrink();
+                    return Ok(());
+                }
+                Err(e) => return Err(server::describe_frame_error(&e)),
+            };
+            let (id, pool, payload) = match protocol::decode(frame) {
+                Ok(Frame::Submit { id, pool, payload }) => (id, pool, payload),
+                Ok(other) => return Err(format!("unexpected frame from a client: {other}")),
+                Err(e) => return Err(server::describe_frame_error(&e)),
+            };
+            let verdict = match self.pool_index.get(pool) {
+                _ if matches!(self.phase, Phase::Stopping { .. }) => {
+                    Err("shutting down".to_string())
+                }
+                None => Err(format!("unknown pool {pool:?}")),
+                Some(&idx) if self.pools[idx].config.mode == PoolMode::Loop => Err(format!(
+                    "pool {pool:?} is a loop-mode pool; it takes no jobs"
+                )),
+                Some(&idx) if payload.len() as u64 > self.config.server.max_payload => {
+                    let _ = idx;
+                    Err(format!(
+                        "payload too large ({} bytes, max_payload is {})",
+                        payload.len(),
+                        self.config.server.max_payload
+                    ))
+                }
+                Some(&idx) if self.pools[idx].queue.len() >= self.pools[idx].config.max_queue => {
+                    Err(format!(
+                        "queue full ({} jobs queued for pool {pool:?})",
+                        self.pools[idx].queue.len()
+                    ))
+                }
+                Some(&idx) => Ok(idx),
+            };
+            match verdict {
+                Ok(idx) => {
+                    let key = self.next_job_key;
+                    self.next_job_key += 1;
+                    let job = Job {
+                        pool: idx,
+                        client: Some((client, id)),
+                        payload: payload.to_vec(),
+                        failures: 0,
+                    };
+                    self.jobs.insert(key, job);
+                    self.pools[idx].queue.push_back(key);
+                }
+                Err(reason) => {
+                    protocol::put_result(conn.out(), id, Status::Rejected, reason.as_bytes());
+                    self.dirty_clients.push(client);
+                }
+            }
+        }
+    }
+
+    fn drop_client(&mut self, id: u64) {
+        if let Some(conn) = self.clients.remove(&id) {
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.delete(conn.stream.as_fd());
+            }
+            // Its jobs still run (they were accepted); their results have nowhere to go.
+            for job in self.jobs.values_mut() {
+                if job.client.is_some_and(|(c, _)| c == id) {
+                    job.client = None;
+                }
+            }
+        }
+    }
+
+    fn read_worker(&mut self, id: u64) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        loop {
+            match worker.channel.read(&mut self.scratch) {
+                Ok(0) => break,
+                Ok(n) => {
+                    worker.reader.push(&self.scratch[..n]);
+                    if n < self.scratch.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        loop {
+            let Some(worker) = self.workers.get_mut(&id) else {
+                return;
+            };
+            let (key, ok, body) = match worker.reader.next().map(|f| f.map(protocol::decode)) {
+                Ok(None) => return,
+                Ok(Some(Ok(Frame::Outcome { key, ok, body }))) => (key, ok, body.to_vec()),
+                Ok(Some(Ok(other))) => {
+                    log::error!(
+                        "worker {} sent an unexpected {other}; killing it",
+                        worker.pid
+                    );
+                    let _ = kill(worker.pid, Signal::SIGKILL);
+                    return;
+                }
+                Ok(Some(Err(e))) | Err(e) => {
+                    log::error!(
+                        "worker {} sent a malformed frame ({e}); killing it",
+                        worker.pid
+                    );
+                    let _ = kill(worker.pid, Signal::SIGKILL);
+                    return;
+                }
+            };
+            if worker.in_flight.front() == Some(&key) {
+                worker.in_flight.pop_front();
+            } else {
+                worker.in_flight.retain(|k| *k != key);
+            }
+            worker.jobs_done += 1;
+            worker.head_started = if worker.in_flight.is_empty() {
+                None
+            } else {
+                Some(Instant::now())
+            };
+            let pool = worker.pool;
+            let stats = &mut self.pools[pool].stats;
+            if ok {
+                stats.done += 1;
+            } else {
+                stats.failed += 1;
+            }
+            self.answer(key, if ok { Status::Ok } else { Status::Failed }, &body);
+        }
+    }
+
+    /// Sends a job's one answer to its client (if still connected) and forgets the job.
+    fn answer(&mut self, key: u64, status: Status, body: &[u8]) {
+        let Some(job) = self.jobs.remove(&key) else {
+            return;
+        };
+        if let Some((client, id)) = job.client {
+            if let Some(conn) = self.clients.get_mut(&client) {
+                protocol::put_result(conn.out(), id, status, body);
+                self.dirty_clients.push(client);
+            }
+        }
+    }
+
+    // ---- timeouts --------------------------------------------------------------------------
+
+    fn enforce_timeouts(&mut self) {
+        let now = Instant::now();
+        self.resume_accept_if_due();
+        for worker in self.workers.values_mut() {
+            match &mut worker.kill {
+                Some(kill_state) => {
+                    if !kill_state.sigkill_sent && now >= kill_state.sigkill_at {
+                        log::warn!("worker {} did not exit in time; SIGKILL", worker.pid);
+                        let _ = kill(worker.pid, Signal::SIGKILL);
+                        kill_state.sigkill_sent = true;
+                    }
+                }
+                None => {
+                    let timeout = self.pools[worker.pool].config.job_timeout;
+                    if let (Some(started), Some(timeout)) = (worker.head_started, timeout) {
+                        if now.saturating_duration_since(started) >= timeout {
+                            log::warn!(
+                                "worker {} (pool {}): job ran past job_timeout {timeout:?}; SIGTERM, SIGKILL in {KILL_GRACE:?}",
+                                worker.pid,
+                                self.pools[worker.pool].config.name
+                            );
+                            let _ = kill(worker.pid, Signal::SIGTERM);
+                            worker.kill = Some(Kill {
+                                reason: KillReason::Timeout,
+                                sigkill_at: now + KILL_GRACE,
+                                sigkill_sent: false,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if let Phase::Stopping { deadline } = self.phase {
+            if now >= deadline {
+                for worker in self.workers.values_mut() {
+                    if let Some(k) = &mut worker.kill {
+                        if !k.sigkill_sent {
+                            let _ = kill(worker.pid, Signal::SIGKILL);
+                            k.sigkill_sent = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- workers ---------------------------------------------------------------------------
+
+    fn live_workers(&self, pool: usize) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.pool == pool && !w.draining())
+            .count()
+    }
+
+    fn maintain_workers(&mut self) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let now = Instant::now();
+        for idx in 0..self.pools.len() {
+            if self.pools[idx].stopped {
+                continue;
+            }
+            let missing = self.pools[idx]
+                .wanted
+                .saturating_sub(self.live_workers(idx));
+            if missing == 0 {
+                continue;
+            }
+            let count = match self.pools[idx].backoff.may_spawn(now) {
+                None => continue,
+                Some(SpawnPace::All) => missing,
+                Some(SpawnPace::One) => 1,
+            };
+            for _ in 0..count {
+                if let Err(e) = self.spawn(idx) {
+                    log::error!(
+                        "cannot start a worker for pool {}: {e}",
+                        self.pools[idx].config.name
+                    );
+                    self.pools[idx].backoff.crashed(now);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Forks one worker for pool `idx`.
+    fn spawn(&mut self, idx: usize) -> Result<(), MasterError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(os("socketpair"))?;
+        let id = self.next_worker_id;
+        self.next_worker_id += 1;
+        // SAFETY: the master has one thread; the child only runs `become_worker`, which never
+        // returns into the master's code.
+        match unsafe { fork() }.map_err(os("fork"))? {
+            ForkResult::Child => {
+                drop(ours);
+                self.become_worker(idx, theirs)
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                let channel = UnixStream::from(ours);
+                channel
+                    .set_nonblocking(true)
+                    .map_err(|source| MasterError::Os {
+                        context: "socketpair".into(),
+                        source,
+                    })?;
+                let token = (KIND_WORKER << KIND_SHIFT) | id;
+                self.epoll()
+                    .add(channel.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+                    .map_err(os("epoll"))?;
+                log::debug!(
+                    "worker {child} started for pool {}",
+                    self.pools[idx].config.name
+                );
+                self.worker_by_pid.insert(child, id);
+                self.workers.insert(
+                    id,
+                    Worker {
+                        id,
+                        pid: child,
+                        pool: idx,
+                        generation: self.generation,
+                        channel,
+                        reader: FrameReader::new(usize::MAX / 2),
+                        out: Vec::new(),
+                        out_pos: 0,
+                        wants_write: false,
+                        in_flight: VecDeque::new(),
+                        head_started: None,
+                        started: Instant::now(),
+                        jobs_done: 0,
+                        kill: None,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// In the forked child: close everything that belongs to the master and to other workers,
+    /// give signals back their defaults, and run the worker. Never returns.
+    fn become_worker(&mut self, idx: usize, channel: OwnedFd) -> ! {
+        if let Some(signals) = self.signals.take() {
+            signals.reset_in_child();
+        }
+        self.epoll = None;
+        self.listener = None;
+        self.clients.clear();
+        self.workers.clear(); // other workers' socketpairs
+        let mut instance = self.pools[idx].instance.take();
+        // Other pools' plugin instances are the master's: never run their destructors here.
+        for pool in &mut self.pools {
+            if let Some(other) = pool.instance.take() {
+                std::mem::forget(other);
+            }
+        }
+        let assignment = worker::Assignment {
+            pool: self.pools[idx].config.clone(),
+            generation: self.generation,
+            channel,
+            master: self.pid,
+        };
+        match instance.as_mut() {
+            Some(plugin) => worker::run(plugin, assignment),
+            None => {
+                log::error!(
+                    "internal: pool {} has no plugin instance",
+                    self.pools[idx].config.name
+                );
+                // SAFETY: see worker::run.
+                unsafe { nix::libc::_exit(WorkerExit::BootFailed.code()) }
+            }
+        }
+    }
+
+    // ---- dispatch --------------------------------------------------------------------------
+
+    fn dispatch(&mut self) {
+        let now = Instant::now();
+        for idx in 0..self.pools.len() {
+            while !self.pools[idx].queue.is_empty() {
+                let max_jobs = self.pools[idx].config.max_jobs;
+                let target = self
+                    .workers
+                    .values()
+                    .filter(|w| w.pool == idx && !w.draining() && w.in_flight.len() < PREFETCH)
+                    // Never send a worker more jobs than it will run before max_jobs recycles it.
+                    .filter(|w| {
+                        max_jobs.is_none_or(|max| w.jobs_done + (w.in_flight.len() as u64) < max)
+                    })
+                    .min_by_key(|w| (w.in_flight.len(), w.id))
+                    .map(|w| w.id);
+                let Some(target) = target else { break };
+                let Some(key) = self.pools[idx].queue.pop_front() else {
+                    break;
+                };
+                let Some(job) = self.jobs.get(&key) else {
+                    continue;
+                };
+                let Some(worker) = self.workers.get_mut(&target) else {
+                    break;
+                };
+                protocol::put_job(&mut worker.out, key, &job.payload);
+                worker.in_flight.push_back(key);
+                if worker.in_flight.len() == 1 {
+                    worker.head_started = Some(now);
+                }
+                self.dirty_workers.push(target);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty_workers);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty.drain(..) {
+            self.flush_worker(id);
+        }
+        self.dirty_workers = dirty;
+        let mut dirty = std::mem::take(&mut self.dirty_clients);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty.drain(..) {
+            self.flush_client(id);
+        }
+        self.dirty_clients = dirty;
+    }
+
+    fn flush_worker(&mut self, id: u64) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        while w.out_pos < w.out.len() {
+            match w.channel.write(&w.out[w.out_pos..]) {
+                Ok(n) => w.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // WouldBlock: wait for EPOLLOUT; a dead worker: reap handles it
+            }
+        }
+        if w.out_pos == w.out.len() {
+            w.out.clear();
+            w.out_pos = 0;
+        }
+        let wants_write = w.out_pos < w.out.len();
+        if wants_write != w.wants_write {
+            w.wants_write = wants_write;
+            let flags = if wants_write {
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            let mut event = EpollEvent::new(flags, (KIND_WORKER << KIND_SHIFT) | id);
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.modify(w.channel.as_fd(), &mut event);
+            }
+        }
+    }
+
+    fn flush_client(&mut self, id: u64) {
+        let Some(conn) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if conn.flush().is_err() {
+            return self.drop_client(id);
+        }
+        let pending = conn.pending_out();
+        // Back-pressure: a client that does not read its results is not read from.
+        let paused = if conn.paused {
+            pending > server::RESUME_BELOW
+        } else {
+            pending > server::PAUSE_ABOVE
+        };
+        let wants_write = pending > 0;
+        if paused != conn.paused || wants_write != conn.wants_write {
+            conn.paused = paused;
+            conn.wants_write = wants_write;
+            let mut flags = EpollFlags::empty();
+            if !paused {
+                flags |= EpollFlags::EPOLLIN;
+            }
+            if wants_write {
+                flags |= EpollFlags::EPOLLOUT;
+            }
+            let mut event = EpollEvent::new(flags, (KIND_CLIENT << KIND_SHIFT) | id);
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.modify(conn.stream.as_fd(), &mut event);
+            }
+            if !paused {
+                // Frames may have arrived while paused; take them now.
+                if let Err(reason) = self.take_submits(id) {
+                    log::info!("closing client {id}: {reason}");
+                    self.drop_client(id);
+                }
+            }
+        }
+    }
+
+    /// Shutting down: give clients a moment to receive their last results.
+    fn final_flush(&mut self) {
+        let until = Instant::now() + FINAL_FLUSH;
+        while Instant::now() < until {
+            let ids: Vec<u64> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| c.pending_out() > 0)
+                .map(|(id, _)| *id)
+                .collect();
+            if ids.is_empty() {
+                return;
+            }
+            for id in ids {
+                if let Some(conn) = self.clients.get_mut(&id) {
+                    if conn.flush().is_err() {
+                        self.clients.remove(&id);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Reads a wait status in the light of what the master did to the worker.
+fn classify(status: WaitStatus, kill: Option<&Kill>, job_timeout: Option<Duration>) -> Ending {
+    let timed_out = kill.is_some_and(|k| k.reason == KillReason::Timeout);
+    match status {
+        _ if timed_out => Ending::KilledOnTimeout(job_timeout.unwrap_or_default()),
+        WaitStatus::Exited(_, code) => match WorkerExit::from_code(code) {
+            Some(WorkerExit::Stopped) => Ending::Stopped,
+            Some(WorkerExit::Recycled(limit)) => Ending::Recycled(limit),
+            Some(WorkerExit::PluginStopped) => Ending::PluginStopped,
+            Some(WorkerExit::BootFailed) => Ending::BootFailed,
+            Some(WorkerExit::MasterGone) => Ending::MasterGone,
+            None => Ending::Crashed {
+                how: format!("exited with status {code}"),
+                core: false,
+            },
+        },
+        WaitStatus::Signaled(_, Signal::SIGKILL, _) if kill.is_some_and(|k| k.sigkill_sent) => {
+            Ending::Stopped
+        }
+        WaitStatus::Signaled(_, signal, core) => Ending::Crashed {
+            how: format!("killed by {}", signal.as_str()),
+            core,
+        },
+        other => Ending::Crashed {
+            how: format!("ended with {other:?}"),
+            core: false,
+        },
+    }
+}
+
+/// Thousands of clients need thousands of fds: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// `jobhost run -c FILE`: start, serve until stopped.
+pub fn run(config_path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(config_path)?;
+    let log_file: Option<PathBuf> = match &config.host.log {
+        crate::config::LogTarget::File(path) => Some(path.clone()),
+        _ => None,
+    };
+    crate::logging::init(config.host.log_level, log_file.as_deref(), "master")?;
+    log::info!(
+        "jobhost {} starting with {}",
+        env!("CARGO_PKG_VERSION"),
+        config.path.display()
+    );
+    let mut master = Master::start(config)?;
+    master.run()?;
+    Ok(())
+}

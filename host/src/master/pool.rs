@@ -1,0 +1,215 @@
+//! A pool as the master supervises it: how many workers it wants, its queue of jobs, its
+//! counters, and the crash back-off that keeps a broken plugin from making the master fork in
+//! a tight loop. Pure state and decisions — no processes, no I/O — so it is unit-tested.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use jobhost_plugin_api::PluginInstance;
+
+use crate::config::PoolConfig;
+
+/// The first delay after a crash; doubles with each crash in the window.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// The longest delay while backing off (before the pool counts as failing).
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// What an operator sees for a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    Ok,
+    /// Recent crashes: replacements are delayed.
+    BackingOff,
+    /// `crash_limit` crashes within `crash_window`: one retry per `failing_retry`.
+    Failing,
+    /// Stopped by the plugin (loop mode) or an operator: not refilled.
+    Stopped,
+}
+
+impl PoolState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolState::Ok => "ok",
+            PoolState::BackingOff => "backing-off",
+            PoolState::Failing => "failing",
+            PoolState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters shown by `status`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolStats {
+    pub done: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub restarts: u64,
+}
+
+pub struct Pool {
+    pub config: PoolConfig,
+    /// The plugin instance `init`ed in the master; workers fork with a copy of it.
+    pub instance: Option<PluginInstance>,
+    pub wanted: usize,
+    pub queue: VecDeque<u64>,
+    pub stats: PoolStats,
+    pub stopped: bool,
+    pub backoff: Backoff,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, instance: PluginInstance) -> Pool {
+        Pool {
+            wanted: config.workers,
+            backoff: Backoff::new(
+                config.crash_limit,
+                config.crash_window,
+                config.failing_retry,
+            ),
+            config,
+            instance: Some(instance),
+            queue: VecDeque::new(),
+            stats: PoolStats::default(),
+            stopped: false,
+        }
+    }
+
+    #[allow(dead_code)] // read by the admin interface
+    pub fn state(&self, now: Instant) -> PoolState {
+        if self.stopped {
+            return PoolState::Stopped;
+        }
+        self.backoff.state(now)
+    }
+}
+
+/// Crash history of a pool and the delay it imposes on the next fork.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    crashes: VecDeque<Instant>,
+    limit: u32,
+    window: Duration,
+    failing_retry: Duration,
+    /// No fork for this pool before this instant.
+    pub next_spawn: Option<Instant>,
+}
+
+impl Backoff {
+    pub fn new(limit: u32, window: Duration, failing_retry: Duration) -> Backoff {
+        Backoff {
+            crashes: VecDeque::new(),
+            limit: limit.max(1),
+            window,
+            failing_retry,
+            next_spawn: None,
+        }
+    }
+
+    fn recent(&self, now: Instant) -> usize {
+        self.crashes
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < self.window)
+            .count()
+    }
+
+    /// Records a crash; returns the delay before the next fork of this pool.
+    pub fn crashed(&mut self, now: Instant) -> Duration {
+        self.crashes.push_back(now);
+        while self.crashes.len() > self.limit as usize {
+            self.crashes.pop_front();
+        }
+        let delay = self.delay(now);
+        self.next_spawn = Some(now + delay);
+        delay
+    }
+
+    /// The delay the current crash history asks for: 0 with no recent crash, doubling from
+    /// 100 ms to 10 s, and `failing_retry` once `crash_limit` crashes fall in the window.
+    pub fn delay(&self, now: Instant) -> Duration {
+        let n = self.recent(now);
+        if n == 0 {
+            Duration::ZERO
+        } else if n >= self.limit as usize {
+            self.failing_retry
+        } else {
+            BACKOFF_BASE
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(BACKOFF_CAP)
+        }
+    }
+
+    /// May the pool fork now? And if so, how many at once: all missing workers when there is
+    /// no recent crash, one at a time (each spacing the next) while backing off.
+    pub fn may_spawn(&mut self, now: Instant) -> Option<SpawnPace> {
+        if self.next_spawn.is_some_and(|t| now < t) {
+            return None;
+        }
+        let delay = self.delay(now);
+        if delay.is_zero() {
+            self.next_spawn = None;
+            Some(SpawnPace::All)
+        } else {
+            self.next_spawn = Some(now + delay);
+            Some(SpawnPace::One)
+        }
+    }
+
+    #[allow(dead_code)] // read by the admin interface
+    pub fn state(&self, now: Instant) -> PoolState {
+        match self.recent(now) {
+            0 => PoolState::Ok,
+            n if n >= self.limit as usize => PoolState::Failing,
+            _ => PoolState::BackingOff,
+        }
+    }
+
+    pub fn is_failing(&self, now: Instant) -> bool {
+        self.state(now) == PoolState::Failing
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnPace {
+    All,
+    One,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_then_fails_then_forgives() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new(4, Duration::from_secs(60), Duration::from_secs(30));
+        assert_eq!(b.may_spawn(t0), Some(SpawnPace::All));
+        assert_eq!(b.crashed(t0), Duration::from_millis(100));
+        assert_eq!(b.may_spawn(t0), None, "no fork during the back-off");
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(b.may_spawn(t1), Some(SpawnPace::One));
+        assert_eq!(b.crashed(t1), Duration::from_millis(200));
+        assert_eq!(b.crashed(t1), Duration::from_millis(400));
+        assert_eq!(b.state(t1), PoolState::BackingOff);
+        assert_eq!(
+            b.crashed(t1),
+            Duration::from_secs(30),
+            "the 4th crash in the window: failing"
+        );
+        assert_eq!(b.state(t1), PoolState::Failing);
+        // A minute later the crashes have aged out of the window.
+        let later = t1 + Duration::from_secs(61);
+        assert_eq!(b.state(later), PoolState::Ok);
+        assert_eq!(b.may_spawn(later), Some(SpawnPace::All));
+    }
+
+    #[test]
+    fn the_delay_is_capped() {
+        let t = Instant::now();
+        let mut b = Backoff::new(100, Duration::from_secs(600), Duration::from_secs(30));
+        let mut last = Duration::ZERO;
+        for _ in 0..40 {
+            last = b.crashed(t);
+        }
+        assert_eq!(last, BACKOFF_CAP);
+    }
+}

@@ -1,0 +1,373 @@
+//! The binary frames jobhost speaks on its Unix sockets: clients ↔ master (submit / result)
+//! and master ↔ worker (job / outcome). `docs/PROTOCOL.md` is the user-facing description.
+//!
+//! A frame is `u32 length (big-endian, of what follows) | u8 kind | body`. This module owns
+//! encoding, incremental decoding with a size limit, and nothing else: it never does I/O
+//! itself, so the master (non-blocking) and a worker or client (blocking) share it.
+//!
+//! A malformed frame — unknown kind, short body, a length over the limit — is a
+//! [`FrameError`]; the owner of that connection closes it. Nothing here panics on input.
+
+use std::fmt;
+
+/// Bytes before the body: the length and the kind.
+pub const HEADER: usize = 5;
+
+/// The frame kinds.
+pub mod kind {
+    /// client → master: `u64 id | u16 pool length | pool (UTF-8) | payload`.
+    pub const SUBMIT: u8 = 1;
+    /// master → client: `u64 id | u8 status | body` (status: see [`super::Status`]).
+    pub const RESULT: u8 = 2;
+    /// master → worker: `u64 key | payload`.
+    pub const JOB: u8 = 3;
+    /// worker → master: `u64 key | u8 status (0 ok, 1 failed) | body`.
+    pub const OUTCOME: u8 = 4;
+}
+
+/// How a job ended, as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// The plugin returned a result; the body is its bytes.
+    Ok = 0,
+    /// The plugin returned an error, or the job's attempts ran out; the body is the message.
+    Failed = 1,
+    /// The job was not accepted (unknown pool, queue full, too large, shutting down).
+    Rejected = 2,
+}
+
+impl Status {
+    pub fn from_u8(b: u8) -> Option<Status> {
+        match b {
+            0 => Some(Status::Ok),
+            1 => Some(Status::Failed),
+            2 => Some(Status::Rejected),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+/// What is wrong with the bytes a peer sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame kind {kind} is too short ({len} bytes)")]
+    Truncated { kind: u8, len: usize },
+    #[error("pool name is not UTF-8")]
+    BadPoolName,
+    #[error("unknown status {0}")]
+    BadStatus(u8),
+    #[error("empty frame (a frame has at least a kind byte)")]
+    Empty,
+}
+
+/// A decoded frame, borrowing from the receive buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Submit {
+        id: u64,
+        pool: &'a str,
+        payload: &'a [u8],
+    },
+    Result {
+        id: u64,
+        status: Status,
+        body: &'a [u8],
+    },
+    Job {
+        key: u64,
+        payload: &'a [u8],
+    },
+    Outcome {
+        key: u64,
+        ok: bool,
+        body: &'a [u8],
+    },
+}
+
+impl fmt::Display for Frame<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Frame::Submit { id, pool, payload } => {
+                write!(f, "submit #{id} to {pool} ({} bytes)", payload.len())
+            }
+            Frame::Result { id, status, body } => {
+                write!(f, "result #{id} {} ({} bytes)", status.as_str(), body.len())
+            }
+            Frame::Job { key, payload } => write!(f, "job {key} ({} bytes)", payload.len()),
+            Frame::Outcome { key, ok, body } => {
+                write!(f, "outcome {key} ok={ok} ({} bytes)", body.len())
+            }
+        }
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Parses one frame's kind + body (the bytes after the length).
+pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let (&kind, body) = frame.split_first().ok_or(FrameError::Empty)?;
+    let short = || FrameError::Truncated {
+        kind,
+        len: frame.len(),
+    };
+    match kind {
+        kind::SUBMIT => {
+            let id = u64_at(body, 0).ok_or_else(short)?;
+            let pool_len = body
+                .get(8..10)
+                .map(|s| u16::from_be_bytes([s[0], s[1]]))
+                .ok_or_else(short)? as usize;
+            let pool = body.get(10..10 + pool_len).ok_or_else(short)?;
+            let pool = std::str::from_utf8(pool).map_err(|_| FrameError::BadPoolName)?;
+            Ok(Frame::Submit {
+                id,
+                pool,
+                payload: &body[10 + pool_len..],
+            })
+        }
+        kind::RESULT => {
+            let id = u64_at(body, 0).ok_or_else(short)?;
+            let status = *body.get(8).ok_or_else(short)?;
+            let status = Status::from_u8(status).ok_or(FrameError::BadStatus(status))?;
+            Ok(Frame::Result {
+                id,
+                status,
+                body: &body[9..],
+            })
+        }
+        kind::JOB => {
+            let key = u64_at(body, 0).ok_or_else(short)?;
+            Ok(Frame::Job {
+                key,
+                payload: &body[8..],
+            })
+        }
+        kind::OUTCOME => {
+            let key = u64_at(body, 0).ok_or_else(short)?;
+            let ok = match *body.get(8).ok_or_else(short)? {
+                0 => true,
+                1 => false,
+                other => return Err(FrameError::BadStatus(other)),
+            };
+            Ok(Frame::Outcome {
+                key,
+                ok,
+                body: &body[9..],
+            })
+        }
+        other => Err(FrameError::UnknownKind(other)),
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, kind: u8, body_len: usize) {
+    // Callers bound bodies by max_payload (≤ 1 GiB), so the length fits in a u32.
+    let len = u32::try_from(1 + body_len).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.push(kind);
+}
+
+/// Appends a submit frame. `pool` longer than 65535 bytes is cut (no real pool name is).
+pub fn put_submit(out: &mut Vec<u8>, id: u64, pool: &str, payload: &[u8]) {
+    let pool = &pool.as_bytes()[..pool.len().min(u16::MAX as usize)];
+    put_header(out, kind::SUBMIT, 8 + 2 + pool.len() + payload.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&(pool.len() as u16).to_be_bytes());
+    out.extend_from_slice(pool);
+    out.extend_from_slice(payload);
+}
+
+pub fn put_result(out: &mut Vec<u8>, id: u64, status: Status, body: &[u8]) {
+    put_header(out, kind::RESULT, 8 + 1 + body.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(status as u8);
+    out.extend_from_slice(body);
+}
+
+pub fn put_job(out: &mut Vec<u8>, key: u64, payload: &[u8]) {
+    put_header(out, kind::JOB, 8 + payload.len());
+    out.extend_from_slice(&key.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+pub fn put_outcome(out: &mut Vec<u8>, key: u64, ok: bool, body: &[u8]) {
+    put_header(out, kind::OUTCOME, 8 + 1 + body.len());
+    out.extend_from_slice(&key.to_be_bytes());
+    out.push(u8::from(!ok));
+    out.extend_from_slice(body);
+}
+
+/// An incoming byte stream cut into frames, with a size limit checked on the length prefix —
+/// before any of the body is buffered.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    max_frame: usize,
+}
+
+impl FrameReader {
+    /// `max_frame`: the largest kind + body accepted.
+    pub fn new(max_frame: usize) -> FrameReader {
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            max_frame,
+        }
+    }
+
+    /// Appends received bytes. Callers read into a shared scratch buffer and push what came,
+    /// so an idle connection holds no buffer at all.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Gives back memory after a burst: called when the connection goes quiet.
+    pub fn shrink(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
+    /// The next whole frame (kind + body), or `None` if more bytes are needed.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let from = self.start + 4;
+        self.start = from + len;
+        Ok(Some(&self.buf[from..from + len]))
+    }
+
+    /// True when a whole frame is buffered (checks the size limit like [`FrameReader::next`]).
+    pub fn has_frame(&self) -> Result<bool, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(false);
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        Ok(avail.len() >= 4 + len)
+    }
+
+    /// Bytes held: for bounding what a slow peer can make us buffer.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// True when a partial frame is waiting for more bytes.
+    pub fn has_partial(&self) -> bool {
+        self.buffered() > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(reader: &mut FrameReader, bytes: &[u8]) {
+        reader.push(bytes);
+    }
+
+    #[test]
+    fn frames_round_trip_even_when_split_byte_by_byte() {
+        let mut wire = Vec::new();
+        put_submit(&mut wire, 7, "echo", b"hello");
+        put_result(&mut wire, 7, Status::Failed, b"boom");
+        put_job(&mut wire, 9, b"");
+        put_outcome(&mut wire, 9, true, b"x");
+        let mut reader = FrameReader::new(1 << 20);
+        let mut got = Vec::new();
+        for b in &wire {
+            feed(&mut reader, &[*b]);
+            while let Some(frame) = reader.next().unwrap() {
+                got.push(format!("{}", decode(frame).unwrap()));
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                "submit #7 to echo (5 bytes)",
+                "result #7 failed (4 bytes)",
+                "job 9 (0 bytes)",
+                "outcome 9 ok=true (1 bytes)"
+            ]
+        );
+        assert!(!reader.has_partial());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body_arrives() {
+        let mut reader = FrameReader::new(100);
+        feed(&mut reader, &1000u32.to_be_bytes());
+        assert_eq!(
+            reader.next(),
+            Err(FrameError::TooLarge {
+                len: 1000,
+                max: 100
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        assert_eq!(decode(&[]), Err(FrameError::Empty));
+        assert_eq!(decode(&[99]), Err(FrameError::UnknownKind(99)));
+        assert!(matches!(
+            decode(&[kind::SUBMIT, 0, 0]),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut wire = Vec::new();
+        put_submit(&mut wire, 1, "p", b"");
+        wire[4 + 1 + 8 + 1] = 200; // pool length beyond the frame
+        assert!(matches!(
+            decode(&wire[4..]),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert_eq!(
+            decode(&[kind::RESULT, 0, 0, 0, 0, 0, 0, 0, 1, 9]),
+            Err(FrameError::BadStatus(9))
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! The job server's sockets: binding the Unix listener safely, and one [`Connection`] per
+//! client — non-blocking reads cut into frames, a bounded output buffer, back-pressure.
+//!
+//! Owns bytes and sockets only. It never decides what a submit means (the master does) and
+//! never blocks: every read and write is non-blocking and driven by the master's epoll loop.
+//! A connection that sends garbage is closed; nothing a client sends can stop the master.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use crate::protocol::{FrameError, FrameReader};
+
+/// Stop reading a client whose unread results pass this; resume under [`RESUME_BELOW`].
+pub const PAUSE_ABOVE: usize = 4 << 20;
+pub const RESUME_BELOW: usize = 1 << 20;
+/// How much one connection may read per wake-up, so one busy client cannot starve others.
+const READ_BUDGET: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another jobhost master is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot bind {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds a Unix socket at `path` with permissions `mode`, replacing a stale socket file left
+/// by a dead master — but never one a live master still answers on.
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    let io = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(BindError::InUse(path.to_owned()));
+            }
+            fs::remove_file(path).map_err(io)?;
+        }
+        Ok(_) => {
+            return Err(BindError::NotASocket {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io)?;
+    }
+    // Create the socket with no permissions for anyone, then open it up to `mode`: there is
+    // no moment at which it is more open than configured.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o777));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)?;
+    listener.set_nonblocking(true).map_err(io)?;
+    Ok(listener)
+}
+
+/// What reading a connection produced.
+pub enum ReadOutcome {
+    /// More may come later.
+    Open,
+    /// The peer closed its end (or the connection failed): drop it.
+    Closed,
+}
+
+/// One client of the job server.
+pub struct Connection {
+    pub stream: UnixStream,
+    pub reader: FrameReader,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Not reading: the client is not reading its results.
+    pub paused: bool,
+    /// Whether epoll should report writability (output is pending).
+    pub wants_write: bool,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream, max_frame: usize) -> io::Result<Connection> {
+        stream.set_nonblocking(true)?;
+        Ok(Connection {
+            stream,
+            reader: FrameReader::new(max_frame),
+            out: Vec::new(),
+            out_pos: 0,
+            paused: false,
+            wants_write: false,
+        })
+    }
+
+    /// Reads what the socket has (up to a budget) into the frame reader.
+    pub fn read(&mut self, scratch: &mut [u8]) -> ReadOutcome {
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
+            match self.stream.read(scratch) {
+                Ok(0) => return ReadOutcome::Closed,
+                Ok(n) => {
+                    self.reader.push(&scratch[..n]);
+                    budget = budget.saturating_sub(n);
+                    if n < scratch.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return ReadOutcome::Closed,
+            }
+        }
+        ReadOutcome::Open
+    }
+
+    /// The buffer results are appended to.
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    pub fn pending_out(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Writes what it can. Err = the peer is gone.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            if self.out.capacity() > PAUSE_ABOVE {
+                self.out = Vec::new();
+            }
+        } else if self.out_pos > RESUME_BELOW {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Why a connection is being closed, for the log.
+pub fn describe_frame_error(e: &FrameError) -> String {
+    format!("malformed frame: {e}")
+}

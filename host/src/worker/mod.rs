@@ -1,0 +1,388 @@
+//! A worker process, from the moment after `fork` to its `_exit`: after-fork setup, the
+//! batch-runner loop, and the exit status that tells the master why it left.
+//!
+//! ```text
+//! worker_start()
+//! loop {
+//!     dispatch pending signals      // callbacks run here, between jobs: TERM stops only here
+//!     check limits                  // max_jobs, max_lifetime, own RSS → exit Recycled
+//!     check MemAvailable            // under min_available_memory: take no job, wait
+//!     source.next()                 // a job from the master, or one run_once of the plugin
+//! }
+//! worker_stop()
+//! ```
+//!
+//! Owns everything a worker does; it never returns into the master's code (it ends with
+//! `_exit`), never touches the master's sockets (the master closed them in the child before
+//! calling [`run`]), and talks to the master only through its own socketpair.
+
+mod source;
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use jobhost_plugin_api::PluginInstance;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::config::{PoolConfig, PoolMode};
+use crate::signals::{self, Callbacks, SignalPipe};
+use source::{JobSource, LoopSource, MasterSource, Next};
+
+/// Why a worker ended, as told by its exit status. The codes are documented in README.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Asked to stop (SIGTERM/SIGINT/SIGQUIT), between two jobs.
+    Stopped,
+    /// A limit was reached; the master replaces the worker at once.
+    Recycled(Limit),
+    /// The loop-mode plugin said Stop: the pool is not refilled until restarted.
+    PluginStopped,
+    /// `worker_start` failed: counted as a crash, so the master backs off.
+    BootFailed,
+    /// The master went away (its end of the socketpair closed).
+    MasterGone,
+}
+
+/// The limit that recycled a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MaxJobs,
+    MaxLifetime,
+    MaxRss,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxJobs => "max_jobs",
+            Limit::MaxLifetime => "max_lifetime",
+            Limit::MaxRss => "max_rss",
+        }
+    }
+}
+
+// Exit statuses. High and unusual, so a plugin's own `exit(1)` is never mistaken for one.
+const EXIT_STOPPED: i32 = 0;
+const EXIT_MAX_JOBS: i32 = 200;
+const EXIT_MAX_LIFETIME: i32 = 201;
+const EXIT_MAX_RSS: i32 = 202;
+const EXIT_PLUGIN_STOPPED: i32 = 203;
+const EXIT_BOOT_FAILED: i32 = 204;
+const EXIT_MASTER_GONE: i32 = 205;
+
+impl WorkerExit {
+    pub fn code(self) -> i32 {
+        match self {
+            WorkerExit::Stopped => EXIT_STOPPED,
+            WorkerExit::Recycled(Limit::MaxJobs) => EXIT_MAX_JOBS,
+            WorkerExit::Recycled(Limit::MaxLifetime) => EXIT_MAX_LIFETIME,
+            WorkerExit::Recycled(Limit::MaxRss) => EXIT_MAX_RSS,
+            WorkerExit::PluginStopped => EXIT_PLUGIN_STOPPED,
+            WorkerExit::BootFailed => EXIT_BOOT_FAILED,
+            WorkerExit::MasterGone => EXIT_MASTER_GONE,
+        }
+    }
+
+    /// The reason behind an exit status; `None` for a status jobhost does not use (a crash).
+    pub fn from_code(code: i32) -> Option<WorkerExit> {
+        Some(match code {
+            EXIT_STOPPED => WorkerExit::Stopped,
+            EXIT_MAX_JOBS => WorkerExit::Recycled(Limit::MaxJobs),
+            EXIT_MAX_LIFETIME => WorkerExit::Recycled(Limit::MaxLifetime),
+            EXIT_MAX_RSS => WorkerExit::Recycled(Limit::MaxRss),
+            EXIT_PLUGIN_STOPPED => WorkerExit::PluginStopped,
+            EXIT_BOOT_FAILED => WorkerExit::BootFailed,
+            EXIT_MASTER_GONE => WorkerExit::MasterGone,
+            _ => return None,
+        })
+    }
+}
+
+/// What the master hands a worker at fork.
+pub struct Assignment {
+    pub pool: PoolConfig,
+    pub generation: u64,
+    /// The worker's end of its socketpair with the master.
+    pub channel: OwnedFd,
+    /// The master's pid, to notice a master that died before PR_SET_PDEATHSIG was set.
+    pub master: Pid,
+}
+
+/// The worker's own state, changed by signal callbacks between jobs.
+#[derive(Default)]
+struct State {
+    stop: Option<Signal>,
+    reopen_log: bool,
+}
+
+/// Runs a worker to its end. Called in the child right after fork; never returns.
+pub fn run(plugin: &mut PluginInstance, assignment: Assignment) -> ! {
+    let exit = match setup(&assignment) {
+        Ok(signals) => serve(plugin, assignment, signals),
+        Err(e) => {
+            log::error!("worker setup failed: {e}");
+            WorkerExit::BootFailed
+        }
+    };
+    log::logger().flush();
+    // SAFETY: `_exit` ends the process without running the master's atexit handlers or
+    // destructors of the master's state, which this child inherited but does not own.
+    unsafe { nix::libc::_exit(exit.code()) }
+}
+
+/// After-fork setup: die with the master, own process group, own signal dispositions.
+fn setup(assignment: &Assignment) -> nix::Result<SignalPipe> {
+    crate::logging::set_role(&assignment.pool.name);
+    // The kernel kills us when the master dies — even by SIGKILL — so no worker is orphaned.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    // The master may have died between fork and prctl: then our parent is already someone else.
+    if nix::unistd::getppid() != assignment.master {
+        // SAFETY: see `run`.
+        unsafe { nix::libc::_exit(WorkerExit::MasterGone.code()) }
+    }
+    // A terminal's Ctrl-C reaches the master only; the master decides what workers do.
+    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+    signals::ignore(&[Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU])?;
+    SignalPipe::install(&[
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ])
+}
+
+fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPipe) -> WorkerExit {
+    let pool = &assignment.pool;
+    if let Err(message) = plugin.worker_start().into_result() {
+        log::error!("worker_start failed: {message}");
+        return WorkerExit::BootFailed;
+    }
+    log::debug!("worker started (generation {})", assignment.generation);
+    let mut source: Box<dyn JobSource> = match pool.mode {
+        PoolMode::Jobs => Box::new(MasterSource::new(assignment.channel)),
+        PoolMode::Loop => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
+    };
+    let exit = batch_loop(plugin, pool, &signals, source.as_mut());
+    if let Err(message) = plugin.worker_stop().into_result() {
+        log::warn!("worker_stop failed: {message}");
+    }
+    exit
+}
+
+/// The batch-runner loop. Returns why the worker leaves.
+fn batch_loop(
+    plugin: &mut PluginInstance,
+    pool: &PoolConfig,
+    signals: &SignalPipe,
+    source: &mut dyn JobSource,
+) -> WorkerExit {
+    let mut callbacks: Callbacks<State> = Callbacks::default();
+    for stop in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+        callbacks.on(stop, move |state, _| state.stop = Some(stop));
+    }
+    callbacks.on(Signal::SIGUSR1, |state, _| state.reopen_log = true);
+    let mut state = State::default();
+    let mut limits = Limits::new(pool);
+    let mut memory = MemoryGate::new(pool.min_available_memory);
+    let mut jobs_done: u64 = 0;
+    let mut last_job = Duration::ZERO;
+
+    loop {
+        callbacks.dispatch(&signals.take(), &mut state);
+        if let Some(signal) = state.stop {
+            log::debug!("stopping on {signal} after {jobs_done} jobs");
+            return WorkerExit::Stopped;
+        }
+        if std::mem::take(&mut state.reopen_log) {
+            if let Err(e) = crate::logging::reopen() {
+                log::error!("cannot reopen the log file: {e}");
+            }
+        }
+        if let Some(limit) = limits.exceeded(jobs_done, last_job) {
+            log::info!(
+                "recycling after {jobs_done} jobs: {}",
+                limits.describe(limit)
+            );
+            return WorkerExit::Recycled(limit);
+        }
+        last_job = Duration::ZERO;
+        if memory.low() {
+            wait(signals, None, Some(Duration::from_secs(1)));
+            continue;
+        }
+        let job_started = Instant::now();
+        match source.next(plugin) {
+            Ok(Next::Worked) => {
+                jobs_done += 1;
+                last_job = job_started.elapsed();
+            }
+            Ok(Next::Idle(wake)) => {
+                let timeout = [wake.timeout, limits.time_left()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                wait(signals, source.wake_fd(), timeout);
+            }
+            Ok(Next::Stop) => {
+                log::info!("the plugin said stop after {jobs_done} jobs");
+                return WorkerExit::PluginStopped;
+            }
+            Ok(Next::Closed) => {
+                log::warn!("the master closed this worker's channel; exiting");
+                return WorkerExit::MasterGone;
+            }
+            Err(e) => {
+                log::error!("talking to the master failed: {e}; exiting");
+                return WorkerExit::MasterGone;
+            }
+        }
+    }
+}
+
+/// Sleeps until a signal, the source's fd is readable, or the timeout (None = no timeout).
+fn wait(
+    signals: &SignalPipe,
+    source: Option<std::os::fd::BorrowedFd<'_>>,
+    timeout: Option<Duration>,
+) {
+    let mut fds = vec![PollFd::new(signals.fd(), PollFlags::POLLIN)];
+    if let Some(fd) = source {
+        fds.push(PollFd::new(fd, PollFlags::POLLIN));
+    }
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => {
+            PollTimeout::try_from(t.as_millis().clamp(1, 60_000) as i32).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    // EINTR just means a signal came: the loop looks at it next.
+    let _ = poll(&mut fds, timeout);
+}
+
+/// The recycle limits of one worker.
+struct Limits {
+    max_jobs: Option<u64>,
+    started: Instant,
+    max_lifetime: Option<Duration>,
+    max_rss: Option<u64>,
+    last_rss: u64,
+    next_rss_check: Instant,
+}
+
+/// Reading /proc/self/statm costs a few µs. It is read before the next job after any job that
+/// took at least `RSS_CHECK_AFTER_JOB` (a job that grew the heap by much took that long), and
+/// otherwise at most every `RSS_CHECK_EVERY` — so a stream of tiny jobs stays fast.
+const RSS_CHECK_EVERY: Duration = Duration::from_millis(100);
+const RSS_CHECK_AFTER_JOB: Duration = Duration::from_millis(1);
+
+impl Limits {
+    fn new(pool: &PoolConfig) -> Limits {
+        let now = Instant::now();
+        Limits {
+            max_jobs: pool.max_jobs,
+            started: now,
+            max_lifetime: pool.max_lifetime,
+            max_rss: pool.max_rss,
+            last_rss: 0,
+            next_rss_check: now,
+        }
+    }
+
+    fn exceeded(&mut self, jobs_done: u64, last_job: Duration) -> Option<Limit> {
+        if self.max_jobs.is_some_and(|max| jobs_done >= max) {
+            return Some(Limit::MaxJobs);
+        }
+        if self
+            .max_lifetime
+            .is_some_and(|max| self.started.elapsed() >= max)
+        {
+            return Some(Limit::MaxLifetime);
+        }
+        if let Some(max) = self.max_rss {
+            let now = Instant::now();
+            if now >= self.next_rss_check || last_job >= RSS_CHECK_AFTER_JOB {
+                self.next_rss_check = now + RSS_CHECK_EVERY;
+                self.last_rss = crate::sys::own_rss().unwrap_or(0);
+                if self.last_rss > max {
+                    return Some(Limit::MaxRss);
+                }
+            }
+        }
+        None
+    }
+
+    /// How long until max_lifetime: bounds an idle wait so an idle worker still recycles.
+    fn time_left(&self) -> Option<Duration> {
+        self.max_lifetime
+            .map(|max| max.saturating_sub(self.started.elapsed()))
+    }
+
+    fn describe(&self, limit: Limit) -> String {
+        match limit {
+            Limit::MaxJobs => format!("max_jobs {} reached", self.max_jobs.unwrap_or(0)),
+            Limit::MaxLifetime => format!(
+                "max_lifetime {:?} reached",
+                self.max_lifetime.unwrap_or_default()
+            ),
+            Limit::MaxRss => format!(
+                "max_rss: RSS {} MiB is over {} MiB",
+                self.last_rss >> 20,
+                self.max_rss.unwrap_or(0) >> 20
+            ),
+        }
+    }
+}
+
+/// Holds the worker back while the system is short of memory; says so once per episode.
+struct MemoryGate {
+    min: Option<u64>,
+    low_since: Option<Instant>,
+    next_check: Instant,
+}
+
+impl MemoryGate {
+    fn new(min: Option<u64>) -> MemoryGate {
+        MemoryGate {
+            min,
+            low_since: None,
+            next_check: Instant::now(),
+        }
+    }
+
+    fn low(&mut self) -> bool {
+        let Some(min) = self.min else { return false };
+        let now = Instant::now();
+        if self.low_since.is_none() && now < self.next_check {
+            return false;
+        }
+        self.next_check = now + RSS_CHECK_EVERY;
+        let available = match crate::sys::mem_available() {
+            Ok(bytes) => bytes,
+            Err(_) => return false,
+        };
+        match (available < min, self.low_since) {
+            (true, None) => {
+                log::warn!(
+                    "system MemAvailable {} MiB is under min_available_memory {} MiB: taking no jobs until it recovers",
+                    available >> 20,
+                    min >> 20
+                );
+                self.low_since = Some(now);
+                true
+            }
+            (true, Some(_)) => true,
+            (false, Some(since)) => {
+                log::info!(
+                    "memory recovered ({} MiB available) after {:.1?}; taking jobs again",
+                    available >> 20,
+                    since.elapsed()
+                );
+                self.low_since = None;
+                false
+            }
+            (false, None) => false,
+        }
+    }
+}
