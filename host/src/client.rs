@@ -237,10 +237,14 @@ impl ClientSender {
     /// another thread (it returns [`ClientError::Closed`]). For giving up, not for finishing:
     /// the master drops the results of a client that closed.
     pub fn shutdown(&self) -> Result<(), ClientError> {
-        match self.stream.shutdown(Shutdown::Both) {
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(ClientError::from(e)),
-            _ => Ok(()),
-        }
+        shutdown(&self.stream)
+    }
+}
+
+fn shutdown(stream: &UnixStream) -> Result<(), ClientError> {
+    match stream.shutdown(Shutdown::Both) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(ClientError::from(e)),
+        _ => Ok(()),
     }
 }
 
@@ -261,6 +265,13 @@ impl ClientReceiver {
             Some(result) => Ok(result),
             None => self.read_result(),
         }
+    }
+
+    /// Shuts the connection down both ways, which wakes a [`ClientSender`] blocked writing on
+    /// another thread (it gets [`ClientError::Closed`]): a receiver that stops reading must,
+    /// since the master stops reading a client whose results pile up.
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        shutdown(&self.stream)
     }
 
     /// True when [`ClientReceiver::recv`] would return without reading the socket (a result,
@@ -674,6 +685,28 @@ mod tests {
         assert_eq!(sender.buffered(), 0);
         assert_eq!(reading.join().unwrap(), n);
         drop(sender);
+        server.join();
+    }
+
+    #[test]
+    fn shutdown_wakes_a_blocked_sender() {
+        // A server that never reads: the sender's writes fill the socket, then block.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let server = Server::start(move |_peer| {
+            let _ = stopped.recv();
+        });
+        let client = Client::connect(&server.path).unwrap();
+        let (mut sender, receiver) = client.split();
+        let payload = vec![0u8; 1 << 20];
+        let sending = std::thread::spawn(move || loop {
+            if let Err(e) = sender.send(0, "p", &payload) {
+                return e;
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        receiver.shutdown().unwrap();
+        assert!(matches!(sending.join().unwrap(), ClientError::Closed));
+        drop(stop);
         server.join();
     }
 

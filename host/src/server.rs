@@ -13,9 +13,12 @@ use std::path::{Path, PathBuf};
 
 use crate::protocol::{FrameError, FrameReader};
 
-/// Stop reading a client whose unread results pass this; resume under [`RESUME_BELOW`].
-pub const PAUSE_ABOVE: usize = 4 << 20;
-pub const RESUME_BELOW: usize = 1 << 20;
+/// Flow control: stop reading a client while what it has made the master hold — payloads of
+/// its accepted, unanswered jobs plus its unread results — passes this; resume under
+/// [`RESUME_BELOW`]. A client that never reads, or floods a slow pool, waits; the master's
+/// memory does not grow with it. (One job over the budget is still taken: it is never stuck.)
+pub const PAUSE_ABOVE: usize = 16 << 20;
+pub const RESUME_BELOW: usize = 8 << 20;
 /// How much one connection may read per wake-up, so one busy client cannot starve others.
 const READ_BUDGET: usize = 1 << 20;
 
@@ -83,8 +86,10 @@ pub struct Connection {
     pub reader: FrameReader,
     out: Vec<u8>,
     out_pos: usize,
-    /// Not reading: the client is not reading its results.
+    /// Not reading: the client holds too much of the master's memory (see [`PAUSE_ABOVE`]).
     pub paused: bool,
+    /// Payload bytes of this client's accepted jobs that are not answered yet.
+    pub outstanding: usize,
     /// Whether epoll should report writability (output is pending).
     pub wants_write: bool,
 }
@@ -98,6 +103,7 @@ impl Connection {
             out: Vec::new(),
             out_pos: 0,
             paused: false,
+            outstanding: 0,
             wants_write: false,
         })
     }
@@ -132,6 +138,20 @@ impl Connection {
         self.out.len() - self.out_pos
     }
 
+    /// What this client makes the master hold: unanswered payloads and unread results.
+    pub fn held(&self) -> usize {
+        self.outstanding + self.pending_out()
+    }
+
+    /// Whether reading should pause, with hysteresis between the two marks.
+    pub fn over_budget(&self) -> bool {
+        if self.paused {
+            self.held() > RESUME_BELOW
+        } else {
+            self.held() > PAUSE_ABOVE
+        }
+    }
+
     /// Writes what it can. Err = the peer is gone.
     pub fn flush(&mut self) -> io::Result<()> {
         while self.out_pos < self.out.len() {
@@ -146,7 +166,7 @@ impl Connection {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
-            if self.out.capacity() > PAUSE_ABOVE {
+            if self.out.capacity() > RESUME_BELOW {
                 self.out = Vec::new();
             }
         } else if self.out_pos > RESUME_BELOW {

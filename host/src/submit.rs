@@ -329,15 +329,22 @@ pub(crate) fn stream_jobs<R: Read, W: Write + Send>(
         state: Mutex::new(Counts::default()),
         changed: Condvar::new(),
     };
+    let shared = &shared;
     let mut input = BufReader::with_capacity(IO_BUFFER, input);
     std::thread::scope(|scope| {
-        let receiving = scope.spawn(|| {
+        let receiving = scope.spawn(move || {
+            let mut receiver = receiver;
             let output = io::BufWriter::with_capacity(IO_BUFFER, output);
-            let received = receive(receiver, output, &shared, options);
+            let received = receive(&mut receiver, output, shared, options);
+            if !matches!(&received, Ok(summary) if !summary.stdout_closed) {
+                // Nobody reads results any more, so the master will stop reading our submits:
+                // wake the sender if it is blocked writing them.
+                let _ = receiver.shutdown();
+            }
             shared.update(|p| p.receiver_done = true);
             received
         });
-        let sent = send_lines(&mut sender, &mut input, &shared, options);
+        let sent = send_lines(&mut sender, &mut input, shared, options);
         let sent = match sent {
             // What was read before the bad read still gets its results.
             Err(SendError::Input(e)) => match sender.flush() {
@@ -488,7 +495,7 @@ enum ReceiveError {
 /// The receiver thread: results in, in-order output out. Stops when every submitted job has
 /// its result printed and the input is done, or the output is closed.
 fn receive<W: Write>(
-    mut receiver: ClientReceiver,
+    receiver: &mut ClientReceiver,
     mut output: io::BufWriter<W>,
     shared: &Shared,
     options: &StreamOptions<'_>,
@@ -892,6 +899,57 @@ mod tests {
         assert!(summary.stdout_closed);
         assert!(!summary.complete);
         assert!(summary.submitted <= summary.printed + 50, "{summary:?}");
+        server.join();
+    }
+
+    /// An output that is slow to take its first write, then closed.
+    struct SlowThenClosed(Duration);
+
+    impl Write for SlowThenClosed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(self.0);
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Endless input of long lines.
+    struct EndlessLong;
+
+    impl Read for EndlessLong {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(b'y');
+            if let Some(last) = buf.last_mut() {
+                *last = b'\n';
+            }
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn a_closed_output_does_not_leave_the_sender_blocked_on_a_master_that_stopped_reading() {
+        // While the output is slow, results pile up, the server blocks writing them and stops
+        // reading, and the sender blocks writing submits (what the real master does past
+        // 4 MiB of unread results). Then the output closes: the sender must be woken.
+        let server = Server::start(fake::echo);
+        let client = Client::connect(&server.path).unwrap();
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            let output = SlowThenClosed(Duration::from_millis(300));
+            let _ = done.send(stream_jobs(
+                client,
+                EndlessLong,
+                output,
+                &options(1 << 20, false),
+            ));
+        });
+        let summary = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the stream ended")
+            .unwrap();
+        assert!(summary.stdout_closed, "{summary:?}");
         server.join();
     }
 

@@ -1,10 +1,13 @@
 //! End-to-end tests of the real `jobhost` binary with real plugin `.so` files and real
 //! processes. One module per behaviour; `jobhost_e2e` (tests/harness.rs) sets up each world.
 
+mod bad_input;
 mod check_config;
+mod job_server;
 mod loop_mode;
 mod plugin_inspect;
 mod plugin_loading;
 mod resources;
 mod shutdown;
+mod submit_command;
 mod supervision;

@@ -451,6 +451,9 @@ impl Master {
                 pool.stopped = true;
                 log::info!("pool {name} stopped by its plugin; `restart` it to start it again");
             }
+            // A worker that had finished jobs died of a job (or of an outside kill): replace it
+            // at once. One that dies before its first result is what a crash loop looks like.
+            e if e.is_crash() && worker.jobs_done > 0 => {}
             e if e.is_crash() => {
                 let was_failing = pool.backoff.is_failing(now);
                 let delay = pool.backoff.crashed(now);
@@ -782,6 +785,11 @@ impl Master {
             let Some(conn) = self.clients.get_mut(&client) else {
                 return Ok(());
             };
+            if conn.over_budget() {
+                // Leave the rest in its buffer; flush_client pauses reading and resumes later.
+                self.dirty_clients.push(client);
+                return Ok(());
+            }
             let frame = match conn.reader.next() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
@@ -823,6 +831,7 @@ impl Master {
                 Ok(idx) => {
                     let key = self.next_job_key;
                     self.next_job_key += 1;
+                    conn.outstanding += payload.len();
                     let job = Job {
                         pool: idx,
                         client: Some((client, id)),
@@ -925,6 +934,7 @@ impl Master {
         };
         if let Some((client, id)) = job.client {
             if let Some(conn) = self.clients.get_mut(&client) {
+                conn.outstanding = conn.outstanding.saturating_sub(job.payload.len());
                 protocol::put_result(conn.out(), id, status, body);
                 self.dirty_clients.push(client);
             }
@@ -1208,14 +1218,9 @@ impl Master {
         if conn.flush().is_err() {
             return self.drop_client(id);
         }
-        let pending = conn.pending_out();
-        // Back-pressure: a client that does not read its results is not read from.
-        let paused = if conn.paused {
-            pending > server::RESUME_BELOW
-        } else {
-            pending > server::PAUSE_ABOVE
-        };
-        let wants_write = pending > 0;
+        // Back-pressure: a client holding too much of the master's memory is not read from.
+        let paused = conn.over_budget();
+        let wants_write = conn.pending_out() > 0;
         if paused != conn.paused || wants_write != conn.wants_write {
             conn.paused = paused;
             conn.wants_write = wants_write;

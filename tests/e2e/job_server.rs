@@ -1,0 +1,229 @@
+//! The job server: many concurrent clients, every accepted job answered exactly once with the
+//! right result — also while workers are being killed — and bounded queues that say no.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use jobhost::protocol::Status;
+use jobhost_e2e::{config_with, wait_until, Env, SOON};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+
+#[test]
+fn a_hundred_thousand_echo_jobs_from_four_clients_come_back_exactly_once() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n",
+    ));
+    master.wait_for_workers(2);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&master.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "the job socket's default mode");
+    let threads: Vec<_> = (0..4u64)
+        .map(|c| {
+            let mut client = master.client();
+            std::thread::spawn(move || {
+                let mut seen = HashSet::new();
+                for batch in 0..25u64 {
+                    for i in batch * 1000..(batch + 1) * 1000 {
+                        client
+                            .send(i, "echo", format!("client {c} job {i}").as_bytes())
+                            .unwrap();
+                    }
+                    for _ in 0..1000 {
+                        let r = client.recv().unwrap();
+                        assert_eq!(r.status, Status::Ok);
+                        assert_eq!(
+                            r.text(),
+                            format!("client {c} job {}", r.id),
+                            "a result reached the wrong job"
+                        );
+                        assert!(seen.insert(r.id), "job {} answered twice", r.id);
+                    }
+                }
+                seen.len()
+            })
+        })
+        .collect();
+    let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(total, 100_000);
+}
+
+#[test]
+fn killing_random_workers_during_ten_thousand_jobs_loses_and_fails_none() {
+    let env = Env::new();
+    env.install("hash");
+    env.install("sleep");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"hash\"\nplugin = \"hash\"\nworkers = 2\nmax_attempts = 20\n\n\
+         [[pool]]\nname = \"sleep\"\nplugin = \"sleep\"\nworkers = 2\nmax_attempts = 20\n",
+    ));
+    master.wait_for_workers(4);
+    let master_pid = master.pid();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            let mut n: u64 = 0x9e37_79b9;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(150));
+                let workers = jobhost_e2e::children_of(master_pid);
+                if workers.is_empty() {
+                    continue;
+                }
+                n ^= n << 13;
+                n ^= n >> 7;
+                n ^= n << 17;
+                let victim = workers[(n % workers.len() as u64) as usize];
+                if kill(Pid::from_raw(victim), Signal::SIGKILL).is_ok() {
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let mut client = master.client();
+    let payload = |i: u64| format!("{i}:").repeat(4000).into_bytes(); // ~20-30 KB of real hashing
+    let started = Instant::now();
+    let mut seen = HashSet::new();
+    for batch in 0..10u64 {
+        for i in batch * 1000..(batch + 1) * 1000 {
+            if i % 10 == 0 {
+                client.send(i, "sleep", b"3").unwrap();
+            } else {
+                client.send(i, "hash", &payload(i)).unwrap();
+            }
+        }
+        for _ in 0..1000 {
+            let r = client.recv().unwrap();
+            assert_eq!(r.status, Status::Ok, "job {} failed: {}", r.id, r.text());
+            let expected = if r.id % 10 == 0 {
+                "slept 3".to_string()
+            } else {
+                Sha256::digest(payload(r.id))
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            };
+            assert_eq!(r.text(), expected, "job {}", r.id);
+            assert!(seen.insert(r.id), "job {} answered twice", r.id);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    assert_eq!(seen.len(), 10_000);
+    assert!(
+        kills >= 3,
+        "only {kills} workers were killed in {:?}: the test proved nothing",
+        started.elapsed()
+    );
+    let retried = master.log_count("retrying job");
+    eprintln!(
+        "{kills} workers killed, {retried} jobs retried, 10000 jobs ok in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_full_queue_rejects_and_an_unknown_pool_is_rejected_not_dropped() {
+    let env = Env::new();
+    env.install("echo");
+    // No workers: nothing leaves the queue until one is added.
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 0\nmax_queue = 5\n",
+    ));
+    let mut client = master.client();
+    for i in 0..8u64 {
+        client.send(i, "e", format!("{i}").as_bytes()).unwrap();
+    }
+    client.send(99, "nosuch", b"x").unwrap();
+    let mut rejected: Vec<(u64, String)> = (0..4)
+        .map(|_| client.recv().unwrap())
+        .map(|r| {
+            assert_eq!(r.status, Status::Rejected);
+            (r.id, r.text())
+        })
+        .collect();
+    rejected.sort();
+    assert_eq!(
+        rejected[..3],
+        [
+            (5, "queue full (5 jobs queued for pool \"e\")".to_string()),
+            (6, "queue full (5 jobs queued for pool \"e\")".to_string()),
+            (7, "queue full (5 jobs queued for pool \"e\")".to_string()),
+        ]
+    );
+    assert_eq!(rejected[3], (99, "unknown pool \"nosuch\"".to_string()));
+    // The connection is still good, and the queued jobs run once a worker exists.
+    master.signal(Signal::SIGTTIN);
+    let mut ok: Vec<u64> = (0..5)
+        .map(|_| client.recv().unwrap())
+        .inspect(|r| assert!(r.is_ok()))
+        .map(|r| r.id)
+        .collect();
+    ok.sort_unstable();
+    assert_eq!(ok, [0, 1, 2, 3, 4]);
+    assert_eq!(client.call("e", b"after").unwrap().body, b"after");
+}
+
+#[test]
+fn a_client_that_disconnects_does_not_disturb_the_others() {
+    let env = Env::new();
+    env.install("sleep");
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"s\"\nplugin = \"sleep\"\nworkers = 2\n\n[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 1\n",
+    ));
+    master.wait_for_workers(3);
+    {
+        let mut leaver = master.client();
+        for i in 0..20u64 {
+            leaver.send(i, "s", b"20").unwrap();
+        }
+        leaver.flush().unwrap();
+    } // gone without reading a single result
+    let mut stayer = master.client();
+    for i in 0..50u64 {
+        assert_eq!(
+            stayer.call("e", format!("{i}").as_bytes()).unwrap().text(),
+            format!("{i}")
+        );
+    }
+    // The leaver's accepted jobs still run to the end (nothing is lost), quietly.
+    wait_until("the leaver's jobs to finish", SOON, || {
+        stayer.call("s", b"1").unwrap().is_ok() && master.log_count("ERROR") == 0
+    });
+    assert!(master.workers().len() == 3);
+}
+
+#[test]
+fn payloads_over_max_payload_are_rejected_or_cost_their_connection() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[server]\nmax_payload = \"1KiB\"\n\n[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 1\n",
+    ));
+    let mut client = master.client();
+    assert_eq!(client.call("e", &[b'x'; 1024]).unwrap().status, Status::Ok);
+    let too_big = client.call("e", &[b'x'; 1025]).unwrap();
+    assert_eq!(too_big.status, Status::Rejected);
+    assert_eq!(
+        too_big.text(),
+        "payload too large (1025 bytes, max_payload is 1024)"
+    );
+    // A frame far past the limit is not read at all: the connection is closed.
+    // (The write itself may fail once the master has closed: that is the point.)
+    let _ = client.send(1, "e", &vec![b'x'; 1 << 20]);
+    assert!(
+        client.recv().is_err(),
+        "the master must close a connection that sends a huge frame"
+    );
+    assert_eq!(master.client().call("e", b"fine").unwrap().body, b"fine");
+}
