@@ -379,3 +379,72 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     let stime: u64 = fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
     utime + stime
 }
+
+impl Master {
+    /// The admin socket next to the job socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.socket.with_file_name("admin.sock")
+    }
+
+    /// A new admin session.
+    pub fn admin_session(&self) -> AdminSession {
+        let stream = std::os::unix::net::UnixStream::connect(self.admin_socket())
+            .expect("connect to the admin socket");
+        stream.set_read_timeout(Some(SOON)).expect("timeout");
+        AdminSession {
+            reader: std::io::BufReader::new(stream.try_clone().expect("clone")),
+            stream,
+        }
+    }
+
+    /// Sends one admin command on a fresh session; returns the reply, final OK/ERR line included.
+    pub fn admin(&self, line: &str) -> String {
+        self.admin_session().command(line)
+    }
+}
+
+/// A connected admin session (a line protocol, as with `nc -U`).
+pub struct AdminSession {
+    pub stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl AdminSession {
+    /// Sends `line` and reads the reply up to and including its `OK` / `ERR …` line.
+    pub fn command(&mut self, line: &str) -> String {
+        use std::io::Write;
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send admin line");
+        self.read_reply()
+    }
+
+    pub fn read_reply(&mut self) -> String {
+        use std::io::BufRead;
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read admin reply");
+            assert!(
+                n > 0,
+                "admin connection closed mid-reply; so far: {reply:?}"
+            );
+            reply.push_str(&line);
+            if line == "OK\n" || line.starts_with("ERR") {
+                return reply;
+            }
+        }
+    }
+
+    /// True once the master has closed this session.
+    pub fn is_closed(&mut self) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        loop {
+            match self.reader.get_mut().read(&mut buf) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            }
+        }
+    }
+}

@@ -40,6 +40,8 @@ pub enum Command {
     },
     /// Submit jobs: one PAYLOAD, or one job per stdin line with results in input order.
     Submit(crate::submit::SubmitArgs),
+    /// Send one admin command to a running master and print the reply (exit 1 on ERR).
+    Ctl(crate::ctl::CtlArgs),
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -65,6 +67,7 @@ pub fn run(cli: Cli) -> CliResult {
         }
         Command::Check { config } => check(&config),
         Command::Submit(args) => crate::submit::run(args),
+        Command::Ctl(args) => crate::ctl::run(args),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
     }
 }

@@ -98,8 +98,9 @@ impl From<FrameError> for ClientError {
 ///
 /// `send` only buffers; the buffer is written when it passes [`FLUSH_ABOVE`], on `flush`, and
 /// before `recv` blocks. A single thread may `send` many jobs and then `recv` their results,
-/// as long as it does not send more than the master will buffer results for (4 MiB of unread
-/// results make the master stop reading this client; see `docs/PROTOCOL.md`). For an
+/// as long as what it sends stays within the master's flow control: the master stops reading a
+/// client once the payloads of its unanswered jobs plus its unread results pass 16 MiB (see
+/// `docs/PROTOCOL.md`), and a client that only writes then never gets to read. For an
 /// unbounded stream, [`Client::split`] and receive on another thread.
 #[derive(Debug)]
 pub struct Client {
@@ -241,6 +242,11 @@ impl ClientSender {
     }
 }
 
+/// A frame of a kind that is not for clients.
+fn unexpected(kind: u8) -> ClientError {
+    ClientError::Protocol(FrameError::UnknownKind(kind))
+}
+
 fn shutdown(stream: &UnixStream) -> Result<(), ClientError> {
     match stream.shutdown(Shutdown::Both) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(ClientError::from(e)),
@@ -291,7 +297,9 @@ impl ClientReceiver {
                         body: body.to_vec(),
                     },
                     // Any other kind is one a client never expects.
-                    _ => return Err(ClientError::Protocol(FrameError::UnknownKind(frame[0]))),
+                    Frame::Submit { .. } => return Err(unexpected(protocol::kind::SUBMIT)),
+                    Frame::Job { .. } => return Err(unexpected(protocol::kind::JOB)),
+                    Frame::Outcome { .. } => return Err(unexpected(protocol::kind::OUTCOME)),
                 };
                 if result.body.len() >= SHRINK_AFTER {
                     self.reader.shrink();
@@ -493,7 +501,8 @@ mod tests {
         // ~600 KiB of submits, so the buffer is written out on its own several times before
         // the first recv. The server reads them all, then answers each batch of 100 in
         // reverse. (Answering while the client still only sends would deadlock both: the
-        // real master buffers 4 MiB of results before it stops reading; this one none.)
+        // real master holds up to 16 MiB for a client before it stops reading; this one
+        // holds nothing.)
         let server = Server::start(|mut peer| {
             let jobs: Vec<_> = (0..1000).map(|_| peer.next_submit().unwrap()).collect();
             assert!(jobs.iter().all(|job| job.pool == "p"));

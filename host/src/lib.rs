@@ -16,13 +16,17 @@
 //! - [`sys`]: RSS, PSS and available memory from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
 //! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
+//! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
+//! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
 //! - [`cli`]: the `jobhost` subcommands.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the process diagram.
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod ctl;
 pub mod logging;
 pub mod master;
 pub mod plugins;

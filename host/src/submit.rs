@@ -16,7 +16,9 @@
 //!   submits out whenever it is about to block (on stdin, or on a full window);
 //! - a receiver thread reads results as they complete, holds early ones in a reorder buffer,
 //!   prints every result whose predecessors are all printed, and flushes stdout whenever it
-//!   is about to block on the socket.
+//!   is about to wait (for the master, or for more input to be sent). If it stops early (a
+//!   closed stdout, an error), it shuts the connection down so that a sender blocked against
+//!   the master's back-pressure wakes up.
 //!
 //! The window counts jobs sent whose results are not printed yet (waiting at the master or
 //! held for ordering), so memory stays bounded even when one slow job holds up the output.
@@ -932,7 +934,7 @@ mod tests {
     fn a_closed_output_does_not_leave_the_sender_blocked_on_a_master_that_stopped_reading() {
         // While the output is slow, results pile up, the server blocks writing them and stops
         // reading, and the sender blocks writing submits (what the real master does past
-        // 4 MiB of unread results). Then the output closes: the sender must be woken.
+        // 16 MiB of unread results). Then the output closes: the sender must be woken.
         let server = Server::start(fake::echo);
         let client = Client::connect(&server.path).unwrap();
         let (done, finished) = mpsc::channel();

@@ -95,7 +95,7 @@ fn killing_random_workers_during_ten_thousand_jobs_loses_and_fails_none() {
     let mut seen = HashSet::new();
     for batch in 0..10u64 {
         for i in batch * 1000..(batch + 1) * 1000 {
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 client.send(i, "sleep", b"3").unwrap();
             } else {
                 client.send(i, "hash", &payload(i)).unwrap();
@@ -104,7 +104,7 @@ fn killing_random_workers_during_ten_thousand_jobs_loses_and_fails_none() {
         for _ in 0..1000 {
             let r = client.recv().unwrap();
             assert_eq!(r.status, Status::Ok, "job {} failed: {}", r.id, r.text());
-            let expected = if r.id % 10 == 0 {
+            let expected = if r.id.is_multiple_of(10) {
                 "slept 3".to_string()
             } else {
                 Sha256::digest(payload(r.id))

@@ -19,6 +19,7 @@
 //! but its only one. A job it accepted is answered exactly once: with its result, or failed
 //! with the reason once its attempts are used up or the master shuts down.
 
+mod admin;
 mod pool;
 
 use std::collections::{HashMap, VecDeque};
@@ -183,7 +184,7 @@ enum Phase {
 
 pub struct Master {
     config: Config,
-    #[allow(dead_code)] // holds every loaded build mapped; reload (issue 6) loads into it
+    /// Every plugin build loaded (they stay mapped); `status` counts them.
     registry: Registry,
     pools: Vec<Pool>,
     pool_index: HashMap<String, usize>,
@@ -195,6 +196,9 @@ pub struct Master {
     clients: HashMap<u64, Connection>,
     next_client_id: u64,
     listener: Option<std::os::unix::net::UnixListener>,
+    admin: Option<admin::AdminListeners>,
+    admins: HashMap<u64, admin::AdminConn>,
+    started: Instant,
     accept_paused_until: Option<Instant>,
     epoll: Option<Epoll>,
     signals: Option<SignalPipe>,
@@ -238,7 +242,7 @@ impl Master {
                     "jobs"
                 }
             );
-            pools.push(Pool::new(pool.clone(), instance));
+            pools.push(Pool::new(pool.clone(), instance, &loaded.info));
         }
         let pool_index = pools
             .iter()
@@ -246,6 +250,7 @@ impl Master {
             .map(|(i, p)| (p.config.name.clone(), i))
             .collect();
         let listener = server::bind(&config.server.socket, config.server.socket_mode)?;
+        let admin = admin::AdminListeners::bind(&config.admin)?;
         signals::ignore_sigpipe().map_err(os("cannot ignore SIGPIPE"))?;
         let signals = SignalPipe::install(&[
             Signal::SIGTERM,
@@ -272,6 +277,20 @@ impl Master {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
             )
             .map_err(os("epoll"))?;
+        epoll
+            .add(
+                admin.unix.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, admin::TOKEN_ADMIN_UNIX),
+            )
+            .map_err(os("epoll"))?;
+        if let Some(tcp) = &admin.tcp {
+            epoll
+                .add(
+                    tcp.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, admin::TOKEN_ADMIN_TCP),
+                )
+                .map_err(os("epoll"))?;
+        }
         log::info!("listening for jobs on {}", config.server.socket.display());
         Ok(Master {
             config,
@@ -286,6 +305,9 @@ impl Master {
             clients: HashMap::new(),
             next_client_id: 1,
             listener: Some(listener),
+            admin: Some(admin),
+            admins: HashMap::new(),
+            started: Instant::now(),
             accept_paused_until: None,
             epoll: Some(epoll),
             signals: Some(signals),
@@ -318,6 +340,7 @@ impl Master {
         }
         self.final_flush();
         self.remove_socket_file();
+        let _ = std::fs::remove_file(&self.config.admin.socket);
         log::info!("master exiting");
         Ok(())
     }
@@ -673,7 +696,10 @@ impl Master {
         match (token >> KIND_SHIFT, token) {
             (_, TOKEN_SIGNALS) => {} // handled in handle_signals
             (_, TOKEN_LISTENER) => self.accept(),
+            (_, admin::TOKEN_ADMIN_UNIX) => self.admin_accept(false),
+            (_, admin::TOKEN_ADMIN_TCP) => self.admin_accept(true),
             (KIND_CLIENT, _) => self.client_event(token & !(0xf << KIND_SHIFT), flags),
+            (admin::KIND_ADMIN, _) => self.admin_event(token & !(0xf << KIND_SHIFT), flags),
             (KIND_WORKER, _) => {
                 let id = token & !(0xf << KIND_SHIFT);
                 if flags
@@ -1099,6 +1125,8 @@ impl Master {
         }
         self.epoll = None;
         self.listener = None;
+        self.admin = None;
+        self.admins.clear();
         self.clients.clear();
         self.workers.clear(); // other workers' socketpairs
         let mut instance = self.pools[idx].instance.take();

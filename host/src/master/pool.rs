@@ -48,6 +48,9 @@ pub struct PoolStats {
 
 pub struct Pool {
     pub config: PoolConfig,
+    /// The plugin's name and version, for `status`.
+    pub plugin: String,
+    pub plugin_version: String,
     /// The plugin instance `init`ed in the master; workers fork with a copy of it.
     pub instance: Option<PluginInstance>,
     pub wanted: usize,
@@ -58,8 +61,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, instance: PluginInstance) -> Pool {
+    pub fn new(config: PoolConfig, instance: PluginInstance, info: &crate::plugins::Info) -> Pool {
         Pool {
+            plugin: info.name.clone(),
+            plugin_version: info.version.clone(),
             wanted: config.workers,
             backoff: Backoff::new(
                 config.crash_limit,
@@ -74,7 +79,6 @@ impl Pool {
         }
     }
 
-    #[allow(dead_code)] // read by the admin interface
     pub fn state(&self, now: Instant) -> PoolState {
         if self.stopped {
             return PoolState::Stopped;
@@ -154,13 +158,18 @@ impl Backoff {
         }
     }
 
-    #[allow(dead_code)] // read by the admin interface
     pub fn state(&self, now: Instant) -> PoolState {
         match self.recent(now) {
             0 => PoolState::Ok,
             n if n >= self.limit as usize => PoolState::Failing,
             _ => PoolState::BackingOff,
         }
+    }
+
+    /// Forget the crash history (an operator's `start` or `restart`).
+    pub fn reset(&mut self) {
+        self.crashes.clear();
+        self.next_spawn = None;
     }
 
     pub fn is_failing(&self, now: Instant) -> bool {

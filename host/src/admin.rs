@@ -1,0 +1,1413 @@
+//! The admin protocol, pure: parsing command lines, rendering replies, cutting a byte stream
+//! into lines, comparing tokens.
+//!
+//! The admin interface is a telnet-friendly line protocol (usable with `nc -U` and `socat`):
+//! one command per line, ended by LF or CRLF; the reply is zero or more lines, then a last line
+//! `OK` or `ERR <reason>`, each ended by LF. This module owns the grammar of the commands
+//! ([`parse`], [`help`]), the form of every reply ([`render_status`], [`render_workers`],
+//! [`err_reply`]), the view of the master those replies are built from ([`Snapshot`]),
+//! splitting the incoming bytes into lines with a length limit ([`LineBuffer`]) and the
+//! constant-time token check ([`token_matches`]).
+//!
+//! It never does I/O, never holds or changes master state (the master builds a [`Snapshot`]
+//! for each `status`/`workers` and acts on each [`Command`] itself), and never lets a reply
+//! line other than the last one read as `OK` or `ERR ...`: text that comes from elsewhere
+//! (a reload message, a plugin's name) is rendered on one line with control characters
+//! escaped.
+
+use std::fmt::{self, Write as _};
+
+use serde::Serialize;
+
+/// The longest command line the master accepts, in bytes (without the line ending).
+pub const MAX_LINE: usize = 4096;
+
+/// The most workers `scale` can ask for in one pool (the config's limit too).
+pub const MAX_WORKERS: usize = 1024;
+
+/// One admin command, as [`parse`] reads it.
+///
+/// `Debug` never shows an [`Command::Auth`] token, so logging a command cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `help`: list the commands.
+    Help,
+    /// `status [json]`: the master and its pools.
+    Status { json: bool },
+    /// `workers [json]`: every worker.
+    Workers { json: bool },
+    /// `scale POOL N`: run `workers` workers in `pool` (0 to [`MAX_WORKERS`]).
+    Scale { pool: String, workers: usize },
+    /// `restart POOL|all`: replace the workers of one pool or of every pool.
+    Restart { target: Target },
+    /// `stop POOL`: stop a pool's workers and keep them stopped.
+    Stop { pool: String },
+    /// `start POOL`: start a stopped pool again.
+    Start { pool: String },
+    /// `reload`: reread the config and the plugins (like SIGHUP).
+    Reload,
+    /// `shutdown [graceful|now]`: stop the master; `now` does not wait for running jobs.
+    Shutdown { now: bool },
+    /// `quit`: close this connection.
+    Quit,
+    /// `auth TOKEN`: the token the admin TCP listener asks for.
+    Auth { token: String },
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Help => f.write_str("Help"),
+            Command::Status { json } => f.debug_struct("Status").field("json", json).finish(),
+            Command::Workers { json } => f.debug_struct("Workers").field("json", json).finish(),
+            Command::Scale { pool, workers } => f
+                .debug_struct("Scale")
+                .field("pool", pool)
+                .field("workers", workers)
+                .finish(),
+            Command::Restart { target } => {
+                f.debug_struct("Restart").field("target", target).finish()
+            }
+            Command::Stop { pool } => f.debug_struct("Stop").field("pool", pool).finish(),
+            Command::Start { pool } => f.debug_struct("Start").field("pool", pool).finish(),
+            Command::Reload => f.write_str("Reload"),
+            Command::Shutdown { now } => f.debug_struct("Shutdown").field("now", now).finish(),
+            Command::Quit => f.write_str("Quit"),
+            Command::Auth { .. } => f
+                .debug_struct("Auth")
+                .field("token", &format_args!("<redacted>"))
+                .finish(),
+        }
+    }
+}
+
+/// What `restart` applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One pool, by name.
+    Pool(String),
+    /// `all` (any case): every pool.
+    All,
+}
+
+/// The commands, their arguments and what they do: the body of [`help`].
+const COMMANDS: &[(&str, &str)] = &[
+    ("help", "this list"),
+    ("status [json]", "the master, its pools and their counters"),
+    (
+        "workers [json]",
+        "every worker: pid, pool, generation, state, job, memory",
+    ),
+    ("scale POOL N", "run N workers in POOL (0 to 1024)"),
+    (
+        "restart POOL|all",
+        "replace the workers of POOL, or of every pool",
+    ),
+    (
+        "stop POOL",
+        "stop the workers of POOL and keep them stopped",
+    ),
+    ("start POOL", "start a stopped POOL again"),
+    ("reload", "reread the config and the plugins (like SIGHUP)"),
+    (
+        "shutdown [graceful|now]",
+        "stop the master: after running jobs end (default), or now",
+    ),
+    ("quit", "close this connection"),
+    (
+        "auth TOKEN",
+        "authenticate (needed first on a TCP connection)",
+    ),
+];
+
+/// Parses one command line (already without its line ending).
+///
+/// Command names and keywords (`json`, `all`, `graceful`, `now`) are case-insensitive; pool
+/// names are taken as written. Words are separated by spaces and tabs; leading and trailing
+/// ones are ignored. `auth` takes the rest of the line as the token (spaces and tabs around
+/// it trimmed). An error is the text to send after `ERR `, e.g. `usage: scale POOL N`; it
+/// never contains the token.
+pub fn parse(line: &str) -> Result<Command, String> {
+    const SEPARATORS: [char; 2] = [' ', '\t'];
+    let trimmed = line.trim_start_matches(SEPARATORS);
+    let mut words = trimmed.split(SEPARATORS).filter(|w| !w.is_empty());
+    let Some(name) = words.next() else {
+        return Err("empty line".to_owned());
+    };
+    let args: Vec<&str> = words.collect();
+    let usage = |form: &str| Err(format!("usage: {form}"));
+    match name.to_ascii_lowercase().as_str() {
+        "help" => match args[..] {
+            [] => Ok(Command::Help),
+            _ => usage("help"),
+        },
+        "status" => match json_flag(&args) {
+            Some(json) => Ok(Command::Status { json }),
+            None => usage("status [json]"),
+        },
+        "workers" => match json_flag(&args) {
+            Some(json) => Ok(Command::Workers { json }),
+            None => usage("workers [json]"),
+        },
+        "scale" => match args[..] {
+            [pool, n] => Ok(Command::Scale {
+                pool: pool.to_owned(),
+                workers: parse_count(n)?,
+            }),
+            _ => usage("scale POOL N"),
+        },
+        "restart" => match args[..] {
+            [target] if target.eq_ignore_ascii_case("all") => Ok(Command::Restart {
+                target: Target::All,
+            }),
+            [pool] => Ok(Command::Restart {
+                target: Target::Pool(pool.to_owned()),
+            }),
+            _ => usage("restart POOL|all"),
+        },
+        "stop" => match args[..] {
+            [pool] => Ok(Command::Stop {
+                pool: pool.to_owned(),
+            }),
+            _ => usage("stop POOL"),
+        },
+        "start" => match args[..] {
+            [pool] => Ok(Command::Start {
+                pool: pool.to_owned(),
+            }),
+            _ => usage("start POOL"),
+        },
+        "reload" => match args[..] {
+            [] => Ok(Command::Reload),
+            _ => usage("reload"),
+        },
+        "shutdown" => match args[..] {
+            [] => Ok(Command::Shutdown { now: false }),
+            [how] if how.eq_ignore_ascii_case("graceful") => Ok(Command::Shutdown { now: false }),
+            [how] if how.eq_ignore_ascii_case("now") => Ok(Command::Shutdown { now: true }),
+            _ => usage("shutdown [graceful|now]"),
+        },
+        "quit" => match args[..] {
+            [] => Ok(Command::Quit),
+            _ => usage("quit"),
+        },
+        "auth" => {
+            // `name` is a prefix of `trimmed`: the token is everything after it.
+            let token = trimmed
+                .get(name.len()..)
+                .unwrap_or("")
+                .trim_matches(SEPARATORS);
+            if token.is_empty() {
+                usage("auth TOKEN")
+            } else {
+                Ok(Command::Auth {
+                    token: token.to_owned(),
+                })
+            }
+        }
+        _ => Err(format!("unknown command {} (try help)", quoted(name))),
+    }
+}
+
+/// `[]` → plain, `["json"]` → JSON, anything else → a usage error.
+fn json_flag(args: &[&str]) -> Option<bool> {
+    match args {
+        [] => Some(false),
+        [word] if word.eq_ignore_ascii_case("json") => Some(true),
+        _ => None,
+    }
+}
+
+/// `scale`'s N: ASCII digits only, 0 to [`MAX_WORKERS`].
+fn parse_count(word: &str) -> Result<usize, String> {
+    word.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| word.parse::<usize>().ok())
+        .flatten()
+        .filter(|&n| n <= MAX_WORKERS)
+        .ok_or_else(|| {
+            format!(
+                "scale: N must be a whole number from 0 to {MAX_WORKERS}, not {}",
+                quoted(word)
+            )
+        })
+}
+
+/// A word from the client, quoted for an error message: escaped, and cut after 40 characters.
+fn quoted(word: &str) -> String {
+    const KEEP: usize = 40;
+    match word.char_indices().nth(KEEP) {
+        Some((cut, _)) => format!("{:?}…", &word[..cut]),
+        None => format!("{word:?}"),
+    }
+}
+
+/// The reply to `help`: one line per command with a short description, then `OK`.
+pub fn help() -> String {
+    let width = COMMANDS
+        .iter()
+        .map(|(form, _)| form.len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for (form, what) in COMMANDS {
+        let _ = writeln!(out, "{form:<width$}  {what}");
+    }
+    out.push_str("OK\n");
+    out
+}
+
+/// The reply for a failed command: `ERR <reason>` and a newline. The reason is put on one line
+/// (control characters escaped), so it cannot end the reply early or forge another one.
+pub fn err_reply(reason: &str) -> String {
+    format!("ERR {}\n", one_line(reason))
+}
+
+/// True for the line that ends a reply: exactly `OK`, or `ERR` alone or followed by a space
+/// and the reason. (A client reads reply lines until this is true.)
+pub fn is_final_line(line: &str) -> bool {
+    line == "OK" || line == "ERR" || line.starts_with("ERR ")
+}
+
+/// A consistent view of the master, built by the master for each `status` / `workers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub pid: u32,
+    /// The jobhost version.
+    pub version: String,
+    pub uptime_secs: f64,
+    /// The config file's path.
+    pub config: String,
+    /// The current generation (counts successful reloads).
+    pub generation: u64,
+    /// Plugin builds mapped in the master (each stays mapped for the life of the process).
+    pub generations_loaded: usize,
+    /// The last reload, if any was tried.
+    pub last_reload: Option<ReloadReport>,
+    pub pools: Vec<PoolSnapshot>,
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+/// How the last reload went.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// When it happened, RFC 3339.
+    pub at: String,
+    pub ok: bool,
+    /// What changed, or why it failed.
+    pub message: String,
+}
+
+/// One pool's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSnapshot {
+    pub name: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    /// `"jobs"` or `"loop"`.
+    pub mode: String,
+    pub workers_wanted: usize,
+    pub workers_running: usize,
+    pub workers_busy: usize,
+    pub jobs_queued: usize,
+    pub jobs_running: usize,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub jobs_retried: u64,
+    pub restarts: u64,
+    /// `ok`, `backing-off`, `failing` or `stopped`.
+    pub state: String,
+}
+
+/// One worker.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerSnapshot {
+    pub pid: i32,
+    pub pool: String,
+    pub generation: u64,
+    /// `idle`, `busy` or `draining`.
+    pub state: String,
+    /// How long the current job has been running, when there is one.
+    pub job_age_secs: Option<f64>,
+    pub jobs_done: u64,
+    /// Resident memory, when it could be read.
+    pub rss_bytes: Option<u64>,
+    /// When it was forked, RFC 3339.
+    pub started: String,
+    pub age_secs: f64,
+}
+
+/// The full reply to `status` (a header and a table of pools) or `status json` (the
+/// [`Snapshot`] as one line of JSON), ending with `OK` and a newline.
+pub fn render_status(s: &Snapshot, json: bool) -> String {
+    if json {
+        return json_reply(s);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "jobhost {}, pid {}, up {}",
+        one_line(&s.version),
+        s.pid,
+        duration(s.uptime_secs)
+    );
+    let _ = writeln!(out, "config: {}", one_line(&s.config));
+    let _ = writeln!(
+        out,
+        "generation: {} ({} plugin build{} loaded)",
+        s.generation,
+        s.generations_loaded,
+        if s.generations_loaded == 1 { "" } else { "s" }
+    );
+    match &s.last_reload {
+        None => out.push_str("last reload: none\n"),
+        Some(r) => {
+            let _ = write!(out, "last reload: {} ", one_line(&r.at));
+            out.push_str(if r.ok { "ok" } else { "FAILED" });
+            if !r.message.is_empty() {
+                let _ = write!(out, ": {}", one_line(&r.message));
+            }
+            out.push('\n');
+        }
+    }
+    out.push('\n');
+    use Align::{Left, Right};
+    let columns = [
+        ("POOL", Left),
+        ("STATE", Left),
+        ("WORKERS", Right),
+        ("BUSY", Right),
+        ("QUEUED", Right),
+        ("RUNNING", Right),
+        ("DONE", Right),
+        ("FAILED", Right),
+        ("RETRIED", Right),
+        ("RESTARTS", Right),
+        ("PLUGIN", Left),
+    ];
+    let rows = s
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.state.clone(),
+                format!("{}/{}", p.workers_running, p.workers_wanted),
+                p.workers_busy.to_string(),
+                p.jobs_queued.to_string(),
+                p.jobs_running.to_string(),
+                p.jobs_done.to_string(),
+                p.jobs_failed.to_string(),
+                p.jobs_retried.to_string(),
+                p.restarts.to_string(),
+                format!("{} {}", p.plugin, p.plugin_version),
+            ]
+        })
+        .collect();
+    table(&mut out, &columns, rows);
+    out.push_str("OK\n");
+    out
+}
+
+/// The full reply to `workers` (a table) or `workers json` (`{"workers": [...]}` on one
+/// line), ending with `OK` and a newline.
+pub fn render_workers(s: &Snapshot, json: bool) -> String {
+    if json {
+        #[derive(Serialize)]
+        struct Workers<'a> {
+            workers: &'a [WorkerSnapshot],
+        }
+        return json_reply(&Workers {
+            workers: &s.workers,
+        });
+    }
+    use Align::{Left, Right};
+    let columns = [
+        ("PID", Right),
+        ("POOL", Left),
+        ("GEN", Right),
+        ("STATE", Left),
+        ("JOB-AGE", Right),
+        ("JOBS", Right),
+        ("RSS", Right),
+        ("STARTED", Right),
+    ];
+    let rows = s
+        .workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.pid.to_string(),
+                w.pool.clone(),
+                w.generation.to_string(),
+                w.state.clone(),
+                w.job_age_secs.map_or_else(|| "-".to_owned(), job_age),
+                w.jobs_done.to_string(),
+                w.rss_bytes.map_or_else(|| "-".to_owned(), size),
+                duration(w.age_secs),
+            ]
+        })
+        .collect();
+    let mut out = String::new();
+    table(&mut out, &columns, rows);
+    out.push_str("OK\n");
+    out
+}
+
+/// One line of JSON, then `OK`. (serde_json escapes every control character, so the document
+/// cannot span lines.)
+fn json_reply<T: Serialize>(value: &T) -> String {
+    match serde_json::to_string(value) {
+        Ok(mut out) => {
+            out.push_str("\nOK\n");
+            out
+        }
+        Err(e) => err_reply(&format!("cannot encode the reply as JSON: {e}")),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Writes a header line and one line per row, each column as wide as its widest cell, two
+/// spaces between columns, no trailing spaces. Cells are put on one line first. If a line
+/// would read as the end of the reply (a pool named `OK` or `ERR`...), every line of the table
+/// is indented by one space, so the columns stay aligned.
+fn table(out: &mut String, columns: &[(&str, Align)], rows: Vec<Vec<String>>) {
+    let header: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
+    let lines: Vec<Vec<String>> = std::iter::once(header)
+        .chain(
+            rows.into_iter()
+                .map(|row| row.iter().map(|cell| one_line(cell)).collect()),
+        )
+        .collect();
+    let mut widths = vec![0; columns.len()];
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let rendered: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            let mut text = String::new();
+            for (i, ((cell, width), (_, align))) in
+                line.iter().zip(&widths).zip(columns).enumerate()
+            {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                let pad = width.saturating_sub(cell.chars().count());
+                match align {
+                    Align::Left => {
+                        text.push_str(cell);
+                        text.extend(std::iter::repeat_n(' ', pad));
+                    }
+                    Align::Right => {
+                        text.extend(std::iter::repeat_n(' ', pad));
+                        text.push_str(cell);
+                    }
+                }
+            }
+            text.truncate(text.trim_end().len());
+            text
+        })
+        .collect();
+    let indent = if rendered
+        .iter()
+        .any(|l| l.starts_with("OK") || l.starts_with("ERR"))
+    {
+        " "
+    } else {
+        ""
+    };
+    for line in rendered {
+        out.push_str(indent);
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`...), so it stays on one line.
+fn one_line(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A duration for people, two units at most: `45s`, `5m02s`, `1h02m`, `3d04h`. Negative or
+/// NaN counts as zero.
+fn duration(secs: f64) -> String {
+    // `as` saturates, and turns NaN into 0.
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// A running job's age: tenths of a second under a minute (`1.2s`), then like [`duration`].
+fn job_age(secs: f64) -> String {
+    let secs = if secs.is_nan() { 0.0 } else { secs.max(0.0) };
+    if secs < 59.95 {
+        format!("{secs:.1}s")
+    } else {
+        // 59.95 to 60 would show as `60.0s` in tenths, and as `59s` truncated.
+        duration(secs.max(60.0))
+    }
+}
+
+/// A size in bytes for people, in powers of 1024 like `ps`: `512B`, `4.0K`, `12.3M`, `1.5G`.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // Round as `{:.1}` will, so 1023.96K becomes 1.0M rather than 1024.0K.
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
+}
+
+/// Splits an incoming byte stream into lines (ended by LF or CRLF), with a length limit.
+///
+/// Call [`LineBuffer::next_line`] until it gives `Ok(None)` after each [`LineBuffer::push`].
+/// A line that fails (too long, not text) is dropped — an over-long one up to its end, however
+/// much more of it arrives — and the lines after it come out as usual: the caller may answer
+/// `ERR` and carry on, or close the connection. What is held is bounded by `max_line` plus one
+/// push.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// The first byte not given out yet.
+    start: usize,
+    /// `buf[start..scanned]` holds no LF (so each byte is searched once).
+    scanned: usize,
+    max_line: usize,
+    /// Dropping the rest of an over-long line, up to its LF.
+    skipping: bool,
+}
+
+/// Why a line was refused by [`LineBuffer::next_line`].
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LineError {
+    #[error("line over {0} bytes")]
+    TooLong(usize),
+    #[error("not a text line")]
+    NotText,
+}
+
+impl LineBuffer {
+    /// A buffer for lines of at most `max_line` bytes, not counting the line ending. (The
+    /// master uses [`MAX_LINE`].)
+    pub fn new(max_line: usize) -> LineBuffer {
+        LineBuffer {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            max_line,
+            skipping: false,
+        }
+    }
+
+    /// Adds bytes read from the connection.
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.skipping {
+            match bytes.iter().position(|&b| b == b'\n') {
+                None => return,
+                Some(lf) => {
+                    self.skipping = false;
+                    bytes = &bytes[lf + 1..];
+                }
+            }
+        }
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line without its ending, or `Ok(None)` until one is complete.
+    /// `Err(LineError::TooLong)` if a line, complete or not, passes `max_line` bytes;
+    /// `Err(LineError::NotText)` if a line is not UTF-8 or holds a control character other
+    /// than tab (binary garbage, telnet negotiation).
+    pub fn next_line(&mut self) -> Result<Option<String>, LineError> {
+        let from = self.scanned.max(self.start);
+        let Some(lf) = self.buf[from..].iter().position(|&b| b == b'\n') else {
+            self.scanned = self.buf.len();
+            let pending = &self.buf[self.start..];
+            // A line of exactly max_line bytes may be waiting for the LF after its CR.
+            let allowed = self
+                .max_line
+                .saturating_add(usize::from(pending.last() == Some(&b'\r')));
+            if pending.len() > allowed {
+                self.buf.clear();
+                self.start = 0;
+                self.scanned = 0;
+                self.skipping = true;
+                return Err(LineError::TooLong(self.max_line));
+            }
+            return Ok(None);
+        };
+        let begin = self.start;
+        let mut end = from + lf;
+        self.start = end + 1;
+        self.scanned = self.start;
+        if end > begin && self.buf[end - 1] == b'\r' {
+            end -= 1;
+        }
+        let line = &self.buf[begin..end];
+        if line.len() > self.max_line {
+            return Err(LineError::TooLong(self.max_line));
+        }
+        let text = std::str::from_utf8(line).map_err(|_| LineError::NotText)?;
+        if text.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(LineError::NotText);
+        }
+        Ok(Some(text.to_owned()))
+    }
+}
+
+/// Compares an offered token with the expected one in time that depends only on their
+/// lengths: every byte up to the longer length is compared, with no early exit, and a length
+/// difference makes the result false. An empty expected token matches nothing.
+pub fn token_matches(offered: &[u8], expected: &[u8]) -> bool {
+    let n = offered.len().max(expected.len());
+    let mut diff = offered.len() ^ expected.len();
+    for i in 0..n {
+        let a = offered.get(i).copied().unwrap_or(0);
+        let b = expected.get(i).copied().unwrap_or(0);
+        diff |= usize::from(a ^ b);
+        diff = std::hint::black_box(diff);
+    }
+    std::hint::black_box(diff) == 0 && !expected.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str) -> String {
+        name.to_owned()
+    }
+
+    #[test]
+    fn parse_every_command() {
+        let cases: Vec<(&str, Command)> = vec![
+            ("help", Command::Help),
+            ("status", Command::Status { json: false }),
+            ("status json", Command::Status { json: true }),
+            ("STATUS JSON", Command::Status { json: true }),
+            ("workers", Command::Workers { json: false }),
+            ("Workers Json", Command::Workers { json: true }),
+            (
+                "scale echo 3",
+                Command::Scale {
+                    pool: pool("echo"),
+                    workers: 3,
+                },
+            ),
+            (
+                "scale echo 0",
+                Command::Scale {
+                    pool: pool("echo"),
+                    workers: 0,
+                },
+            ),
+            (
+                "scale Echo 1024",
+                Command::Scale {
+                    pool: pool("Echo"),
+                    workers: 1024,
+                },
+            ),
+            (
+                "scale echo 007",
+                Command::Scale {
+                    pool: pool("echo"),
+                    workers: 7,
+                },
+            ),
+            (
+                "restart echo",
+                Command::Restart {
+                    target: Target::Pool(pool("echo")),
+                },
+            ),
+            (
+                "restart all",
+                Command::Restart {
+                    target: Target::All,
+                },
+            ),
+            (
+                "RESTART ALL",
+                Command::Restart {
+                    target: Target::All,
+                },
+            ),
+            ("stop hash", Command::Stop { pool: pool("hash") }),
+            ("start hash", Command::Start { pool: pool("hash") }),
+            ("reload", Command::Reload),
+            ("shutdown", Command::Shutdown { now: false }),
+            ("shutdown graceful", Command::Shutdown { now: false }),
+            ("shutdown NOW", Command::Shutdown { now: true }),
+            ("quit", Command::Quit),
+            (
+                "auth s3cret",
+                Command::Auth {
+                    token: "s3cret".to_owned(),
+                },
+            ),
+            (
+                "AUTH \t two words \t",
+                Command::Auth {
+                    token: "two words".to_owned(),
+                },
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line), Ok(want), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn parse_separators() {
+        assert_eq!(
+            parse("  \tscale\t\techo   2 \t"),
+            Ok(Command::Scale {
+                pool: pool("echo"),
+                workers: 2
+            })
+        );
+        assert_eq!(parse(" help "), Ok(Command::Help));
+    }
+
+    #[test]
+    fn parse_errors() {
+        let cases = [
+            ("", "empty line"),
+            (" \t ", "empty line"),
+            ("foo", r#"unknown command "foo" (try help)"#),
+            ("foo bar", r#"unknown command "foo" (try help)"#),
+            ("stat\"us", r#"unknown command "stat\"us" (try help)"#),
+            ("help me", "usage: help"),
+            ("status yaml", "usage: status [json]"),
+            ("status json json", "usage: status [json]"),
+            ("workers x", "usage: workers [json]"),
+            ("scale", "usage: scale POOL N"),
+            ("scale echo", "usage: scale POOL N"),
+            ("scale echo 1 2", "usage: scale POOL N"),
+            (
+                "scale echo x",
+                r#"scale: N must be a whole number from 0 to 1024, not "x""#,
+            ),
+            (
+                "scale echo -1",
+                r#"scale: N must be a whole number from 0 to 1024, not "-1""#,
+            ),
+            (
+                "scale echo +1",
+                r#"scale: N must be a whole number from 0 to 1024, not "+1""#,
+            ),
+            (
+                "scale echo 1.5",
+                r#"scale: N must be a whole number from 0 to 1024, not "1.5""#,
+            ),
+            (
+                "scale echo 1025",
+                r#"scale: N must be a whole number from 0 to 1024, not "1025""#,
+            ),
+            (
+                "scale echo 99999999999999999999999",
+                r#"scale: N must be a whole number from 0 to 1024, not "99999999999999999999999""#,
+            ),
+            ("restart", "usage: restart POOL|all"),
+            ("restart a b", "usage: restart POOL|all"),
+            ("stop", "usage: stop POOL"),
+            ("stop a b", "usage: stop POOL"),
+            ("start", "usage: start POOL"),
+            ("start a b", "usage: start POOL"),
+            ("reload now", "usage: reload"),
+            ("shutdown later", "usage: shutdown [graceful|now]"),
+            ("shutdown now now", "usage: shutdown [graceful|now]"),
+            ("quit now", "usage: quit"),
+            ("auth", "usage: auth TOKEN"),
+            ("auth \t ", "usage: auth TOKEN"),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line), Err(want.to_owned()), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_command_is_cut_short() {
+        let long = "x".repeat(500);
+        let err = parse(&long).unwrap_err();
+        assert_eq!(
+            err,
+            format!("unknown command \"{}\"… (try help)", "x".repeat(40))
+        );
+        let err = parse("ééééééééééééééééééééééééééééééééééééééééééé").unwrap_err();
+        assert!(err.starts_with("unknown command \"éééé"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let cmd = parse("auth hunter2").unwrap();
+        let shown = format!("{cmd:?} {cmd:#?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+        assert_eq!(
+            format!("{:?}", parse("scale echo 2").unwrap()),
+            r#"Scale { pool: "echo", workers: 2 }"#
+        );
+        assert_eq!(format!("{:?}", Command::Help), "Help");
+    }
+
+    #[test]
+    fn help_lists_every_command() {
+        let h = help();
+        assert!(h.ends_with("\nOK\n"), "{h}");
+        let lines: Vec<&str> = h.lines().collect();
+        assert_eq!(lines.len(), COMMANDS.len() + 1);
+        for word in [
+            "help", "status", "workers", "scale", "restart", "stop", "start", "reload", "shutdown",
+            "quit", "auth",
+        ] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(word)),
+                "{word} missing:\n{h}"
+            );
+        }
+        // Every command listed parses (with its placeholders filled in).
+        for (form, _) in COMMANDS {
+            let line = form
+                .replace("[json]", "json")
+                .replace("[graceful|now]", "now")
+                .replace("POOL|all", "all")
+                .replace("POOL", "p")
+                .replace(" N", " 1");
+            assert!(parse(&line).is_ok(), "{line}");
+        }
+        // The descriptions line up.
+        let column = lines[0].find("this list").unwrap();
+        for line in &lines[..lines.len() - 1] {
+            assert_eq!(line.as_bytes()[column - 1], b' ', "{line}");
+            assert_ne!(line.as_bytes()[column], b' ', "{line}");
+        }
+    }
+
+    #[test]
+    fn err_reply_is_one_line() {
+        assert_eq!(err_reply("unknown pool \"x\""), "ERR unknown pool \"x\"\n");
+        assert_eq!(err_reply("a\nOK\r\nb"), "ERR a\\nOK\\r\\nb\n");
+    }
+
+    #[test]
+    fn final_lines() {
+        assert!(is_final_line("OK"));
+        assert!(is_final_line("ERR"));
+        assert!(is_final_line("ERR usage: quit"));
+        assert!(!is_final_line("OK "));
+        assert!(!is_final_line("ok"));
+        assert!(!is_final_line("ERRORS  ok  1/1"));
+        assert!(!is_final_line(""));
+    }
+
+    // LineBuffer
+
+    fn lines_of(buf: &mut LineBuffer) -> Vec<Result<String, LineError>> {
+        let mut out = Vec::new();
+        loop {
+            match buf.next_line() {
+                Ok(None) => return out,
+                Ok(Some(line)) => out.push(Ok(line)),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+    }
+
+    fn ok(lines: &[&str]) -> Vec<Result<String, LineError>> {
+        lines.iter().map(|l| Ok((*l).to_owned())).collect()
+    }
+
+    #[test]
+    fn lines_lf_and_crlf() {
+        let mut b = LineBuffer::new(MAX_LINE);
+        b.push(b"status\nworkers json\r\n\r\nscale echo\t2\n");
+        assert_eq!(
+            lines_of(&mut b),
+            ok(&["status", "workers json", "", "scale echo\t2"])
+        );
+        assert_eq!(b.next_line(), Ok(None));
+    }
+
+    #[test]
+    fn lines_split_across_pushes() {
+        let mut b = LineBuffer::new(MAX_LINE);
+        b.push(b"sta");
+        assert_eq!(b.next_line(), Ok(None));
+        b.push(b"tus\r");
+        assert_eq!(b.next_line(), Ok(None));
+        b.push(b"\nhe");
+        assert_eq!(lines_of(&mut b), ok(&["status"]));
+        b.push(b"lp\nquit");
+        assert_eq!(lines_of(&mut b), ok(&["help"]));
+        b.push(b"\n");
+        assert_eq!(lines_of(&mut b), ok(&["quit"]));
+
+        // Byte by byte, including a multi-byte character cut in half.
+        let mut b = LineBuffer::new(MAX_LINE);
+        let mut got = Vec::new();
+        for byte in "scale é 1\r\nreload\n".bytes() {
+            b.push(&[byte]);
+            got.extend(lines_of(&mut b));
+        }
+        assert_eq!(got, ok(&["scale é 1", "reload"]));
+    }
+
+    #[test]
+    fn lines_too_long() {
+        // Exactly the limit is fine, with LF or CRLF, complete or waiting for its LF.
+        let mut b = LineBuffer::new(8);
+        b.push(b"12345678\n12345678\r");
+        assert_eq!(lines_of(&mut b), ok(&["12345678"]));
+        b.push(b"\n");
+        assert_eq!(lines_of(&mut b), ok(&["12345678"]));
+
+        // One over, complete: that line is refused, the next one comes out.
+        b.push(b"123456789\nhelp\n");
+        assert_eq!(
+            lines_of(&mut b),
+            vec![Err(LineError::TooLong(8)), Ok("help".to_owned())]
+        );
+
+        // One over, incomplete: refused at once; the rest of it is dropped as it arrives.
+        b.push(b"123456789");
+        assert_eq!(lines_of(&mut b), vec![Err(LineError::TooLong(8))]);
+        b.push(b"more of the same line");
+        assert_eq!(lines_of(&mut b), vec![]);
+        b.push(b"and more\nstatus\n");
+        assert_eq!(lines_of(&mut b), ok(&["status"]));
+
+        // A CR that is not before the LF counts.
+        b.push(b"12345678\rx");
+        assert_eq!(lines_of(&mut b), vec![Err(LineError::TooLong(8))]);
+        b.push(b"\nquit\n");
+        assert_eq!(lines_of(&mut b), ok(&["quit"]));
+        assert_eq!(LineError::TooLong(8).to_string(), "line over 8 bytes");
+    }
+
+    #[test]
+    fn lines_not_text() {
+        let mut b = LineBuffer::new(MAX_LINE);
+        b.push(b"\xff\xfb\x01status\r\n"); // telnet negotiation
+        b.push(b"sta\x00tus\n");
+        b.push(b"a\rb\n");
+        b.push(b"esc \x1b[A\n");
+        b.push(b"\xc3(\n"); // invalid UTF-8
+        b.push(b"del\x7f\n");
+        b.push("c1 \u{85}\n".as_bytes());
+        b.push(b"tab\tok\n");
+        let mut want = vec![Err(LineError::NotText); 7];
+        want.push(Ok("tab\tok".to_owned()));
+        assert_eq!(lines_of(&mut b), want);
+        assert_eq!(LineError::NotText.to_string(), "not a text line");
+    }
+
+    #[test]
+    fn lines_many_in_one_push() {
+        let mut b = LineBuffer::new(16);
+        let text = "status\n".repeat(10_000);
+        b.push(text.as_bytes());
+        let got = lines_of(&mut b);
+        assert_eq!(got.len(), 10_000);
+        assert!(got.iter().all(|l| l.as_deref() == Ok("status")));
+        // Given-out lines are not kept.
+        b.push(b"x");
+        assert_eq!(b.buf.len(), 1);
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        assert!(!token_matches(b"s3creT", b"s3cret"));
+        assert!(!token_matches(b"s3cre", b"s3cret"));
+        assert!(!token_matches(b"s3crett", b"s3cret"));
+        assert!(!token_matches(b"", b"s3cret"));
+        assert!(!token_matches(b"s3cret\0", b"s3cret"));
+        assert!(!token_matches(b"", b""));
+        assert!(!token_matches(b"x", b""));
+    }
+
+    // Rendering
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            pid: 4242,
+            version: "0.1.0".to_owned(),
+            uptime_secs: 3725.4,
+            config: "/etc/jobhost/jobhost.toml".to_owned(),
+            generation: 3,
+            generations_loaded: 2,
+            last_reload: Some(ReloadReport {
+                at: "2026-11-23T01:02:03Z".to_owned(),
+                ok: true,
+                message: String::new(),
+            }),
+            pools: vec![
+                PoolSnapshot {
+                    name: "echo".to_owned(),
+                    plugin: "echo".to_owned(),
+                    plugin_version: "0.1.0".to_owned(),
+                    mode: "jobs".to_owned(),
+                    workers_wanted: 2,
+                    workers_running: 2,
+                    workers_busy: 1,
+                    jobs_queued: 17,
+                    jobs_running: 1,
+                    jobs_done: 123456,
+                    jobs_failed: 7,
+                    jobs_retried: 3,
+                    restarts: 1,
+                    state: "ok".to_owned(),
+                },
+                PoolSnapshot {
+                    name: "wordcount-long-name".to_owned(),
+                    plugin: "wordcount".to_owned(),
+                    plugin_version: "1.2.3".to_owned(),
+                    mode: "loop".to_owned(),
+                    workers_wanted: 4,
+                    workers_running: 0,
+                    workers_busy: 0,
+                    jobs_queued: 0,
+                    jobs_running: 0,
+                    jobs_done: 0,
+                    jobs_failed: 0,
+                    jobs_retried: 0,
+                    restarts: 12,
+                    state: "backing-off".to_owned(),
+                },
+            ],
+            workers: vec![
+                WorkerSnapshot {
+                    pid: 4250,
+                    pool: "echo".to_owned(),
+                    generation: 3,
+                    state: "busy".to_owned(),
+                    job_age_secs: Some(1.23),
+                    jobs_done: 61000,
+                    rss_bytes: Some(12_900_000),
+                    started: "2026-11-23T01:00:00Z".to_owned(),
+                    age_secs: 302.0,
+                },
+                WorkerSnapshot {
+                    pid: 4251,
+                    pool: "echo".to_owned(),
+                    generation: 2,
+                    state: "draining".to_owned(),
+                    job_age_secs: None,
+                    jobs_done: 5,
+                    rss_bytes: None,
+                    started: "2026-11-22T23:00:00Z".to_owned(),
+                    age_secs: 7322.0,
+                },
+            ],
+        }
+    }
+
+    /// The cells of a table line.
+    fn cells(line: &str) -> Vec<&str> {
+        line.split_whitespace().collect()
+    }
+
+    /// Checks that every column starts (left-aligned) or ends (right-aligned) at the same
+    /// place on every line: the header's words are the columns.
+    fn assert_aligned(lines: &[&str], right: &[bool]) {
+        let header = lines[0];
+        let mut spans = Vec::new();
+        let mut at = 0;
+        for word in header.split_whitespace() {
+            let start = header[at..].find(word).unwrap() + at;
+            spans.push((start, start + word.len()));
+            at = start + word.len();
+        }
+        for line in lines {
+            let mut at = 0;
+            for (i, cell) in line.split_whitespace().enumerate() {
+                let start = line[at..].find(cell).unwrap() + at;
+                let end = start + cell.chars().count();
+                if right[i] {
+                    assert_eq!(end, spans[i].1, "column {i} in {line:?}");
+                } else {
+                    assert_eq!(start, spans[i].0, "column {i} in {line:?}");
+                }
+                at = start + cell.len();
+            }
+        }
+    }
+
+    #[test]
+    fn status_human() {
+        let out = render_status(&snapshot(), false);
+        assert!(out.ends_with("\nOK\n"), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "jobhost 0.1.0, pid 4242, up 1h02m");
+        assert_eq!(lines[1], "config: /etc/jobhost/jobhost.toml");
+        assert_eq!(lines[2], "generation: 3 (2 plugin builds loaded)");
+        assert_eq!(lines[3], "last reload: 2026-11-23T01:02:03Z ok");
+        assert_eq!(lines[4], "");
+        assert_eq!(
+            cells(lines[5]),
+            [
+                "POOL", "STATE", "WORKERS", "BUSY", "QUEUED", "RUNNING", "DONE", "FAILED",
+                "RETRIED", "RESTARTS", "PLUGIN"
+            ]
+        );
+        assert_eq!(
+            cells(lines[6]),
+            ["echo", "ok", "2/2", "1", "17", "1", "123456", "7", "3", "1", "echo", "0.1.0"]
+        );
+        assert_eq!(
+            cells(lines[7]),
+            [
+                "wordcount-long-name",
+                "backing-off",
+                "0/4",
+                "0",
+                "0",
+                "0",
+                "0",
+                "0",
+                "0",
+                "12",
+                "wordcount",
+                "1.2.3"
+            ]
+        );
+        assert_eq!(lines.len(), 9);
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{out}");
+        // The plugin column is "name version": check alignment on the first word only.
+        let table: Vec<String> = lines[5..8]
+            .iter()
+            .map(|l| l.rsplit_once(' ').map_or(*l, |(a, _)| a).to_owned())
+            .collect();
+        let mut table: Vec<&str> = table.iter().map(String::as_str).collect();
+        table[0] = lines[5];
+        let right = [
+            false, false, true, true, true, true, true, true, true, true, false,
+        ];
+        assert_aligned(&table, &right);
+    }
+
+    #[test]
+    fn status_header_variants() {
+        let mut s = snapshot();
+        s.generations_loaded = 1;
+        s.uptime_secs = 42.9;
+        s.last_reload = None;
+        s.pools.clear();
+        let out = render_status(&s, false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "jobhost 0.1.0, pid 4242, up 42s");
+        assert_eq!(lines[2], "generation: 3 (1 plugin build loaded)");
+        assert_eq!(lines[3], "last reload: none");
+        assert_eq!(cells(lines[5])[0], "POOL");
+        assert_eq!(&lines[6..], ["OK"]);
+
+        s.last_reload = Some(ReloadReport {
+            at: "2026-11-23T01:02:03Z".to_owned(),
+            ok: false,
+            message: "pool echo: init failed:\nOK\nboom".to_owned(),
+        });
+        let out = render_status(&s, false);
+        assert!(
+            out.contains(
+                "\nlast reload: 2026-11-23T01:02:03Z FAILED: pool echo: init failed:\\nOK\\nboom\n"
+            ),
+            "{out}"
+        );
+        // Only the last line is a final line.
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.iter().filter(|l| is_final_line(l)).count(),
+            1,
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn status_pool_named_like_the_end_of_a_reply() {
+        let mut s = snapshot();
+        s.pools[0].name = "OK".to_owned();
+        s.pools[1].name = "ERR".to_owned();
+        s.pools[1].plugin = "evil\nOK".to_owned();
+        let out = render_status(&s, false);
+        let lines: Vec<&str> = out.lines().collect();
+        let finals: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.starts_with("OK") || l.starts_with("ERR"))
+            .collect();
+        assert_eq!(finals, [&"OK"], "{out}");
+        assert!(out.contains("evil\\nOK"), "{out}");
+        assert!(lines[5].starts_with(" POOL"), "{out}");
+        assert!(lines[6].starts_with(" OK "), "{out}");
+    }
+
+    #[test]
+    fn status_json() {
+        let s = snapshot();
+        let out = render_status(&s, true);
+        let (doc, rest) = out.split_once('\n').unwrap();
+        assert_eq!(rest, "OK\n");
+        let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["version"], "0.1.0");
+        assert_eq!(v["uptime_secs"], 3725.4);
+        assert_eq!(v["config"], "/etc/jobhost/jobhost.toml");
+        assert_eq!(v["generation"], 3);
+        assert_eq!(v["generations_loaded"], 2);
+        assert_eq!(v["last_reload"]["at"], "2026-11-23T01:02:03Z");
+        assert_eq!(v["last_reload"]["ok"], true);
+        assert_eq!(v["last_reload"]["message"], "");
+        let p = &v["pools"][1];
+        for (key, want) in [
+            ("name", serde_json::json!("wordcount-long-name")),
+            ("plugin", serde_json::json!("wordcount")),
+            ("plugin_version", serde_json::json!("1.2.3")),
+            ("mode", serde_json::json!("loop")),
+            ("workers_wanted", serde_json::json!(4)),
+            ("workers_running", serde_json::json!(0)),
+            ("workers_busy", serde_json::json!(0)),
+            ("jobs_queued", serde_json::json!(0)),
+            ("jobs_running", serde_json::json!(0)),
+            ("jobs_done", serde_json::json!(0)),
+            ("jobs_failed", serde_json::json!(0)),
+            ("jobs_retried", serde_json::json!(0)),
+            ("restarts", serde_json::json!(12)),
+            ("state", serde_json::json!("backing-off")),
+        ] {
+            assert_eq!(p[key], want, "{key}");
+        }
+        assert_eq!(v["pools"][0]["jobs_done"], 123456);
+        assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+
+        // No reload yet, odd text, non-finite numbers: still one line of valid JSON.
+        let mut s = snapshot();
+        s.last_reload = None;
+        s.config = "/tmp/a\nb\u{1b}.toml".to_owned();
+        s.uptime_secs = f64::NAN;
+        let out = render_status(&s, true);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        let (doc, _) = out.split_once('\n').unwrap();
+        let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+        assert!(v["last_reload"].is_null());
+        assert_eq!(v["config"], "/tmp/a\nb\u{1b}.toml");
+        assert!(v["uptime_secs"].is_null());
+    }
+
+    #[test]
+    fn workers_human() {
+        let out = render_workers(&snapshot(), false);
+        assert!(out.ends_with("\nOK\n"), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(
+            cells(lines[0]),
+            ["PID", "POOL", "GEN", "STATE", "JOB-AGE", "JOBS", "RSS", "STARTED"]
+        );
+        assert_eq!(
+            cells(lines[1]),
+            ["4250", "echo", "3", "busy", "1.2s", "61000", "12.3M", "5m02s"]
+        );
+        assert_eq!(
+            cells(lines[2]),
+            ["4251", "echo", "2", "draining", "-", "5", "-", "2h02m"]
+        );
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{out}");
+        assert_aligned(
+            &lines[..3],
+            &[true, false, true, false, true, true, true, true],
+        );
+
+        let mut s = snapshot();
+        s.workers.clear();
+        assert_eq!(
+            render_workers(&s, false),
+            "PID  POOL  GEN  STATE  JOB-AGE  JOBS  RSS  STARTED\nOK\n"
+        );
+    }
+
+    #[test]
+    fn workers_json() {
+        let out = render_workers(&snapshot(), true);
+        let (doc, rest) = out.split_once('\n').unwrap();
+        assert_eq!(rest, "OK\n");
+        let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+        let obj = v.as_object().unwrap();
+        assert_eq!(obj.keys().collect::<Vec<_>>(), ["workers"]);
+        let w = &v["workers"][0];
+        assert_eq!(w["pid"], 4250);
+        assert_eq!(w["pool"], "echo");
+        assert_eq!(w["generation"], 3);
+        assert_eq!(w["state"], "busy");
+        assert_eq!(w["job_age_secs"], 1.23);
+        assert_eq!(w["jobs_done"], 61000);
+        assert_eq!(w["rss_bytes"], 12_900_000);
+        assert_eq!(w["started"], "2026-11-23T01:00:00Z");
+        assert_eq!(w["age_secs"], 302.0);
+        assert!(v["workers"][1]["job_age_secs"].is_null());
+        assert!(v["workers"][1]["rss_bytes"].is_null());
+    }
+
+    #[test]
+    fn human_numbers() {
+        assert_eq!(duration(0.0), "0s");
+        assert_eq!(duration(-5.0), "0s");
+        assert_eq!(duration(f64::NAN), "0s");
+        assert_eq!(duration(59.99), "59s");
+        assert_eq!(duration(60.0), "1m00s");
+        assert_eq!(duration(302.0), "5m02s");
+        assert_eq!(duration(3599.0), "59m59s");
+        assert_eq!(duration(3720.0), "1h02m");
+        assert_eq!(duration(86399.0), "23h59m");
+        assert_eq!(duration(2.0 * 86400.0 + 3.0 * 3600.0), "2d03h");
+        assert_eq!(duration(f64::INFINITY), duration(u64::MAX as f64));
+
+        assert_eq!(job_age(0.0), "0.0s");
+        assert_eq!(job_age(1.23), "1.2s");
+        assert_eq!(job_age(59.9), "59.9s");
+        assert_eq!(job_age(59.97), "1m00s");
+        assert_eq!(job_age(125.0), "2m05s");
+        assert_eq!(job_age(f64::NAN), "0.0s");
+
+        assert_eq!(size(0), "0B");
+        assert_eq!(size(1023), "1023B");
+        assert_eq!(size(1024), "1.0K");
+        assert_eq!(size(12_900_000), "12.3M");
+        assert_eq!(size(1024 * 1024 - 1), "1.0M");
+        assert_eq!(size(3 << 30), "3.0G");
+        assert_eq!(size(u64::MAX), "16384.0P");
+    }
+}

@@ -1,0 +1,538 @@
+//! The master's side of the admin interface: the admin listeners (a Unix socket, mode 0600 by
+//! default, and an optional TCP port that requires `auth <token>` first), their connections,
+//! and what each command does to the running master.
+//!
+//! Parsing and rendering live in `crate::admin` (pure); this module owns the effects. It never
+//! blocks: connections are non-blocking and driven by the master's epoll loop, and a bad line
+//! costs only its own connection.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Instant, SystemTime};
+
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+
+use super::{Master, MasterError, Phase, KIND_SHIFT};
+use crate::admin::{
+    self, Command, LineBuffer, LineError, PoolSnapshot, Snapshot, Target, WorkerSnapshot,
+};
+use crate::config::PoolMode;
+
+/// Longest admin line accepted.
+const MAX_LINE: usize = 4096;
+/// An admin client that does not read its replies is dropped past this much output.
+const MAX_ADMIN_OUT: usize = 4 << 20;
+
+pub(super) const KIND_ADMIN: u64 = 3;
+pub(super) const TOKEN_ADMIN_UNIX: u64 = 2;
+pub(super) const TOKEN_ADMIN_TCP: u64 = 3;
+
+pub(super) enum AdminStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AdminStream {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            AdminStream::Unix(s) => s.as_fd(),
+            AdminStream::Tcp(s) => s.as_fd(),
+        }
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            AdminStream::Unix(s) => s.read(buf),
+            AdminStream::Tcp(s) => s.read(buf),
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            AdminStream::Unix(s) => s.write(buf),
+            AdminStream::Tcp(s) => s.write(buf),
+        }
+    }
+}
+
+pub(super) struct AdminConn {
+    stream: AdminStream,
+    lines: LineBuffer,
+    out: Vec<u8>,
+    /// TCP sessions must `auth` first; Unix ones are trusted by the socket's permissions.
+    authed: bool,
+    /// Close once the output is written (quit, bad input).
+    closing: bool,
+    wants_write: bool,
+}
+
+/// The admin listeners, bound at start-up.
+pub(super) struct AdminListeners {
+    pub unix: UnixListener,
+    pub tcp: Option<TcpListener>,
+    /// The token a TCP session must offer, read from `admin.token_file` at start-up.
+    pub token: Option<Vec<u8>>,
+}
+
+impl AdminListeners {
+    pub fn bind(config: &crate::config::AdminConfig) -> Result<AdminListeners, MasterError> {
+        let unix = crate::server::bind(&config.socket, config.socket_mode)?;
+        let (tcp, token) = match config.tcp {
+            None => (None, None),
+            Some(addr) => {
+                let file = config.token_file.as_ref().ok_or_else(|| MasterError::Os {
+                    context: "admin.tcp needs admin.token_file".into(),
+                    source: io::Error::from(io::ErrorKind::InvalidInput),
+                })?;
+                let token = std::fs::read_to_string(file).map_err(|source| MasterError::Os {
+                    context: format!("cannot read admin.token_file {}", file.display()),
+                    source,
+                })?;
+                let token = token.trim().as_bytes().to_vec();
+                if token.len() < 16 {
+                    return Err(MasterError::Os {
+                        context: format!(
+                            "admin.token_file {} holds a token under 16 bytes",
+                            file.display()
+                        ),
+                        source: io::Error::from(io::ErrorKind::InvalidData),
+                    });
+                }
+                let listener = TcpListener::bind(addr).map_err(|source| MasterError::Os {
+                    context: format!("cannot listen on admin.tcp {addr}"),
+                    source,
+                })?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|source| MasterError::Os {
+                        context: "admin.tcp".into(),
+                        source,
+                    })?;
+                log::info!("admin interface also on tcp {addr} (auth required)");
+                (Some(listener), Some(token))
+            }
+        };
+        log::info!("admin interface on {}", config.socket.display());
+        Ok(AdminListeners { unix, tcp, token })
+    }
+}
+
+impl Master {
+    pub(super) fn admin_accept(&mut self, tcp: bool) {
+        loop {
+            let Some(listeners) = &self.admin else { return };
+            let accepted = if tcp {
+                match &listeners.tcp {
+                    Some(l) => l.accept().map(|(s, _)| AdminStream::Tcp(s)),
+                    None => return,
+                }
+            } else {
+                listeners.unix.accept().map(|(s, _)| AdminStream::Unix(s))
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("admin accept: {e}");
+                    return;
+                }
+            };
+            let nonblocking = match &stream {
+                AdminStream::Unix(s) => s.set_nonblocking(true),
+                AdminStream::Tcp(s) => s.set_nonblocking(true),
+            };
+            if nonblocking.is_err() {
+                continue;
+            }
+            let id = self.next_client_id;
+            self.next_client_id += 1;
+            let token = (KIND_ADMIN << KIND_SHIFT) | id;
+            if self
+                .epoll()
+                .add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .is_err()
+            {
+                continue;
+            }
+            let conn = AdminConn {
+                stream,
+                lines: LineBuffer::new(MAX_LINE),
+                out: Vec::new(),
+                authed: !tcp,
+                closing: false,
+                wants_write: false,
+            };
+            self.admins.insert(id, conn);
+        }
+    }
+
+    pub(super) fn admin_event(&mut self, id: u64, flags: EpollFlags) {
+        let Some(conn) = self.admins.get_mut(&id) else {
+            return;
+        };
+        let mut closed = false;
+        if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+            && !conn.closing
+        {
+            loop {
+                match conn.stream.read(&mut self.scratch[..MAX_LINE * 2]) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => conn.lines.push(&self.scratch[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+                // Stop reading a session that floods us until its lines are handled.
+                if conn.out.len() > MAX_ADMIN_OUT {
+                    break;
+                }
+            }
+        }
+        // Handle every complete line, in order.
+        loop {
+            let Some(conn) = self.admins.get_mut(&id) else {
+                return;
+            };
+            if conn.closing {
+                break;
+            }
+            let line = match conn.lines.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = match e {
+                        LineError::TooLong(max) => format!("line over {max} bytes; closing"),
+                        LineError::NotText => "not a text line; closing".to_string(),
+                    };
+                    conn.out
+                        .extend_from_slice(format!("ERR {reason}\n").as_bytes());
+                    conn.closing = true;
+                    break;
+                }
+            };
+            let reply = self.admin_line(id, &line);
+            if let Some(conn) = self.admins.get_mut(&id) {
+                conn.out.extend_from_slice(reply.as_bytes());
+            }
+        }
+        if closed {
+            if let Some(conn) = self.admins.get_mut(&id) {
+                conn.closing = true;
+            }
+        }
+        self.admin_flush(id);
+    }
+
+    /// Runs one admin line; returns the whole reply, ending with `OK` or `ERR …`.
+    fn admin_line(&mut self, id: u64, line: &str) -> String {
+        let command = match admin::parse(line) {
+            Ok(command) => command,
+            Err(reason) => return format!("ERR {reason}\n"),
+        };
+        let authed = self.admins.get(&id).is_some_and(|c| c.authed);
+        if !authed {
+            return match command {
+                Command::Auth { token } => {
+                    let expected = self
+                        .admin
+                        .as_ref()
+                        .and_then(|a| a.token.clone())
+                        .unwrap_or_default();
+                    if admin::token_matches(token.as_bytes(), &expected) {
+                        if let Some(conn) = self.admins.get_mut(&id) {
+                            conn.authed = true;
+                        }
+                        "OK\n".into()
+                    } else {
+                        log::warn!("admin: a TCP session offered a wrong token; closing it");
+                        if let Some(conn) = self.admins.get_mut(&id) {
+                            conn.closing = true;
+                        }
+                        "ERR wrong token\n".into()
+                    }
+                }
+                Command::Quit => self.admin_quit(id),
+                _ => "ERR authenticate first: auth <token>\n".into(),
+            };
+        }
+        // The parsed command, not the raw line: its Debug hides an `auth` token.
+        log::info!("admin: {command:?}");
+        match command {
+            Command::Help => admin::help(),
+            Command::Auth { .. } => "OK\n".into(),
+            Command::Status { json } => admin::render_status(&self.snapshot(), json),
+            Command::Workers { json } => admin::render_workers(&self.snapshot(), json),
+            Command::Scale { pool, workers } => self.admin_scale(&pool, workers),
+            Command::Restart { target } => self.admin_restart(target),
+            Command::Stop { pool } => self.admin_stop(&pool),
+            Command::Start { pool } => self.admin_start(&pool),
+            Command::Reload => "ERR reload is not available in this version yet: restart the master to load a new config\n".into(),
+            Command::Shutdown { now } => {
+                if now {
+                    self.handle_quit();
+                } else {
+                    self.handle_stop(nix::sys::signal::Signal::SIGTERM);
+                }
+                "OK\n".into()
+            }
+            Command::Quit => self.admin_quit(id),
+        }
+    }
+
+    fn admin_quit(&mut self, id: u64) -> String {
+        if let Some(conn) = self.admins.get_mut(&id) {
+            conn.closing = true;
+        }
+        "OK\n".into()
+    }
+
+    fn pool_named(&self, name: &str) -> Result<usize, String> {
+        self.pool_index.get(name).copied().ok_or_else(|| {
+            let names: Vec<&str> = self.pools.iter().map(|p| p.config.name.as_str()).collect();
+            format!("ERR no pool {name:?} (pools: {})\n", names.join(", "))
+        })
+    }
+
+    fn running_or_err(&self) -> Result<(), String> {
+        match self.phase {
+            Phase::Running => Ok(()),
+            Phase::Stopping { .. } => Err("ERR the master is shutting down\n".into()),
+        }
+    }
+
+    /// `scale POOL N`: want N workers; extra ones finish their job and leave, idle ones first.
+    fn admin_scale(&mut self, name: &str, workers: usize) -> String {
+        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
+            Ok(idx) => idx,
+            Err(e) => return e,
+        };
+        if self.pools[idx].config.mode == PoolMode::Loop && self.pools[idx].stopped && workers > 0 {
+            self.pools[idx].stopped = false;
+        }
+        let before = self.pools[idx].wanted;
+        self.pools[idx].wanted = workers;
+        self.trim_pool(idx);
+        format!("pool {name}: {before} -> {workers} workers\nOK\n")
+    }
+
+    /// Stops (gracefully) the workers of pool `idx` beyond its wanted count, idle ones first.
+    pub(super) fn trim_pool(&mut self, idx: usize) {
+        let mut live: Vec<(usize, std::cmp::Reverse<Instant>, u64)> = self
+            .workers
+            .values()
+            .filter(|w| w.pool == idx && !w.draining())
+            .map(|w| (w.in_flight.len(), std::cmp::Reverse(w.started), w.id))
+            .collect();
+        let extra = live.len().saturating_sub(self.pools[idx].wanted);
+        live.sort();
+        let deadline = Instant::now() + self.config.host.graceful_timeout;
+        for (_, _, id) in live.into_iter().take(extra) {
+            self.stop_worker(id, deadline);
+        }
+    }
+
+    /// `restart POOL|all`: every current worker finishes its job and is replaced; the
+    /// replacements start at once (draining workers do not count), so jobs keep flowing.
+    fn admin_restart(&mut self, target: Target) -> String {
+        if let Err(e) = self.running_or_err() {
+            return e;
+        }
+        let pools: Vec<usize> = match &target {
+            Target::All => (0..self.pools.len()).collect(),
+            Target::Pool(name) => match self.pool_named(name) {
+                Ok(idx) => vec![idx],
+                Err(e) => return e,
+            },
+        };
+        let deadline = Instant::now() + self.config.host.graceful_timeout;
+        let mut replaced = 0;
+        for &idx in &pools {
+            let pool = &mut self.pools[idx];
+            pool.stopped = false;
+            pool.backoff.reset();
+            let ids: Vec<u64> = self
+                .workers
+                .values()
+                .filter(|w| w.pool == idx && !w.draining())
+                .map(|w| w.id)
+                .collect();
+            replaced += ids.len();
+            for id in ids {
+                self.stop_worker(id, deadline);
+            }
+        }
+        format!(
+            "restarting {replaced} worker(s) in {} pool(s)\nOK\n",
+            pools.len()
+        )
+    }
+
+    /// `stop POOL`: its workers finish their job and leave; none are started until `start`.
+    /// Its queue is kept (bounded by max_queue): the jobs run after `start`.
+    fn admin_stop(&mut self, name: &str) -> String {
+        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
+            Ok(idx) => idx,
+            Err(e) => return e,
+        };
+        self.pools[idx].stopped = true;
+        let deadline = Instant::now() + self.config.host.graceful_timeout;
+        let ids: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.pool == idx)
+            .map(|w| w.id)
+            .collect();
+        let n = ids.len();
+        for id in ids {
+            self.stop_worker(id, deadline);
+        }
+        format!("pool {name}: stopping {n} worker(s)\nOK\n")
+    }
+
+    /// `start POOL`: undo `stop` (or a loop plugin's Stop, or a failing state).
+    fn admin_start(&mut self, name: &str) -> String {
+        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
+            Ok(idx) => idx,
+            Err(e) => return e,
+        };
+        let pool = &mut self.pools[idx];
+        pool.stopped = false;
+        pool.backoff.reset();
+        format!(
+            "pool {name}: starting, {} worker(s) wanted\nOK\n",
+            pool.wanted
+        )
+    }
+
+    pub(super) fn admin_flush(&mut self, id: u64) {
+        let Some(conn) = self.admins.get_mut(&id) else {
+            return;
+        };
+        let mut written = 0;
+        let mut dead = false;
+        while written < conn.out.len() {
+            match conn.stream.write(&conn.out[written..]) {
+                Ok(0) => {
+                    dead = true;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    dead = true;
+                    break;
+                }
+            }
+        }
+        conn.out.drain(..written);
+        if dead || (conn.closing && conn.out.is_empty()) || conn.out.len() > MAX_ADMIN_OUT {
+            return self.drop_admin(id);
+        }
+        let wants_write = !conn.out.is_empty();
+        if wants_write != conn.wants_write {
+            conn.wants_write = wants_write;
+            let flags = if wants_write {
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            let mut event = EpollEvent::new(flags, (KIND_ADMIN << KIND_SHIFT) | id);
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.modify(conn.stream.fd(), &mut event);
+            }
+        }
+    }
+
+    pub(super) fn drop_admin(&mut self, id: u64) {
+        if let Some(conn) = self.admins.remove(&id) {
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.delete(conn.stream.fd());
+            }
+        }
+    }
+
+    /// A consistent view of the master for `status` and `workers`.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let rfc3339 = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let pools = self
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(idx, pool)| {
+                let of_pool = || self.workers.values().filter(move |w| w.pool == idx);
+                let running = of_pool().filter(|w| !w.draining()).count();
+                let busy = of_pool().filter(|w| !w.in_flight.is_empty()).count();
+                PoolSnapshot {
+                    name: pool.config.name.clone(),
+                    plugin: pool.plugin.clone(),
+                    plugin_version: pool.plugin_version.clone(),
+                    mode: if pool.config.mode == PoolMode::Loop {
+                        "loop"
+                    } else {
+                        "jobs"
+                    }
+                    .into(),
+                    workers_wanted: pool.wanted,
+                    workers_running: running,
+                    workers_busy: busy,
+                    jobs_queued: pool.queue.len(),
+                    jobs_running: busy,
+                    jobs_done: pool.stats.done,
+                    jobs_failed: pool.stats.failed,
+                    jobs_retried: pool.stats.retried,
+                    restarts: pool.stats.restarts,
+                    state: pool.state(now).as_str().into(),
+                }
+            })
+            .collect();
+        let mut workers: Vec<WorkerSnapshot> = self
+            .workers
+            .values()
+            .map(|w| {
+                let age = now.saturating_duration_since(w.started);
+                WorkerSnapshot {
+                    pid: w.pid.as_raw(),
+                    pool: self.pools[w.pool].config.name.clone(),
+                    generation: w.generation,
+                    state: if w.draining() {
+                        "draining"
+                    } else if w.in_flight.is_empty() {
+                        "idle"
+                    } else {
+                        "busy"
+                    }
+                    .into(),
+                    job_age_secs: w
+                        .head_started
+                        .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    jobs_done: w.jobs_done,
+                    rss_bytes: crate::sys::rss_of(w.pid).ok(),
+                    started: rfc3339(wall.checked_sub(age).unwrap_or(wall)),
+                    age_secs: age.as_secs_f64(),
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| (&a.pool, a.pid).cmp(&(&b.pool, b.pid)));
+        Snapshot {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
+            config: self.config.path.display().to_string(),
+            generation: self.generation,
+            generations_loaded: self.registry.loaded().count(),
+            last_reload: None,
+            pools,
+            workers,
+        }
+    }
+}
