@@ -40,6 +40,13 @@ pub enum Command {
     },
     /// Submit jobs: one PAYLOAD, or one job per stdin line with results in input order.
     Submit(crate::submit::SubmitArgs),
+    /// Ask the running master to reload its config and plugins; exit 1 with the reason if it
+    /// refused (nothing changed then).
+    Reload {
+        /// The config file (the master re-reads its own copy of this path).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Send one admin command to a running master and print the reply (exit 1 on ERR).
     Ctl(crate::ctl::CtlArgs),
     /// Work with plugin files.
@@ -68,6 +75,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Check { config } => check(&config),
         Command::Submit(args) => crate::submit::run(args),
         Command::Ctl(args) => crate::ctl::run(args),
+        Command::Reload { config } => reload(&config),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
     }
 }
@@ -121,6 +129,18 @@ fn check(path: &Path) -> CliResult {
 
 fn in_pool(pool: &str, e: PluginError) -> String {
     format!("pool {pool}: {e}")
+}
+
+/// `jobhost reload -c FILE`: the admin `reload` command, waiting as long as the plugins' `init`
+/// may take in their probes.
+fn reload(path: &Path) -> CliResult {
+    let config = Config::load(path)?;
+    let wait = config.host.init_timeout * (config.pools.len() as u32 + 1)
+        + std::time::Duration::from_secs(30);
+    let reply = crate::ctl::exchange(&config.admin.socket, "reload", wait)?;
+    let stdout = &mut std::io::stdout();
+    let stderr = &mut std::io::stderr();
+    Ok(crate::ctl::print_reply(&reply, stdout, stderr)?)
 }
 
 /// `jobhost plugin inspect FILE.so...`: each file is probed in its own child.

@@ -270,8 +270,13 @@ impl Registry {
             source: e,
         })?;
         let hash = ContentHash::of(&bytes);
-        if let Some(loaded) = self.loaded.get(&hash) {
-            // Already mapped; new settings still get their init tried in a probe first.
+        if let Some(loaded) = self.loaded.get_mut(&hash) {
+            // Already mapped. Its private copy may have been deleted when nothing used it:
+            // the probe needs the file, so write it again.
+            if !loaded.private.exists() {
+                loaded.private = write_private_copy(&self.private_dir, source, &bytes, &hash)?;
+            }
+            // New settings still get their init tried in a probe first.
             if !probe_settings.is_empty() {
                 probe(&loaded.private, probe_settings, init_timeout)
                     .map_err(|e| rename_path(e, &loaded.private, source))?;
@@ -281,7 +286,7 @@ impl Registry {
                 ..loaded.clone()
             });
         }
-        let private = self.write_private_copy(source, &bytes, &hash)?;
+        let private = write_private_copy(&self.private_dir, source, &bytes, &hash)?;
         // Errors from here on name the user's file, not our copy of it.
         let rename = |e: PluginError| rename_path(e, &private, source);
         probe(&private, probe_settings, init_timeout).map_err(rename)?;
@@ -297,47 +302,59 @@ impl Registry {
         Ok(loaded)
     }
 
+    /// Deletes the private copies of every build not in `in_use`. The builds stay mapped in
+    /// this process (abi_stable never unloads); only the files go. Returns the paths deleted.
+    pub fn delete_unused(&self, in_use: &[ContentHash]) -> Vec<PathBuf> {
+        let mut deleted = Vec::new();
+        for (hash, loaded) in &self.loaded {
+            if !in_use.contains(hash) && fs::remove_file(&loaded.private).is_ok() {
+                deleted.push(loaded.private.clone());
+            }
+        }
+        deleted
+    }
+
     /// Every build loaded so far (they stay mapped for the life of the process).
     pub fn loaded(&self) -> impl Iterator<Item = &Loaded> {
         self.loaded.values()
     }
+}
 
-    fn write_private_copy(
-        &self,
-        source: &Path,
-        bytes: &[u8],
-        hash: &ContentHash,
-    ) -> Result<PathBuf, PluginError> {
-        let stem = source
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".so"))
-            .map(|n| n.strip_prefix("lib").unwrap_or(n))
-            .unwrap_or("plugin");
-        let private = self.private_dir.join(format!("{stem}-{}.so", hash.short()));
-        if private.exists() {
-            // Same name means same content hash: a copy from an earlier load or run.
-            return Ok(private);
-        }
-        let tmp = self
-            .private_dir
-            .join(format!("{stem}-{}.so.tmp", hash.short()));
-        let io = |source| PluginError::Io {
-            context: format!("cannot write private plugin copy {}", tmp.display()),
-            source,
-        };
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o700)
-            .open(&tmp)
-            .map_err(io)?;
-        file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        fs::rename(&tmp, &private).map_err(io)?;
-        Ok(private)
+/// Copies a plugin's bytes to `dir/<name>-<hash>.so` (via `.tmp` and a rename), unless that
+/// file is already there: same name means same content.
+fn write_private_copy(
+    dir: &Path,
+    source: &Path,
+    bytes: &[u8],
+    hash: &ContentHash,
+) -> Result<PathBuf, PluginError> {
+    let stem = source
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".so"))
+        .map(|n| n.strip_prefix("lib").unwrap_or(n))
+        .unwrap_or("plugin");
+    let private = dir.join(format!("{stem}-{}.so", hash.short()));
+    if private.exists() {
+        // Same name means same content hash: a copy from an earlier load or run.
+        return Ok(private);
     }
+    let tmp = dir.join(format!("{stem}-{}.so.tmp", hash.short()));
+    let io = |source| PluginError::Io {
+        context: format!("cannot write private plugin copy {}", tmp.display()),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o700)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    fs::rename(&tmp, &private).map_err(io)?;
+    Ok(private)
 }
 
 /// Replaces `from` by `to` in an error's path, so messages name the file the user knows.

@@ -241,11 +241,14 @@ fn the_tcp_port_wants_the_token_first() {
         lines
             .iter()
             .map(|l| {
-                stream.write_all(format!("{l}\r\n").as_bytes()).unwrap();
+                if stream.write_all(format!("{l}\r\n").as_bytes()).is_err() {
+                    return String::new();
+                }
                 let mut reply = String::new();
                 loop {
                     let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap() == 0 {
+                    // EOF, or a reset when the master closed with our next line unread.
+                    if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
                         return reply;
                     }
                     reply.push_str(&line);

@@ -8,6 +8,7 @@ mod job_server;
 mod loop_mode;
 mod plugin_inspect;
 mod plugin_loading;
+mod reload;
 mod resources;
 mod shutdown;
 mod submit_command;

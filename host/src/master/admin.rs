@@ -273,7 +273,12 @@ impl Master {
             Command::Restart { target } => self.admin_restart(target),
             Command::Stop { pool } => self.admin_stop(&pool),
             Command::Start { pool } => self.admin_start(&pool),
-            Command::Reload => "ERR reload is not available in this version yet: restart the master to load a new config\n".into(),
+            Command::Reload => match self.reload() {
+                Ok(summary) => format!("{summary}\nOK\n"),
+                Err(reason) => {
+                    crate::admin::err_reply(&format!("reload failed, nothing changed: {reason}"))
+                }
+            },
             Command::Shutdown { now } => {
                 if now {
                     self.handle_quit();
@@ -530,7 +535,7 @@ impl Master {
             config: self.config.path.display().to_string(),
             generation: self.generation,
             generations_loaded: self.registry.loaded().count(),
-            last_reload: None,
+            last_reload: self.last_reload.clone(),
             pools,
             workers,
         }

@@ -21,6 +21,7 @@
 
 mod admin;
 mod pool;
+mod reload;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -145,6 +146,8 @@ struct Worker {
     pid: Pid,
     pool: usize,
     generation: u64,
+    /// The plugin build it was forked with (its private copy is kept while it lives).
+    hash: crate::plugins::ContentHash,
     channel: UnixStream,
     reader: FrameReader,
     out: Vec<u8>,
@@ -199,6 +202,7 @@ pub struct Master {
     admin: Option<admin::AdminListeners>,
     admins: HashMap<u64, admin::AdminConn>,
     started: Instant,
+    last_reload: Option<crate::admin::ReloadReport>,
     accept_paused_until: Option<Instant>,
     epoll: Option<Epoll>,
     signals: Option<SignalPipe>,
@@ -242,7 +246,12 @@ impl Master {
                     "jobs"
                 }
             );
-            pools.push(Pool::new(pool.clone(), instance, &loaded.info));
+            pools.push(Pool::new(
+                pool.clone(),
+                instance,
+                &loaded.info,
+                loaded.library.hash,
+            ));
         }
         let pool_index = pools
             .iter()
@@ -308,6 +317,7 @@ impl Master {
             admin: Some(admin),
             admins: HashMap::new(),
             started: Instant::now(),
+            last_reload: None,
             accept_paused_until: None,
             epoll: Some(epoll),
             signals: Some(signals),
@@ -496,6 +506,7 @@ impl Master {
         if matches!(self.phase, Phase::Running) && !pool.stopped {
             pool.stats.restarts += 1;
         }
+        self.delete_unused_copies();
     }
 
     /// The job's worker died while running it: retry it elsewhere, or fail it for good.
@@ -550,9 +561,8 @@ impl Master {
                 Signal::SIGTTOU => (0..times).for_each(|_| self.handle_ttou()),
                 Signal::SIGUSR1 => self.handle_usr1(),
                 Signal::SIGHUP => {
-                    log::warn!(
-                        "SIGHUP: reloading is not available in this version; nothing changed"
-                    )
+                    // The outcome is logged and kept for `status` by reload() itself.
+                    let _ = self.reload();
                 }
                 Signal::SIGCHLD => {} // reap() already ran
                 _ => {}
@@ -1028,6 +1038,7 @@ impl Master {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
+        self.retire_pools();
         let now = Instant::now();
         for idx in 0..self.pools.len() {
             if self.pools[idx].stopped {
@@ -1068,12 +1079,22 @@ impl Master {
         .map_err(os("socketpair"))?;
         let id = self.next_worker_id;
         self.next_worker_id += 1;
+        // Block every signal across fork: a signal that reached the child before it installed
+        // its own handlers would run the master's (inherited) one and be lost. The child
+        // unblocks once its handlers are in place, so such a signal is delivered, not lost.
+        let mask = nix::sys::signal::SigSet::all()
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .map_err(os("sigprocmask"))?;
         // SAFETY: the master has one thread; the child only runs `become_worker`, which never
         // returns into the master's code.
-        match unsafe { fork() }.map_err(os("fork"))? {
+        let forked = unsafe { fork() };
+        if let Ok(ForkResult::Parent { .. }) | Err(_) = forked {
+            let _ = mask.thread_set_mask();
+        }
+        match forked.map_err(os("fork"))? {
             ForkResult::Child => {
                 drop(ours);
-                self.become_worker(idx, theirs)
+                self.become_worker(idx, theirs, mask)
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
@@ -1100,6 +1121,7 @@ impl Master {
                         pid: child,
                         pool: idx,
                         generation: self.generation,
+                        hash: self.pools[idx].hash,
                         channel,
                         reader: FrameReader::new(usize::MAX / 2),
                         out: Vec::new(),
@@ -1119,7 +1141,12 @@ impl Master {
 
     /// In the forked child: close everything that belongs to the master and to other workers,
     /// give signals back their defaults, and run the worker. Never returns.
-    fn become_worker(&mut self, idx: usize, channel: OwnedFd) -> ! {
+    fn become_worker(
+        &mut self,
+        idx: usize,
+        channel: OwnedFd,
+        sigmask: nix::sys::signal::SigSet,
+    ) -> ! {
         if let Some(signals) = self.signals.take() {
             signals.reset_in_child();
         }
@@ -1141,6 +1168,7 @@ impl Master {
             generation: self.generation,
             channel,
             master: self.pid,
+            sigmask,
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),

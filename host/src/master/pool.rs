@@ -51,6 +51,10 @@ pub struct Pool {
     /// The plugin's name and version, for `status`.
     pub plugin: String,
     pub plugin_version: String,
+    /// The plugin build its instance comes from.
+    pub hash: crate::plugins::ContentHash,
+    /// Removed from the config by a reload: takes no new jobs, drains its queue, then stops.
+    pub retiring: bool,
     /// The plugin instance `init`ed in the master; workers fork with a copy of it.
     pub instance: Option<PluginInstance>,
     pub wanted: usize,
@@ -61,8 +65,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, instance: PluginInstance, info: &crate::plugins::Info) -> Pool {
+    pub fn new(
+        config: PoolConfig,
+        instance: PluginInstance,
+        info: &crate::plugins::Info,
+        hash: crate::plugins::ContentHash,
+    ) -> Pool {
         Pool {
+            hash,
+            retiring: false,
             plugin: info.name.clone(),
             plugin_version: info.version.clone(),
             wanted: config.workers,

@@ -108,6 +108,9 @@ pub struct Assignment {
     pub channel: OwnedFd,
     /// The master's pid, to notice a master that died before PR_SET_PDEATHSIG was set.
     pub master: Pid,
+    /// The signal mask to restore once this worker's handlers are installed (the master
+    /// blocks every signal across fork).
+    pub sigmask: nix::sys::signal::SigSet,
 }
 
 /// The worker's own state, changed by signal callbacks between jobs.
@@ -145,12 +148,15 @@ fn setup(assignment: &Assignment) -> nix::Result<SignalPipe> {
     // A terminal's Ctrl-C reaches the master only; the master decides what workers do.
     nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
     signals::ignore(&[Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU])?;
-    SignalPipe::install(&[
+    let pipe = SignalPipe::install(&[
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGQUIT,
         Signal::SIGUSR1,
-    ])
+    ])?;
+    // Handlers in place: whatever arrived since the fork is delivered to them now.
+    assignment.sigmask.thread_set_mask()?;
+    Ok(pipe)
 }
 
 fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPipe) -> WorkerExit {
