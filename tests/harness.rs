@@ -448,3 +448,12 @@ impl AdminSession {
         }
     }
 }
+
+/// True while `pid` is blocked in nanosleep/clock_nanosleep — a `sleep` job is running in it
+/// (an idle worker blocks in poll instead). From /proc/PID/syscall.
+pub fn in_sleep_job(pid: i32) -> bool {
+    const NANOSLEEP: &str = "35 ";
+    const CLOCK_NANOSLEEP: &str = "230 ";
+    fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .is_ok_and(|s| s.starts_with(NANOSLEEP) || s.starts_with(CLOCK_NANOSLEEP))
+}

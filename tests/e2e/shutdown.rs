@@ -4,17 +4,8 @@
 use std::time::Duration;
 
 use jobhost::protocol::Status;
-use jobhost_e2e::{config_with, is_alive, wait_until, Env, SOON};
+use jobhost_e2e::{config_with, in_sleep_job, is_alive, wait_until, Env, SOON};
 use nix::sys::signal::Signal;
-
-/// The syscall a process is blocked in (/proc/PID/syscall), e.g. 230 = clock_nanosleep.
-fn blocked_in(pid: i32) -> Option<i64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
-}
-
-const NANOSLEEP: i64 = 35;
-const CLOCK_NANOSLEEP: i64 = 230;
 
 #[test]
 fn sigterm_lets_the_running_job_finish_answers_the_queue_and_exits_0() {
@@ -28,9 +19,7 @@ fn sigterm_lets_the_running_job_finish_answers_the_queue_and_exits_0() {
     client.send(1, "s", b"1500").unwrap();
     client.send(2, "s", b"10").unwrap(); // queued behind the first: never started
     client.flush().unwrap();
-    wait_until("the job to be running", SOON, || {
-        matches!(blocked_in(workers[0]), Some(NANOSLEEP | CLOCK_NANOSLEEP))
-    });
+    wait_until("the job to be running", SOON, || in_sleep_job(workers[0]));
     master.signal(Signal::SIGTERM);
     let mut results = [client.recv().unwrap(), client.recv().unwrap()];
     results.sort_by_key(|r| r.id);
@@ -70,9 +59,7 @@ fn a_job_submitted_while_stopping_is_rejected() {
     let mut client = master.client();
     client.send(1, "s", b"1500").unwrap();
     client.flush().unwrap();
-    wait_until("the job to be running", SOON, || {
-        matches!(blocked_in(workers[0]), Some(NANOSLEEP | CLOCK_NANOSLEEP))
-    });
+    wait_until("the job to be running", SOON, || in_sleep_job(workers[0]));
     master.signal(Signal::SIGTERM);
     master.wait_for_log("SIGTERM: graceful stop", SOON);
     let late = client.call("s", b"1").unwrap();
@@ -96,9 +83,7 @@ fn sigquit_stops_at_once_and_fails_the_running_job() {
     client.send(1, "s", b"60000").unwrap();
     client.flush().unwrap();
     wait_until("the job to be running", SOON, || {
-        workers
-            .iter()
-            .any(|w| matches!(blocked_in(*w), Some(NANOSLEEP | CLOCK_NANOSLEEP)))
+        workers.iter().any(|w| in_sleep_job(*w))
     });
     master.signal(Signal::SIGQUIT);
     let result = client.recv().unwrap();
