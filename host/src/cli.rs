@@ -31,6 +31,12 @@ pub enum Command {
         /// The config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Detach from the terminal once the plugins are loaded and the sockets bound.
+        #[arg(long)]
+        daemon: bool,
+        /// The pidfile (default: host.pidfile, `jobhost.pid` in runtime_dir).
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
     },
     /// Validate a config and load + init every plugin it names, in a child process.
     Check {
@@ -68,8 +74,12 @@ pub type CliResult = Result<ExitCode, Box<dyn Error>>;
 
 pub fn run(cli: Cli) -> CliResult {
     match cli.command {
-        Command::Run { config } => {
-            crate::master::run(&config)?;
+        Command::Run {
+            config,
+            daemon,
+            pidfile,
+        } => {
+            crate::master::run(&config, crate::master::RunOptions { daemon, pidfile })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),

@@ -12,6 +12,7 @@
 //! - [`server`]: the job socket and its client connections.
 //! - [`protocol`]: the binary frames on every socket.
 //! - [`signals`]: signals as counted events on a self-pipe.
+//! - [`daemon`]: the locked pidfile and detaching (`--daemon`).
 //! - [`logging`]: the host's log (pid and role on every line).
 //! - [`sys`]: RSS, PSS and available memory from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod ctl;
+pub mod daemon;
 pub mod logging;
 pub mod master;
 pub mod plugins;

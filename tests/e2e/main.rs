@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod check_config;
+mod daemon;
 mod job_server;
 mod loop_mode;
 mod plugin_inspect;

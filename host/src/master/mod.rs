@@ -203,6 +203,8 @@ pub struct Master {
     admins: HashMap<u64, admin::AdminConn>,
     started: Instant,
     last_reload: Option<crate::admin::ReloadReport>,
+    /// Held (locked) while the master runs; removed on a clean exit.
+    pidfile: Option<crate::daemon::Pidfile>,
     accept_paused_until: Option<Instant>,
     epoll: Option<Epoll>,
     signals: Option<SignalPipe>,
@@ -318,6 +320,7 @@ impl Master {
             admins: HashMap::new(),
             started: Instant::now(),
             last_reload: None,
+            pidfile: None,
             accept_paused_until: None,
             epoll: Some(epoll),
             signals: Some(signals),
@@ -1154,6 +1157,8 @@ impl Master {
         self.listener = None;
         self.admin = None;
         self.admins.clear();
+        // Closes our copy of the lock fd; the master's lock stays (no unlock here).
+        self.pidfile = None;
         self.clients.clear();
         self.workers.clear(); // other workers' socketpairs
         let mut instance = self.pools[idx].instance.take();
@@ -1367,19 +1372,58 @@ fn raise_fd_limit() {
 }
 
 /// `jobhost run -c FILE`: start, serve until stopped.
-pub fn run(config_path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// How `jobhost run` was asked to run.
+pub struct RunOptions {
+    /// Detach from the terminal once started.
+    pub daemon: bool,
+    /// Overrides `host.pidfile`.
+    pub pidfile: Option<PathBuf>,
+}
+
+/// `jobhost run -c FILE [--daemon] [--pidfile P]`: start, serve until stopped.
+pub fn run(config_path: &Path, options: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(config_path)?;
     let log_file: Option<PathBuf> = match &config.host.log {
         crate::config::LogTarget::File(path) => Some(path.clone()),
         _ => None,
     };
     crate::logging::init(config.host.log_level, log_file.as_deref(), "master")?;
+    if options.daemon && log_file.is_none() {
+        eprintln!("jobhost: warning: --daemon sends stderr to /dev/null: set host.log to a file to keep the log");
+    }
+    // Before anything else: a second master on the same pidfile stops here.
+    let pidfile_path = options
+        .pidfile
+        .clone()
+        .unwrap_or_else(|| config.host.pidfile.clone());
+    let pidfile = crate::daemon::Pidfile::acquire(&pidfile_path)?;
     log::info!(
         "jobhost {} starting with {}",
         env!("CARGO_PKG_VERSION"),
         config.path.display()
     );
+    // Plugins loaded and sockets bound while still attached: errors reach the terminal.
     let mut master = Master::start(config)?;
+    let ready = if options.daemon {
+        Some(crate::daemon::detach()?)
+    } else {
+        None
+    };
+    master.pid = Pid::this();
+    if let Err(e) = pidfile.write(std::process::id()) {
+        if let Some(ready) = ready {
+            ready.fail(&e.to_string());
+        }
+        return Err(e.into());
+    }
+    if let Some(ready) = ready {
+        log::info!("running as a daemon, pid {}", std::process::id());
+        ready.ok();
+    }
+    master.pidfile = Some(pidfile);
     master.run()?;
+    if let Some(pidfile) = master.pidfile.take() {
+        pidfile.remove();
+    }
     Ok(())
 }

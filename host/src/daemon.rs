@@ -1,0 +1,189 @@
+//! Running for months: the pidfile (exclusively locked, written atomically) and detaching from
+//! the terminal (`--daemon`).
+//!
+//! The lock is an flock on `<pidfile>.lock`, taken before anything else starts: a second master
+//! on the same pidfile is refused with the pid of the first; a pidfile left by a killed master
+//! is not locked by anyone and is taken over. The pid itself is written to `<pidfile>` through
+//! a temporary file and a rename, so a reader never sees half of it.
+//!
+//! Detaching happens after the plugins are loaded and the sockets bound, so start-up errors
+//! still reach the terminal and the exit status: the launching process waits on a pipe until
+//! the daemon says it is up (or why it is not). This module never removes the pidfile of a
+//! master that did not exit cleanly, and a forked worker closes its copy of the lock without
+//! releasing it.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("already running as pid {pid} (pidfile {path} is locked)")]
+    AlreadyRunning { pid: String, path: PathBuf },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Startup(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let context = context.into();
+    move |source| DaemonError::Io { context, source }
+}
+
+/// The held pidfile lock.
+pub struct Pidfile {
+    path: PathBuf,
+    lock_path: PathBuf,
+    /// Holding this open holds the flock. No Drop impl: closing it in a forked worker must not
+    /// release the master's lock (flock locks belong to the open file, shared across fork).
+    _lock: File,
+}
+
+impl Pidfile {
+    /// Takes the lock, or says who holds it.
+    pub fn acquire(path: &Path) -> Result<Pidfile, DaemonError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&lock_path)
+            .map_err(io_err(format!(
+                "cannot open the pidfile lock {}",
+                lock_path.display()
+            )))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let pid = fs::read_to_string(path)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                let pid = if pid.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    pid
+                };
+                return Err(DaemonError::AlreadyRunning {
+                    pid,
+                    path: path.to_owned(),
+                });
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(io_err(format!("cannot lock {}", lock_path.display()))(e));
+            }
+        }
+        if let Ok(old) = fs::read_to_string(path) {
+            log::warn!(
+                "taking over the stale pidfile {} (pid {} is gone)",
+                path.display(),
+                old.trim()
+            );
+        }
+        Ok(Pidfile {
+            path: path.to_owned(),
+            lock_path,
+            _lock: lock,
+        })
+    }
+
+    /// Writes `pid` to the pidfile atomically.
+    pub fn write(&self, pid: u32) -> Result<(), DaemonError> {
+        let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
+        let context = format!("cannot write the pidfile {}", self.path.display());
+        fs::write(&tmp, format!("{pid}\n")).map_err(io_err(context.clone()))?;
+        fs::rename(&tmp, &self.path).map_err(io_err(context))
+    }
+
+    /// A clean exit: remove the pidfile and its lock file.
+    pub fn remove(self) {
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The daemon's end of the ready pipe: tells the waiting launcher how start-up ended.
+pub struct Ready {
+    pipe: File,
+}
+
+impl Ready {
+    /// Start-up succeeded: the launcher exits 0.
+    pub fn ok(mut self) {
+        let _ = self.pipe.write_all(b"ok");
+    }
+
+    /// Start-up failed after detaching: the launcher prints `message` and exits 1.
+    pub fn fail(mut self, message: &str) {
+        let _ = self.pipe.write_all(format!("err {message}").as_bytes());
+    }
+}
+
+/// Detaches from the terminal: fork (the launcher waits for the daemon's word, then exits),
+/// setsid, fork again (so the daemon can never reacquire a terminal), chdir /, stdio to
+/// /dev/null. Returns in the daemon only. Call it from a single-threaded process.
+pub fn detach() -> Result<Ready, DaemonError> {
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io_err("cannot create the ready pipe")(io::Error::from(e)))?;
+    // SAFETY: single-threaded caller; the launcher only waits and exits.
+    match unsafe { fork() }.map_err(|e| io_err("cannot fork")(io::Error::from(e)))? {
+        ForkResult::Parent { child } => {
+            drop(write_end);
+            let _ = waitpid(child, None); // the intermediate child exits at once
+            std::process::exit(wait_for_word(read_end));
+        }
+        ForkResult::Child => {}
+    }
+    drop(read_end);
+    nix::unistd::setsid().map_err(|e| io_err("setsid")(io::Error::from(e)))?;
+    // SAFETY: as above; the intermediate child only exits.
+    match unsafe { fork() }.map_err(|e| io_err("cannot fork")(io::Error::from(e)))? {
+        // SAFETY: `_exit` skips the destructors and atexit handlers the daemon still needs.
+        ForkResult::Parent { .. } => unsafe { nix::libc::_exit(0) },
+        ForkResult::Child => {}
+    }
+    nix::unistd::chdir("/").map_err(|e| io_err("chdir /")(io::Error::from(e)))?;
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err("open /dev/null"))?;
+    let dup = |r: nix::Result<()>| {
+        r.map_err(|e| io_err("redirect stdio to /dev/null")(io::Error::from(e)))
+    };
+    dup(nix::unistd::dup2_stdin(&null))?;
+    dup(nix::unistd::dup2_stdout(&null))?;
+    dup(nix::unistd::dup2_stderr(&null))?;
+    Ok(Ready {
+        pipe: File::from(write_end),
+    })
+}
+
+/// The launcher: print what the daemon reported; exit 0 only on "ok".
+fn wait_for_word(pipe: OwnedFd) -> i32 {
+    let mut word = String::new();
+    let _ = File::from(pipe).read_to_string(&mut word);
+    if word == "ok" {
+        0
+    } else {
+        let message = word
+            .strip_prefix("err ")
+            .unwrap_or("the daemon exited during start-up");
+        eprintln!("jobhost: error: {message}");
+        1
+    }
+}
