@@ -104,6 +104,9 @@ fn check(path: &Path) -> CliResult {
     }
     let mut infos: BTreeMap<PathBuf, Info> = BTreeMap::new();
     for (file, settings) in &files {
+        if !config.host.insecure_plugins_dir {
+            plugins::check_trusted(&config.host.plugins_dir, file)?;
+        }
         let info = plugins::probe(file, settings, config.host.init_timeout)?;
         infos.insert(file.clone(), info);
     }

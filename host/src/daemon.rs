@@ -187,3 +187,83 @@ fn wait_for_word(pipe: OwnedFd) -> i32 {
         1
     }
 }
+
+/// systemd's readiness protocol: a datagram to `$NOTIFY_SOCKET` (`READY=1`, `RELOADING=1`,
+/// `STOPPING=1`). Does nothing when not started by systemd with `Type=notify`.
+pub fn notify(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = target.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket name.
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), Path::new(&target))
+    };
+    if let Err(e) = sent {
+        log::warn!("sd_notify {state:?}: {e}");
+    }
+}
+
+/// The identity workers drop to (`host.user` / `host.group`), resolved at start-up.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: std::ffi::CString,
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
+}
+
+impl Identity {
+    /// Resolves `user` (and `group`, default: the user's primary group). Needs root.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identity>, String> {
+        let Some(user) = user else {
+            return match group {
+                Some(_) => Err("host.group needs host.user".into()),
+                None => Ok(None),
+            };
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return Err(format!(
+                "host.user = {user:?} needs the master to start as root (to drop workers to it)"
+            ));
+        }
+        let account = nix::unistd::User::from_name(user)
+            .map_err(|e| format!("cannot look up host.user {user:?}: {e}"))?
+            .ok_or_else(|| format!("host.user: no user {user:?} on this system"))?;
+        let gid = match group {
+            None => account.gid,
+            Some(group) => {
+                nix::unistd::Group::from_name(group)
+                    .map_err(|e| format!("cannot look up host.group {group:?}: {e}"))?
+                    .ok_or_else(|| format!("host.group: no group {group:?} on this system"))?
+                    .gid
+            }
+        };
+        let name = std::ffi::CString::new(user)
+            .map_err(|_| "host.user contains a NUL byte".to_string())?;
+        Ok(Some(Identity {
+            name,
+            uid: account.uid,
+            gid,
+        }))
+    }
+
+    /// In a worker, before any plugin worker code: supplementary groups, group, user — then
+    /// prove the change cannot be undone.
+    pub fn drop_to(&self) -> Result<(), String> {
+        let step = |what: &str, r: nix::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+        step("initgroups", nix::unistd::initgroups(&self.name, self.gid))?;
+        step("setgid", nix::unistd::setgid(self.gid))?;
+        step("setuid", nix::unistd::setuid(self.uid))?;
+        if !self.uid.is_root() && nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
+            return Err("setuid(0) still succeeds after dropping privileges".into());
+        }
+        Ok(())
+    }
+}

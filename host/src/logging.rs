@@ -18,7 +18,12 @@ use log::{LevelFilter, Log, Metadata, Record};
 /// Where lines go.
 enum Sink {
     Stderr,
-    File { path: PathBuf, file: File },
+    File {
+        path: PathBuf,
+        file: File,
+    },
+    /// syslog(3), facility daemon, ident `jobhost`, with the pid (LOG_PID).
+    Syslog,
 }
 
 struct HostLogger {
@@ -46,7 +51,6 @@ impl Log for HostLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let time = humantime::format_rfc3339_millis(SystemTime::now());
         let Ok(mut state) = self.state.lock() else {
             return;
         };
@@ -55,6 +59,19 @@ impl Log for HostLogger {
         } else {
             state.role.as_str()
         };
+        if let Sink::Syslog = state.sink {
+            use nix::syslog::Severity;
+            let severity = match record.level() {
+                log::Level::Error => Severity::LOG_ERR,
+                log::Level::Warn => Severity::LOG_WARNING,
+                log::Level::Info => Severity::LOG_INFO,
+                _ => Severity::LOG_DEBUG,
+            };
+            let priority = nix::syslog::Priority::new(severity, nix::syslog::Facility::LOG_DAEMON);
+            let _ = nix::syslog::syslog(priority, &format!("{role}: {}", record.args()));
+            return;
+        }
+        let time = humantime::format_rfc3339_millis(SystemTime::now());
         let line = format!(
             "{time} {:<5} jobhost[{}] {role}: {}\n",
             record.level(),
@@ -62,7 +79,7 @@ impl Log for HostLogger {
             record.args()
         );
         let _ = match &mut state.sink {
-            Sink::Stderr => io::stderr().write_all(line.as_bytes()),
+            Sink::Stderr | Sink::Syslog => io::stderr().write_all(line.as_bytes()),
             Sink::File { file, .. } => file.write_all(line.as_bytes()),
         };
     }
@@ -70,7 +87,7 @@ impl Log for HostLogger {
     fn flush(&self) {
         if let Ok(mut state) = self.state.lock() {
             let _ = match &mut state.sink {
-                Sink::Stderr => io::stderr().flush(),
+                Sink::Stderr | Sink::Syslog => io::stderr().flush(),
                 Sink::File { file, .. } => file.flush(),
             };
         }
@@ -98,6 +115,22 @@ pub fn init(level: LevelFilter, file: Option<&Path>, role: &str) -> io::Result<(
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
     Ok(())
+}
+
+/// Sends every line to syslog (facility daemon, ident `jobhost[pid]`), like the PHP job
+/// servers that sent their workers' errors there.
+pub fn init_syslog(level: LevelFilter, role: &str) {
+    let _ = nix::syslog::openlog(
+        Some(c"jobhost"),
+        nix::syslog::LogFlags::LOG_PID,
+        nix::syslog::Facility::LOG_DAEMON,
+    );
+    if let Ok(mut state) = LOGGER.state.lock() {
+        state.sink = Sink::Syslog;
+        state.role = role.to_owned();
+    }
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
 }
 
 /// Names this process in every following line: `master`, or a worker's pool name.

@@ -97,6 +97,48 @@ pub enum PluginError {
     },
     #[error("probing plugin {path}: {detail}")]
     Probe { path: PathBuf, detail: String },
+    #[error("refusing to load plugins: {what} {path} {why}, so someone else could replace the code jobhost runs; fix its owner and mode (chmod go-w), or set host.insecure_plugins_dir = true")]
+    Untrusted {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+/// Refuses a plugin that a user other than its owner or root could have replaced (like sshd's
+/// StrictModes): the plugins dir and the plugin file must not be writable by group or others,
+/// and must belong to root or to the user jobhost runs as.
+pub fn check_trusted(plugins_dir: &Path, file: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    for (what, path) in [("plugins dir", plugins_dir), ("plugin", file)] {
+        let meta = fs::metadata(path).map_err(|source| PluginError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = meta.mode() & 0o7777;
+        let why = if mode & 0o022 != 0 {
+            let who = if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            };
+            format!("is writable by {who} (mode {mode:04o})")
+        } else if meta.uid() != 0 && meta.uid() != me {
+            format!(
+                "belongs to uid {}, neither root nor the user jobhost runs as (uid {me})",
+                meta.uid()
+            )
+        } else {
+            continue;
+        };
+        return Err(PluginError::Untrusted {
+            what,
+            path: path.to_owned(),
+            why,
+        });
+    }
+    Ok(())
 }
 
 /// How far the probe child got; names the step a crash or hang happened in.
@@ -372,7 +414,8 @@ fn rename_path(mut error: PluginError, from: &Path, to: &Path) -> PluginError {
         | ProbeTimeout { path, .. }
         | InitFailed { path, .. }
         | ModeUnsupported { path, .. }
-        | Probe { path, .. } => {
+        | Probe { path, .. }
+        | Untrusted { path, .. } => {
             if path == from {
                 *path = to.to_owned();
             }

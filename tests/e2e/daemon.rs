@@ -117,3 +117,121 @@ fn sigusr1_reopens_the_log_file_after_it_was_moved() {
         .contains("running as a daemon"));
     stop(pid);
 }
+
+#[test]
+fn a_plugins_dir_writable_by_others_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    env.install("echo");
+    let pools = "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n";
+    let config = env.config(&config_with(pools));
+    fs::set_permissions(env.plugins_dir(), fs::Permissions::from_mode(0o777)).unwrap();
+    let expected = format!(
+        "refusing to load plugins: plugins dir {} is writable by everyone (mode 0777)",
+        env.plugins_dir().display()
+    );
+    env.jobhost(&["check", "-c", config.to_str().unwrap()])
+        .assert_code(1)
+        .assert_stderr_has(&expected);
+    env.jobhost(&["run", "-c", config.to_str().unwrap()])
+        .assert_code(1)
+        .assert_stderr_has(&expected);
+    // A group-writable plugin file in a safe dir is refused too.
+    fs::set_permissions(env.plugins_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        env.plugins_dir().join("libecho.so"),
+        fs::Permissions::from_mode(0o775),
+    )
+    .unwrap();
+    env.jobhost(&["check", "-c", config.to_str().unwrap()])
+        .assert_code(1)
+        .assert_stderr_has("libecho.so is writable by its group (mode 0775)");
+    // The operator may say it is fine.
+    let insecure = env
+        .config(&config_with(pools).replace("[host]\n", "[host]\ninsecure_plugins_dir = true\n"));
+    env.jobhost(&["check", "-c", insecure.to_str().unwrap()])
+        .assert_code(0);
+}
+
+#[test]
+fn workers_drop_to_host_user_and_cannot_regain_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: privilege drop needs the tests to run as root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a user named nobody");
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(
+        &config_with("[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n")
+            .replace("[host]\n", "[host]\nuser = \"nobody\"\n"),
+    );
+    let workers = master.wait_for_workers(2);
+    for pid in &workers {
+        master.wait_for_log(&format!("jobhost[{pid}] echo: worker started"), SOON);
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        let want = nobody.uid.as_raw();
+        // real, effective, saved and filesystem uid all dropped: no way back to root.
+        assert_eq!(
+            uids.split_whitespace()
+                .skip(1)
+                .map(|u| u.parse::<u32>().unwrap())
+                .collect::<Vec<_>>(),
+            [want; 4],
+            "{uids}"
+        );
+    }
+    let master_uid = fs::read_to_string(format!("/proc/{}/status", master.pid())).unwrap();
+    assert!(
+        master_uid.lines().any(|l| l.starts_with("Uid:\t0\t")),
+        "the master stays root"
+    );
+    assert_eq!(
+        master.client().call("echo", b"as nobody").unwrap().body,
+        b"as nobody"
+    );
+    // PR_SET_PDEATHSIG survives the drop (it is set after it): kill -9 the master, workers go.
+    drop(master);
+    wait_until("workers gone", SOON, || {
+        workers.iter().all(|p| !is_alive(*p))
+    });
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let env = Env::new();
+    env.install("echo");
+    let notify = env.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket.set_read_timeout(Some(SOON)).unwrap();
+    let config = env.config(&config_with(
+        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n",
+    ));
+    let mut child = std::process::Command::new(jobhost_e2e::bin_dir().join("jobhost"))
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nMAINPID="), "{ready}");
+    assert_eq!(
+        children_of(child.id() as i32).len(),
+        2,
+        "READY=1 once every pool is up"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(next(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}

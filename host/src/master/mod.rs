@@ -68,6 +68,8 @@ pub enum MasterError {
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Bind(#[from] server::BindError),
+    #[error("{0}")]
+    Refused(String),
     #[error("{context}: {source}")]
     Os {
         context: String,
@@ -203,6 +205,10 @@ pub struct Master {
     admins: HashMap<u64, admin::AdminConn>,
     started: Instant,
     last_reload: Option<crate::admin::ReloadReport>,
+    /// Who workers become (host.user/host.group), if anyone.
+    identity: Option<crate::daemon::Identity>,
+    /// READY=1 has been sent to systemd.
+    ready_notified: bool,
     /// Held (locked) while the master runs; removed on a clean exit.
     pidfile: Option<crate::daemon::Pidfile>,
     accept_paused_until: Option<Instant>,
@@ -228,9 +234,17 @@ impl Master {
         })?;
         raise_fd_limit();
         let mut registry = Registry::new(&runtime.join("plugins"))?;
+        let identity = crate::daemon::Identity::resolve(
+            config.host.user.as_deref(),
+            config.host.group.as_deref(),
+        )
+        .map_err(MasterError::Refused)?;
         let mut pools = Vec::new();
         for pool in &config.pools {
             let file = pool.plugin_path(&config.host);
+            if !config.host.insecure_plugins_dir {
+                crate::plugins::check_trusted(&config.host.plugins_dir, &file)?;
+            }
             let loaded = registry.load(&file, &[pool.settings_toml()], config.host.init_timeout)?;
             loaded.info.check_mode(&file, pool.mode == PoolMode::Loop)?;
             // init in the master, before any fork: what it builds is shared by the workers.
@@ -320,6 +334,8 @@ impl Master {
             admins: HashMap::new(),
             started: Instant::now(),
             last_reload: None,
+            identity,
+            ready_notified: false,
             pidfile: None,
             accept_paused_until: None,
             epoll: Some(epoll),
@@ -338,6 +354,7 @@ impl Master {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
             self.maintain_workers();
+            self.notify_ready_once();
             self.dispatch();
             self.flush();
             if self.finished() {
@@ -356,6 +373,23 @@ impl Master {
         let _ = std::fs::remove_file(&self.config.admin.socket);
         log::info!("master exiting");
         Ok(())
+    }
+
+    /// Tells systemd (Type=notify) the master is up, once every pool has its workers.
+    fn notify_ready_once(&mut self) {
+        if self.ready_notified || !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let all_up = (0..self.pools.len())
+            .all(|i| self.pools[i].stopped || self.live_workers(i) >= self.pools[i].wanted);
+        if all_up {
+            self.ready_notified = true;
+            crate::daemon::notify(&format!(
+                "READY=1\nMAINPID={}\nSTATUS=serving {} pool(s)",
+                std::process::id(),
+                self.pools.len()
+            ));
+        }
     }
 
     fn epoll(&self) -> &Epoll {
@@ -588,6 +622,7 @@ impl Master {
         }
         let grace = self.config.host.graceful_timeout;
         log::info!("{signal}: graceful stop; in-flight jobs have {grace:?} to finish");
+        crate::daemon::notify("STOPPING=1");
         let deadline = Instant::now() + grace;
         self.phase = Phase::Stopping { deadline };
         self.close_listener();
@@ -605,6 +640,7 @@ impl Master {
     /// QUIT: kill every worker now, answer every job "shutting down", exit.
     fn handle_quit(&mut self) {
         log::info!("SIGQUIT: stopping now");
+        crate::daemon::notify("STOPPING=1");
         let now = Instant::now();
         self.phase = Phase::Stopping { deadline: now };
         self.close_listener();
@@ -1174,6 +1210,7 @@ impl Master {
             channel,
             master: self.pid,
             sigmask,
+            identity: self.identity.clone(),
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),
@@ -1387,8 +1424,12 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), Box<dyn std::e
         crate::config::LogTarget::File(path) => Some(path.clone()),
         _ => None,
     };
-    crate::logging::init(config.host.log_level, log_file.as_deref(), "master")?;
-    if options.daemon && log_file.is_none() {
+    if config.host.log == crate::config::LogTarget::Syslog {
+        crate::logging::init_syslog(config.host.log_level, "master");
+    } else {
+        crate::logging::init(config.host.log_level, log_file.as_deref(), "master")?;
+    }
+    if options.daemon && config.host.log == crate::config::LogTarget::Stderr {
         eprintln!("jobhost: warning: --daemon sends stderr to /dev/null: set host.log to a file to keep the log");
     }
     // Before anything else: a second master on the same pidfile stops here.

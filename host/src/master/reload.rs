@@ -35,7 +35,10 @@ impl Master {
     /// changed.
     pub(super) fn reload(&mut self) -> Result<String, String> {
         log::info!("reloading {}", self.config.path.display());
+        crate::daemon::notify("RELOADING=1");
         let outcome = self.try_reload();
+        // Whether or not it worked, the master serves again (systemd waits for this).
+        crate::daemon::notify("READY=1");
         let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         match &outcome {
             Ok(summary) => {
@@ -69,6 +72,9 @@ impl Master {
         let mut plans = Vec::new();
         for cfg in &new.pools {
             let file = cfg.plugin_path(&new.host);
+            if !new.host.insecure_plugins_dir {
+                plugins::check_trusted(&new.host.plugins_dir, &file).map_err(|e| e.to_string())?;
+            }
             let loaded = self
                 .registry
                 .load(&file, &[], new.host.init_timeout)

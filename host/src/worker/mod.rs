@@ -111,6 +111,8 @@ pub struct Assignment {
     /// The signal mask to restore once this worker's handlers are installed (the master
     /// blocks every signal across fork).
     pub sigmask: nix::sys::signal::SigSet,
+    /// host.user/host.group: dropped to before any plugin worker code runs.
+    pub identity: Option<crate::daemon::Identity>,
 }
 
 /// The worker's own state, changed by signal callbacks between jobs.
@@ -138,6 +140,14 @@ pub fn run(plugin: &mut PluginInstance, assignment: Assignment) -> ! {
 /// After-fork setup: die with the master, own process group, own signal dispositions.
 fn setup(assignment: &Assignment) -> nix::Result<SignalPipe> {
     crate::logging::set_role(&assignment.pool.name);
+    // First, because changing credentials clears PR_SET_PDEATHSIG (see prctl(2)).
+    if let Some(identity) = &assignment.identity {
+        if let Err(e) = identity.drop_to() {
+            log::error!("cannot drop privileges to {:?}: {e}", identity.name);
+            // SAFETY: see `run`. A worker that cannot drop must not run plugin code as root.
+            unsafe { nix::libc::_exit(WorkerExit::BootFailed.code()) }
+        }
+    }
     // The kernel kills us when the master dies — even by SIGKILL — so no worker is orphaned.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
     // The master may have died between fork and prctl: then our parent is already someone else.
