@@ -599,9 +599,18 @@ pub fn probe(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io("cannot create a pipe"))?;
     // SAFETY: the child only loads the library, runs init, writes to the pipe and `_exit`s; the
     // callers (master before its loop, CLI) hold no other threads whose locks it could need.
+    let parent = nix::unistd::getpid();
     match unsafe { fork() }.map_err(io("cannot fork"))? {
         ForkResult::Child => {
             drop(read_end);
+            // A signal for the probe is the probe's, not the master's; and a probe hung in
+            // `init` dies with whoever started it.
+            crate::signals::reset_after_fork();
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            if nix::unistd::getppid() != parent {
+                // SAFETY: as below.
+                unsafe { nix::libc::_exit(4) }
+            }
             let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 probe_child(path, init_settings, write_end)
             }))

@@ -12,7 +12,7 @@
 //! [`reset_in_child`] restores every disposition it set to the default.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -22,6 +22,11 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 static PENDING: [AtomicU32; 32] = [const { AtomicU32::new(0) }; 32];
 /// The write end of the pipe that wakes the loop (-1: none).
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Set (after the counter and the pipe byte) by every delivery: lets [`SignalPipe::take`]
+/// skip its system calls when nothing came — a worker calls it before every job.
+static ANY: AtomicBool = AtomicBool::new(false);
+/// Which signals (bit = number) have the counting handler installed in this process.
+static INSTALLED: AtomicU32 = AtomicU32::new(0);
 
 /// The handler: count, wake, restore errno. Async-signal-safe by construction.
 extern "C" fn on_signal(signo: nix::libc::c_int) {
@@ -34,7 +39,29 @@ extern "C" fn on_signal(signo: nix::libc::c_int) {
         // SAFETY: write(2) is async-signal-safe; a full pipe (EAGAIN) already means "wake up".
         unsafe { nix::libc::write(fd, [0u8].as_ptr().cast(), 1) };
     }
+    // Last: a `take` that sees it set finds the counter (and drains the byte).
+    ANY.store(true, Ordering::SeqCst);
     Errno::set_raw(saved);
+}
+
+/// In a child forked from a process that installed handlers (a worker, a plugin probe): give
+/// every such signal its default action back, so a signal sent to the child is not counted
+/// and written to the parent's pipe as if the parent had received it.
+pub fn reset_after_fork() {
+    WAKE_FD.store(-1, Ordering::SeqCst);
+    let installed = INSTALLED.swap(0, Ordering::SeqCst);
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signo in 1..32 {
+        if installed & (1 << signo) == 0 {
+            continue;
+        }
+        if let Ok(signal) = Signal::try_from(signo) {
+            // SAFETY: restoring the default disposition installs no handler.
+            let _ = unsafe { sigaction(signal, &default) };
+        }
+        PENDING[signo as usize].store(0, Ordering::SeqCst);
+    }
+    ANY.store(false, Ordering::SeqCst);
 }
 
 /// Signals delivered since the last look, each with how often it came.
@@ -79,6 +106,7 @@ impl SignalPipe {
         for &signal in signals {
             // SAFETY: `on_signal` is async-signal-safe (atomics and write(2) only).
             unsafe { sigaction(signal, &action) }?;
+            INSTALLED.fetch_or(1 << signal as u32, Ordering::SeqCst);
         }
         let mut mask = SigSet::empty();
         signals.iter().for_each(|s| mask.add(*s));
@@ -98,6 +126,11 @@ impl SignalPipe {
     /// Drains the pipe, then takes the counters — in that order, so a signal that arrives in
     /// between leaves a byte behind and wakes the next poll instead of being lost.
     pub fn take(&self) -> Delivered {
+        // Nothing came since the last look: no system call. (A byte written by a handler that
+        // has not set ANY yet stays in the pipe and wakes the next poll, which then finds ANY.)
+        if !ANY.swap(false, Ordering::SeqCst) {
+            return Delivered::default();
+        }
         let mut buf = [0u8; 256];
         while matches!(nix::unistd::read(&self.read, &mut buf), Ok(n) if n > 0) {}
         let mut delivered = Vec::new();
@@ -111,15 +144,10 @@ impl SignalPipe {
     }
 
     /// In a freshly forked child: give every signal this pipe handled back its default
-    /// action and forget the pipe (the caller closes its fds). The child then installs its own.
+    /// action and forget the pipe (dropping it closes the child's copies of its fds). The child
+    /// then installs its own.
     pub fn reset_in_child(self) {
-        WAKE_FD.store(-1, Ordering::SeqCst);
-        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-        for &signal in &self.signals {
-            // SAFETY: restoring the default disposition installs no handler.
-            let _ = unsafe { sigaction(signal, &default) };
-            PENDING[signal as usize].store(0, Ordering::SeqCst);
-        }
+        reset_after_fork();
     }
 }
 

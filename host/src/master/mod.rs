@@ -47,9 +47,6 @@ pub use pool::{PoolState, PoolStats};
 
 /// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
-/// How many jobs a worker may hold at once: the one it runs and the next ones ready to go, so
-/// it never waits for the master between jobs.
-const PREFETCH: usize = 4;
 /// How long a shutting-down master keeps trying to deliver the last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// After accept() fails for lack of file descriptors, stop accepting for this long.
@@ -986,10 +983,14 @@ impl Master {
                 worker.in_flight.retain(|k| *k != key);
             }
             worker.jobs_done += 1;
+            let now = Instant::now();
+            if let Some(started) = worker.head_started {
+                self.pools[worker.pool].job_times.note(now - started);
+            }
             worker.head_started = if worker.in_flight.is_empty() {
                 None
             } else {
-                Some(Instant::now())
+                Some(now)
             };
             let pool = worker.pool;
             let stats = &mut self.pools[pool].stats;
@@ -1232,10 +1233,11 @@ impl Master {
         for idx in 0..self.pools.len() {
             while !self.pools[idx].queue.is_empty() {
                 let max_jobs = self.pools[idx].config.max_jobs;
+                let prefetch = self.pools[idx].job_times.prefetch();
                 let target = self
                     .workers
                     .values()
-                    .filter(|w| w.pool == idx && !w.draining() && w.in_flight.len() < PREFETCH)
+                    .filter(|w| w.pool == idx && !w.draining() && w.in_flight.len() < prefetch)
                     // Never send a worker more jobs than it will run before max_jobs recycles it.
                     .filter(|w| {
                         max_jobs.is_none_or(|max| w.jobs_done + (w.in_flight.len() as u64) < max)

@@ -14,6 +14,14 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// The longest delay while backing off (before the pool counts as failing).
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
+/// Jobs a worker holds at least (the one it runs and the next ones ready to go, so it never
+/// waits for the master between jobs) ...
+const PREFETCH_MIN: usize = 4;
+/// ... and at most, for jobs so short that the master's round trip would dominate.
+const PREFETCH_MAX: usize = 64;
+/// A worker is sent about this much work ahead (by the pool's recent job durations).
+const PREFETCH_AHEAD: Duration = Duration::from_millis(2);
+
 /// What an operator sees for a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolState {
@@ -62,6 +70,8 @@ pub struct Pool {
     pub stats: PoolStats,
     pub stopped: bool,
     pub backoff: Backoff,
+    /// Recent job durations: how many jobs a worker is sent ahead.
+    pub job_times: JobTimes,
 }
 
 impl Pool {
@@ -87,6 +97,7 @@ impl Pool {
             queue: VecDeque::new(),
             stats: PoolStats::default(),
             stopped: false,
+            job_times: JobTimes::default(),
         }
     }
 
@@ -95,6 +106,38 @@ impl Pool {
             return PoolState::Stopped;
         }
         self.backoff.state(now)
+    }
+}
+
+/// A pool's recent job durations (exponentially weighted), which set how many jobs a worker
+/// is sent ahead.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobTimes {
+    nanos: Option<u64>,
+}
+
+impl JobTimes {
+    /// Records how long a job took in a worker (from its start to its outcome's arrival).
+    pub fn note(&mut self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos = Some(match self.nanos {
+            None => sample,
+            Some(avg) => avg - avg / 8 + sample / 8,
+        });
+    }
+
+    /// How many jobs one worker may hold: [`PREFETCH_MIN`], or more for short jobs — enough
+    /// for about [`PREFETCH_AHEAD`] of work, up to [`PREFETCH_MAX`]. Short jobs then cross the
+    /// socketpair in batches, and a worker does not idle while the master is off the CPU;
+    /// long jobs do not pile up behind one busy worker.
+    pub fn prefetch(&self) -> usize {
+        let Some(avg) = self.nanos else {
+            return PREFETCH_MIN;
+        };
+        let ahead = u64::try_from(PREFETCH_AHEAD.as_nanos()).unwrap_or(u64::MAX) / avg.max(1);
+        usize::try_from(ahead)
+            .unwrap_or(usize::MAX)
+            .clamp(PREFETCH_MIN, PREFETCH_MAX)
     }
 }
 
@@ -197,6 +240,25 @@ pub enum SpawnPace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_jobs_are_sent_further_ahead_than_long_ones() {
+        let mut t = JobTimes::default();
+        assert_eq!(t.prefetch(), PREFETCH_MIN, "nothing known yet");
+        for _ in 0..50 {
+            t.note(Duration::from_micros(5));
+        }
+        assert_eq!(t.prefetch(), PREFETCH_MAX);
+        for _ in 0..50 {
+            t.note(Duration::from_micros(100));
+        }
+        let mid = t.prefetch();
+        assert!((15..=25).contains(&mid), "about 2 ms of 100 µs jobs: {mid}");
+        for _ in 0..50 {
+            t.note(Duration::from_secs(3));
+        }
+        assert_eq!(t.prefetch(), PREFETCH_MIN);
+    }
 
     #[test]
     fn back_off_doubles_then_fails_then_forgives() {

@@ -1,0 +1,238 @@
+//! A real jobhost master for one measurement: a private folder, a config, the `jobhost`
+//! binary built next to this one, its job and admin sockets, and its worker processes.
+//!
+//! It owns starting the master, waiting until every pool has its workers, and stopping it
+//! (SIGTERM, then SIGKILL) when dropped; it never measures anything itself.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// `target/release`: where this binary, `jobhost` and the demo plugins are.
+pub fn bin_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let dir = exe.parent().ok_or("this binary has no folder")?.to_owned();
+    if !dir.join("jobhost").exists() {
+        return Err(format!(
+            "{} has no jobhost binary: run `cargo build --release --workspace` first",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+pub struct Master {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    /// The config file up to its pools.
+    header: String,
+    child: Child,
+}
+
+impl Master {
+    /// Starts a master with `pools` (TOML `[[pool]]` tables) and waits until every pool has
+    /// the workers it wants (a pool that cannot get them — a crash loop — is not waited for
+    /// when `wait_for_workers` is false).
+    pub fn start(pools: &str, wait_for_workers: bool) -> Result<Master, String> {
+        Master::start_logging(pools, wait_for_workers, "info")
+    }
+
+    /// [`Master::start`] with another `log_level`.
+    pub fn start_logging(
+        pools: &str,
+        wait_for_workers: bool,
+        log_level: &str,
+    ) -> Result<Master, String> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("jobhost-bench.")
+            .tempdir()
+            .map_err(|e| format!("cannot make a temp dir: {e}"))?;
+        let config = dir.path().join("jobhost.toml");
+        let header = format!(
+            "[host]\nplugins_dir = {:?}\nruntime_dir = \"run\"\nlog = \"master.log\"\nlog_level = \"{log_level}\"\n\
+             graceful_timeout = \"30s\"\ninit_timeout = \"120s\"\n\n[server]\nmax_payload = \"1MiB\"\n\n",
+            bin.display().to_string()
+        );
+        fs::write(&config, format!("{header}{pools}"))
+            .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let child = Command::new(bin.join("jobhost"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start jobhost: {e}"))?;
+        let master = Master {
+            dir,
+            config,
+            header,
+            child,
+        };
+        master.wait_until(
+            "the master to answer on its admin socket",
+            Duration::from_secs(180),
+            || master.status().is_ok(),
+        )?;
+        if wait_for_workers {
+            master.wait_until(
+                "every pool to have its workers",
+                Duration::from_secs(180),
+                || {
+                    master.status().is_ok_and(|s| {
+                        s["pools"].as_array().is_some_and(|pools| {
+                            pools
+                                .iter()
+                                .all(|p| p["workers_running"] == p["workers_wanted"])
+                        })
+                    })
+                },
+            )?;
+        }
+        Ok(master)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Replaces the pools in the config file (for a reload).
+    pub fn rewrite_pools(&self, pools: &str) -> Result<(), String> {
+        fs::write(&self.config, format!("{}{pools}", self.header))
+            .map_err(|e| format!("cannot write {}: {e}", self.config.display()))
+    }
+
+    pub fn job_socket(&self) -> PathBuf {
+        self.dir.path().join("run/jobs.sock")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("master.log")).unwrap_or_default()
+    }
+
+    /// `status json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value, String> {
+        let socket = self.dir.path().join("run/admin.sock");
+        let reply = jobhost::ctl::exchange(&socket, "status json", Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        reply.outcome?;
+        serde_json::from_str(&reply.lines.concat()).map_err(|e| format!("status json: {e}"))
+    }
+
+    /// The master's live worker processes.
+    pub fn workers(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Polls `ready` every 10 ms until it holds; an error after `within`, naming `what`, with
+    /// the end of the master's log.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while !ready() {
+            if Instant::now() > deadline {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                return Err(format!(
+                    "waited {within:?} for {what}; the master's log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.pid());
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Live (not zombie) children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|s| s.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.retain(|&child| {
+        fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    });
+    out.sort_unstable();
+    out
+}
+
+/// True while `pid` is blocked in nanosleep — a `sleep` job runs in it (an idle worker
+/// blocks in poll instead). From /proc/PID/syscall (x86_64 and aarch64 numbers).
+pub fn in_sleep_job(pid: i32) -> bool {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    let nr = text.split_whitespace().next().unwrap_or("");
+    if cfg!(target_arch = "x86_64") {
+        nr == "35" || nr == "230"
+    } else {
+        nr == "101" || nr == "115"
+    }
+}
+
+/// CPU time (user + system) `pid` has used, in seconds, from /proc/PID/stat.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: utime and stime are fields 14 and 15 of the line (11 and 12 here).
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|s| s.parse::<u64>().ok()))
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks as f64 / hz as f64
+}
+
+/// CPU seconds of the master, of its workers together, and of this process, so far.
+pub fn cpu_split(master: &Master) -> [f64; 3] {
+    [
+        cpu_seconds(master.pid()),
+        master.workers().iter().map(|&w| cpu_seconds(w)).sum(),
+        cpu_seconds(std::process::id() as i32),
+    ]
+}
