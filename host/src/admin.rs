@@ -315,7 +315,7 @@ pub struct PoolSnapshot {
     pub jobs_failed: u64,
     pub jobs_retried: u64,
     pub restarts: u64,
-    /// `ok`, `backing-off`, `failing` or `stopped`.
+    /// `ok`, `backing-off`, `failing`, `stopped`, or `removed` (by a reload; draining its queue).
     pub state: String,
 }
 
@@ -325,7 +325,7 @@ pub struct WorkerSnapshot {
     pub pid: i32,
     pub pool: String,
     pub generation: u64,
-    /// `idle`, `busy` or `draining`.
+    /// `idle`, `busy`, `draining`, or `holding` (short of memory: starts no job until it recovers).
     pub state: String,
     /// How long the current job has been running, when there is one.
     pub job_age_secs: Option<f64>,
@@ -430,7 +430,8 @@ pub fn render_workers(s: &Snapshot, json: bool) -> String {
         ("JOB-AGE", Right),
         ("JOBS", Right),
         ("RSS", Right),
-        ("STARTED", Right),
+        ("STARTED", Left),
+        ("AGE", Right),
     ];
     let rows = s
         .workers
@@ -444,6 +445,7 @@ pub fn render_workers(s: &Snapshot, json: bool) -> String {
                 w.job_age_secs.map_or_else(|| "-".to_owned(), job_age),
                 w.jobs_done.to_string(),
                 w.rss_bytes.map_or_else(|| "-".to_owned(), size),
+                w.started.clone(),
                 duration(w.age_secs),
             ]
         })
@@ -1335,27 +1337,47 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert_eq!(
             cells(lines[0]),
-            ["PID", "POOL", "GEN", "STATE", "JOB-AGE", "JOBS", "RSS", "STARTED"]
+            ["PID", "POOL", "GEN", "STATE", "JOB-AGE", "JOBS", "RSS", "STARTED", "AGE"]
         );
         assert_eq!(
             cells(lines[1]),
-            ["4250", "echo", "3", "busy", "1.2s", "61000", "12.3M", "5m02s"]
+            [
+                "4250",
+                "echo",
+                "3",
+                "busy",
+                "1.2s",
+                "61000",
+                "12.3M",
+                "2026-11-23T01:00:00Z",
+                "5m02s"
+            ]
         );
         assert_eq!(
             cells(lines[2]),
-            ["4251", "echo", "2", "draining", "-", "5", "-", "2h02m"]
+            [
+                "4251",
+                "echo",
+                "2",
+                "draining",
+                "-",
+                "5",
+                "-",
+                "2026-11-22T23:00:00Z",
+                "2h02m"
+            ]
         );
         assert!(lines.iter().all(|l| !l.ends_with(' ')), "{out}");
         assert_aligned(
             &lines[..3],
-            &[true, false, true, false, true, true, true, true],
+            &[true, false, true, false, true, true, true, false, true],
         );
 
         let mut s = snapshot();
         s.workers.clear();
         assert_eq!(
             render_workers(&s, false),
-            "PID  POOL  GEN  STATE  JOB-AGE  JOBS  RSS  STARTED\nOK\n"
+            "PID  POOL  GEN  STATE  JOB-AGE  JOBS  RSS  STARTED  AGE\nOK\n"
         );
     }
 

@@ -147,10 +147,29 @@ fn in_pool(pool: &str, e: PluginError) -> String {
 /// `jobhost reload -c FILE`: the admin `reload` command, waiting as long as the plugins' `init`
 /// may take in their probes.
 fn reload(path: &Path) -> CliResult {
-    let config = Config::load(path)?;
-    let wait = config.host.init_timeout * (config.pools.len() as u32 + 1)
-        + std::time::Duration::from_secs(30);
-    let reply = crate::ctl::exchange(&config.admin.socket, "reload", wait)?;
+    // A config that does not load is still the master's to judge: it logs why and shows the
+    // failed reload in `status`. Only when no master answers is the error ours to print.
+    let (socket, wait, bad_config) = match Config::load(path) {
+        Ok(config) => (
+            config.admin.socket,
+            config.host.init_timeout * (config.pools.len() as u32 + 1),
+            None,
+        ),
+        Err(e @ crate::config::ConfigError::Read { .. }) => return Err(e.into()),
+        Err(e) => (
+            crate::config::admin_socket_lenient(path),
+            std::time::Duration::from_secs(120),
+            Some(e),
+        ),
+    };
+    let wait = wait + std::time::Duration::from_secs(30);
+    let reply = match (crate::ctl::exchange(&socket, "reload", wait), bad_config) {
+        (Ok(reply), _) => reply,
+        (Err(crate::ctl::CtlError::Connect { .. }), Some(config_error)) => {
+            return Err(config_error.into())
+        }
+        (Err(e), _) => return Err(e.into()),
+    };
     let stdout = &mut std::io::stdout();
     let stderr = &mut std::io::stderr();
     Ok(crate::ctl::print_reply(&reply, stdout, stderr)?)

@@ -300,6 +300,7 @@ impl ClientReceiver {
                     Frame::Submit { .. } => return Err(unexpected(protocol::kind::SUBMIT)),
                     Frame::Job { .. } => return Err(unexpected(protocol::kind::JOB)),
                     Frame::Outcome { .. } => return Err(unexpected(protocol::kind::OUTCOME)),
+                    Frame::Hold { .. } => return Err(unexpected(protocol::kind::HOLD)),
                 };
                 if result.body.len() >= SHRINK_AFTER {
                     self.reader.shrink();

@@ -127,7 +127,8 @@ pub struct PoolConfig {
     pub max_jobs: Option<u64>,
     /// Recycle a worker after this long; absent or 0 means never (`None`).
     pub max_lifetime: Option<Duration>,
-    /// Recycle a worker whose own RSS passes this many bytes; absent or 0 means no limit.
+    /// Recycle a worker whose own memory (private pages: not what it still shares with the
+    /// master copy-on-write) passes this many bytes; absent or 0 means no limit.
     pub max_rss: Option<u64>,
     /// Pause taking jobs while the system has fewer bytes available; absent or 0: no check.
     pub min_available_memory: Option<u64>,
@@ -219,6 +220,26 @@ impl Config {
             .unwrap_or_else(|_| path.to_path_buf());
         parse_config(text, path, absolute)
     }
+}
+
+/// Where the admin socket of the config file at `path` is, read leniently — for a config that
+/// does not load any more (edited since the master started), so that `jobhost reload` can still
+/// ask the running master, which then says why the new config fails. Takes what it can from
+/// the file (`host.runtime_dir`, `admin.socket`) and the defaults for the rest.
+pub fn admin_socket_lenient(path: &Path) -> PathBuf {
+    let absolute = fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let base = absolute.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let table = fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .unwrap_or_default();
+    let get = |section: &str, key: &str| -> Option<String> {
+        Some(table.get(section)?.get(key)?.as_str()?.to_owned())
+    };
+    let runtime = base.join(get("host", "runtime_dir").unwrap_or_else(|| "run".into()));
+    runtime.join(get("admin", "socket").unwrap_or_else(|| "admin.sock".into()))
 }
 
 impl PoolConfig {
@@ -438,7 +459,7 @@ struct RawPool {
     max_queue: Option<Spanned<Int>>,
     max_attempts: Option<Spanned<Int>>,
     job_timeout: Option<Dur>,
-    idle_sleep: Option<Dur>,
+    idle_sleep: Option<Spanned<Dur>>,
     max_jobs: Option<Spanned<Int>>,
     max_lifetime: Option<Dur>,
     max_rss: Option<Size>,
@@ -809,6 +830,9 @@ fn non_empty(
 }
 
 /// An integer key in `min..=max`, or `default` when absent.
+/// The shortest `idle_sleep`.
+const MIN_IDLE_SLEEP: Duration = Duration::from_millis(10);
+
 fn int_in(
     src: &Source,
     value: Option<Spanned<Int>>,
@@ -1084,6 +1108,22 @@ fn build_pool(
     )? as u32;
     let max_jobs = int_in(src, p.max_jobs, &key("max_jobs"), 0, i64::MAX, 0)? as u64;
     let crash_limit = int_in(src, p.crash_limit, &key("crash_limit"), 1, 1_000_000, 10)? as u32;
+    let idle_sleep = match p.idle_sleep {
+        None => Duration::from_secs(1),
+        // A loop-mode worker sleeps this long whenever its plugin says Idle: under 10 ms it
+        // would poll its source in a busy loop.
+        Some(d) if d.get_ref().0 < MIN_IDLE_SLEEP => {
+            return Err(src.error(
+                d.span(),
+                key("idle_sleep"),
+                format!(
+                    "must be at least {MIN_IDLE_SLEEP:?}, got {:?}",
+                    d.get_ref().0
+                ),
+            ))
+        }
+        Some(d) => d.into_inner().0,
+    };
 
     Ok(PoolConfig {
         name: p.name.into_inner(),
@@ -1096,7 +1136,7 @@ fn build_pool(
         max_queue,
         max_attempts,
         job_timeout: nonzero(p.job_timeout.map_or(Duration::from_secs(60), |d| d.0)),
-        idle_sleep: p.idle_sleep.map_or(Duration::from_secs(1), |d| d.0),
+        idle_sleep,
         max_jobs: nonzero(max_jobs),
         max_lifetime: p.max_lifetime.and_then(|d| nonzero(d.0)),
         max_rss: p.max_rss.and_then(|s| nonzero(s.0)),
@@ -1499,6 +1539,11 @@ max_jobs = 0
             &format!("{POOL}job_timeout = true\n"),
             4,
             "pool[0].job_timeout: invalid type: boolean `true`, expected a duration",
+        );
+        env.err(
+            &format!("{POOL}idle_sleep = \"0\"\n"),
+            4,
+            ":4:14: pool[0].idle_sleep: must be at least 10ms, got 0ns",
         );
     }
 

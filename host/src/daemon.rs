@@ -43,7 +43,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 /// The held pidfile lock.
 pub struct Pidfile {
     path: PathBuf,
-    lock_path: PathBuf,
     /// Holding this open holds the flock. No Drop impl: closing it in a forked worker must not
     /// release the master's lock (flock locks belong to the open file, shared across fork).
     _lock: File,
@@ -74,7 +73,7 @@ impl Pidfile {
                     .map(|s| s.trim().to_string())
                     .unwrap_or_default();
                 let pid = if pid.is_empty() {
-                    "unknown".to_string()
+                    "unknown (it is still starting)".to_string()
                 } else {
                     pid
                 };
@@ -96,7 +95,6 @@ impl Pidfile {
         }
         Ok(Pidfile {
             path: path.to_owned(),
-            lock_path,
             _lock: lock,
         })
     }
@@ -109,10 +107,11 @@ impl Pidfile {
         fs::rename(&tmp, &self.path).map_err(io_err(context))
     }
 
-    /// A clean exit: remove the pidfile and its lock file.
+    /// A clean exit: remove the pidfile. The lock file stays: unlinking it while a second
+    /// master has it open and waits for the lock would let a third lock a new file of the
+    /// same name, and two masters would run.
     pub fn remove(self) {
         let _ = fs::remove_file(&self.path);
-        let _ = fs::remove_file(&self.lock_path);
     }
 }
 

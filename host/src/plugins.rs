@@ -427,7 +427,16 @@ fn rename_path(mut error: PluginError, from: &Path, to: &Path) -> PluginError {
 
 /// Loads a library into this process. Only call it on a file that passed [`probe`].
 fn load_in_process(path: &Path) -> Result<PluginModRef, PluginError> {
-    let header = lib_header_from_path(path).map_err(|e| classify(path, e))?;
+    // dlopen looks a name without a slash up in the library search path (and could load a
+    // system library of that name): always hand it a path with one.
+    let with_slash;
+    let file = if path.components().count() > 1 || path.is_absolute() {
+        path
+    } else {
+        with_slash = Path::new(".").join(path);
+        &with_slash
+    };
+    let header = lib_header_from_path(file).map_err(|e| classify(path, e))?;
     header
         .init_root_module::<PluginModRef>()
         .map_err(|e| classify(path, e))

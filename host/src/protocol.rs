@@ -23,6 +23,9 @@ pub mod kind {
     pub const JOB: u8 = 3;
     /// worker → master: `u64 key | u8 status (0 ok, 1 failed) | body`.
     pub const OUTCOME: u8 = 4;
+    /// worker → master: `u8 (1: holding back — the system is short of memory, no job is
+    /// started until it says 0; 0: taking jobs again)`.
+    pub const HOLD: u8 = 5;
 }
 
 /// How a job ended, as a client sees it.
@@ -95,6 +98,9 @@ pub enum Frame<'a> {
         ok: bool,
         body: &'a [u8],
     },
+    Hold {
+        paused: bool,
+    },
 }
 
 impl fmt::Display for Frame<'_> {
@@ -110,6 +116,7 @@ impl fmt::Display for Frame<'_> {
             Frame::Outcome { key, ok, body } => {
                 write!(f, "outcome {key} ok={ok} ({} bytes)", body.len())
             }
+            Frame::Hold { paused } => write!(f, "hold paused={paused}"),
         }
     }
 }
@@ -172,6 +179,12 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
                 body: &body[9..],
             })
         }
+        kind::HOLD => match body {
+            [0] => Ok(Frame::Hold { paused: false }),
+            [1] => Ok(Frame::Hold { paused: true }),
+            [other] => Err(FrameError::BadStatus(*other)),
+            _ => Err(short()),
+        },
         other => Err(FrameError::UnknownKind(other)),
     }
 }
@@ -211,6 +224,11 @@ pub fn put_outcome(out: &mut Vec<u8>, key: u64, ok: bool, body: &[u8]) {
     out.extend_from_slice(&key.to_be_bytes());
     out.push(u8::from(!ok));
     out.extend_from_slice(body);
+}
+
+pub fn put_hold(out: &mut Vec<u8>, paused: bool) {
+    put_header(out, kind::HOLD, 1);
+    out.push(u8::from(paused));
 }
 
 /// An incoming byte stream cut into frames, with a size limit checked on the length prefix —

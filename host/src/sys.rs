@@ -18,11 +18,6 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("cannot parse {what}"))
 }
 
-/// This process's resident set size in bytes (`/proc/self/statm`, one cheap read).
-pub fn own_rss() -> io::Result<u64> {
-    rss_from_statm(&fs::read_to_string("/proc/self/statm")?)
-}
-
 /// Another process's resident set size in bytes.
 pub fn rss_of(pid: Pid) -> io::Result<u64> {
     rss_from_statm(&fs::read_to_string(format!("/proc/{pid}/statm"))?)
@@ -44,6 +39,16 @@ pub fn pss_of(pid: Pid) -> io::Result<u64> {
     kib_field(&text, "Pss:").ok_or_else(|| bad("smaps_rollup"))
 }
 
+/// This process's own memory in bytes: the pages no other process maps (`Private_Clean` +
+/// `Private_Dirty` of `/proc/self/smaps_rollup`, the "USS"). Pages a worker still shares
+/// copy-on-write with the master — a preloaded table — do not count until it writes them.
+pub fn own_private() -> io::Result<u64> {
+    let text = fs::read_to_string("/proc/self/smaps_rollup")?;
+    let clean = kib_field(&text, "Private_Clean:").ok_or_else(|| bad("smaps_rollup"))?;
+    let dirty = kib_field(&text, "Private_Dirty:").ok_or_else(|| bad("smaps_rollup"))?;
+    Ok(clean + dirty)
+}
+
 /// The system's `MemAvailable` in bytes.
 pub fn mem_available() -> io::Result<u64> {
     kib_field(&fs::read_to_string("/proc/meminfo")?, "MemAvailable:").ok_or_else(|| bad("meminfo"))
@@ -61,9 +66,11 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let rss = own_rss().unwrap();
+        let rss = rss_of(Pid::this()).unwrap();
         assert!(rss > 1 << 20, "rss {rss}");
         assert!(pss_of(Pid::this()).unwrap() > 0);
+        let own = own_private().unwrap();
+        assert!(own > 0 && own <= rss, "private {own} of rss {rss}");
         assert!(mem_available().unwrap() > 0);
         assert_eq!(kib_field("Pss:   12 kB\n", "Pss:"), Some(12 * 1024));
     }

@@ -131,3 +131,17 @@ fn inspects_several_files_and_fails_if_any_is_refused() {
         .assert_stdout_has("name:        hash\n");
     run.assert_stderr_has("cannot read plugin nothere.so");
 }
+
+#[test]
+fn a_bare_file_name_is_the_file_in_the_working_directory_not_a_library_search() {
+    // dlopen("libecho.so") would search the library path; jobhost means the file right here.
+    let env = Env::new();
+    fs::copy(demo_plugin("echo"), env.path().join("libecho.so")).unwrap();
+    env.jobhost(&["plugin", "inspect", "libecho.so"])
+        .assert_code(0)
+        .assert_stdout_has("name:        echo\n");
+    // And a bare name that is not here is "not found", not some system library.
+    env.jobhost(&["plugin", "inspect", "libc.so.6"])
+        .assert_code(1)
+        .assert_stderr_has("libc.so.6");
+}

@@ -223,7 +223,7 @@ fn a_worker_whose_rss_passes_max_rss_is_recycled() {
     assert!(
         master
             .log_text()
-            .contains("recycling after 1 jobs: max_rss: RSS 1"),
+            .contains("recycling after 1 jobs: max_rss: its own memory 1"),
         "{}",
         master.log_text()
     );

@@ -63,7 +63,7 @@ pub(super) struct AdminConn {
     authed: bool,
     /// Close once the output is written (quit, bad input).
     closing: bool,
-    wants_write: bool,
+    interest: EpollFlags,
 }
 
 /// The admin listeners, bound at start-up.
@@ -161,7 +161,7 @@ impl Master {
                 out: Vec::new(),
                 authed: !tcp,
                 closing: false,
-                wants_write: false,
+                interest: EpollFlags::EPOLLIN,
             };
             self.admins.insert(id, conn);
         }
@@ -300,7 +300,8 @@ impl Master {
 
     fn pool_named(&self, name: &str) -> Result<usize, String> {
         self.pool_index.get(name).copied().ok_or_else(|| {
-            let names: Vec<&str> = self.pools.iter().map(|p| p.config.name.as_str()).collect();
+            let mut names: Vec<&str> = self.pool_index.keys().map(String::as_str).collect();
+            names.sort_unstable();
             format!("ERR no pool {name:?} (pools: {})\n", names.join(", "))
         })
     }
@@ -441,14 +442,17 @@ impl Master {
         if dead || (conn.closing && conn.out.is_empty()) || conn.out.len() > MAX_ADMIN_OUT {
             return self.drop_admin(id);
         }
-        let wants_write = !conn.out.is_empty();
-        if wants_write != conn.wants_write {
-            conn.wants_write = wants_write;
-            let flags = if wants_write {
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
-            } else {
-                EpollFlags::EPOLLIN
-            };
+        // A closing session is not read any more: asking for EPOLLIN then would report the
+        // same unread bytes on every wait (a spin) until its output drained.
+        let mut flags = EpollFlags::empty();
+        if !conn.closing {
+            flags |= EpollFlags::EPOLLIN;
+        }
+        if !conn.out.is_empty() {
+            flags |= EpollFlags::EPOLLOUT;
+        }
+        if flags != conn.interest {
+            conn.interest = flags;
             let mut event = EpollEvent::new(flags, (KIND_ADMIN << KIND_SHIFT) | id);
             if let Some(epoll) = &self.epoll {
                 let _ = epoll.modify(conn.stream.fd(), &mut event);
@@ -473,6 +477,7 @@ impl Master {
             .pools
             .iter()
             .enumerate()
+            .filter(|(_, pool)| !pool.gone())
             .map(|(idx, pool)| {
                 let of_pool = || self.workers.values().filter(move |w| w.pool == idx);
                 let running = of_pool().filter(|w| !w.draining()).count();
@@ -511,6 +516,8 @@ impl Master {
                     generation: w.generation,
                     state: if w.draining() {
                         "draining"
+                    } else if w.holding {
+                        "holding"
                     } else if w.in_flight.is_empty() {
                         "idle"
                     } else {

@@ -155,6 +155,8 @@ struct Worker {
     /// Jobs sent, in order; the head is the one running.
     in_flight: VecDeque<u64>,
     head_started: Option<Instant>,
+    /// Holding back for lack of memory (it said so): sent no jobs, its head not timed.
+    holding: bool,
     started: Instant,
     jobs_done: u64,
     kill: Option<Kill>,
@@ -415,14 +417,19 @@ impl Master {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for w in self.workers.values() {
+            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent) {
+                continue;
+            }
             if let Some(kill) = &w.kill {
-                if !kill.sigkill_sent {
-                    consider(kill.sigkill_at);
+                consider(kill.sigkill_at);
+            }
+            // Also while draining after a stop (see enforce_timeouts), not after a timeout.
+            if w.kill.as_ref().is_none_or(|k| k.reason == KillReason::Stop) {
+                if let (Some(started), Some(timeout)) =
+                    (w.head_started, self.pools[w.pool].config.job_timeout)
+                {
+                    consider(started + timeout);
                 }
-            } else if let (Some(started), Some(timeout)) =
-                (w.head_started, self.pools[w.pool].config.job_timeout)
-            {
-                consider(started + timeout);
             }
         }
         for (idx, pool) in self.pools.iter().enumerate() {
@@ -433,7 +440,11 @@ impl Master {
             }
         }
         if let Phase::Stopping { deadline } = self.phase {
-            consider(deadline);
+            // Once passed, enforce_timeouts has SIGKILLed every worker: what is left is
+            // reaping, which SIGCHLD wakes us for (no 1 ms spin meanwhile).
+            if deadline > Instant::now() {
+                consider(deadline);
+            }
         }
         if let Some(t) = self.accept_paused_until {
             consider(t);
@@ -512,6 +523,15 @@ impl Master {
             self.requeue_front(key);
         }
 
+        // A worker that leaves of its own accord before its first result cannot get going:
+        // besides crashing, it may recycle or exit cleanly at once (a max_rss under what it
+        // starts with, exit(0) in worker_start). Forking it again at once would be a loop.
+        let went_early = worker.jobs_done == 0
+            && worker.kill.is_none()
+            && matches!(
+                ending,
+                Ending::Stopped | Ending::Recycled(Limit::MaxRss | Limit::MaxJobs)
+            );
         let pool = &mut self.pools[pool_idx];
         match &ending {
             Ending::PluginStopped => {
@@ -521,7 +541,7 @@ impl Master {
             // A worker that had finished jobs died of a job (or of an outside kill): replace it
             // at once. One that dies before its first result is what a crash loop looks like.
             e if e.is_crash() && worker.jobs_done > 0 => {}
-            e if e.is_crash() => {
+            e if e.is_crash() || went_early => {
                 let was_failing = pool.backoff.is_failing(now);
                 let delay = pool.backoff.crashed(now);
                 if pool.backoff.is_failing(now) && !was_failing {
@@ -700,10 +720,28 @@ impl Master {
         if let Err(e) = crate::logging::reopen() {
             log::error!("cannot reopen the log file: {e}");
         }
+        self.give_log_file_to_workers();
         for w in self.workers.values() {
             let _ = kill(w.pid, Signal::SIGUSR1);
         }
         log::info!("SIGUSR1: log reopened");
+    }
+
+    /// Workers that dropped to `host.user` reopen the log file by name on SIGUSR1: it must be
+    /// theirs to open. (They write to it anyway, through the descriptor they inherit.)
+    fn give_log_file_to_workers(&self) {
+        let (Some(identity), crate::config::LogTarget::File(path)) =
+            (&self.identity, &self.config.host.log)
+        else {
+            return;
+        };
+        if let Err(e) = nix::unistd::chown(path, Some(identity.uid), Some(identity.gid)) {
+            log::warn!(
+                "cannot give the log file {} to {:?}: {e}; workers cannot reopen it on SIGUSR1",
+                path.display(),
+                identity.name
+            );
+        }
     }
 
     /// Asks a worker to finish its current job and exit; SIGKILL at `deadline` if it has not.
@@ -839,6 +877,11 @@ impl Master {
             return;
         };
         if conn.paused {
+            // Not reading it (it holds too much), but a hang-up still ends it: epoll reports
+            // HUP/ERR even with no events asked for, and would do so on every wait.
+            if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                self.drop_client(id);
+            }
             return;
         }
         let closed = matches!(conn.read(&mut self.scratch), ReadOutcome::Closed);
@@ -960,6 +1003,16 @@ impl Master {
             let (key, ok, body) = match worker.reader.next().map(|f| f.map(protocol::decode)) {
                 Ok(None) => return,
                 Ok(Some(Ok(Frame::Outcome { key, ok, body }))) => (key, ok, body.to_vec()),
+                Ok(Some(Ok(Frame::Hold { paused }))) => {
+                    // Short of memory, the worker starts no job: the one at the head of its
+                    // queue has not started, so its job_timeout does not run meanwhile.
+                    worker.holding = paused;
+                    worker.head_started = match paused || worker.in_flight.is_empty() {
+                        true => None,
+                        false => Some(Instant::now()),
+                    };
+                    continue;
+                }
                 Ok(Some(Ok(other))) => {
                     log::error!(
                         "worker {} sent an unexpected {other}; killing it",
@@ -1023,32 +1076,51 @@ impl Master {
         let now = Instant::now();
         self.resume_accept_if_due();
         for worker in self.workers.values_mut() {
+            let pool = &self.pools[worker.pool];
+            let job_timeout = pool.config.job_timeout;
+            let overdue = |started: Instant, timeout: Duration| {
+                now.saturating_duration_since(started) >= timeout
+            };
+            let timed_out = match (worker.head_started, job_timeout) {
+                (Some(started), Some(timeout)) => overdue(started, timeout),
+                _ => false,
+            };
             match &mut worker.kill {
-                Some(kill_state) => {
-                    if !kill_state.sigkill_sent && now >= kill_state.sigkill_at {
-                        log::warn!("worker {} did not exit in time; SIGKILL", worker.pid);
-                        let _ = kill(worker.pid, Signal::SIGKILL);
-                        kill_state.sigkill_sent = true;
-                    }
+                Some(kill_state) if kill_state.sigkill_sent => {}
+                Some(kill_state) if now >= kill_state.sigkill_at => {
+                    log::warn!("worker {} did not exit in time; SIGKILL", worker.pid);
+                    let _ = kill(worker.pid, Signal::SIGKILL);
+                    kill_state.sigkill_sent = true;
                 }
-                None => {
-                    let timeout = self.pools[worker.pool].config.job_timeout;
-                    if let (Some(started), Some(timeout)) = (worker.head_started, timeout) {
-                        if now.saturating_duration_since(started) >= timeout {
-                            log::warn!(
-                                "worker {} (pool {}): job ran past job_timeout {timeout:?}; SIGTERM, SIGKILL in {KILL_GRACE:?}",
-                                worker.pid,
-                                self.pools[worker.pool].config.name
-                            );
-                            let _ = kill(worker.pid, Signal::SIGTERM);
-                            worker.kill = Some(Kill {
-                                reason: KillReason::Timeout,
-                                sigkill_at: now + KILL_GRACE,
-                                sigkill_sent: false,
-                            });
-                        }
-                    }
+                // A draining worker (told to stop after its job) still answers to job_timeout:
+                // a hung job must not hold a reload or a shutdown until its grace runs out, nor
+                // go back to the queue as if it had never run.
+                Some(kill_state) if kill_state.reason == KillReason::Stop && timed_out => {
+                    log::warn!(
+                        "worker {} (pool {}, draining): job ran past job_timeout {:?}; SIGKILL in {KILL_GRACE:?}",
+                        worker.pid,
+                        pool.config.name,
+                        job_timeout.unwrap_or_default()
+                    );
+                    kill_state.reason = KillReason::Timeout;
+                    kill_state.sigkill_at = kill_state.sigkill_at.min(now + KILL_GRACE);
                 }
+                Some(_) => {}
+                None if timed_out => {
+                    log::warn!(
+                        "worker {} (pool {}): job ran past job_timeout {:?}; SIGTERM, SIGKILL in {KILL_GRACE:?}",
+                        worker.pid,
+                        pool.config.name,
+                        job_timeout.unwrap_or_default()
+                    );
+                    let _ = kill(worker.pid, Signal::SIGTERM);
+                    worker.kill = Some(Kill {
+                        reason: KillReason::Timeout,
+                        sigkill_at: now + KILL_GRACE,
+                        sigkill_sent: false,
+                    });
+                }
+                None => {}
             }
         }
         if let Phase::Stopping { deadline } = self.phase {
@@ -1169,6 +1241,7 @@ impl Master {
                         wants_write: false,
                         in_flight: VecDeque::new(),
                         head_started: None,
+                        holding: false,
                         started: Instant::now(),
                         jobs_done: 0,
                         kill: None,
@@ -1237,7 +1310,9 @@ impl Master {
                 let target = self
                     .workers
                     .values()
-                    .filter(|w| w.pool == idx && !w.draining() && w.in_flight.len() < prefetch)
+                    .filter(|w| {
+                        w.pool == idx && !w.draining() && !w.holding && w.in_flight.len() < prefetch
+                    })
                     // Never send a worker more jobs than it will run before max_jobs recycles it.
                     .filter(|w| {
                         max_jobs.is_none_or(|max| w.jobs_done + (w.in_flight.len() as u64) < max)
@@ -1447,6 +1522,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), Box<dyn std::e
     );
     // Plugins loaded and sockets bound while still attached: errors reach the terminal.
     let mut master = Master::start(config)?;
+    master.give_log_file_to_workers();
     let ready = if options.daemon {
         Some(crate::daemon::detach()?)
     } else {

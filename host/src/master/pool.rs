@@ -32,6 +32,8 @@ pub enum PoolState {
     Failing,
     /// Stopped by the plugin (loop mode) or an operator: not refilled.
     Stopped,
+    /// Removed from the config by a reload: runs its queue to the end, takes no new jobs.
+    Removed,
 }
 
 impl PoolState {
@@ -41,6 +43,7 @@ impl PoolState {
             PoolState::BackingOff => "backing-off",
             PoolState::Failing => "failing",
             PoolState::Stopped => "stopped",
+            PoolState::Removed => "removed",
         }
     }
 }
@@ -101,7 +104,15 @@ impl Pool {
         }
     }
 
+    /// Removed from the config and drained: nothing of it is left but its counters.
+    pub fn gone(&self) -> bool {
+        self.retiring && self.instance.is_none()
+    }
+
     pub fn state(&self, now: Instant) -> PoolState {
+        if self.retiring {
+            return PoolState::Removed;
+        }
         if self.stopped {
             return PoolState::Stopped;
         }

@@ -37,8 +37,11 @@ impl Master {
         log::info!("reloading {}", self.config.path.display());
         crate::daemon::notify("RELOADING=1");
         let outcome = self.try_reload();
-        // Whether or not it worked, the master serves again (systemd waits for this).
-        crate::daemon::notify("READY=1");
+        // Whether or not it worked, the master serves again (systemd waits for this) — if it
+        // had said it was ready in the first place.
+        if self.ready_notified {
+            crate::daemon::notify("READY=1");
+        }
         let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         match &outcome {
             Ok(summary) => {
@@ -165,7 +168,15 @@ impl Master {
         for idx in 0..self.pools.len() {
             if !still_here.contains(&idx) && !self.pools[idx].retiring {
                 self.pools[idx].retiring = true;
-                removed.push(self.pools[idx].config.name.clone());
+                let name = self.pools[idx].config.name.clone();
+                if self.pools[idx].stopped {
+                    // Stopped by an operator: its queue will not run; answer it now.
+                    let reason = format!("pool {name} was removed from the config while stopped");
+                    while let Some(key) = self.pools[idx].queue.pop_front() {
+                        self.answer(key, crate::protocol::Status::Failed, reason.as_bytes());
+                    }
+                }
+                removed.push(name);
             }
         }
         self.pool_index = still_here
@@ -250,7 +261,17 @@ impl Master {
                 .values()
                 .any(|w| w.pool == idx && !w.in_flight.is_empty());
             let drained = pool.queue.is_empty() && !in_flight;
-            if drained && pool.wanted > 0 {
+            if drained && pool.wanted == 0 && pool.instance.is_some() {
+                if !self.workers.values().any(|w| w.pool == idx) {
+                    // Gone for good: free what its init built in the master (the build stays
+                    // mapped; its private copy is deleted once unused).
+                    log::info!(
+                        "pool {} (removed from the config) is gone",
+                        pool.config.name
+                    );
+                    self.pools[idx].instance = None;
+                }
+            } else if drained && pool.wanted > 0 {
                 log::info!(
                     "pool {} (removed from the config) has drained; stopping its workers",
                     pool.config.name

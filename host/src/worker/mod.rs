@@ -204,6 +204,8 @@ fn batch_loop(
     let mut memory = MemoryGate::new(pool.min_available_memory);
     let mut jobs_done: u64 = 0;
     let mut last_job = Duration::ZERO;
+    // The master has been told this worker holds back for lack of memory.
+    let mut holding = false;
 
     loop {
         callbacks.dispatch(&signals.take(), &mut state);
@@ -224,7 +226,15 @@ fn batch_loop(
             return WorkerExit::Recycled(limit);
         }
         last_job = Duration::ZERO;
-        if memory.low() {
+        let low = memory.low();
+        if low != holding {
+            holding = low;
+            if let Err(e) = source.hold(low) {
+                log::error!("talking to the master failed: {e}; exiting");
+                return WorkerExit::MasterGone;
+            }
+        }
+        if low {
             wait(signals, None, Some(Duration::from_secs(1)));
             continue;
         }
@@ -283,13 +293,18 @@ struct Limits {
     started: Instant,
     max_lifetime: Option<Duration>,
     max_rss: Option<u64>,
-    last_rss: u64,
+    /// The worker's own memory when last measured (for the log).
+    last_own: u64,
     next_rss_check: Instant,
+    next_own_check: Instant,
 }
 
-/// Reading /proc/self/statm costs a few µs. It is read before the next job after any job that
-/// took at least `RSS_CHECK_AFTER_JOB` (a job that grew the heap by much took that long), and
-/// otherwise at most every `RSS_CHECK_EVERY` — so a stream of tiny jobs stays fast.
+/// `max_rss` is about the worker's *own* memory (private pages), which only
+/// /proc/self/smaps_rollup tells — a page-table walk, slow for a worker that maps a large
+/// preloaded table. So the cheap RSS (/proc/self/statm, a few µs, and never below the private
+/// part) is read first, before the next job after any job that took `RSS_CHECK_AFTER_JOB` (a
+/// job that grew the heap by much took that long) and otherwise every `RSS_CHECK_EVERY`; only
+/// an RSS over the limit has the private part measured, at most every `RSS_CHECK_EVERY`.
 const RSS_CHECK_EVERY: Duration = Duration::from_millis(100);
 const RSS_CHECK_AFTER_JOB: Duration = Duration::from_millis(1);
 
@@ -301,8 +316,9 @@ impl Limits {
             started: now,
             max_lifetime: pool.max_lifetime,
             max_rss: pool.max_rss,
-            last_rss: 0,
+            last_own: 0,
             next_rss_check: now,
+            next_own_check: now,
         }
     }
 
@@ -320,9 +336,13 @@ impl Limits {
             let now = Instant::now();
             if now >= self.next_rss_check || last_job >= RSS_CHECK_AFTER_JOB {
                 self.next_rss_check = now + RSS_CHECK_EVERY;
-                self.last_rss = crate::sys::own_rss().unwrap_or(0);
-                if self.last_rss > max {
-                    return Some(Limit::MaxRss);
+                let rss = crate::sys::rss_of(nix::unistd::Pid::this()).unwrap_or(0);
+                if rss > max && now >= self.next_own_check {
+                    self.next_own_check = now + RSS_CHECK_EVERY;
+                    self.last_own = crate::sys::own_private().unwrap_or(0);
+                    if self.last_own > max {
+                        return Some(Limit::MaxRss);
+                    }
                 }
             }
         }
@@ -343,8 +363,8 @@ impl Limits {
                 self.max_lifetime.unwrap_or_default()
             ),
             Limit::MaxRss => format!(
-                "max_rss: RSS {} MiB is over {} MiB",
-                self.last_rss >> 20,
+                "max_rss: its own memory {} MiB is over {} MiB",
+                self.last_own >> 20,
                 self.max_rss.unwrap_or(0) >> 20
             ),
         }

@@ -34,6 +34,12 @@ pub trait JobSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next>;
     /// An fd whose readability means "work may be there" (job mode's channel).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The worker holds back (the system is short of memory) or takes work again: job mode
+    /// tells the master, so it sends no more jobs meanwhile and does not count the wait
+    /// against `job_timeout`.
+    fn hold(&mut self, _paused: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The most a single job frame may be: the master enforces `max_payload` on clients; this
@@ -137,6 +143,11 @@ impl JobSource for MasterSource {
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.channel.as_fd())
+    }
+
+    fn hold(&mut self, paused: bool) -> io::Result<()> {
+        protocol::put_hold(&mut self.out, paused);
+        self.flush()
     }
 }
 
