@@ -266,6 +266,26 @@ pub struct Loaded {
     pub private: PathBuf,
 }
 
+/// A build on its way in: its private copy is written, it is not loaded yet (see
+/// [`Registry::stage`]).
+#[derive(Clone)]
+pub struct Staged {
+    pub hash: ContentHash,
+    /// The user's file.
+    pub source: PathBuf,
+    /// The private copy, which probes load.
+    pub private: PathBuf,
+    /// The same build, if this process loaded it before.
+    pub loaded: Option<Loaded>,
+}
+
+impl Staged {
+    /// Makes an error about the private copy name the user's file instead.
+    pub fn rename(&self, e: PluginError) -> PluginError {
+        rename_path(e, &self.private, &self.source)
+    }
+}
+
 /// Every plugin build this process has loaded, by content hash.
 ///
 /// The same bytes are loaded once, however many pools use them; a changed file (new hash)
@@ -300,52 +320,71 @@ impl Registry {
 
     /// Loads the current content of `source`: copies it privately, probes the copy in a child
     /// (with `init` for each of `probe_settings`, bounded by `init_timeout`), then loads it here.
-    /// Loading unchanged bytes again returns the library already loaded, without a probe.
+    /// Loading unchanged bytes again returns the library already loaded; it is probed only to
+    /// try `init` with `probe_settings`.
     pub fn load(
         &mut self,
         source: &Path,
         probe_settings: &[String],
         init_timeout: Duration,
     ) -> Result<Loaded, PluginError> {
+        let staged = self.stage(source)?;
+        if staged.loaded.is_none() || !probe_settings.is_empty() {
+            probe(&staged.private, probe_settings, init_timeout).map_err(|e| staged.rename(e))?;
+        }
+        self.commit(&staged)
+    }
+
+    /// The first step of loading, cheap and safe: reads `source`, hashes it, and makes sure
+    /// its private copy exists. The copy must pass a probe before [`Registry::commit`].
+    pub fn stage(&mut self, source: &Path) -> Result<Staged, PluginError> {
         let bytes = fs::read(source).map_err(|e| PluginError::Unreadable {
             path: source.to_owned(),
             source: e,
         })?;
         let hash = ContentHash::of(&bytes);
-        if let Some(loaded) = self.loaded.get_mut(&hash) {
-            // Already mapped. Its private copy may have been deleted when nothing used it:
-            // the probe needs the file, so write it again.
-            if !loaded.private.exists() {
-                loaded.private = write_private_copy(&self.private_dir, source, &bytes, &hash)?;
-            }
-            // New settings still get their init tried in a probe first.
-            if !probe_settings.is_empty() {
-                probe(&loaded.private, probe_settings, init_timeout)
-                    .map_err(|e| rename_path(e, &loaded.private, source))?;
-            }
+        let loaded = self.loaded.get(&hash).cloned();
+        let private = match &loaded {
+            // Already mapped; its private copy may have been deleted when nothing used it, but
+            // a probe and new workers' bookkeeping need the file: write it again.
+            Some(l) if l.private.exists() => l.private.clone(),
+            _ => write_private_copy(&self.private_dir, source, &bytes, &hash)?,
+        };
+        if let Some(l) = self.loaded.get_mut(&hash) {
+            l.private = private.clone();
+        }
+        Ok(Staged {
+            hash,
+            source: source.to_owned(),
+            private,
+            loaded,
+        })
+    }
+
+    /// The last step: loads a staged build into this process (once per build; a build loaded
+    /// before is returned as it is). Only for a build whose private copy passed a probe.
+    pub fn commit(&mut self, staged: &Staged) -> Result<Loaded, PluginError> {
+        if let Some(loaded) = self.loaded.get(&staged.hash) {
             return Ok(Loaded {
-                source: source.to_owned(),
+                source: staged.source.clone(),
                 ..loaded.clone()
             });
         }
-        let private = write_private_copy(&self.private_dir, source, &bytes, &hash)?;
-        // Errors from here on name the user's file, not our copy of it.
-        let rename = |e: PluginError| rename_path(e, &private, source);
-        probe(&private, probe_settings, init_timeout).map_err(rename)?;
-        let module = load_in_process(&private).map_err(rename)?;
-        let library = Library { module, hash };
+        let module = load_in_process(&staged.private).map_err(|e| staged.rename(e))?;
+        let library = Library {
+            module,
+            hash: staged.hash,
+        };
         let loaded = Loaded {
             library,
             info: library.info(),
-            source: source.to_owned(),
-            private,
+            source: staged.source.clone(),
+            private: staged.private.clone(),
         };
-        self.loaded.insert(hash, loaded.clone());
+        self.loaded.insert(staged.hash, loaded.clone());
         Ok(loaded)
     }
 
-    /// Deletes the private copies of every build not in `in_use`. The builds stay mapped in
-    /// this process (abi_stable never unloads); only the files go. Returns the paths deleted.
     pub fn delete_unused(&self, in_use: &[ContentHash]) -> Vec<PathBuf> {
         let mut deleted = Vec::new();
         for (hash, loaded) in &self.loaded {
@@ -584,7 +623,9 @@ impl ProbeFailure {
 }
 
 /// Loads `path` in a throw-away child, checks it, and runs `init` once per entry of
-/// `init_settings`; returns the plugin's metadata. Nothing is loaded in this process.
+/// `init_settings`; returns the plugin's metadata. Nothing is loaded in this process. Waits
+/// for the child (at most `init_timeout`); the master, which must not stop for that long, uses
+/// a [`ProbeRun`] in its poll loop instead.
 ///
 /// The caller must be single-threaded (the master, the CLI): the child is forked, not exec'd.
 pub fn probe(
@@ -592,72 +633,218 @@ pub fn probe(
     init_settings: &[String],
     init_timeout: Duration,
 ) -> Result<Info, PluginError> {
-    // A plain message for the commonest mistake, before dlopen words it its own way.
-    fs::File::open(path).map_err(|source| PluginError::Unreadable {
-        path: path.to_owned(),
-        source,
-    })?;
-    let io = |context: &str| {
-        let context = format!("{context} for probing {}", path.display());
-        move |e: nix::Error| PluginError::Io {
-            context,
-            source: io::Error::from(e),
+    let mut run = ProbeRun::start(path, init_settings, init_timeout)?;
+    loop {
+        let left = run.deadline().saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return run.finish(true);
         }
-    };
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io("cannot create a pipe"))?;
-    // SAFETY: the child only loads the library, runs init, writes to the pipe and `_exit`s; the
-    // callers (master before its loop, CLI) hold no other threads whose locks it could need.
-    let parent = nix::unistd::getpid();
-    match unsafe { fork() }.map_err(io("cannot fork"))? {
-        ForkResult::Child => {
-            drop(read_end);
-            // A signal for the probe is the probe's, not the master's; and a probe hung in
-            // `init` dies with whoever started it.
-            crate::signals::reset_after_fork();
-            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-            if nix::unistd::getppid() != parent {
-                // SAFETY: as below.
-                unsafe { nix::libc::_exit(4) }
-            }
-            let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                probe_child(path, init_settings, write_end)
-            }))
-            .map_or(3, |()| 0);
-            // SAFETY: `_exit` skips atexit handlers and stdio flushing that belong to the parent.
-            unsafe { nix::libc::_exit(status) }
-        }
-        ForkResult::Parent { child } => {
-            drop(write_end);
-            let started = Instant::now();
-            let (lines, timed_out) = read_probe_report(read_end, started, init_timeout, path)?;
-            let stage = lines.iter().rev().find_map(|l| match l {
-                ProbeLine::Stage(s) => Some(*s),
-                _ => None,
-            });
-            if timed_out {
-                let _ = kill(child, Signal::SIGKILL);
-            }
-            let status = waitpid(child, None).map_err(io("cannot wait for the probe child"))?;
-            let stage = stage.unwrap_or(ProbeStage::Loading);
-            if timed_out {
-                return Err(PluginError::ProbeTimeout {
+        let millis =
+            u16::try_from(left.as_millis().min(u128::from(u16::MAX - 1))).unwrap_or(u16::MAX - 1);
+        let mut fds = [PollFd::new(run.fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(millis.max(1))) {
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                run.kill();
+                return Err(PluginError::Probe {
                     path: path.to_owned(),
-                    stage,
-                    timeout: init_timeout,
+                    detail: format!("poll: {e}"),
                 });
             }
-            for line in lines {
-                match line {
-                    ProbeLine::Loaded(info) if status == WaitStatus::Exited(child, 0) => {
-                        return Ok(info)
-                    }
-                    ProbeLine::Failed(failure) => return Err(failure.into_error(path)),
-                    _ => {}
-                }
-            }
-            Err(probe_death(path, stage, status, child))
         }
+        if run.read_report() {
+            return run.finish(false);
+        }
+    }
+}
+
+/// A probe child at work. [`ProbeRun::start`] forks it; the caller watches [`ProbeRun::fd`]
+/// (readable: call [`ProbeRun::read_report`]), hands over the exit status if it reaps children
+/// itself ([`ProbeRun::reaped`]), and gets the verdict from [`ProbeRun::finish`] once the
+/// child closed its end of the pipe — or at [`ProbeRun::deadline`], which kills it.
+pub struct ProbeRun {
+    path: PathBuf,
+    child: Pid,
+    pipe: fs::File,
+    report: Vec<u8>,
+    eof: bool,
+    status: Option<WaitStatus>,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl ProbeRun {
+    /// Forks the probe child for `path`. The caller must be single-threaded.
+    pub fn start(
+        path: &Path,
+        init_settings: &[String],
+        init_timeout: Duration,
+    ) -> Result<ProbeRun, PluginError> {
+        // A plain message for the commonest mistake, before dlopen words it its own way.
+        fs::File::open(path).map_err(|source| PluginError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        let io = |context: &str| {
+            let context = format!("{context} for probing {}", path.display());
+            move |e: nix::Error| PluginError::Io {
+                context,
+                source: io::Error::from(e),
+            }
+        };
+        let (read_end, write_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io("cannot create a pipe"))?;
+        let parent = nix::unistd::getpid();
+        // SAFETY: the child only loads the library, runs init, writes to the pipe and
+        // `_exit`s; the callers (the master, the CLI) hold no other threads whose locks it
+        // could need.
+        match unsafe { fork() }.map_err(io("cannot fork"))? {
+            ForkResult::Child => {
+                drop(read_end);
+                // A signal for the probe is the probe's, not the master's; and a probe hung
+                // in `init` dies with whoever started it.
+                crate::signals::reset_after_fork();
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                if nix::unistd::getppid() != parent {
+                    // SAFETY: as below.
+                    unsafe { nix::libc::_exit(4) }
+                }
+                let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    probe_child(path, init_settings, write_end)
+                }))
+                .map_or(3, |()| 0);
+                // SAFETY: `_exit` skips atexit handlers and stdio flushing that belong to the
+                // parent.
+                unsafe { nix::libc::_exit(status) }
+            }
+            ForkResult::Parent { child } => {
+                drop(write_end);
+                let pipe = fs::File::from(read_end);
+                let nonblocking = nix::fcntl::fcntl(
+                    &pipe,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                );
+                let run = ProbeRun {
+                    path: path.to_owned(),
+                    child,
+                    pipe,
+                    report: Vec::new(),
+                    eof: false,
+                    status: None,
+                    started: Instant::now(),
+                    timeout: init_timeout,
+                };
+                if let Err(e) = nonblocking {
+                    run.kill();
+                    return Err(io("cannot set up the pipe")(e));
+                }
+                Ok(run)
+            }
+        }
+    }
+
+    /// Readable when the child reported something or closed the pipe.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.pipe.as_fd()
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.child
+    }
+
+    /// When the probe has run out of time.
+    pub fn deadline(&self) -> Instant {
+        self.started + self.timeout
+    }
+
+    /// Reads what the child wrote; true once it closed its end (it finished, or died).
+    pub fn read_report(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        while !self.eof {
+            match self.pipe.read(&mut chunk) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.report.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.eof = true,
+            }
+        }
+        true
+    }
+
+    /// The child's exit status, for a caller that reaps every child itself (the master).
+    pub fn reaped(&mut self, status: WaitStatus) {
+        self.status = Some(status);
+    }
+
+    /// The child closed its pipe and has been reaped: [`ProbeRun::finish`] will not wait.
+    pub fn is_done(&self) -> bool {
+        self.eof && self.status.is_some()
+    }
+
+    fn kill(&self) {
+        let _ = kill(self.child, Signal::SIGKILL);
+    }
+
+    /// Gives up on the probe: kills it without waiting (a caller that reaps every child, the
+    /// master, reaps it later).
+    pub fn abandon(self) {
+        self.kill();
+    }
+
+    /// The verdict. `out_of_time`: the deadline passed first — the child is killed and the
+    /// probe fails with [`PluginError::ProbeTimeout`]. Waits for the child if not reaped yet.
+    pub fn finish(mut self, out_of_time: bool) -> Result<Info, PluginError> {
+        if out_of_time {
+            self.kill();
+        }
+        let status = match self.status {
+            Some(status) => status,
+            None => loop {
+                match waitpid(self.child, None) {
+                    Err(nix::Error::EINTR) => continue,
+                    Ok(status) => break status,
+                    Err(e) => {
+                        return Err(PluginError::Probe {
+                            path: self.path.clone(),
+                            detail: format!("cannot wait for the probe child: {e}"),
+                        })
+                    }
+                }
+            },
+        };
+        // Whatever it wrote before it died places the failure.
+        if !out_of_time {
+            self.read_report();
+        }
+        let lines = parse_lines(&self.report);
+        let path = self.path.as_path();
+        let stage = lines
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                ProbeLine::Stage(s) => Some(*s),
+                _ => None,
+            })
+            .unwrap_or(ProbeStage::Loading);
+        if out_of_time {
+            return Err(PluginError::ProbeTimeout {
+                path: path.to_owned(),
+                stage,
+                timeout: self.timeout,
+            });
+        }
+        for line in lines {
+            match line {
+                ProbeLine::Loaded(info) if status == WaitStatus::Exited(self.child, 0) => {
+                    return Ok(info)
+                }
+                ProbeLine::Failed(failure) => return Err(failure.into_error(path)),
+                _ => {}
+            }
+        }
+        Err(probe_death(path, stage, status, self.child))
     }
 }
 
@@ -683,49 +870,6 @@ fn probe_death(path: &Path, stage: ProbeStage, status: WaitStatus, child: Pid) -
             path: path.to_owned(),
             detail: format!("probe child {child} ended oddly: {other:?}"),
         },
-    }
-}
-
-/// Reads the child's report lines until EOF or the deadline. Returns (lines, timed out).
-fn read_probe_report(
-    pipe: OwnedFd,
-    started: Instant,
-    timeout: Duration,
-    path: &Path,
-) -> Result<(Vec<ProbeLine>, bool), PluginError> {
-    let mut file = fs::File::from(pipe);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Ok((parse_lines(&buf), true));
-        }
-        let millis =
-            u16::try_from(left.as_millis().min(u128::from(u16::MAX - 1))).unwrap_or(u16::MAX - 1);
-        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(millis)) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => {
-                return Err(PluginError::Probe {
-                    path: path.to_owned(),
-                    detail: format!("poll: {e}"),
-                })
-            }
-        }
-        match file.read(&mut chunk) {
-            Ok(0) => return Ok((parse_lines(&buf), false)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(PluginError::Probe {
-                    path: path.to_owned(),
-                    detail: format!("read: {e}"),
-                })
-            }
-        }
     }
 }
 

@@ -63,6 +63,8 @@ pub(super) struct AdminConn {
     authed: bool,
     /// Close once the output is written (quit, bad input).
     closing: bool,
+    /// Waiting for the outcome of its `reload`: its next lines wait, unread.
+    awaiting: bool,
     interest: EpollFlags,
 }
 
@@ -161,6 +163,7 @@ impl Master {
                 out: Vec::new(),
                 authed: !tcp,
                 closing: false,
+                awaiting: false,
                 interest: EpollFlags::EPOLLIN,
             };
             self.admins.insert(id, conn);
@@ -171,6 +174,13 @@ impl Master {
         let Some(conn) = self.admins.get_mut(&id) else {
             return;
         };
+        if conn.awaiting {
+            // Not read while waiting (so it cannot pile up lines); a hang-up still ends it.
+            if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                self.drop_admin(id);
+            }
+            return;
+        }
         let mut closed = false;
         if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
             && !conn.closing
@@ -200,7 +210,7 @@ impl Master {
             let Some(conn) = self.admins.get_mut(&id) else {
                 return;
             };
-            if conn.closing {
+            if conn.closing || conn.awaiting {
                 break;
             }
             let line = match conn.lines.next_line() {
@@ -273,12 +283,15 @@ impl Master {
             Command::Restart { target } => self.admin_restart(target),
             Command::Stop { pool } => self.admin_stop(&pool),
             Command::Start { pool } => self.admin_start(&pool),
-            Command::Reload => match self.reload() {
-                Ok(summary) => format!("{summary}\nOK\n"),
-                Err(reason) => {
-                    crate::admin::err_reply(&format!("reload failed, nothing changed: {reason}"))
+            Command::Reload => {
+                // Answered when the reload is over (its probes run while the master serves);
+                // this session's next lines wait for that answer.
+                if let Some(conn) = self.admins.get_mut(&id) {
+                    conn.awaiting = true;
                 }
-            },
+                self.request_reload(Some(id));
+                String::new()
+            }
             Command::Shutdown { now } => {
                 if now {
                     self.handle_quit();
@@ -445,7 +458,7 @@ impl Master {
         // A closing session is not read any more: asking for EPOLLIN then would report the
         // same unread bytes on every wait (a spin) until its output drained.
         let mut flags = EpollFlags::empty();
-        if !conn.closing {
+        if !conn.closing && !conn.awaiting {
             flags |= EpollFlags::EPOLLIN;
         }
         if !conn.out.is_empty() {
@@ -458,6 +471,16 @@ impl Master {
                 let _ = epoll.modify(conn.stream.fd(), &mut event);
             }
         }
+    }
+
+    /// The deferred reply to a session's `reload`: send it, then go on with its next lines.
+    pub(super) fn answer_admin(&mut self, id: u64, reply: &str) {
+        let Some(conn) = self.admins.get_mut(&id) else {
+            return;
+        };
+        conn.out.extend_from_slice(reply.as_bytes());
+        conn.awaiting = false;
+        self.admin_event(id, EpollFlags::empty());
     }
 
     pub(super) fn drop_admin(&mut self, id: u64) {

@@ -204,6 +204,10 @@ pub struct Master {
     admins: HashMap<u64, admin::AdminConn>,
     started: Instant,
     last_reload: Option<crate::admin::ReloadReport>,
+    /// A reload waiting for its probes.
+    reloading: Option<reload::Reloading>,
+    /// Another reload was asked for while one ran (with the admin sessions waiting for it).
+    next_reload: Option<Vec<u64>>,
     /// Who workers become (host.user/host.group), if anyone.
     identity: Option<crate::daemon::Identity>,
     /// READY=1 has been sent to systemd.
@@ -333,6 +337,8 @@ impl Master {
             admins: HashMap::new(),
             started: Instant::now(),
             last_reload: None,
+            reloading: None,
+            next_reload: None,
             identity,
             ready_notified: false,
             pidfile: None,
@@ -366,6 +372,7 @@ impl Master {
                 self.handle_io(event.data(), event.events());
             }
             self.enforce_timeouts();
+            self.advance_reload();
         }
         self.final_flush();
         self.remove_socket_file();
@@ -449,6 +456,9 @@ impl Master {
         if let Some(t) = self.accept_paused_until {
             consider(t);
         }
+        if let Some(t) = self.probe_deadline() {
+            consider(t);
+        }
         next
     }
 
@@ -479,7 +489,9 @@ impl Master {
 
     fn worker_exited(&mut self, pid: Pid, status: WaitStatus) {
         let Some(id) = self.worker_by_pid.remove(&pid) else {
-            log::debug!("reaped pid {pid}, not a worker ({status:?})");
+            if !self.probe_reaped(pid, status) {
+                log::debug!("reaped pid {pid}, not a worker ({status:?})");
+            }
             return;
         };
         // Take in the outcomes it wrote before it died, so finished jobs count as finished.
@@ -614,10 +626,7 @@ impl Master {
                 Signal::SIGTTIN => (0..times).for_each(|_| self.handle_ttin()),
                 Signal::SIGTTOU => (0..times).for_each(|_| self.handle_ttou()),
                 Signal::SIGUSR1 => self.handle_usr1(),
-                Signal::SIGHUP => {
-                    // The outcome is logged and kept for `status` by reload() itself.
-                    let _ = self.reload();
-                }
+                Signal::SIGHUP => self.request_reload(None),
                 Signal::SIGCHLD => {} // reap() already ran
                 _ => {}
             }
@@ -642,6 +651,7 @@ impl Master {
         crate::daemon::notify("STOPPING=1");
         let deadline = Instant::now() + grace;
         self.phase = Phase::Stopping { deadline };
+        self.abandon_reload();
         self.close_listener();
         for idx in 0..self.pools.len() {
             while let Some(key) = self.pools[idx].queue.pop_front() {
@@ -660,6 +670,7 @@ impl Master {
         crate::daemon::notify("STOPPING=1");
         let now = Instant::now();
         self.phase = Phase::Stopping { deadline: now };
+        self.abandon_reload();
         self.close_listener();
         for worker in self.workers.values_mut() {
             let _ = kill(worker.pid, Signal::SIGKILL);
@@ -784,6 +795,7 @@ impl Master {
             (_, admin::TOKEN_ADMIN_TCP) => self.admin_accept(true),
             (KIND_CLIENT, _) => self.client_event(token & !(0xf << KIND_SHIFT), flags),
             (admin::KIND_ADMIN, _) => self.admin_event(token & !(0xf << KIND_SHIFT), flags),
+            (reload::KIND_PROBE, _) => self.probe_event(token & !(0xf << KIND_SHIFT)),
             (KIND_WORKER, _) => {
                 let id = token & !(0xf << KIND_SHIFT);
                 if flags

@@ -11,15 +11,50 @@
 //! added pools start. Private copies no worker uses any more are then deleted from disk (the
 //! code stays mapped in the master: abi_stable never unloads a library).
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use jobhost_plugin_api::PluginInstance;
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 
 use super::pool::Pool;
 use super::Master;
 use crate::admin::ReloadReport;
 use crate::config::{Config, PoolConfig, PoolMode};
-use crate::plugins::{self, Loaded};
+use crate::plugins::{self, Loaded, ProbeRun, Staged};
+
+/// epoll token kind of a probe child's report pipe; the id is its index in [`Reloading`].
+pub(super) const KIND_PROBE: u64 = 4;
+
+/// A reload between its start and its outcome: the new config read, the pools' builds staged,
+/// and probe children running `init` for each new or changed pool. The master keeps serving
+/// meanwhile — a plugin that hangs in `init` costs its probe, not the master's loop.
+pub(super) struct Reloading {
+    new: Config,
+    pools: Vec<Prep>,
+    probes: Vec<Probe>,
+    /// Admin sessions waiting for the outcome (SIGHUP waits for nobody).
+    waiters: Vec<u64>,
+}
+
+/// One pool of the new config on its way in.
+struct Prep {
+    cfg: PoolConfig,
+    staged: Staged,
+    /// Its index among the current pools, if it exists there.
+    existing: Option<usize>,
+    /// Same build and worker-side config as now: its workers stay.
+    keep: bool,
+}
+
+struct Probe {
+    /// Running; `None` once its verdict is in.
+    run: Option<ProbeRun>,
+    /// The pool (index in `Reloading::pools`) whose `init` it tries.
+    pool: usize,
+    verdict: Option<Result<(), String>>,
+}
 
 /// What phase 1 decided for one pool of the new config.
 enum Plan {
@@ -31,92 +66,285 @@ enum Plan {
 }
 
 impl Master {
-    /// Runs a reload and records the outcome for `status`. Ok: a summary; Err: why nothing
-    /// changed.
-    pub(super) fn reload(&mut self) -> Result<String, String> {
+    /// SIGHUP or `reload`: starts a reload, or — while one runs — queues another, so the config
+    /// as it is now is what gets loaded. `waiter`: an admin session to answer with the outcome.
+    pub(super) fn request_reload(&mut self, waiter: Option<u64>) {
+        if self.reloading.is_some() {
+            let next = self.next_reload.get_or_insert_with(Vec::new);
+            next.extend(waiter);
+            return;
+        }
         log::info!("reloading {}", self.config.path.display());
         crate::daemon::notify("RELOADING=1");
-        let outcome = self.try_reload();
+        let waiters: Vec<u64> = waiter.into_iter().collect();
+        match self.begin_reload() {
+            Ok(reloading) => {
+                self.reloading = Some(Reloading {
+                    waiters,
+                    ..reloading
+                });
+                // Nothing to probe: it completes on this pass of the loop.
+                self.advance_reload();
+            }
+            Err(reason) => self.reload_done(Err(reason), waiters),
+        }
+    }
+
+    /// Phase 1a: read the config, stage each pool's build, start a probe per new or changed
+    /// pool. Nothing that runs is touched.
+    fn begin_reload(&mut self) -> Result<Reloading, String> {
+        if !matches!(self.phase, super::Phase::Running) {
+            return Err("the master is shutting down".into());
+        }
+        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
+        self.check_restart_only(&new)?;
+        let mut pools = Vec::new();
+        for cfg in &new.pools {
+            let file = cfg.plugin_path(&new.host);
+            if !new.host.insecure_plugins_dir {
+                plugins::check_trusted(&new.host.plugins_dir, &file).map_err(|e| e.to_string())?;
+            }
+            let staged = self.registry.stage(&file).map_err(|e| e.to_string())?;
+            let existing = self.pool_index.get(&cfg.name).copied();
+            let keep = existing.is_some_and(|idx| {
+                let pool = &self.pools[idx];
+                pool.hash == staged.hash && same_for_workers(&pool.config, cfg)
+            });
+            pools.push(Prep {
+                cfg: cfg.clone(),
+                staged,
+                existing,
+                keep,
+            });
+        }
+        let mut probes: Vec<Probe> = Vec::new();
+        for (i, prep) in pools.iter().enumerate().filter(|(_, p)| !p.keep) {
+            let started = ProbeRun::start(
+                &prep.staged.private,
+                &[prep.cfg.settings_toml()],
+                new.host.init_timeout,
+            )
+            .map_err(|e| format!("pool {}: {}", prep.cfg.name, prep.staged.rename(e)))
+            .and_then(|run| {
+                let token = (KIND_PROBE << super::KIND_SHIFT) | probes.len() as u64;
+                let watched = self
+                    .epoll()
+                    .add(run.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token));
+                match watched {
+                    Ok(()) => Ok(run),
+                    Err(e) => {
+                        run.abandon();
+                        Err(format!("epoll: {e}"))
+                    }
+                }
+            });
+            match started {
+                Ok(run) => probes.push(Probe {
+                    run: Some(run),
+                    pool: i,
+                    verdict: None,
+                }),
+                Err(reason) => {
+                    self.forget_probes(&mut probes);
+                    return Err(reason);
+                }
+            }
+        }
+        Ok(Reloading {
+            new,
+            pools,
+            probes,
+            waiters: Vec::new(),
+        })
+    }
+
+    /// Stops watching and kills the probes still running (the master reaps them, and ignores
+    /// their exits).
+    fn forget_probes(&self, probes: &mut [Probe]) {
+        for probe in probes {
+            if let Some(run) = probe.run.take() {
+                if let Some(epoll) = &self.epoll {
+                    let _ = epoll.delete(run.fd());
+                }
+                run.abandon();
+            }
+        }
+    }
+
+    /// A probe's pipe is readable.
+    pub(super) fn probe_event(&mut self, index: u64) {
+        let Some(probe) = self
+            .reloading
+            .as_mut()
+            .and_then(|r| r.probes.get_mut(index as usize))
+        else {
+            return;
+        };
+        if let Some(run) = &mut probe.run {
+            if run.read_report() {
+                if let Some(epoll) = &self.epoll {
+                    let _ = epoll.delete(run.fd());
+                }
+            }
+        }
+    }
+
+    /// The master reaped `pid`, which is not a worker: a probe's exit status. True if it was.
+    pub(super) fn probe_reaped(&mut self, pid: Pid, status: WaitStatus) -> bool {
+        let Some(reloading) = &mut self.reloading else {
+            return false;
+        };
+        for probe in &mut reloading.probes {
+            if let Some(run) = &mut probe.run {
+                if run.pid() == pid {
+                    run.reaped(status);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// The earliest probe deadline, for the loop's wait.
+    pub(super) fn probe_deadline(&self) -> Option<Instant> {
+        self.reloading
+            .as_ref()?
+            .probes
+            .iter()
+            .filter_map(|p| p.run.as_ref().map(ProbeRun::deadline))
+            .min()
+    }
+
+    /// Collects the verdicts of finished (or overdue) probes; once every probe has one,
+    /// completes the reload. Called on every pass of the master's loop.
+    pub(super) fn advance_reload(&mut self) {
+        let Some(reloading) = &mut self.reloading else {
+            return;
+        };
+        let now = Instant::now();
+        for probe in &mut reloading.probes {
+            let Some(run) = &probe.run else { continue };
+            let done = run.is_done();
+            if !done && now < run.deadline() {
+                continue;
+            }
+            let Some(run) = probe.run.take() else {
+                continue;
+            };
+            if let Some(epoll) = &self.epoll {
+                let _ = epoll.delete(run.fd());
+            }
+            let prep = &reloading.pools[probe.pool];
+            probe.verdict = Some(
+                run.finish(!done)
+                    .map(|_| ())
+                    .map_err(|e| format!("pool {}: {}", prep.cfg.name, prep.staged.rename(e))),
+            );
+        }
+        // The first failure decides; the other probes are not waited for.
+        let failed = reloading
+            .probes
+            .iter()
+            .find_map(|p| p.verdict.as_ref().and_then(|v| v.clone().err()));
+        let all_in = reloading.probes.iter().all(|p| p.verdict.is_some());
+        if failed.is_none() && !all_in {
+            return;
+        }
+        let Some(mut reloading) = self.reloading.take() else {
+            return;
+        };
+        let waiters = std::mem::take(&mut reloading.waiters);
+        let outcome = match failed {
+            Some(reason) => {
+                self.forget_probes(&mut reloading.probes);
+                Err(reason)
+            }
+            None => self.complete_reload(reloading),
+        };
+        self.reload_done(outcome, waiters);
+        if let Some(next) = self.next_reload.take() {
+            // Asked again meanwhile: load the config as it is now.
+            self.request_reload(None);
+            if let Some(reloading) = &mut self.reloading {
+                reloading.waiters.extend(next);
+            } else if let Some(last) = &self.last_reload {
+                let reply = reload_reply(last);
+                for id in next {
+                    self.answer_admin(id, &reply);
+                }
+            }
+        }
+    }
+
+    /// Records the outcome for `status`, logs it, tells systemd and the waiting sessions.
+    fn reload_done(&mut self, outcome: Result<String, String>, waiters: Vec<u64>) {
         // Whether or not it worked, the master serves again (systemd waits for this) — if it
         // had said it was ready in the first place.
         if self.ready_notified {
             crate::daemon::notify("READY=1");
         }
         let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        match &outcome {
+        let report = match outcome {
             Ok(summary) => {
                 log::info!("reload ok (generation {}): {summary}", self.generation);
-                self.last_reload = Some(ReloadReport {
+                ReloadReport {
                     at,
                     ok: true,
-                    message: summary.clone(),
-                });
+                    message: summary,
+                }
             }
             Err(reason) => {
                 log::error!("reload failed, nothing changed: {reason}");
-                self.last_reload = Some(ReloadReport {
+                ReloadReport {
                     at,
                     ok: false,
-                    message: reason.clone(),
-                });
+                    message: reason,
+                }
             }
+        };
+        let reply = reload_reply(&report);
+        self.last_reload = Some(report);
+        for id in waiters {
+            self.answer_admin(id, &reply);
         }
-        outcome
     }
 
-    fn try_reload(&mut self) -> Result<String, String> {
+    /// Phase 1b and 2: every probe passed. Load the new builds here, `init` the new and changed
+    /// pools in the master (so their workers share what it builds), then switch over.
+    fn complete_reload(&mut self, reloading: Reloading) -> Result<String, String> {
         if !matches!(self.phase, super::Phase::Running) {
             return Err("the master is shutting down".into());
         }
-        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
-        self.check_restart_only(&new)?;
-
-        // Phase 1: prepare. Nothing that runs is touched.
+        let Reloading { new, pools, .. } = reloading;
         let mut plans = Vec::new();
-        for cfg in &new.pools {
-            let file = cfg.plugin_path(&new.host);
-            if !new.host.insecure_plugins_dir {
-                plugins::check_trusted(&new.host.plugins_dir, &file).map_err(|e| e.to_string())?;
+        for prep in pools {
+            let Prep {
+                cfg,
+                staged,
+                existing,
+                keep,
+            } = prep;
+            if let (true, Some(idx)) = (keep, existing) {
+                plans.push((cfg, Plan::Keep(idx)));
+                continue;
             }
             let loaded = self
                 .registry
-                .load(&file, &[], new.host.init_timeout)
-                .map_err(|e| e.to_string())?;
+                .commit(&staged)
+                .map_err(|e| format!("pool {}: {e}", cfg.name))?;
             loaded
                 .info
-                .check_mode(&file, cfg.mode == PoolMode::Loop)
+                .check_mode(&staged.source, cfg.mode == PoolMode::Loop)
                 .map_err(|e| format!("pool {}: {e}", cfg.name))?;
-            let existing = self.pool_index.get(&cfg.name).copied();
-            if let Some(idx) = existing {
-                let pool = &self.pools[idx];
-                if pool.hash == loaded.library.hash && same_for_workers(&pool.config, cfg) {
-                    plans.push((cfg.clone(), Plan::Keep(idx)));
-                    continue;
-                }
-            }
-            // init in a probe child first, then in the master.
-            plugins::probe(
-                &loaded.private,
-                &[cfg.settings_toml()],
-                new.host.init_timeout,
-            )
-            .map_err(|e| {
-                format!("pool {}: {e}", cfg.name).replace(
-                    &loaded.private.display().to_string(),
-                    &file.display().to_string(),
-                )
-            })?;
             let instance = loaded
                 .library
-                .instantiate(&file, &cfg.settings_toml())
+                .instantiate(&staged.source, &cfg.settings_toml())
                 .map_err(|e| format!("pool {}: {e}", cfg.name))?;
-            plans.push((
-                cfg.clone(),
-                match existing {
-                    Some(idx) => Plan::Replace(idx, instance, loaded),
-                    None => Plan::Add(instance, loaded),
-                },
-            ));
+            let plan = match existing {
+                Some(idx) => Plan::Replace(idx, instance, loaded),
+                None => Plan::Add(instance, loaded),
+            };
+            plans.push((cfg, plan));
         }
 
         // Phase 2: apply. Nothing here can fail.
@@ -200,6 +428,16 @@ impl Master {
             list(&added),
             list(&removed)
         ))
+    }
+
+    /// A shutdown while a reload runs: its probes go, its waiters hear why.
+    pub(super) fn abandon_reload(&mut self) {
+        if let Some(mut reloading) = self.reloading.take() {
+            self.forget_probes(&mut reloading.probes);
+            let mut waiters = std::mem::take(&mut reloading.waiters);
+            waiters.extend(self.next_reload.take().unwrap_or_default());
+            self.reload_done(Err("the master is shutting down".into()), waiters);
+        }
     }
 
     /// Settings that only a restart of the master can change.
@@ -299,6 +537,18 @@ impl Master {
                 path.display()
             );
         }
+    }
+}
+
+/// The admin reply to `reload`.
+fn reload_reply(report: &ReloadReport) -> String {
+    if report.ok {
+        format!("{}\nOK\n", report.message)
+    } else {
+        crate::admin::err_reply(&format!(
+            "reload failed, nothing changed: {}",
+            report.message
+        ))
     }
 }
 
