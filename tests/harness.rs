@@ -319,7 +319,12 @@ impl Master {
 
 impl Drop for Master {
     fn drop(&mut self) {
-        let workers = self.workers();
+        // Only an unreaped master's pid is still its own: a reaped one may have been reused.
+        let workers = if self.exited() {
+            Vec::new()
+        } else {
+            self.workers()
+        };
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in workers {

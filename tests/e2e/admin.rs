@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use jobhost::protocol::Status;
-use jobhost_e2e::{config_with, wait_until, Env, Master, SOON};
+use jobhost_e2e::{config_with, in_sleep_job, wait_until, Env, Master, SOON};
 
 fn two_pools(env: &Env) -> Master {
     env.install("echo");
@@ -16,6 +16,19 @@ fn two_pools(env: &Env) -> Master {
     ));
     master.wait_for_workers(3);
     master
+}
+
+/// The pids of one pool's workers, from `workers json`.
+fn pids_of_pool(master: &Master, pool: &str) -> Vec<i32> {
+    let doc: serde_json::Value =
+        serde_json::from_str(master.admin("workers json").lines().next().unwrap()).unwrap();
+    doc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["pool"] == pool)
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect()
 }
 
 #[test]
@@ -103,10 +116,15 @@ fn restart_replaces_every_pid_without_failing_a_running_job() {
     let env = Env::new();
     let master = two_pools(&env);
     let before = master.workers();
+    let sleeper = pids_of_pool(&master, "sleep");
+    assert_eq!(sleeper.len(), 1, "{sleeper:?}");
     let mut client = master.client();
     client.send(1, "sleep", b"1200").unwrap();
     client.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(200)); // let it start (if not, it runs after)
+    // The restart must come while the job runs: wait until its worker sleeps in it.
+    wait_until("the sleep job to be running", SOON, || {
+        in_sleep_job(sleeper[0])
+    });
     assert!(master
         .admin("restart all")
         .contains("restarting 3 worker(s) in 2 pool(s)"));

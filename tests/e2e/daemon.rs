@@ -3,7 +3,6 @@
 //! clean exit removes it; SIGUSR1 reopens the log file after logrotate moved it.
 
 use std::fs;
-use std::time::Duration;
 
 use jobhost_e2e::{children_of, config_with, is_alive, wait_until, Env, SOON};
 use nix::sys::signal::{kill, Signal};
@@ -21,6 +20,19 @@ fn pid_in(file: &std::path::Path) -> i32 {
     fs::read_to_string(file).unwrap().trim().parse().unwrap()
 }
 
+/// Kills a daemon (not our child, so no `Child` does it) if its test fails before stopping it;
+/// its workers follow it (PR_SET_PDEATHSIG). After a normal stop it does nothing: the pid may
+/// be reused by then.
+struct KillDaemonOnPanic(i32);
+
+impl Drop for KillDaemonOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() && is_alive(self.0) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Stops the daemon (if alive) and waits for it to go.
 fn stop(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -36,6 +48,7 @@ fn daemon_detaches_writes_a_locked_pidfile_refuses_a_second_start_and_cleans_up(
     env.jobhost(&["run", "--daemon", "-c", config])
         .assert_code(0);
     let pid = pid_in(&pidfile);
+    let _guard = KillDaemonOnPanic(pid);
     assert!(is_alive(pid));
     // Detached: its own session, not ours; its workers are its children.
     let sid = nix::unistd::getsid(Some(Pid::from_raw(pid))).unwrap();
@@ -64,12 +77,14 @@ fn a_stale_pidfile_left_by_a_killed_master_is_taken_over() {
     env.jobhost(&["run", "--daemon", "-c", config])
         .assert_code(0);
     let first = pid_in(&pidfile);
+    let _first = KillDaemonOnPanic(first);
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
     wait_until("the killed master to go", SOON, || !is_alive(first));
     assert!(pidfile.exists(), "a killed master leaves its pidfile");
     env.jobhost(&["run", "--daemon", "-c", config])
         .assert_code(0);
     let second = pid_in(&pidfile);
+    let _second = KillDaemonOnPanic(second);
     assert_ne!(first, second);
     assert!(fs::read_to_string(env.path().join("master.log"))
         .unwrap()
@@ -90,6 +105,17 @@ fn a_start_up_error_reaches_the_terminal_and_the_exit_status() {
     assert!(!env.path().join("run/jobhost.pid").exists());
 }
 
+/// The files `pid` has open, by the path the kernel shows (a moved file shows its new name).
+fn open_files(pid: i32) -> Vec<std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn sigusr1_reopens_the_log_file_after_it_was_moved() {
     let env = Env::new();
@@ -98,23 +124,51 @@ fn sigusr1_reopens_the_log_file_after_it_was_moved() {
     env.jobhost(&["run", "--daemon", "-c", config])
         .assert_code(0);
     let pid = pid_in(&env.path().join("run/jobhost.pid"));
+    let _guard = KillDaemonOnPanic(pid);
     wait_until("two workers", SOON, || children_of(pid).len() == 2);
+    let workers = children_of(pid);
     let log = env.path().join("master.log");
-    fs::rename(&log, env.path().join("master.log.1")).unwrap();
+    let moved = env.path().join("master.log.1");
+    for worker in &workers {
+        // Booted (it logs once it is past fork and worker_start), with the log file open.
+        wait_until(&format!("worker {worker} started"), SOON, || {
+            fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains(&format!("jobhost[{worker}] echo: worker started")))
+        });
+    }
+    fs::rename(&log, &moved).unwrap();
     kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
     wait_until("a new log file", SOON, || log.exists());
-    // New lines go to the new file: the master's, and a worker's (it reopened too).
+    // The master and each worker that was running drop the moved file and open the new one.
+    for process in std::iter::once(pid).chain(workers.iter().copied()) {
+        wait_until(&format!("pid {process} to reopen the log"), SOON, || {
+            let files = open_files(process);
+            files.contains(&log) && !files.contains(&moved)
+        });
+    }
+    // New lines go to the new file: the master's, and those of the workers that were running
+    // before the SIGUSR1 — `restart` has each of them log its stop (a debug line) as it goes.
     env.jobhost(&["ctl", "-c", config, "restart", "echo"])
         .assert_code(0);
     wait_until("lines in the new log", SOON, || {
         fs::read_to_string(&log).is_ok_and(|t| {
-            t.contains("master: SIGUSR1: log reopened") && t.contains("admin: Restart")
+            t.contains("master: SIGUSR1: log reopened")
+                && t.contains("admin: Restart")
+                && workers
+                    .iter()
+                    .all(|w| t.contains(&format!("jobhost[{w}] echo: stopping on SIGTERM")))
         })
     });
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(fs::read_to_string(env.path().join("master.log.1"))
-        .unwrap()
-        .contains("running as a daemon"));
+    wait_until("two new workers", SOON, || {
+        let now = children_of(pid);
+        now.len() == 2 && now.iter().all(|p| !workers.contains(p))
+    });
+    let old = fs::read_to_string(&moved).unwrap();
+    assert!(old.contains("running as a daemon"), "{old}");
+    assert!(
+        !old.contains("SIGUSR1: log reopened") && !old.contains("stopping on SIGTERM"),
+        "a line written after the SIGUSR1 went to the moved file:\n{old}"
+    );
     stop(pid);
 }
 
@@ -200,6 +254,25 @@ fn workers_drop_to_host_user_and_cannot_regain_root() {
     });
 }
 
+/// A child process killed (SIGKILL, with its own children) and reaped when dropped — also
+/// when a failed assertion unwinds past it, so a failing test leaves no master behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Only while it is unreaped: a reaped child's pid may already belong to someone else.
+        if let Ok(None) = self.0.try_wait() {
+            let workers = children_of(self.0.id() as i32);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            // PR_SET_PDEATHSIG takes them too; this is for a master that never set it up.
+            for pid in workers {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn systemd_hears_ready_reloading_and_stopping() {
     let env = Env::new();
@@ -210,28 +283,30 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let config = env.config(&config_with(
         "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n",
     ));
-    let mut child = std::process::Command::new(jobhost_e2e::bin_dir().join("jobhost"))
-        .args(["run", "-c", config.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut next = || {
+    let mut child = KillOnDrop(
+        std::process::Command::new(jobhost_e2e::bin_dir().join("jobhost"))
+            .args(["run", "-c", config.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    let next = || {
         let mut buf = [0u8; 512];
         let n = socket.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let ready = next();
-    assert!(ready.starts_with("READY=1\nMAINPID="), "{ready}");
-    assert_eq!(
-        children_of(child.id() as i32).len(),
-        2,
-        "READY=1 once every pool is up"
+    assert!(
+        ready.starts_with(&format!("READY=1\nMAINPID={pid}\n")),
+        "{ready}"
     );
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    assert_eq!(children_of(pid).len(), 2, "READY=1 once every pool is up");
+    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
     assert_eq!(next(), "RELOADING=1");
     assert_eq!(next(), "READY=1");
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
     assert_eq!(next(), "STOPPING=1");
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use jobhost::protocol::Status;
-use jobhost_e2e::{config_with, demo_plugin, fixture_plugin, wait_until, Env, Master, SOON};
+use jobhost_e2e::{
+    config_with, demo_plugin, fixture_plugin, is_alive, wait_until, Env, Master, SOON,
+};
 use nix::sys::signal::Signal;
 
 const ECHO: &str = "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n";
@@ -272,4 +274,179 @@ fn old_private_copies_are_deleted_once_no_worker_uses_them_and_stay_mapped() {
     wait_until("v1 answers", SOON, || {
         master.client().call("echo", b"x").unwrap().body == b"x"
     });
+}
+
+/// `jobhost ctl reload` on the admin socket (not through the config file, which may be the
+/// broken thing).
+fn ctl_reload(env: &Env) -> jobhost_e2e::Run {
+    env.jobhost(&["ctl", "--socket", "run/admin.sock", "reload"])
+}
+
+fn status_json(master: &Master) -> serde_json::Value {
+    serde_json::from_str(master.admin("status json").lines().next().unwrap()).unwrap()
+}
+
+/// Checks that the last reload failed for `reason` and changed nothing: the log says so (once
+/// per attempt), `status` and `status json` show it, the same generation-1 workers serve.
+fn failed_for(master: &Master, reason: &str, attempts: usize, pids: &[i32]) {
+    let logged = format!("master: reload failed, nothing changed: {reason}");
+    wait_until(&format!("{attempts} x {logged:?}"), SOON, || {
+        master.log_count(&logged) == attempts
+    });
+    let status = master.admin("status");
+    let last = status
+        .lines()
+        .find(|l| l.starts_with("last reload: "))
+        .unwrap_or_else(|| panic!("no last reload line:\n{status}"));
+    assert!(
+        last.contains(&format!(" FAILED: {reason}")),
+        "{last}\n{status}"
+    );
+    let json = status_json(master);
+    assert_eq!(json["last_reload"]["ok"], false, "{json}");
+    assert_eq!(json["last_reload"]["message"], reason, "{json}");
+    assert_eq!(json["generation"], 1, "{json}");
+    assert_eq!(master.workers(), pids, "the same workers serve");
+    serves(master);
+}
+
+#[test]
+fn a_toml_syntax_error_fails_the_reload_changes_nothing_and_says_why() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    let pids = master.wait_for_workers(2);
+    // An unclosed array-of-tables header.
+    env.config(&format!("{}\n[[pool\nname = \"two\"\n", config_with(ECHO)));
+    // The reason is the one `jobhost check` gives for the same file (the master was started
+    // with the config's full path, so ask check with it too).
+    let config = env.path().join("jobhost.toml");
+    let check = env.jobhost(&["check", "-c", config.to_str().unwrap()]);
+    check.assert_code(1);
+    let reason = check
+        .stderr
+        .trim_end()
+        .strip_prefix("jobhost: error: ")
+        .unwrap_or_else(|| panic!("check's error: {:?}", check.stderr))
+        .to_owned();
+    assert_eq!(
+        reason,
+        format!(
+            "{}:12:7: unclosed array table, expected `]]`",
+            config.display()
+        )
+    );
+
+    let ctl = ctl_reload(&env);
+    ctl.assert_code(1)
+        .assert_stderr_has(&format!("reload failed, nothing changed: {reason}"));
+    failed_for(&master, &reason, 1, &pids);
+    master.signal(Signal::SIGHUP);
+    failed_for(&master, &reason, 2, &pids);
+
+    // Fixed, it reloads.
+    env.config(&config_with(ECHO));
+    ctl_reload(&env)
+        .assert_code(0)
+        .assert_stdout_has("generation 2: kept echo; replaced -; added -; removed -");
+    assert_eq!(status_json(&master)["last_reload"]["ok"], true);
+    assert_eq!(master.workers(), pids);
+}
+
+#[test]
+fn a_pool_naming_a_missing_plugin_fails_the_reload_changes_nothing_and_says_why() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    let pids = master.wait_for_workers(2);
+    let missing = env.plugins_dir().join("libghost.so");
+    env.config(&config_with(&format!(
+        "{ECHO}\n[[pool]]\nname = \"ghost\"\nplugin = \"ghost\"\nworkers = 1\n"
+    )));
+
+    let reason = format!(
+        "{}:14:10: pool[1].plugin: no plugin \"ghost\" in {} (there is no {}); available: echo",
+        env.path().join("jobhost.toml").display(),
+        env.plugins_dir().display(),
+        missing.display()
+    );
+    master.signal(Signal::SIGHUP);
+    failed_for(&master, &reason, 1, &pids);
+    let ctl = ctl_reload(&env);
+    ctl.assert_code(1)
+        .assert_stderr_has(&format!("reload failed, nothing changed: {reason}"));
+    failed_for(&master, &reason, 2, &pids);
+    let late = master.client().call("ghost", b"x").unwrap();
+    assert_eq!(
+        (late.status, late.text().as_str()),
+        (Status::Rejected, "unknown pool \"ghost\"")
+    );
+
+    // The plugin arrives: the same config now reloads, and the pool starts.
+    fs::copy(demo_plugin("echo"), &missing).unwrap();
+    ctl_reload(&env)
+        .assert_code(0)
+        .assert_stdout_has("generation 2: kept echo; replaced -; added ghost; removed -");
+    assert_eq!(master.client().call("ghost", b"x").unwrap().body, b"x");
+    assert_eq!(
+        worker_pids(&master, "echo"),
+        pids.iter().map(|&p| i64::from(p)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn changed_settings_replace_that_pools_workers_and_an_untouched_pool_keeps_its_own() {
+    let env = Env::new();
+    env.install("echo");
+    env.install("lookup");
+    let lookup = |mib: u32| {
+        config_with(&format!(
+            "{ECHO}\n[[pool]]\nname = \"lookup\"\nplugin = \"lookup\"\nworkers = 2\n\
+             [pool.settings]\ntable_mib = {mib}\n"
+        ))
+    };
+    let master = env.start_master(&lookup(1));
+    master.wait_for_workers(4);
+    let echo_before = worker_pids(&master, "echo");
+    let lookup_before = worker_pids(&master, "lookup");
+    assert_eq!((echo_before.len(), lookup_before.len()), (2, 2));
+    // Key 200000 picks entry 200000 % entries: 131072 entries in 1 MiB, 262144 in 2 MiB.
+    let index = || {
+        let r = master.client().call("lookup", b"200000").unwrap();
+        assert_eq!(r.status, Status::Ok, "{}", r.text());
+        r.text()
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("index="))
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(index(), "68928");
+
+    env.config(&lookup(2));
+    ctl_reload(&env).assert_code(0).assert_stdout_has(
+        "generation 2: kept echo; replaced lookup (lookup 0.1.0); added -; removed -",
+    );
+    wait_until("two new lookup workers, the old ones gone", SOON, || {
+        let now = worker_pids(&master, "lookup");
+        now.len() == 2
+            && now.iter().all(|p| !lookup_before.contains(p))
+            && lookup_before.iter().all(|p| !is_alive(*p as i32))
+    });
+    assert_eq!(
+        index(),
+        "200000",
+        "the new workers run with the new settings"
+    );
+    assert_eq!(
+        worker_pids(&master, "echo"),
+        echo_before,
+        "the untouched pool keeps its workers"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(master.admin("workers json").lines().next().unwrap()).unwrap();
+    for w in doc["workers"].as_array().unwrap() {
+        let want = if w["pool"] == "lookup" { 2 } else { 1 };
+        assert_eq!(w["generation"], want, "{w}");
+    }
+    serves(&master);
 }

@@ -129,3 +129,99 @@ fn a_hundred_thousand_lines_come_back_in_order_and_json_marks_failures() {
         .starts_with("plugin panicked in handle"));
     assert_eq!(lines[2]["status"], "ok");
 }
+
+/// What indicatif writes on a terminal: the bar's text, and the "erase line" it redraws with.
+const BAR_TEXT: &str = "jobs done";
+const ERASE_LINE: &str = "\x1b[2K";
+
+#[test]
+fn no_progress_bar_when_stderr_is_not_a_terminal() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n",
+    ));
+    let input: String = (0..20_000).map(|i| format!("{i}\n")).collect();
+    let mut child = Command::new(bin_dir().join("jobhost"))
+        .args(["submit", "--socket", master.socket.to_str().unwrap(), "e"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap().lines().count(),
+        20_000
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.is_empty(),
+        "stderr is a pipe, yet submit wrote to it: {stderr:?}"
+    );
+}
+
+#[test]
+fn a_progress_bar_is_drawn_when_stderr_is_a_terminal() {
+    // util-linux `script` runs a command on a pseudo-terminal and copies what it wrote there.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` (util-linux) to give submit a pseudo-terminal");
+        return;
+    }
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n",
+    ));
+    let input = env.path().join("in.txt");
+    let out = env.path().join("out.txt");
+    std::fs::write(
+        &input,
+        (0..20_000).map(|i| format!("{i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    // stdin and stdout are files; only stderr is left on the terminal.
+    let command = format!(
+        "'{}' submit --socket '{}' e < '{}' > '{}'",
+        bin_dir().join("jobhost").display(),
+        master.socket.display(),
+        input.display(),
+        out.display()
+    );
+    let run = jobhost_e2e::run(
+        Command::new("script")
+            .args([
+                "--quiet",
+                "--return",
+                "--flush",
+                "--command",
+                &command,
+                "/dev/null",
+            ])
+            .env("TERM", "xterm")
+            .stdin(Stdio::null()),
+    );
+    run.assert_code(0);
+    let results = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        results.lines().enumerate().all(|(i, l)| l == i.to_string())
+            && results.lines().count() == 20_000,
+        "the results, in order, went to stdout (not the terminal)"
+    );
+    // The terminal got the bar, redrawn in place, ending at the total.
+    assert!(
+        run.stdout.contains(BAR_TEXT) && run.stdout.contains(ERASE_LINE),
+        "no progress bar on the terminal: {:?}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("20000/20000 jobs done"),
+        "the bar does not end at 20000/20000: {:?}",
+        run.stdout
+    );
+    assert!(!results.contains(BAR_TEXT));
+}

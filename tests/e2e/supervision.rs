@@ -304,17 +304,37 @@ fn killing_the_master_with_sigkill_leaves_no_worker_behind() {
         "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\n\n[[pool]]\nname = \"sleep\"\nplugin = \"sleep\"\nworkers = 2\n",
     ));
     let workers = master.wait_for_workers(4);
+    for pid in &workers {
+        // Past fork and set up (PR_SET_PDEATHSIG included): it logs once it is.
+        wait_until(&format!("worker {pid} started"), SOON, || {
+            master
+                .log_text()
+                .lines()
+                .any(|l| l.contains(&format!("jobhost[{pid}] ")) && l.contains(": worker started"))
+        });
+    }
     // One worker busy in a long job: it must die too, not finish first.
     let mut client = master.client();
     client.send(1, "sleep", b"60000").unwrap();
     client.flush().unwrap();
-    master.child.kill().expect("kill -9 the master");
-    master.child.wait().unwrap();
-    let t = Instant::now();
-    wait_until("every worker gone", Duration::from_secs(10), || {
-        workers.iter().all(|p| !is_alive(*p))
+    wait_until("the sleep job to be running", SOON, || {
+        workers.iter().any(|p| jobhost_e2e::in_sleep_job(*p))
     });
-    eprintln!("workers gone {:?} after the master's SIGKILL", t.elapsed());
+    master.child.kill().expect("kill -9 the master");
+    // Reaped: the master is gone for good, and the clock starts.
+    master.child.wait().unwrap();
+    let gone = Instant::now();
+    // PR_SET_PDEATHSIG is sent as the master exits: every worker must be gone within a second
+    // (a zombie waiting for init to reap it counts as gone; it runs no code).
+    wait_until(
+        "every worker gone within 1s of the master's death",
+        Duration::from_secs(1),
+        || workers.iter().all(|p| !is_alive(*p)),
+    );
+    eprintln!(
+        "workers gone {:?} after the master was reaped",
+        gone.elapsed()
+    );
 }
 
 #[test]
