@@ -97,6 +97,8 @@ pub enum PluginError {
     },
     #[error("probing plugin {path}: {detail}")]
     Probe { path: PathBuf, detail: String },
+    #[error("the private plugin folder {dir} is on a filesystem mounted noexec, so no plugin copied there could be loaded; set host.runtime_dir to a folder on another filesystem")]
+    NoExec { dir: PathBuf },
     #[error("refusing to load plugins: {what} {path} {why}, so someone else could replace the code jobhost runs; fix its owner and mode (chmod go-w), or set host.insecure_plugins_dir = true")]
     Untrusted {
         what: &'static str,
@@ -312,6 +314,15 @@ impl Registry {
                 source,
             }
         })?;
+        // Libraries are mapped executable from here: on a noexec mount every load would fail
+        // with a message about the plugin ("failed to map segment"), not about the mount.
+        if let Ok(stat) = nix::sys::statvfs::statvfs(private_dir) {
+            if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
+                return Err(PluginError::NoExec {
+                    dir: private_dir.to_owned(),
+                });
+            }
+        }
         Ok(Registry {
             private_dir: private_dir.to_owned(),
             loaded: HashMap::new(),
@@ -459,7 +470,7 @@ fn rename_path(mut error: PluginError, from: &Path, to: &Path) -> PluginError {
                 *path = to.to_owned();
             }
         }
-        Io { .. } => {}
+        Io { .. } | NoExec { .. } => {}
     }
     error
 }

@@ -138,3 +138,32 @@ fn a_library_whose_init_fails_is_refused_by_the_probe_and_never_loaded() {
     );
     assert_eq!(registry.loaded().count(), 0);
 }
+
+#[test]
+fn a_runtime_dir_on_a_noexec_mount_is_refused_with_the_reason() {
+    let env = Env::new();
+    env.install("echo");
+    let mount_point = env.path().join("noexec");
+    fs::create_dir(&mount_point).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs"])
+        .arg(&mount_point)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot mount a noexec tmpfs here ({mounted:?})");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount_point.clone());
+    let config = env.config(
+        "[host]\nplugins_dir = \"plugins\"\nruntime_dir = \"noexec/run\"\n\n[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n",
+    );
+    env.jobhost(&["run", "-c", config.to_str().unwrap()])
+        .assert_code(1)
+        .assert_stderr_has("is on a filesystem mounted noexec, so no plugin copied there could be loaded; set host.runtime_dir");
+}

@@ -450,3 +450,72 @@ fn changed_settings_replace_that_pools_workers_and_an_untouched_pool_keeps_its_o
     }
     serves(&master);
 }
+
+#[test]
+fn a_plugin_that_hangs_in_init_fails_the_reload_while_the_master_keeps_serving() {
+    let env = Env::new();
+    env.install("echo");
+    env.install("faulty");
+    let header =
+        "[host]\nplugins_dir = \"plugins\"\nruntime_dir = \"run\"\ninit_timeout = \"4s\"\n\n";
+    let master = env.start_master(&format!("{header}{ECHO}"));
+    let pids = master.wait_for_workers(2);
+    let hangs = "[[pool]]\nname = \"f\"\nplugin = \"faulty\"\n[pool.settings]\ninit = \"hang\"\n";
+    env.config(&format!("{header}{ECHO}\n{hangs}"));
+    let asked = std::time::Instant::now();
+    let waiting = std::thread::spawn({
+        let config = env.path().join("jobhost.toml");
+        let bin = jobhost_e2e::bin_dir().join("jobhost");
+        move || {
+            std::process::Command::new(bin)
+                .args(["reload", "-c", config.to_str().unwrap()])
+                .output()
+                .unwrap()
+        }
+    });
+    wait_until("the probe to hang in init", SOON, || {
+        master.log_text().contains("reloading")
+    });
+    // The probe hangs; the master does not: jobs keep being answered at once, and a second
+    // HUP meanwhile is taken up after this reload.
+    let mut client = master.client();
+    for i in 0..20u32 {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            client.call("echo", &i.to_be_bytes()).unwrap().body,
+            i.to_be_bytes()
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "a job took {:?} during the reload",
+            started.elapsed()
+        );
+    }
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(4),
+        "served while the probe hung"
+    );
+    master.signal(Signal::SIGHUP);
+    let out = waiting.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("took longer than 4s while running its init"),
+        "{stderr}"
+    );
+    let json = status_json(&master);
+    assert_eq!(json["last_reload"]["ok"], false, "{json}");
+    let message = json["last_reload"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("pool f: plugin ")
+            && message.contains("libfaulty.so took longer than 4s while running its init"),
+        "{json}"
+    );
+    assert_eq!(json["generation"], 1, "{json}");
+    // The HUP sent meanwhile ran as a reload of its own once the first was over (and failed
+    // the same way: the config still names the hanging plugin).
+    wait_until("the second reload", SOON, || {
+        master.log_count("reload failed, nothing changed: pool f") == 2
+    });
+    assert_eq!(master.workers(), pids);
+}

@@ -209,14 +209,16 @@ fn batch_loop(
 
     loop {
         callbacks.dispatch(&signals.take(), &mut state);
-        if let Some(signal) = state.stop {
-            log::debug!("stopping on {signal} after {jobs_done} jobs");
-            return WorkerExit::Stopped;
-        }
+        // Reopen first: a worker told to reopen and to stop at once logs its last line to the
+        // new file.
         if std::mem::take(&mut state.reopen_log) {
             if let Err(e) = crate::logging::reopen() {
                 log::error!("cannot reopen the log file: {e}");
             }
+        }
+        if let Some(signal) = state.stop {
+            log::debug!("stopping on {signal} after {jobs_done} jobs");
+            return WorkerExit::Stopped;
         }
         if let Some(limit) = limits.exceeded(jobs_done, last_job) {
             log::info!(
