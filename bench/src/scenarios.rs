@@ -52,10 +52,18 @@ struct Load<'a> {
     /// Jobs in all, split evenly over the clients.
     total: usize,
     window: usize,
-    /// Writes job `i`'s payload into the buffer.
-    payload: &'a (dyn Fn(usize, &mut Vec<u8>) + Sync),
+    payload: Payloads<'a>,
     /// Whether `body` is the right answer to job `i`.
     expect: &'a (dyn Fn(usize, &[u8]) -> bool + Sync),
+}
+
+/// Where a job's payload comes from.
+#[derive(Clone, Copy)]
+enum Payloads<'a> {
+    /// Written into the client's buffer for job `i`.
+    Fill(&'a (dyn Fn(usize, &mut Vec<u8>) + Sync)),
+    /// Job `i` sends `set[i % len]` from where it is (large payloads: no copy in the client).
+    Cycle(&'a [Vec<u8>]),
 }
 
 /// What a load measured.
@@ -128,10 +136,16 @@ fn one_client(
     while done < count {
         if next - done <= load.window / 2 {
             while next < count && next - done < load.window {
-                payload.clear();
-                (load.payload)(base + next, &mut payload);
+                let bytes = match load.payload {
+                    Payloads::Fill(fill) => {
+                        payload.clear();
+                        fill(base + next, &mut payload);
+                        &payload[..]
+                    }
+                    Payloads::Cycle(set) => &set[(base + next) % set.len()][..],
+                };
                 client
-                    .send((base + next) as u64, load.pool, &payload)
+                    .send((base + next) as u64, load.pool, bytes)
                     .map_err(|e| e.to_string())?;
                 sent_at.push(Instant::now());
                 next += 1;
@@ -232,7 +246,7 @@ pub fn dispatch_and_peer(opts: &Opts, runs: usize, with_peer: bool) -> Result<Ve
         clients,
         total,
         window: opts.window,
-        payload: &echo_payload,
+        payload: Payloads::Fill(&echo_payload),
         expect: &expect,
     };
     drive(&socket, &load(1, 5_000))?; // warm up
@@ -393,7 +407,6 @@ pub fn cpu_scaling(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
                 .into_bytes()
         })
         .collect();
-    let payload = |i: usize, buf: &mut Vec<u8>| buf.extend_from_slice(&payloads[i % DISTINCT]);
     let expect = |i: usize, body: &[u8]| body == digests[i % DISTINCT];
     let (mut rate1, mut rate2, mut eff) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
@@ -408,7 +421,7 @@ pub fn cpu_scaling(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
                 clients: 1,
                 total: jobs,
                 window: 64,
-                payload: &payload,
+                payload: Payloads::Cycle(&payloads),
                 expect: &expect,
             };
             drive(&master.job_socket(), &Load { total: 200, ..load })?; // warm up

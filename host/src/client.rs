@@ -28,6 +28,29 @@ pub const DEFAULT_MAX_RESULT: usize = 1 << 30;
 /// Buffered submits are written out once they pass this many bytes.
 pub const FLUSH_ABOVE: usize = 64 << 10;
 
+/// Payloads this large are written from the caller's buffer instead of being copied.
+const LARGE_PAYLOAD: usize = 16 << 10;
+
+/// Writes both slices whole with writev(2), blocking while the socket is full.
+fn write_all_vectored(mut stream: &UnixStream, parts: [&[u8]; 2]) -> io::Result<()> {
+    let mut skip = 0;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    while skip < total {
+        let (a, b) = if skip < parts[0].len() {
+            (&parts[0][skip..], parts[1])
+        } else {
+            (&parts[1][skip - parts[0].len()..], &[][..])
+        };
+        match stream.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => skip += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// How much one read(2) asks for.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -208,11 +231,18 @@ impl ClientSender {
                 ),
             )));
         }
-        protocol::put_submit(&mut self.out, id, pool, payload);
-        if self.out.len() >= FLUSH_ABOVE {
-            self.flush()?;
+        if payload.len() < LARGE_PAYLOAD {
+            protocol::put_submit(&mut self.out, id, pool, payload);
+            if self.out.len() >= FLUSH_ABOVE {
+                self.flush()?;
+            }
+            return Ok(());
         }
-        Ok(())
+        // A large payload goes out from where it is, after what is buffered: no copy.
+        protocol::put_submit_head(&mut self.out, id, pool, payload.len());
+        let written = write_all_vectored(&self.stream, [&self.out[..], payload]);
+        self.out.clear();
+        written.map_err(ClientError::from)
     }
 
     /// Writes out every buffered submit, blocking while the socket is full.

@@ -198,12 +198,32 @@ fn put_header(out: &mut Vec<u8>, kind: u8, body_len: usize) {
 
 /// Appends a submit frame. `pool` longer than 65535 bytes is cut (no real pool name is).
 pub fn put_submit(out: &mut Vec<u8>, id: u64, pool: &str, payload: &[u8]) {
+    put_submit_head(out, id, pool, payload.len());
+    out.extend_from_slice(payload);
+}
+
+/// Appends a submit frame up to its payload, which the caller sends right after it (a large
+/// payload need not be copied into the buffer).
+pub fn put_submit_head(out: &mut Vec<u8>, id: u64, pool: &str, payload_len: usize) {
     let pool = &pool.as_bytes()[..pool.len().min(u16::MAX as usize)];
-    put_header(out, kind::SUBMIT, 8 + 2 + pool.len() + payload.len());
+    put_header(out, kind::SUBMIT, 8 + 2 + pool.len() + payload_len);
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&(pool.len() as u16).to_be_bytes());
     out.extend_from_slice(pool);
-    out.extend_from_slice(payload);
+}
+
+/// The bytes of a job frame before its payload.
+pub const JOB_HEAD: usize = HEADER + 8;
+
+/// A job frame up to its payload.
+pub fn job_head(key: u64, payload_len: usize) -> [u8; JOB_HEAD] {
+    let mut head = [0u8; JOB_HEAD];
+    // Payloads are bounded by max_payload (≤ 1 GiB), so the length fits in a u32.
+    let len = u32::try_from(1 + 8 + payload_len).unwrap_or(u32::MAX);
+    head[..4].copy_from_slice(&len.to_be_bytes());
+    head[4] = kind::JOB;
+    head[5..].copy_from_slice(&key.to_be_bytes());
+    head
 }
 
 pub fn put_result(out: &mut Vec<u8>, id: u64, status: Status, body: &[u8]) {
@@ -214,8 +234,7 @@ pub fn put_result(out: &mut Vec<u8>, id: u64, status: Status, body: &[u8]) {
 }
 
 pub fn put_job(out: &mut Vec<u8>, key: u64, payload: &[u8]) {
-    put_header(out, kind::JOB, 8 + payload.len());
-    out.extend_from_slice(&key.to_be_bytes());
+    out.extend_from_slice(&job_head(key, payload.len()));
     out.extend_from_slice(payload);
 }
 
@@ -233,12 +252,22 @@ pub fn put_hold(out: &mut Vec<u8>, paused: bool) {
 
 /// An incoming byte stream cut into frames, with a size limit checked on the length prefix —
 /// before any of the body is buffered.
+///
+/// Bytes come in through [`FrameReader::push`] (from a scratch buffer shared by many
+/// connections, so an idle connection holds no buffer) or [`FrameReader::read_from`] (straight
+/// from a socket into the buffer, no copy; for a busy channel, such as a worker's). Whole
+/// frames are handed out as slices of the buffer.
 #[derive(Debug)]
 pub struct FrameReader {
+    /// `buf[start..end]` is unread; `buf[end..]` is initialised room for the next read.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max_frame: usize,
 }
+
+/// What [`FrameReader::read_from`] asks one read for, at least.
+const READ_CHUNK: usize = 64 << 10;
 
 impl FrameReader {
     /// `max_frame`: the largest kind + body accepted.
@@ -246,34 +275,103 @@ impl FrameReader {
         FrameReader {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             max_frame,
         }
     }
 
-    /// Appends received bytes. Callers read into a shared scratch buffer and push what came,
-    /// so an idle connection holds no buffer at all.
+    /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
+        self.make_room(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// Reads once from `source` straight into the buffer; `Ok(0)` is end of file. Asks for
+    /// the rest of the frame being received when its length is known — bounded by what has
+    /// arrived so far, so a peer that announces a large frame and sends nothing makes us hold
+    /// no more than twice what it sent — and at least [`READ_CHUNK`].
+    pub fn read_from(&mut self, source: &mut impl std::io::Read) -> std::io::Result<usize> {
+        let want = self
+            .missing()
+            .clamp(READ_CHUNK, READ_CHUNK.max(self.buffered()));
+        self.make_room(want);
+        let n = source.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Bytes still missing of the frame at the front, when its length prefix is in (else 0).
+    fn missing(&self) -> usize {
+        let avail = &self.buf[self.start..self.end];
+        match avail.get(..4) {
+            Some(prefix) => {
+                let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+                (4 + len.min(self.max_frame)).saturating_sub(avail.len())
+            }
+            None => 0,
+        }
+    }
+
+    /// Makes `want` bytes of room after the unread ones: moves them to the front or grows the
+    /// buffer (zero-filling only memory it never had).
+    fn make_room(&mut self, want: usize) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        if self.buf.len() - self.end < want {
+            let missing = self.missing();
+            // A frame whose size is known gets room for all of it at once (one allocation,
+            // not a series of doublings that copy it each time).
+            let room = if missing >= want { missing } else { want };
+            self.buf.resize(self.end + room, 0);
+        }
     }
 
     /// Gives back memory after a burst: called when the connection goes quiet.
     pub fn shrink(&mut self) {
-        if self.start == self.buf.len() {
+        if self.start == self.end {
             self.buf = Vec::new();
             self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Like [`FrameReader::shrink`], but keeps a buffer of up to `keep` bytes for a channel
+    /// that is busy again soon.
+    pub fn shrink_to(&mut self, keep: usize) {
+        if self.start == self.end && self.buf.len() > keep {
+            self.shrink();
         }
     }
 
     /// The next whole frame (kind + body), or `None` if more bytes are needed.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<&[u8]>, FrameError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
+        if !self.has_frame()? {
             return Ok(None);
+        }
+        let avail = &self.buf[self.start..self.end];
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        let from = self.start + 4;
+        self.start = from + len;
+        Ok(Some(&self.buf[from..from + len]))
+    }
+
+    /// True when a whole frame is buffered (checks the size limit like [`FrameReader::next`]).
+    pub fn has_frame(&self) -> Result<bool, FrameError> {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < 4 {
+            return Ok(false);
         }
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if len > self.max_frame {
@@ -285,33 +383,12 @@ impl FrameReader {
         if len == 0 {
             return Err(FrameError::Empty);
         }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let from = self.start + 4;
-        self.start = from + len;
-        Ok(Some(&self.buf[from..from + len]))
-    }
-
-    /// True when a whole frame is buffered (checks the size limit like [`FrameReader::next`]).
-    pub fn has_frame(&self) -> Result<bool, FrameError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
-            return Ok(false);
-        }
-        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame,
-            });
-        }
         Ok(avail.len() >= 4 + len)
     }
 
     /// Bytes held: for bounding what a slow peer can make us buffer.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// True when a partial frame is waiting for more bytes.

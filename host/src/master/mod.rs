@@ -24,7 +24,7 @@ mod pool;
 mod reload;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,10 @@ pub use pool::{PoolState, PoolStats};
 
 /// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How many outcome bytes one wake-up reads from a worker, so one worker cannot starve others.
+const OUTCOME_READ_BUDGET: usize = 4 << 20;
+/// Job frames one writev to a worker carries at most.
+const WRITE_BATCH: usize = 32;
 /// How long a shutting-down master keeps trying to deliver the last results.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// After accept() fails for lack of file descriptors, stop accepting for this long.
@@ -149,7 +153,10 @@ struct Worker {
     hash: crate::plugins::ContentHash,
     channel: UnixStream,
     reader: FrameReader,
-    out: Vec<u8>,
+    /// Jobs whose frames are still (partly) to be written, in order: each frame is written
+    /// from the job's own payload (writev), never copied into a buffer.
+    out: VecDeque<u64>,
+    /// Bytes of the front frame already written.
     out_pos: usize,
     wants_write: bool,
     /// Jobs sent, in order; the head is the one running.
@@ -994,15 +1001,13 @@ impl Master {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        loop {
-            match worker.channel.read(&mut self.scratch) {
+        // Straight into the worker's frame buffer (a worker's channel is busy: no shared
+        // scratch buffer and copy), up to what one wake-up may take.
+        let mut budget = OUTCOME_READ_BUDGET;
+        while budget > 0 {
+            match worker.reader.read_from(&mut worker.channel) {
                 Ok(0) => break,
-                Ok(n) => {
-                    worker.reader.push(&self.scratch[..n]);
-                    if n < self.scratch.len() {
-                        break;
-                    }
-                }
+                Ok(n) => budget = budget.saturating_sub(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -1248,7 +1253,7 @@ impl Master {
                         hash: self.pools[idx].hash,
                         channel,
                         reader: FrameReader::new(usize::MAX / 2),
-                        out: Vec::new(),
+                        out: VecDeque::new(),
                         out_pos: 0,
                         wants_write: false,
                         in_flight: VecDeque::new(),
@@ -1335,13 +1340,13 @@ impl Master {
                 let Some(key) = self.pools[idx].queue.pop_front() else {
                     break;
                 };
-                let Some(job) = self.jobs.get(&key) else {
+                if !self.jobs.contains_key(&key) {
                     continue;
-                };
+                }
                 let Some(worker) = self.workers.get_mut(&target) else {
                     break;
                 };
-                protocol::put_job(&mut worker.out, key, &job.payload);
+                worker.out.push_back(key);
                 worker.in_flight.push_back(key);
                 if worker.in_flight.len() == 1 {
                     worker.head_started = Some(now);
@@ -1372,18 +1377,65 @@ impl Master {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        while w.out_pos < w.out.len() {
-            match w.channel.write(&w.out[w.out_pos..]) {
-                Ok(n) => w.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        while !w.out.is_empty() {
+            // Up to WRITE_BATCH frames per writev: each its head, then its payload in place.
+            let mut heads = [[0u8; protocol::JOB_HEAD]; WRITE_BATCH];
+            let mut sizes = [0usize; WRITE_BATCH];
+            let mut count = 0;
+            for (slot, &key) in w.out.iter().take(WRITE_BATCH).enumerate() {
+                let Some(job) = self.jobs.get(&key) else {
+                    // Cannot happen (a job is answered only after its worker read it); if it
+                    // did, the stream would be out of step: the worker must go.
+                    log::error!(
+                        "worker {}: job {key} vanished before it was sent; killing the worker",
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.out.clear();
+                    w.out_pos = 0;
+                    break;
+                };
+                heads[slot] = protocol::job_head(key, job.payload.len());
+                sizes[slot] = protocol::JOB_HEAD + job.payload.len();
+                count = slot + 1;
+            }
+            let mut slices = Vec::with_capacity(2 * count);
+            let mut skip = w.out_pos;
+            for (slot, &key) in w.out.iter().take(count).enumerate() {
+                let payload = self.jobs.get(&key).map_or(&[][..], |j| &j.payload[..]);
+                for part in [&heads[slot][..], payload] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                    } else {
+                        slices.push(io::IoSlice::new(&part[skip..]));
+                        skip = 0;
+                    }
+                }
+            }
+            if slices.is_empty() {
+                break;
+            }
+            let mut written = match (&w.channel).write_vectored(&slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break, // WouldBlock: wait for EPOLLOUT; a dead worker: reap handles it
+            };
+            // Drop the frames written whole; remember how far into the next one we got.
+            let mut slot = 0;
+            while written > 0 && slot < count {
+                let left = sizes[slot] - w.out_pos;
+                if written >= left {
+                    written -= left;
+                    w.out_pos = 0;
+                    w.out.pop_front();
+                    slot += 1;
+                } else {
+                    w.out_pos += written;
+                    written = 0;
+                }
             }
         }
-        if w.out_pos == w.out.len() {
-            w.out.clear();
-            w.out_pos = 0;
-        }
-        let wants_write = w.out_pos < w.out.len();
+        let wants_write = !w.out.is_empty();
         if wants_write != w.wants_write {
             w.wants_write = wants_write;
             let flags = if wants_write {

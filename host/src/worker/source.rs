@@ -2,7 +2,7 @@
 //! unit of work; job mode reads jobs from the master, loop mode lets the plugin pull its own.
 //! A later source (an external engine consumed by each worker directly) is one more impl.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -46,12 +46,14 @@ pub trait JobSource {
 /// only guards the worker against a corrupt stream.
 const MAX_JOB_FRAME: usize = 1 << 30;
 
+/// What an idle worker keeps of its receive buffer.
+const KEEP_BUFFER: usize = 4 << 20;
+
 /// Job mode: jobs arrive on the socketpair; outcomes go back on it.
 pub struct MasterSource {
     channel: UnixStream,
     reader: FrameReader,
     out: Vec<u8>,
-    scratch: Vec<u8>,
     /// The master closed its end; serve what is buffered, then stop.
     closed: bool,
 }
@@ -65,19 +67,18 @@ impl MasterSource {
             channel,
             reader: FrameReader::new(MAX_JOB_FRAME),
             out: Vec::new(),
-            scratch: vec![0; 64 * 1024],
             closed: false,
         }
     }
 
-    /// Reads what is there. Ok(false) = the master closed the channel.
+    /// Reads what is there, straight into the frame buffer. Ok(false) = the master closed
+    /// the channel.
     fn fill(&mut self) -> io::Result<bool> {
         loop {
-            match self.channel.read(&mut self.scratch) {
+            match self.reader.read_from(&mut self.channel) {
                 Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.reader.push(&self.scratch[..n]);
-                    if n < self.scratch.len() {
+                Ok(_) => {
+                    if self.reader.has_frame().unwrap_or(true) {
                         return Ok(true);
                     }
                 }
@@ -123,7 +124,8 @@ impl JobSource for MasterSource {
             if self.closed {
                 return Ok(Next::Closed);
             }
-            self.reader.shrink();
+            // Busy again soon, most likely: keep a buffer the size of an ordinary burst.
+            self.reader.shrink_to(KEEP_BUFFER);
             return Ok(Next::Idle(Wake { timeout: None }));
         };
         let (key, payload) = match protocol::decode(frame).map_err(bad_frame)? {
