@@ -729,6 +729,7 @@ pub fn reload_under_load(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
                 let (c1, t1) = (answered.load(Ordering::Relaxed), Instant::now());
                 let steady = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
                 for _ in 0..RELOADS {
+                    let one = Instant::now();
                     round += 1;
                     let generation = master.status()?["generation"].as_u64().unwrap_or(0);
                     master.rewrite_pools(&pool(round))?;
@@ -739,6 +740,7 @@ pub fn reload_under_load(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
                             .status()
                             .is_ok_and(|s| s["generation"].as_u64().unwrap_or(0) > generation)
                     })?;
+                    eprintln!("e: reload {round} took {:.1} ms", one.elapsed().as_secs_f64() * 1000.0);
                 }
                 let (c2, t2) = (answered.load(Ordering::Relaxed), Instant::now());
                 Ok((steady, (c2 - c1) as f64 / (t2 - t1).as_secs_f64()))

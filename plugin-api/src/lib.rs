@@ -1,8 +1,10 @@
 //! The interface a jobhost plugin is built against — the only crate a plugin author needs.
 //!
 //! A plugin is a `cdylib` that implements [`Plugin`] and exports it with [`export_plugin!`].
-//! jobhost loads the `.so`, calls [`Plugin::init`] **once, in the master, before it forks** its
-//! workers (so whatever `init` builds is shared copy-on-write by every worker), then in each
+//! jobhost loads the `.so`, calls [`Plugin::init`] **in the master, before it forks** its
+//! workers (so whatever `init` builds is shared copy-on-write by every worker) — after trying
+//! the same `init` in a throw-away probe process, so that a plugin that crashes or hangs there
+//! cannot take the master down; `init` must therefore not assume it runs only once — then in each
 //! worker calls [`Plugin::worker_start`], then [`Plugin::handle`] for every job (job mode) or
 //! [`Plugin::run_once`] in a loop (loop mode), and [`Plugin::worker_stop`] before the worker exits.
 //!
@@ -139,9 +141,12 @@ pub trait Plugin: Sized + 'static {
     /// Which modes this plugin provides. Defaults to job mode only.
     const MODES: Modes = Modes::JOBS;
 
-    /// Called once in the master, before any worker is forked, with the pool's
-    /// `[pool.settings]` table. Build shared read-only state here. An `Err` refuses the plugin:
-    /// the message reaches the operator (`jobhost check`, the log, a failed reload).
+    /// Called in the master, before any worker is forked, with the pool's `[pool.settings]`
+    /// table. Build shared read-only state here. jobhost first calls it in a throw-away probe
+    /// process (and `jobhost check` calls it there only), so it must not assume it runs once:
+    /// no side effects outside the process that a second call would trip over. An `Err`
+    /// refuses the plugin: the message reaches the operator (`jobhost check`, the log, a
+    /// failed reload).
     fn init(settings: &Settings) -> Result<Self, String>;
 
     /// Called in each worker right after it was forked: open connections, start threads.
