@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
+use jobhost_e2e::children_of;
 use nix::unistd::Pid;
 
 /// `target/release`: where this binary, `jobhost` and the demo plugins are.
@@ -169,63 +170,10 @@ impl Drop for Master {
     }
 }
 
-/// Live (not zombie) children of `pid`.
-pub fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|s| s.parse::<i32>().ok()),
-            );
-        }
-    }
-    out.retain(|&child| {
-        fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-    });
-    out.sort_unstable();
-    out
-}
-
-/// True while `pid` is blocked in nanosleep — a `sleep` job runs in it (an idle worker
-/// blocks in poll instead). From /proc/PID/syscall (x86_64 and aarch64 numbers).
-pub fn in_sleep_job(pid: i32) -> bool {
-    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/syscall")) else {
-        return false;
-    };
-    let nr = text.split_whitespace().next().unwrap_or("");
-    if cfg!(target_arch = "x86_64") {
-        nr == "35" || nr == "230"
-    } else {
-        nr == "101" || nr == "115"
-    }
-}
-
-/// CPU time (user + system) `pid` has used, in seconds, from /proc/PID/stat.
+/// CPU time (user + system) `pid` has used, in seconds.
 pub fn cpu_seconds(pid: i32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: utime and stime are fields 14 and 15 of the line (11 and 12 here).
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|s| s.parse::<u64>().ok()))
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100);
-    ticks as f64 / hz as f64
+    // /proc counts in USER_HZ ticks, 100 a second on Linux.
+    jobhost_e2e::cpu_ticks(pid) as f64 / 100.0
 }
 
 /// CPU seconds of the master, of its workers together, and of this process, so far.

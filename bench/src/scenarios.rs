@@ -12,7 +12,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 
-use crate::master::{cpu_split, in_sleep_job, Master};
+use crate::master::{cpu_split, Master};
+use jobhost_e2e::in_sleep_job;
 use crate::{median, Opts, Row};
 
 /// How each figure was taken; appended to RESULTS.md under the table.
