@@ -37,9 +37,10 @@ pub struct Opts {
     /// Jobs a client keeps in flight (submitted, not yet answered) in the dispatch runs.
     #[arg(long, default_value_t = 512)]
     pub window: usize,
-    /// Where to write the table and the machine description.
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    pub out: PathBuf,
+    /// Where to write the table and the machine description [default: bench/RESULTS.md in
+    /// the source tree].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// One line of the table.
@@ -92,16 +93,19 @@ fn run(opts: &Opts) -> Result<(), String> {
     let _ = writeln!(doc, "# jobhost benchmark results\n");
     let _ = writeln!(
         doc,
-        "Written by `cargo run --release -p jobhost-bench{}` ({} mode, median of {runs} run(s) per figure, {:.0} s in all).\n",
-        if opts.quick { " -- --quick" } else { "" },
+        "Written by `target/release/jobhost-bench{}` ({} mode, median of {runs} run(s) per figure, {:.0} s in all).\n",
+        if opts.quick { " --quick" } else { "" },
         if opts.quick { "quick" } else { "full" },
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(doc, "```\n{machine}\n```\n\n{table}");
     let _ = writeln!(doc, "{}", scenarios::NOTES);
-    std::fs::write(&opts.out, doc)
-        .map_err(|e| format!("cannot write {}: {e}", opts.out.display()))?;
-    eprintln!("written to {}", opts.out.display());
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md")));
+    std::fs::write(&out, doc).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    eprintln!("written to {}", out.display());
     Ok(())
 }
 

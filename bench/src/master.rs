@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
 use jobhost_e2e::children_of;
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// `target/release`: where this binary, `jobhost` and the demo plugins are.

@@ -13,8 +13,8 @@ use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 
 use crate::master::{cpu_split, Master};
-use jobhost_e2e::in_sleep_job;
 use crate::{median, Opts, Row};
+use jobhost_e2e::in_sleep_job;
 
 /// How each figure was taken; appended to RESULTS.md under the table.
 pub const NOTES: &str = "\
