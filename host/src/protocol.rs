@@ -302,6 +302,7 @@ impl FrameReader {
     }
 
     /// Bytes still missing of the frame at the front, when its length prefix is in (else 0).
+    /// The announced length is only a hint for sizing reads.
     fn missing(&self) -> usize {
         let avail = &self.buf[self.start..self.end];
         match avail.get(..4) {
@@ -329,11 +330,9 @@ impl FrameReader {
             self.start = 0;
         }
         if self.buf.len() - self.end < want {
-            let missing = self.missing();
-            // A frame whose size is known gets room for all of it at once (one allocation,
-            // not a series of doublings that copy it each time).
-            let room = if missing >= want { missing } else { want };
-            self.buf.resize(self.end + room, 0);
+            // Never the whole announced frame: a peer that announces 16 MiB and sends 5 bytes
+            // must not cost 16 MiB (read_from grows by doubling what has arrived).
+            self.buf.resize(self.end + want, 0);
         }
     }
 
@@ -463,6 +462,131 @@ mod tests {
         assert_eq!(
             decode(&[kind::RESULT, 0, 0, 0, 0, 0, 0, 0, 1, 9]),
             Err(FrameError::BadStatus(9))
+        );
+    }
+}
+
+/// The frame reader against streams cut at random places, and against peers that announce
+/// more than they send.
+#[cfg(test)]
+mod chunked_reads {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A reader that hands out a byte stream in random-sized pieces.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        pos: usize,
+        rng: Rng,
+    }
+    impl std::io::Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.pos == self.data.len() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = (1 + self.rng.below(200_000) as usize)
+                .min(buf.len())
+                .min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_with_random_sizes_and_chunking() {
+        for seed in 1..200u64 {
+            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut wire = Vec::new();
+            let mut sent = Vec::new();
+            for key in 0..(1 + rng.below(40)) {
+                let len = match rng.below(4) {
+                    0 => 0,
+                    1 => rng.below(100),
+                    2 => rng.below(70_000),
+                    _ => rng.below(400_000),
+                } as usize;
+                let payload: Vec<u8> = (0..len).map(|i| (i as u64 ^ key) as u8).collect();
+                put_job(&mut wire, key, &payload);
+                sent.push((key, payload));
+            }
+            let use_push = seed % 2 == 0;
+            let mut reader = FrameReader::new(1 << 30);
+            let mut source = Chunked {
+                data: &wire,
+                pos: 0,
+                rng: Rng(seed + 7),
+            };
+            let mut got = Vec::new();
+            loop {
+                let progressed = if use_push {
+                    let mut scratch = vec![0u8; 1 + source.rng.below(100_000) as usize];
+                    match std::io::Read::read(&mut source, &mut scratch) {
+                        Ok(n) => {
+                            reader.push(&scratch[..n]);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                } else {
+                    reader.read_from(&mut source).is_ok()
+                };
+                while let Some(frame) = reader.next().unwrap() {
+                    match decode(frame).unwrap() {
+                        Frame::Job { key, payload } => got.push((key, payload.to_vec())),
+                        other => panic!("{other}"),
+                    }
+                }
+                if rng.below(5) == 0 {
+                    reader.shrink_to(rng.below(300_000) as usize);
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            assert_eq!(got, sent, "seed {seed}");
+            assert!(!reader.has_partial());
+        }
+    }
+
+    /// A peer that announces a large frame and sends one more byte.
+    #[test]
+    fn an_announced_frame_does_not_make_the_reader_allocate_it_before_it_arrives() {
+        let max = (16 << 20) + 1035; // the master's client max_frame with the default max_payload
+        let mut reader = FrameReader::new(max);
+        reader.push(&(max as u32).to_be_bytes());
+        reader.push(&[kind::SUBMIT]);
+        assert!(
+            reader.buf.len() <= 2 * 64 * 1024,
+            "5 bytes received, {} bytes allocated and zero-filled",
+            reader.buf.len()
+        );
+    }
+
+    #[test]
+    fn read_from_is_bounded_too() {
+        let max = 1 << 30;
+        let mut reader = FrameReader::new(max);
+        let mut head: &[u8] = &[0x3f, 0xff, 0xff, 0xff, kind::SUBMIT];
+        reader.read_from(&mut head).unwrap();
+        let mut more: &[u8] = &[0];
+        reader.read_from(&mut more).unwrap();
+        assert!(
+            reader.buf.len() <= 2 * 64 * 1024,
+            "{} bytes allocated",
+            reader.buf.len()
         );
     }
 }

@@ -137,3 +137,33 @@ fn thousands_of_silent_connections_cost_little_and_block_no_one() {
     drop(idle);
     assert_serves_others(&master);
 }
+
+#[test]
+fn clients_that_announce_a_huge_frame_and_send_a_byte_cost_the_master_what_they_sent() {
+    use std::io::Write;
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 1\n",
+    ));
+    master.wait_for_workers(1);
+    let rss = || jobhost::sys::rss_of(nix::unistd::Pid::from_raw(master.pid())).unwrap();
+    let before = rss();
+    // The largest frame the default max_payload allows, announced; one byte of it sent.
+    let announced: u32 = (16 << 20) + 1035;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut s = std::os::unix::net::UnixStream::connect(&master.socket).unwrap();
+        s.write_all(&announced.to_be_bytes()).unwrap();
+        s.write_all(&[1]).unwrap();
+        conns.push(s);
+    }
+    // The master has read them all once it answers a job sent after them.
+    assert_eq!(master.client().call("echo", b"x").unwrap().body, b"x");
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 20 << 20,
+        "20 clients sent 5 bytes each; the master grew by {} MiB",
+        grown >> 20
+    );
+}

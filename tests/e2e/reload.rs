@@ -519,3 +519,116 @@ fn a_plugin_that_hangs_in_init_fails_the_reload_while_the_master_keeps_serving()
     });
     assert_eq!(master.workers(), pids);
 }
+
+/// `echo reload | socat - UNIX-CONNECT:run/admin.sock`: the client half-closes after its line
+/// and waits for the reply, which comes once the probe of the new pool is done.
+#[test]
+fn a_half_closed_admin_session_still_gets_its_reload_reply() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    master.wait_for_workers(2);
+    env.config(&config_with(&format!(
+        "{ECHO}\n[[pool]]\nname = \"echo2\"\nplugin = \"echo\"\nworkers = 1\n"
+    )));
+    let mut s = std::os::unix::net::UnixStream::connect(master.admin_socket()).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s.write_all(b"reload\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(
+        reply.contains("added echo2") && reply.ends_with("OK\n"),
+        "reply: {reply:?}"
+    );
+}
+
+/// A flood of `reload` lines, each done at once (nothing to probe): answered one per pass of
+/// the master's loop — no recursion, jobs keep flowing in between.
+#[test]
+fn many_reload_lines_in_one_write_are_answered_in_turn_while_jobs_flow() {
+    use std::io::{BufRead, Write};
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    master.wait_for_workers(2);
+    let s = std::os::unix::net::UnixStream::connect(master.admin_socket()).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    const RELOADS: usize = 1300; // each reply once took a stack frame: ~1200 overflowed
+    let mut writer = s.try_clone().unwrap();
+    let feeder =
+        std::thread::spawn(move || writer.write_all("reload\n".repeat(RELOADS).as_bytes()));
+    wait_until("reloads under way", SOON, || {
+        master.log_count("reload ok") > 10
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(
+        master.client().call("echo", b"meanwhile").unwrap().body,
+        b"meanwhile"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "a job waited {:?}",
+        started.elapsed()
+    );
+    let mut replies = std::io::BufReader::new(s);
+    let mut oks = 0;
+    let mut line = String::new();
+    while oks < RELOADS {
+        line.clear();
+        assert!(
+            replies.read_line(&mut line).unwrap() > 0,
+            "closed after {oks} replies"
+        );
+        oks += usize::from(line == "OK\n");
+    }
+    feeder.join().unwrap().unwrap();
+    assert!(is_alive(master.pid()));
+}
+
+/// A session whose earlier replies are still being written when its `reload` starts waiting
+/// (for a probe that hangs): the master neither spins on it nor withholds those replies.
+#[test]
+fn a_waiting_session_with_replies_still_to_send_does_not_spin_the_master() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    env.install("echo");
+    env.install("faulty");
+    let header =
+        "[host]\nplugins_dir = \"plugins\"\nruntime_dir = \"run\"\ninit_timeout = \"8s\"\n\n";
+    let master = env.start_master(&format!("{header}{ECHO}"));
+    master.wait_for_workers(2);
+    let hangs = "[[pool]]\nname = \"f\"\nplugin = \"faulty\"\n[pool.settings]\ninit = \"hang\"\n";
+    env.config(&format!("{header}{ECHO}\n{hangs}"));
+    let mut s = std::os::unix::net::UnixStream::connect(master.admin_socket()).unwrap();
+    let mut r = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = r.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let mut lines = "status\n".repeat(3000);
+    lines.push_str("reload\nquit\n");
+    s.write_all(lines.as_bytes()).unwrap();
+    wait_until("the probe to start", SOON, || {
+        master.log_count("reloading") == 1
+    });
+    let before = jobhost_e2e::cpu_ticks(master.pid());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let used = jobhost_e2e::cpu_ticks(master.pid()) - before;
+    assert!(
+        used < 50,
+        "the master used {used} ticks of CPU in 3 s while the reload waited"
+    );
+    let replies = reader.join().unwrap();
+    assert_eq!(
+        replies.matches("\nOK\n").count(),
+        3000 + 1,
+        "every status and the quit"
+    );
+    assert!(
+        replies.contains("ERR reload failed, nothing changed: pool f"),
+        "the reload's answer"
+    );
+}

@@ -175,9 +175,12 @@ impl Master {
             return;
         };
         if conn.awaiting {
-            // Not read while waiting (so it cannot pile up lines); a hang-up still ends it.
+            // Not read while waiting (so it cannot pile up lines); a hang-up still ends it,
+            // and replies written before its `reload` still go out.
             if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
                 self.drop_admin(id);
+            } else if flags.contains(EpollFlags::EPOLLOUT) {
+                self.admin_flush(id);
             }
             return;
         }
@@ -230,6 +233,11 @@ impl Master {
             let reply = self.admin_line(id, &line);
             if let Some(conn) = self.admins.get_mut(&id) {
                 conn.out.extend_from_slice(reply.as_bytes());
+            }
+            // A reload that completed at once queued this session to resume: leave the rest of
+            // its lines for the next pass.
+            if self.admin_resume.contains(&id) {
+                break;
             }
         }
         if closed {
@@ -452,7 +460,10 @@ impl Master {
             }
         }
         conn.out.drain(..written);
-        if dead || (conn.closing && conn.out.is_empty()) || conn.out.len() > MAX_ADMIN_OUT {
+        // A session that half-closed after `reload` (`echo reload | socat …`) still waits
+        // for that reply.
+        let done = conn.closing && conn.out.is_empty() && !conn.awaiting;
+        if dead || done || conn.out.len() > MAX_ADMIN_OUT {
             return self.drop_admin(id);
         }
         // A closing session is not read any more: asking for EPOLLIN then would report the
@@ -474,13 +485,24 @@ impl Master {
     }
 
     /// The deferred reply to a session's `reload`: send it, then go on with its next lines.
+    /// (Its next lines are taken up by [`Master::resume_admins`] on the loop, not from here:
+    /// a reload that completes at once would otherwise recurse once per buffered `reload`.)
     pub(super) fn answer_admin(&mut self, id: u64, reply: &str) {
         let Some(conn) = self.admins.get_mut(&id) else {
             return;
         };
         conn.out.extend_from_slice(reply.as_bytes());
         conn.awaiting = false;
-        self.admin_event(id, EpollFlags::empty());
+        self.admin_resume.push(id);
+    }
+
+    /// Sessions answered since the last pass: send the answer, go on with their next lines —
+    /// up to their next `reload`, so that a session sending many of them gets one per pass of
+    /// the loop and jobs keep flowing in between.
+    pub(super) fn resume_admins(&mut self) {
+        for id in std::mem::take(&mut self.admin_resume) {
+            self.admin_event(id, EpollFlags::empty());
+        }
     }
 
     pub(super) fn drop_admin(&mut self, id: u64) {

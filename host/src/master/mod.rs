@@ -215,6 +215,8 @@ pub struct Master {
     reloading: Option<reload::Reloading>,
     /// Another reload was asked for while one ran (with the admin sessions waiting for it).
     next_reload: Option<Vec<u64>>,
+    /// Admin sessions whose `reload` was answered: to go on with their next lines.
+    admin_resume: Vec<u64>,
     /// Who workers become (host.user/host.group), if anyone.
     identity: Option<crate::daemon::Identity>,
     /// READY=1 has been sent to systemd.
@@ -346,6 +348,7 @@ impl Master {
             last_reload: None,
             reloading: None,
             next_reload: None,
+            admin_resume: Vec::new(),
             identity,
             ready_notified: false,
             pidfile: None,
@@ -380,6 +383,7 @@ impl Master {
             }
             self.enforce_timeouts();
             self.advance_reload();
+            self.resume_admins();
         }
         self.final_flush();
         self.remove_socket_file();
@@ -414,6 +418,8 @@ impl Master {
     /// happens — an idle master uses no CPU.
     fn wait(&mut self, events: &mut [EpollEvent]) -> Result<usize, MasterError> {
         let timeout = match self.next_deadline() {
+            // Admin sessions to resume: look at new events, but do not sleep.
+            _ if !self.admin_resume.is_empty() => EpollTimeout::ZERO,
             None => EpollTimeout::NONE,
             Some(at) => {
                 let ms = at.saturating_duration_since(Instant::now()).as_millis() + 1;
@@ -681,6 +687,9 @@ impl Master {
         self.close_listener();
         for worker in self.workers.values_mut() {
             let _ = kill(worker.pid, Signal::SIGKILL);
+            // Its jobs are answered below: nothing more goes to it.
+            worker.out.clear();
+            worker.out_pos = 0;
             worker.kill = Some(Kill {
                 reason: KillReason::Stop,
                 sigkill_at: now,
@@ -1227,6 +1236,10 @@ impl Master {
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
+                // The worker leads its own process group (a terminal's Ctrl-C reaches the
+                // master only). It says so itself too; doing it on both sides, as shells do,
+                // leaves no moment at which it is still in ours.
+                let _ = nix::unistd::setpgid(child, child);
                 let channel = UnixStream::from(ours);
                 channel
                     .set_nonblocking(true)
