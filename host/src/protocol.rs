@@ -233,6 +233,9 @@ pub fn put_result(out: &mut Vec<u8>, id: u64, status: Status, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// A whole job frame in a buffer. (The master writes job frames with [`job_head`] and the
+/// payload in place; this is for tests.)
+#[cfg(test)]
 pub fn put_job(out: &mut Vec<u8>, key: u64, payload: &[u8]) {
     out.extend_from_slice(&job_head(key, payload.len()));
     out.extend_from_slice(payload);

@@ -6,6 +6,24 @@ use std::process::{Command, Stdio};
 
 use jobhost_e2e::{bin_dir, config_with, Env};
 
+/// `jobhost submit --socket SOCKET e` fed the lines `0` .. `count - 1` on stdin (from a thread,
+/// so that results stream out while input goes in); its whole output.
+fn submit_lines(socket: &str, count: usize, stderr: Stdio) -> std::process::Output {
+    let input: String = (0..count).map(|i| format!("{i}\n")).collect();
+    let mut child = Command::new(bin_dir().join("jobhost"))
+        .args(["submit", "--socket", socket, "e"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    output
+}
+
 #[test]
 fn one_payload_prints_its_result_and_a_failure_exits_1() {
     let env = Env::new();
@@ -76,17 +94,7 @@ fn a_hundred_thousand_lines_come_back_in_order_and_json_marks_failures() {
         "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n\n[[pool]]\nname = \"f\"\nplugin = \"faulty\"\n",
     ));
     let socket = master.socket.to_str().unwrap().to_owned();
-    let input: String = (0..100_000).map(|i| format!("{i}\n")).collect();
-    let mut child = Command::new(bin_dir().join("jobhost"))
-        .args(["submit", "--socket", &socket, "e"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let output = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
+    let output = submit_lines(&socket, 100_000, Stdio::inherit());
     assert!(output.status.success());
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
@@ -141,18 +149,7 @@ fn no_progress_bar_when_stderr_is_not_a_terminal() {
     let master = env.start_master(&config_with(
         "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n",
     ));
-    let input: String = (0..20_000).map(|i| format!("{i}\n")).collect();
-    let mut child = Command::new(bin_dir().join("jobhost"))
-        .args(["submit", "--socket", master.socket.to_str().unwrap(), "e"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let output = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
+    let output = submit_lines(master.socket.to_str().unwrap(), 20_000, Stdio::piped());
     assert!(output.status.success(), "{output:?}");
     assert_eq!(
         String::from_utf8(output.stdout).unwrap().lines().count(),
