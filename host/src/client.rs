@@ -331,6 +331,7 @@ impl ClientReceiver {
                     Frame::Job { .. } => return Err(unexpected(protocol::kind::JOB)),
                     Frame::Outcome { .. } => return Err(unexpected(protocol::kind::OUTCOME)),
                     Frame::Hold { .. } => return Err(unexpected(protocol::kind::HOLD)),
+                    Frame::Leaving { .. } => return Err(unexpected(protocol::kind::LEAVING)),
                 };
                 if result.body.len() >= SHRINK_AFTER {
                     self.reader.shrink();

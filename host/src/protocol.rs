@@ -26,6 +26,9 @@ pub mod kind {
     /// worker → master: `u8 (1: holding back — the system is short of memory, no job is
     /// started until it says 0; 0: taking jobs again)`.
     pub const HOLD: u8 = 5;
+    /// worker → master, its last frame: `u8 exit status it is about to exit with | u64 jobs
+    /// it finished`. Why it leaves: an exit without this frame is a crash, whatever its status.
+    pub const LEAVING: u8 = 6;
 }
 
 /// How a job ended, as a client sees it.
@@ -101,6 +104,12 @@ pub enum Frame<'a> {
     Hold {
         paused: bool,
     },
+    Leaving {
+        /// The exit status the worker is about to exit with (a `WorkerExit` code).
+        code: u8,
+        /// How many outcomes it wrote before this frame.
+        jobs_done: u64,
+    },
 }
 
 impl fmt::Display for Frame<'_> {
@@ -117,6 +126,9 @@ impl fmt::Display for Frame<'_> {
                 write!(f, "outcome {key} ok={ok} ({} bytes)", body.len())
             }
             Frame::Hold { paused } => write!(f, "hold paused={paused}"),
+            Frame::Leaving { code, jobs_done } => {
+                write!(f, "leaving status={code} after {jobs_done} jobs")
+            }
         }
     }
 }
@@ -185,6 +197,13 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
             [other] => Err(FrameError::BadStatus(*other)),
             _ => Err(short()),
         },
+        kind::LEAVING => match body {
+            [code, rest @ ..] if rest.len() == 8 => Ok(Frame::Leaving {
+                code: *code,
+                jobs_done: u64_at(rest, 0).ok_or_else(short)?,
+            }),
+            _ => Err(short()),
+        },
         other => Err(FrameError::UnknownKind(other)),
     }
 }
@@ -251,6 +270,12 @@ pub fn put_outcome(out: &mut Vec<u8>, key: u64, ok: bool, body: &[u8]) {
 pub fn put_hold(out: &mut Vec<u8>, paused: bool) {
     put_header(out, kind::HOLD, 1);
     out.push(u8::from(paused));
+}
+
+pub fn put_leaving(out: &mut Vec<u8>, code: u8, jobs_done: u64) {
+    put_header(out, kind::LEAVING, 1 + 8);
+    out.push(code);
+    out.extend_from_slice(&jobs_done.to_be_bytes());
 }
 
 /// An incoming byte stream cut into frames, with a size limit checked on the length prefix —
@@ -432,6 +457,24 @@ mod tests {
             ]
         );
         assert!(!reader.has_partial());
+    }
+
+    #[test]
+    fn leaving_round_trips_and_rejects_a_wrong_size() {
+        let mut wire = Vec::new();
+        put_leaving(&mut wire, 201, 42);
+        let mut reader = FrameReader::new(1 << 20);
+        reader.push(&wire);
+        let frame = reader.next().unwrap().unwrap();
+        assert_eq!(
+            decode(frame),
+            Ok(Frame::Leaving {
+                code: 201,
+                jobs_done: 42
+            })
+        );
+        assert!(decode(&[kind::LEAVING, 0]).is_err());
+        assert!(decode(&[kind::LEAVING, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

@@ -131,6 +131,16 @@ impl SignalPipe {
         if !ANY.swap(false, Ordering::SeqCst) {
             return Delivered::default();
         }
+        self.take_all()
+    }
+
+    /// Like [`take`](Self::take), but drains the pipe whatever [`ANY`] says. For a caller
+    /// that was told the pipe is readable: a byte there may come from another process that
+    /// shares the pipe but not this process's memory (a daemon's launcher, which inherited the
+    /// handler and gets a SIGCHLD while it waits), and left in the pipe it would keep a
+    /// level-triggered poll waking forever.
+    pub fn take_all(&self) -> Delivered {
+        ANY.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 256];
         while matches!(nix::unistd::read(&self.read, &mut buf), Ok(n) if n > 0) {}
         let mut delivered = Vec::new();

@@ -6,6 +6,7 @@ mod bad_input;
 mod check_config;
 mod daemon;
 mod draining;
+mod hardening;
 mod job_server;
 mod loop_mode;
 mod memory_limits;

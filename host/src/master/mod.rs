@@ -36,7 +36,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PoolConfig, PoolMode};
 use crate::plugins::{PluginError, Registry};
 use crate::protocol::{self, Frame, FrameReader, Status};
 use crate::server::{self, Connection, ReadOutcome};
@@ -55,6 +55,10 @@ const WRITE_BATCH: usize = 32;
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// After accept() fails for lack of file descriptors, stop accepting for this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
+/// After a worker could not be started for want of the master's own resources (socketpair or
+/// fork failing: a full fd table, the process limit), start none for this long. Not a crash
+/// of the pool: its plugin did nothing wrong.
+const SPAWN_PAUSE: Duration = Duration::from_secs(1);
 
 // epoll tokens: kind in the top bits, an id below.
 const TOKEN_SIGNALS: u64 = 0;
@@ -94,12 +98,13 @@ pub enum Ending {
     Recycled(Limit),
     PluginStopped,
     BootFailed,
-    MasterGone,
-    /// Died on its own: the job-facing reason ("killed by SIGSEGV"), and whether a core was
-    /// dumped (log only: it depends on the machine's settings, not on what went wrong).
+    /// Died on its own: the job-facing reason ("killed by SIGSEGV"), and for the log only
+    /// whether a core was dumped (it depends on the machine's settings, not on what went
+    /// wrong) and what else is known.
     Crashed {
         how: String,
         core: bool,
+        note: &'static str,
     },
     KilledOnTimeout(Duration),
 }
@@ -118,10 +123,9 @@ impl Ending {
             Ending::Recycled(limit) => format!("recycled ({} reached)", limit.as_str()),
             Ending::PluginStopped => "stopped by its plugin (loop mode said Stop)".into(),
             Ending::BootFailed => "failed to start (worker_start failed)".into(),
-            Ending::MasterGone => "lost its master channel".into(),
-            Ending::Crashed { how, core } => {
+            Ending::Crashed { how, core, note } => {
                 format!(
-                    "crashed: {how}{}",
+                    "crashed: {how}{}{note}",
                     if *core { " (core dumped)" } else { "" }
                 )
             }
@@ -142,6 +146,13 @@ struct Kill {
     reason: KillReason,
     sigkill_at: Instant,
     sigkill_sent: bool,
+}
+
+/// What a worker said in its LEAVING frame, right before exiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Leaving {
+    code: u8,
+    jobs_done: u64,
 }
 
 struct Worker {
@@ -167,11 +178,35 @@ struct Worker {
     started: Instant,
     jobs_done: u64,
     kill: Option<Kill>,
+    /// It said why it is about to exit (its last frame).
+    leaving: Option<Leaving>,
+    /// It broke the protocol (it was SIGKILLed for it): what it did.
+    violation: Option<String>,
+    /// The job that ran past job_timeout: answered as timed out (or retried) once the worker is
+    /// gone, whatever outcome it may still send for it.
+    overdue: Option<u64>,
 }
 
 impl Worker {
+    /// Takes no more jobs: told to stop, leaving of its own accord, or killed.
     fn draining(&self) -> bool {
-        self.kill.is_some()
+        self.kill.is_some() || self.leaving.is_some() || self.violation.is_some()
+    }
+
+    /// Whether the master sent it this job whole (so it may answer it).
+    fn holds(&self, key: u64) -> bool {
+        self.in_flight.contains(&key) && !self.out.contains(&key)
+    }
+
+    /// Its running job is past `timeout` and nobody has acted on that yet.
+    fn past_job_timeout(&self, now: Instant, timeout: Option<Duration>) -> bool {
+        let judged = self.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout);
+        match (self.head_started, timeout) {
+            (Some(started), Some(timeout)) if !judged && self.violation.is_none() => {
+                now.saturating_duration_since(started) >= timeout
+            }
+            _ => false,
+        }
     }
 }
 
@@ -182,6 +217,9 @@ struct Job {
     client: Option<(u64, u64)>,
     payload: Vec<u8>,
     failures: u32,
+    /// The crash back-off entry its last crash added to its pool (a fresh worker died running
+    /// it): taken back if it crashes another worker, which makes it the job's fault.
+    blamed_crash: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +262,8 @@ pub struct Master {
     /// Held (locked) while the master runs; removed on a clean exit.
     pidfile: Option<crate::daemon::Pidfile>,
     accept_paused_until: Option<Instant>,
+    /// No worker is forked before this (the master itself was short of fds or processes).
+    spawn_paused_until: Option<Instant>,
     epoll: Option<Epoll>,
     signals: Option<SignalPipe>,
     phase: Phase,
@@ -353,6 +393,7 @@ impl Master {
             ready_notified: false,
             pidfile: None,
             accept_paused_until: None,
+            spawn_paused_until: None,
             epoll: Some(epoll),
             signals: Some(signals),
             phase: Phase::Running,
@@ -377,7 +418,8 @@ impl Master {
             }
             let n = self.wait(&mut events)?;
             self.reap();
-            self.handle_signals();
+            let woken = events[..n].iter().any(|e| e.data() == TOKEN_SIGNALS);
+            self.handle_signals(woken);
             for event in &events[..n] {
                 self.handle_io(event.data(), event.events());
             }
@@ -437,7 +479,7 @@ impl Master {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for w in self.workers.values() {
-            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent) {
+            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent) || w.violation.is_some() {
                 continue;
             }
             if let Some(kill) = &w.kill {
@@ -467,6 +509,9 @@ impl Master {
             }
         }
         if let Some(t) = self.accept_paused_until {
+            consider(t);
+        }
+        if let Some(t) = self.spawn_paused_until {
             consider(t);
         }
         if let Some(t) = self.probe_deadline() {
@@ -517,8 +562,9 @@ impl Master {
         }
         let ending = classify(
             status,
-            worker.kill.as_ref(),
-            self.pools[worker.pool].config.job_timeout,
+            &worker,
+            &self.pools[worker.pool].config,
+            worker.started.elapsed(),
         );
         let now = Instant::now();
         let pool_idx = worker.pool;
@@ -536,39 +582,60 @@ impl Master {
             log::info!("{message}");
         }
 
-        // Its jobs: the head ran (unless it never booted) and failed with it; the rest never
-        // started and go back to the front of the queue as they were.
+        // Its jobs. The one it ran failed with it (a crash) or ran past its timeout; the rest
+        // never started and go back to the front of the queue as they were. A worker that
+        // left cleanly said so between two jobs: none of its jobs had started.
+        let ran = match &ending {
+            Ending::KilledOnTimeout(_) => worker.overdue,
+            Ending::BootFailed => None,
+            // The head ran if the worker had it whole.
+            e if e.is_crash() => worker.in_flight.front().copied().filter(|k| worker.holds(*k)),
+            _ => None,
+        };
         let mut jobs = std::mem::take(&mut worker.in_flight);
-        if ending.is_crash() && ending != Ending::BootFailed {
-            if let Some(head) = jobs.pop_front() {
-                self.job_lost(head, &ending);
-            }
+        // A crash while running a job that already took another worker down is that job's
+        // doing, not a sign the pool cannot start: it uses up the job's attempts only.
+        let job_to_blame = ran.and_then(|key| self.jobs.get(&key)).map(|j| (j.failures > 0, j.blamed_crash));
+        if let Some(key) = ran {
+            jobs.retain(|k| *k != key);
         }
         while let Some(key) = jobs.pop_back() {
             self.requeue_front(key);
         }
+        // The retry goes first: it waited longest, and a fresh worker then meets a job that
+        // crashed before (which tells poison from a crash loop) rather than an untried one.
+        if let Some(key) = ran {
+            self.job_lost(key, &ending);
+        }
+        let (job_to_blame, earlier_blame) = job_to_blame.unwrap_or((false, None));
+        if let (true, Some(at)) = (job_to_blame, earlier_blame) {
+            // The crash it caused before, counted against the pool, was its doing too.
+            self.pools[pool_idx].backoff.forgive(at, now);
+        }
 
-        // A worker that leaves of its own accord before its first result cannot get going:
-        // besides crashing, it may recycle or exit cleanly at once (a max_rss under what it
-        // starts with, exit(0) in worker_start). Forking it again at once would be a loop.
-        let went_early = worker.jobs_done == 0
-            && worker.kill.is_none()
-            && matches!(
-                ending,
-                Ending::Stopped | Ending::Recycled(Limit::MaxRss | Limit::MaxJobs)
-            );
+        // A worker that leaves before its first result, unasked, cannot get going — crashing,
+        // or exiting cleanly at once (a max_rss under what it starts with, worker_start
+        // failing): forking it again at once would be a loop. So is one that crashes before
+        // its first result, unless the job it ran is to blame.
+        let unasked_early = worker.jobs_done == 0 && worker.kill.is_none();
         let pool = &mut self.pools[pool_idx];
         match &ending {
             Ending::PluginStopped => {
                 pool.stopped = true;
                 log::info!("pool {name} stopped by its plugin; `restart` it to start it again");
             }
+            e if e.is_crash() && job_to_blame => {
+                log::info!("pool {name}: the crash is its job's (it crashed a worker before); no back-off");
+            }
             // A worker that had finished jobs died of a job (or of an outside kill): replace it
-            // at once. One that dies before its first result is what a crash loop looks like.
+            // at once.
             e if e.is_crash() && worker.jobs_done > 0 => {}
-            e if e.is_crash() || went_early => {
+            e if e.is_crash() || unasked_early => {
                 let was_failing = pool.backoff.is_failing(now);
                 let delay = pool.backoff.crashed(now);
+                if let Some(job) = ran.and_then(|key| self.jobs.get_mut(&key)) {
+                    job.blamed_crash = Some(now); // forgiven if the job crashes another
+                }
                 if pool.backoff.is_failing(now) && !was_failing {
                     log::error!(
                         "pool {name} is failing: {} crashes within {:?}; trying one worker every {:?}",
@@ -628,15 +695,24 @@ impl Master {
 
     // ---- signals ---------------------------------------------------------------------------
 
-    fn handle_signals(&mut self) {
-        let Some(delivered) = self.signals.as_ref().map(SignalPipe::take) else {
+    /// `woken`: epoll said the signal pipe is readable. Then it is drained whatever this
+    /// process's own flags say: a byte may come from a process that shares the pipe without
+    /// sharing our memory (the launcher a daemon forked from, while it waits), and a byte
+    /// left there would keep epoll waking us forever.
+    fn handle_signals(&mut self, woken: bool) {
+        let Some(signals) = self.signals.as_ref() else {
             return;
+        };
+        let delivered = if woken {
+            signals.take_all()
+        } else {
+            signals.take()
         };
         for (signal, times) in delivered.iter() {
             match signal {
                 Signal::SIGTERM | Signal::SIGINT => self.handle_stop(signal),
                 Signal::SIGQUIT => self.handle_quit(),
-                Signal::SIGTTIN => (0..times).for_each(|_| self.handle_ttin()),
+                Signal::SIGTTIN => self.handle_ttin(times),
                 Signal::SIGTTOU => (0..times).for_each(|_| self.handle_ttou()),
                 Signal::SIGUSR1 => self.handle_usr1(),
                 Signal::SIGHUP => self.request_reload(None),
@@ -705,12 +781,21 @@ impl Master {
         }
     }
 
-    /// TTIN: one worker more in every pool.
-    fn handle_ttin(&mut self) {
+    /// TTIN (`times` of them): one worker more in every pool per signal, up to the most
+    /// `scale` and the config allow. One log line per pool, however many came.
+    fn handle_ttin(&mut self, times: u32) {
         for pool in &mut self.pools {
-            pool.wanted += 1;
+            let before = pool.wanted;
+            pool.wanted = before
+                .saturating_add(times as usize)
+                .min(crate::admin::MAX_WORKERS.max(before));
+            let capped = if pool.wanted < before.saturating_add(times as usize) {
+                format!(" (capped: a pool has at most {})", crate::admin::MAX_WORKERS)
+            } else {
+                String::new()
+            };
             log::info!(
-                "SIGTTIN: pool {} now wants {} worker(s)",
+                "SIGTTIN: pool {} now wants {} worker(s){capped}",
                 pool.config.name,
                 pool.wanted
             );
@@ -980,6 +1065,7 @@ impl Master {
                         client: Some((client, id)),
                         payload: payload.to_vec(),
                         failures: 0,
+                        blamed_crash: None,
                     };
                     self.jobs.insert(key, job);
                     self.pools[idx].queue.push_back(key);
@@ -1026,8 +1112,14 @@ impl Master {
             let Some(worker) = self.workers.get_mut(&id) else {
                 return;
             };
+            if worker.violation.is_some() {
+                return; // being killed: nothing more it says counts
+            }
             let (key, ok, body) = match worker.reader.next().map(|f| f.map(protocol::decode)) {
                 Ok(None) => return,
+                Ok(Some(Ok(_))) if worker.leaving.is_some() => {
+                    return self.protocol_violation(id, "a frame after LEAVING".into());
+                }
                 Ok(Some(Ok(Frame::Outcome { key, ok, body }))) => (key, ok, body.to_vec()),
                 Ok(Some(Ok(Frame::Hold { paused }))) => {
                     // Short of memory, the worker starts no job: the one at the head of its
@@ -1039,23 +1131,36 @@ impl Master {
                     };
                     continue;
                 }
+                Ok(Some(Ok(Frame::Leaving { code, jobs_done }))) => {
+                    // Read when it exits (classify); meanwhile it gets no more jobs.
+                    worker.leaving = Some(Leaving { code, jobs_done });
+                    continue;
+                }
                 Ok(Some(Ok(other))) => {
-                    log::error!(
-                        "worker {} sent an unexpected {other}; killing it",
-                        worker.pid
-                    );
-                    let _ = kill(worker.pid, Signal::SIGKILL);
-                    return;
+                    let what = format!("an unexpected {other}");
+                    return self.protocol_violation(id, what);
                 }
                 Ok(Some(Err(e))) | Err(e) => {
-                    log::error!(
-                        "worker {} sent a malformed frame ({e}); killing it",
-                        worker.pid
-                    );
-                    let _ = kill(worker.pid, Signal::SIGKILL);
-                    return;
+                    return self.protocol_violation(id, format!("a malformed frame: {e}"));
                 }
             };
+            if worker.overdue == Some(key) {
+                // It finished after its timeout was declared: the job counts as timed out
+                // (answered or retried when the worker is gone), never as a success.
+                log::info!(
+                    "worker {}: job {key} ended after passing job_timeout; its outcome is discarded",
+                    worker.pid
+                );
+                worker.in_flight.retain(|k| *k != key);
+                worker.head_started = None;
+                continue;
+            }
+            if !worker.holds(key) {
+                // A worker speaks only for its own jobs: another's result must not reach the
+                // other's client. That job is left as it is, for the worker that holds it.
+                let what = format!("an outcome for job {key}, which it does not hold");
+                return self.protocol_violation(id, what);
+            }
             if worker.in_flight.front() == Some(&key) {
                 worker.in_flight.pop_front();
             } else {
@@ -1082,6 +1187,25 @@ impl Master {
         }
     }
 
+    /// A worker wrote what no honest worker writes: it runs plugin code, so it may write
+    /// anything. Kill it; nothing more it sends is read; its exit is a crash.
+    fn protocol_violation(&mut self, id: u64, what: String) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        log::error!(
+            "worker {} (pool {}) broke the protocol: it sent {what}; killing it",
+            worker.pid,
+            self.pools[worker.pool].config.name
+        );
+        let _ = kill(worker.pid, Signal::SIGKILL);
+        // Nothing more is read from it or written to it; reap() finds it gone.
+        if let Some(epoll) = &self.epoll {
+            let _ = epoll.delete(worker.channel.as_fd());
+        }
+        worker.violation = Some(format!("it sent {what}"));
+    }
+
     /// Sends a job's one answer to its client (if still connected) and forgets the job.
     fn answer(&mut self, key: u64, status: Status, body: &[u8]) {
         let Some(job) = self.jobs.remove(&key) else {
@@ -1101,16 +1225,25 @@ impl Master {
     fn enforce_timeouts(&mut self) {
         let now = Instant::now();
         self.resume_accept_if_due();
+        // Judge on fresh facts: after the master itself was off the CPU (stopped, starved),
+        // outcomes may be waiting on a worker's socket for jobs that ended in time. Read them
+        // before declaring anything overdue.
+        let suspects: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.past_job_timeout(now, self.pools[w.pool].config.job_timeout))
+            .map(|w| w.id)
+            .collect();
+        for id in suspects {
+            self.read_worker(id);
+        }
         for worker in self.workers.values_mut() {
             let pool = &self.pools[worker.pool];
             let job_timeout = pool.config.job_timeout;
-            let overdue = |started: Instant, timeout: Duration| {
-                now.saturating_duration_since(started) >= timeout
-            };
-            let timed_out = match (worker.head_started, job_timeout) {
-                (Some(started), Some(timeout)) => overdue(started, timeout),
-                _ => false,
-            };
+            let timed_out = worker.past_job_timeout(now, job_timeout);
+            // The job it runs is past its time: whatever the worker still says of it, it is
+            // answered as timed out (or retried) once the worker is gone.
+            let overdue = worker.in_flight.front().copied();
             match &mut worker.kill {
                 Some(kill_state) if kill_state.sigkill_sent => {}
                 Some(kill_state) if now >= kill_state.sigkill_at => {
@@ -1121,7 +1254,7 @@ impl Master {
                 // A draining worker (told to stop after its job) still answers to job_timeout:
                 // a hung job must not hold a reload or a shutdown until its grace runs out, nor
                 // go back to the queue as if it had never run.
-                Some(kill_state) if kill_state.reason == KillReason::Stop && timed_out => {
+                Some(kill_state) if timed_out => {
                     log::warn!(
                         "worker {} (pool {}, draining): job ran past job_timeout {:?}; SIGKILL in {KILL_GRACE:?}",
                         worker.pid,
@@ -1130,6 +1263,7 @@ impl Master {
                     );
                     kill_state.reason = KillReason::Timeout;
                     kill_state.sigkill_at = kill_state.sigkill_at.min(now + KILL_GRACE);
+                    worker.overdue = overdue;
                 }
                 Some(_) => {}
                 None if timed_out => {
@@ -1145,6 +1279,7 @@ impl Master {
                         sigkill_at: now + KILL_GRACE,
                         sigkill_sent: false,
                     });
+                    worker.overdue = overdue;
                 }
                 None => {}
             }
@@ -1178,6 +1313,10 @@ impl Master {
         }
         self.retire_pools();
         let now = Instant::now();
+        match self.spawn_paused_until {
+            Some(until) if now < until => return,
+            _ => self.spawn_paused_until = None,
+        }
         for idx in 0..self.pools.len() {
             if self.pools[idx].stopped {
                 continue;
@@ -1195,12 +1334,14 @@ impl Master {
             };
             for _ in 0..count {
                 if let Err(e) = self.spawn(idx) {
+                    // The master's own shortage (fds, processes), not the pool's crash: pause
+                    // every fork for a moment, and say so once per pause.
                     log::error!(
-                        "cannot start a worker for pool {}: {e}",
+                        "cannot start a worker for pool {}: {e}; trying again in {SPAWN_PAUSE:?}",
                         self.pools[idx].config.name
                     );
-                    self.pools[idx].backoff.crashed(now);
-                    break;
+                    self.spawn_paused_until = Some(now + SPAWN_PAUSE);
+                    return;
                 }
             }
         }
@@ -1275,6 +1416,9 @@ impl Master {
                         started: Instant::now(),
                         jobs_done: 0,
                         kill: None,
+                        leaving: None,
+                        violation: None,
+                        overdue: None,
                     },
                 );
                 Ok(())
@@ -1390,6 +1534,9 @@ impl Master {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
+        if w.violation.is_some() {
+            return;
+        }
         while !w.out.is_empty() {
             // Up to WRITE_BATCH frames per writev: each its head, then its payload in place.
             let mut heads = [[0u8; protocol::JOB_HEAD]; WRITE_BATCH];
@@ -1522,33 +1669,101 @@ impl Master {
     }
 }
 
-/// Reads a wait status in the light of what the master did to the worker.
-fn classify(status: WaitStatus, kill: Option<&Kill>, job_timeout: Option<Duration>) -> Ending {
-    let timed_out = kill.is_some_and(|k| k.reason == KillReason::Timeout);
+/// Reads a wait status in the light of what the master did to the worker and what the worker
+/// said before it left. Only a worker that said why (LEAVING, with the status it then exited
+/// with) and whose reason squares with what the master knows left cleanly; any other exit is
+/// a crash — a plugin can call `exit(0)` or `exit(203)` itself, but it cannot make that a stop.
+fn classify(status: WaitStatus, w: &Worker, pool: &PoolConfig, lived: Duration) -> Ending {
+    if let Some(what) = &w.violation {
+        return Ending::Crashed {
+            how: format!("killed for breaking the protocol ({what})"),
+            core: false,
+            note: "",
+        };
+    }
+    if w.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout) {
+        return Ending::KilledOnTimeout(pool.job_timeout.unwrap_or_default());
+    }
     match status {
-        _ if timed_out => Ending::KilledOnTimeout(job_timeout.unwrap_or_default()),
-        WaitStatus::Exited(_, code) => match WorkerExit::from_code(code) {
-            Some(WorkerExit::Stopped) => Ending::Stopped,
-            Some(WorkerExit::Recycled(limit)) => Ending::Recycled(limit),
-            Some(WorkerExit::PluginStopped) => Ending::PluginStopped,
-            Some(WorkerExit::BootFailed) => Ending::BootFailed,
-            Some(WorkerExit::MasterGone) => Ending::MasterGone,
+        WaitStatus::Exited(_, code) => match w.leaving {
+            Some(said) if i32::from(said.code) == code => {
+                match check_leaving(said, w.jobs_done, pool, lived) {
+                    Ok(ending) => ending,
+                    Err(why) => Ending::Crashed {
+                        how: format!("exited with status {code}, claiming {why}"),
+                        core: false,
+                        note: "",
+                    },
+                }
+            }
+            Some(said) => Ending::Crashed {
+                how: format!(
+                    "exited with status {code} after saying it would exit with {}",
+                    said.code
+                ),
+                core: false,
+                note: "",
+            },
             None => Ending::Crashed {
                 how: format!("exited with status {code}"),
                 core: false,
+                note: " without saying why (an exit from plugin code?)",
             },
         },
-        WaitStatus::Signaled(_, Signal::SIGKILL, _) if kill.is_some_and(|k| k.sigkill_sent) => {
+        WaitStatus::Signaled(_, Signal::SIGKILL, _)
+            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent) =>
+        {
             Ending::Stopped
         }
         WaitStatus::Signaled(_, signal, core) => Ending::Crashed {
             how: format!("killed by {}", signal.as_str()),
             core,
+            note: "",
         },
         other => Ending::Crashed {
             how: format!("ended with {other:?}"),
             core: false,
+            note: "",
         },
+    }
+}
+
+/// A worker's stated reason for leaving, checked against what the master knows of it: a
+/// worker runs plugin code, so what it says is a claim. `Err` says what does not add up.
+fn check_leaving(
+    said: Leaving,
+    jobs_done: u64,
+    pool: &PoolConfig,
+    lived: Duration,
+) -> Result<Ending, String> {
+    let exit = WorkerExit::from_code(i32::from(said.code))
+        .ok_or_else(|| format!("status {} means nothing to jobhost", said.code))?;
+    if said.jobs_done != jobs_done {
+        return Err(format!(
+            "{} jobs done where the master received {jobs_done} outcomes",
+            said.jobs_done
+        ));
+    }
+    match exit {
+        WorkerExit::Stopped => Ok(Ending::Stopped),
+        WorkerExit::Recycled(Limit::MaxJobs) if pool.max_jobs.is_some_and(|m| jobs_done >= m) => {
+            Ok(Ending::Recycled(Limit::MaxJobs))
+        }
+        // The master's clock for the worker started at fork, before the worker's own.
+        WorkerExit::Recycled(Limit::MaxLifetime)
+            if pool.max_lifetime.is_some_and(|m| lived >= m) =>
+        {
+            Ok(Ending::Recycled(Limit::MaxLifetime))
+        }
+        WorkerExit::Recycled(Limit::MaxRss) if pool.max_rss.is_some() => {
+            Ok(Ending::Recycled(Limit::MaxRss))
+        }
+        WorkerExit::PluginStopped if pool.mode == PoolMode::Loop => Ok(Ending::PluginStopped),
+        WorkerExit::BootFailed if jobs_done == 0 => Ok(Ending::BootFailed),
+        WorkerExit::MasterGone => Err("its master is gone, which it is not".into()),
+        WorkerExit::Recycled(limit) => Err(format!("{} reached, which it was not", limit.as_str())),
+        WorkerExit::PluginStopped => Err("its plugin said Stop, in a jobs-mode pool".into()),
+        WorkerExit::BootFailed => Err("worker_start failed, after finishing jobs".into()),
     }
 }
 
@@ -1622,4 +1837,58 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), Box<dyn std::e
         pidfile.remove();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(extra: &str) -> PoolConfig {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("libp.so"), b"").unwrap();
+        let text = format!(
+            "[host]\nplugins_dir = {:?}\n[[pool]]\nname = \"p\"\nplugin = \"p\"\n{extra}",
+            dir.path()
+        );
+        let config = Config::parse(&text, &dir.path().join("jobhost.toml")).unwrap();
+        config.pools[0].clone()
+    }
+
+    fn said(code: i32, jobs_done: u64) -> Leaving {
+        Leaving {
+            code: code as u8,
+            jobs_done,
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_stated_reason_is_taken_only_when_it_squares_with_what_the_master_knows() {
+        let jobs = pool("max_jobs = 10\nmax_lifetime = \"1h\"\nmax_rss = \"1GiB\"\n");
+        let code = |e: WorkerExit| e.code();
+        let ok = |s, done, p: &PoolConfig, lived| check_leaving(s, done, p, lived);
+        assert_eq!(ok(said(0, 3), 3, &jobs, HOUR), Ok(Ending::Stopped));
+        assert_eq!(
+            ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 10), 10, &jobs, HOUR),
+            Ok(Ending::Recycled(Limit::MaxJobs))
+        );
+        // max_jobs claimed after 3 jobs of 10; max_lifetime claimed after a minute of an hour.
+        assert!(ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 3), 3, &jobs, HOUR).is_err());
+        let minute = Duration::from_secs(60);
+        assert!(ok(said(201, 3), 3, &jobs, minute).is_err());
+        assert_eq!(ok(said(201, 3), 3, &jobs, HOUR), Ok(Ending::Recycled(Limit::MaxLifetime)));
+        assert_eq!(ok(said(202, 0), 0, &jobs, minute), Ok(Ending::Recycled(Limit::MaxRss)));
+        // Loop mode's Stop in a jobs pool; the master "gone" while it reads; a job count off.
+        assert!(ok(said(203, 0), 0, &jobs, minute).is_err());
+        assert!(ok(said(205, 0), 0, &jobs, minute).is_err());
+        assert!(ok(said(0, 4), 3, &jobs, minute).is_err());
+        assert!(ok(said(42, 0), 0, &jobs, minute).is_err());
+        assert!(ok(said(204, 1), 1, &jobs, minute).is_err(), "boot failed after a job");
+        assert_eq!(ok(said(204, 0), 0, &jobs, minute), Ok(Ending::BootFailed));
+        let bare = pool("");
+        assert!(ok(said(202, 0), 0, &bare, HOUR).is_err(), "max_rss unset");
+        let looping = pool("mode = \"loop\"\n");
+        assert_eq!(ok(said(203, 0), 0, &looping, minute), Ok(Ending::PluginStopped));
+    }
 }

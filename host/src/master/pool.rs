@@ -231,6 +231,22 @@ impl Backoff {
         }
     }
 
+    /// Takes back the crash recorded at `at`: it turned out to be its job's doing (the job then
+    /// crashed another worker too), not a sign that the pool cannot start workers. The delay
+    /// it imposed shrinks to what the remaining history asks for.
+    pub fn forgive(&mut self, at: Instant, now: Instant) {
+        let Some(i) = self.crashes.iter().position(|t| *t == at) else {
+            return;
+        };
+        self.crashes.remove(i);
+        let delay = self.delay(now);
+        self.next_spawn = match self.next_spawn {
+            _ if delay.is_zero() => None,
+            Some(t) => Some(t.min(now + delay)),
+            None => None,
+        };
+    }
+
     /// Forget the crash history (an operator's `start` or `restart`).
     pub fn reset(&mut self) {
         self.crashes.clear();
@@ -293,6 +309,23 @@ mod tests {
         let later = t1 + Duration::from_secs(61);
         assert_eq!(b.state(later), PoolState::Ok);
         assert_eq!(b.may_spawn(later), Some(SpawnPace::All));
+    }
+
+    #[test]
+    fn a_forgiven_crash_no_longer_delays_the_pool() {
+        let t0 = Instant::now();
+        let mut b = Backoff::new(3, Duration::from_secs(60), Duration::from_secs(30));
+        b.crashed(t0);
+        let t1 = t0 + Duration::from_millis(1);
+        assert_eq!(b.crashed(t1), Duration::from_millis(200));
+        b.forgive(t1, t1);
+        assert_eq!(b.delay(t1), Duration::from_millis(100), "one crash left");
+        assert_eq!(b.next_spawn, Some(t1 + Duration::from_millis(100)));
+        b.forgive(t0, t1);
+        assert_eq!(b.state(t1), PoolState::Ok);
+        assert_eq!(b.may_spawn(t1), Some(SpawnPace::All), "no delay left");
+        b.forgive(t0, t1); // twice: nothing to take back
+        assert_eq!(b.state(t1), PoolState::Ok);
     }
 
     #[test]

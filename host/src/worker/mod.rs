@@ -18,7 +18,7 @@
 
 mod source;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use jobhost_plugin_api::PluginInstance;
@@ -27,6 +27,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{PoolConfig, PoolMode};
+use crate::protocol;
 use crate::signals::{self, Callbacks, SignalPipe};
 use source::{JobSource, LoopSource, MasterSource, Next};
 
@@ -128,6 +129,7 @@ pub fn run(plugin: &mut PluginInstance, assignment: Assignment) -> ! {
         Ok(signals) => serve(plugin, assignment, signals),
         Err(e) => {
             log::error!("worker setup failed: {e}");
+            say_leaving(assignment.channel.as_fd(), WorkerExit::BootFailed, 0);
             WorkerExit::BootFailed
         }
     };
@@ -137,63 +139,103 @@ pub fn run(plugin: &mut PluginInstance, assignment: Assignment) -> ! {
     unsafe { nix::libc::_exit(exit.code()) }
 }
 
-/// After-fork setup: die with the master, own process group, own signal dispositions.
-fn setup(assignment: &Assignment) -> nix::Result<SignalPipe> {
-    crate::logging::set_role(&assignment.pool.name);
-    // First, because changing credentials clears PR_SET_PDEATHSIG (see prctl(2)).
-    if let Some(identity) = &assignment.identity {
-        if let Err(e) = identity.drop_to() {
-            log::error!("cannot drop privileges to {:?}: {e}", identity.name);
-            // SAFETY: see `run`. A worker that cannot drop must not run plugin code as root.
-            unsafe { nix::libc::_exit(WorkerExit::BootFailed.code()) }
+/// Tells the master why this worker leaves (a LEAVING frame), right before it exits: after
+/// every outcome (the same stream carries them, in order), after `worker_stop`. Without that
+/// frame the master reads the exit as a crash, whatever its status: a plugin's own `exit(0)`
+/// or `exit(203)` cannot pass for a clean stop, and one that closed this descriptor leaves as
+/// a crash too.
+fn say_leaving(channel: BorrowedFd<'_>, exit: WorkerExit, jobs_done: u64) {
+    if exit == WorkerExit::MasterGone {
+        return; // nobody to tell
+    }
+    let mut frame = Vec::with_capacity(16);
+    protocol::put_leaving(&mut frame, exit.code() as u8, jobs_done);
+    let mut sent = 0;
+    // Bounded: a master that does not read within a second is stuck or gone.
+    let until = Instant::now() + Duration::from_secs(1);
+    while sent < frame.len() {
+        match nix::unistd::write(channel, &frame[sent..]) {
+            Ok(n) => sent += n,
+            Err(nix::Error::EINTR) => {}
+            Err(nix::Error::EAGAIN) if Instant::now() < until => {
+                let mut fds = [PollFd::new(channel, PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::from(100u8));
+            }
+            Err(e) => {
+                log::warn!("could not tell the master why this worker leaves: {e}");
+                return;
+            }
         }
     }
+}
+
+/// After-fork setup: die with the master, own process group, own signal dispositions.
+fn setup(assignment: &Assignment) -> Result<SignalPipe, String> {
+    crate::logging::set_role(&assignment.pool.name);
+    // First, because changing credentials clears PR_SET_PDEATHSIG (see prctl(2)). A worker
+    // that cannot drop must not run plugin code as root: the error ends it before any.
+    if let Some(identity) = &assignment.identity {
+        identity
+            .drop_to()
+            .map_err(|e| format!("cannot drop privileges to {:?}: {e}", identity.name))?;
+    }
+    fn os(what: &'static str) -> impl Fn(nix::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
     // The kernel kills us when the master dies — even by SIGKILL — so no worker is orphaned.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(os("PR_SET_PDEATHSIG"))?;
     // The master may have died between fork and prctl: then our parent is already someone else.
     if nix::unistd::getppid() != assignment.master {
         // SAFETY: see `run`.
         unsafe { nix::libc::_exit(WorkerExit::MasterGone.code()) }
     }
     // A terminal's Ctrl-C reaches the master only; the master decides what workers do.
-    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
-    signals::ignore(&[Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU])?;
+    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(os("setpgid"))?;
+    signals::ignore(&[Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU])
+        .map_err(os("ignoring signals"))?;
     let pipe = SignalPipe::install(&[
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGQUIT,
         Signal::SIGUSR1,
-    ])?;
+    ])
+    .map_err(os("installing signal handlers"))?;
     // Handlers in place: whatever arrived since the fork is delivered to them now.
-    assignment.sigmask.thread_set_mask()?;
+    assignment
+        .sigmask
+        .thread_set_mask()
+        .map_err(os("sigprocmask"))?;
     Ok(pipe)
 }
 
+/// Runs the plugin's worker side; returns why the worker leaves, once it told the master.
 fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPipe) -> WorkerExit {
     let pool = &assignment.pool;
-    if let Err(message) = plugin.worker_start().into_result() {
-        log::error!("worker_start failed: {message}");
-        return WorkerExit::BootFailed;
-    }
-    log::debug!("worker started (generation {})", assignment.generation);
     let mut source: Box<dyn JobSource> = match pool.mode {
         PoolMode::Jobs => Box::new(MasterSource::new(assignment.channel)),
         PoolMode::Loop => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
     };
-    let exit = batch_loop(plugin, pool, &signals, source.as_mut());
+    if let Err(message) = plugin.worker_start().into_result() {
+        log::error!("worker_start failed: {message}");
+        say_leaving(source.channel(), WorkerExit::BootFailed, 0);
+        return WorkerExit::BootFailed;
+    }
+    log::debug!("worker started (generation {})", assignment.generation);
+    let (exit, jobs_done) = batch_loop(plugin, pool, &signals, source.as_mut());
     if let Err(message) = plugin.worker_stop().into_result() {
         log::warn!("worker_stop failed: {message}");
     }
+    say_leaving(source.channel(), exit, jobs_done);
     exit
 }
 
-/// The batch-runner loop. Returns why the worker leaves.
+/// The batch-runner loop. Returns why the worker leaves, and the jobs it finished.
 fn batch_loop(
     plugin: &mut PluginInstance,
     pool: &PoolConfig,
     signals: &SignalPipe,
     source: &mut dyn JobSource,
-) -> WorkerExit {
+) -> (WorkerExit, u64) {
     let mut callbacks: Callbacks<State> = Callbacks::default();
     for stop in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
         callbacks.on(stop, move |state, _| state.stop = Some(stop));
@@ -218,14 +260,14 @@ fn batch_loop(
         }
         if let Some(signal) = state.stop {
             log::debug!("stopping on {signal} after {jobs_done} jobs");
-            return WorkerExit::Stopped;
+            return (WorkerExit::Stopped, jobs_done);
         }
         if let Some(limit) = limits.exceeded(jobs_done, last_job) {
             log::info!(
                 "recycling after {jobs_done} jobs: {}",
                 limits.describe(limit)
             );
-            return WorkerExit::Recycled(limit);
+            return (WorkerExit::Recycled(limit), jobs_done);
         }
         last_job = Duration::ZERO;
         let low = memory.low();
@@ -233,7 +275,7 @@ fn batch_loop(
             holding = low;
             if let Err(e) = source.hold(low) {
                 log::error!("talking to the master failed: {e}; exiting");
-                return WorkerExit::MasterGone;
+                return (WorkerExit::MasterGone, jobs_done);
             }
         }
         if low {
@@ -255,15 +297,15 @@ fn batch_loop(
             }
             Ok(Next::Stop) => {
                 log::info!("the plugin said stop after {jobs_done} jobs");
-                return WorkerExit::PluginStopped;
+                return (WorkerExit::PluginStopped, jobs_done);
             }
             Ok(Next::Closed) => {
                 log::warn!("the master closed this worker's channel; exiting");
-                return WorkerExit::MasterGone;
+                return (WorkerExit::MasterGone, jobs_done);
             }
             Err(e) => {
                 log::error!("talking to the master failed: {e}; exiting");
-                return WorkerExit::MasterGone;
+                return (WorkerExit::MasterGone, jobs_done);
             }
         }
     }

@@ -34,6 +34,8 @@ pub trait JobSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next>;
     /// An fd whose readability means "work may be there" (job mode's channel).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The worker's socketpair with the master (for its LEAVING frame).
+    fn channel(&self) -> BorrowedFd<'_>;
     /// The worker holds back (the system is short of memory) or takes work again: job mode
     /// tells the master, so it sends no more jobs meanwhile and does not count the wait
     /// against `job_timeout`.
@@ -147,6 +149,10 @@ impl JobSource for MasterSource {
         Some(self.channel.as_fd())
     }
 
+    fn channel(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+
     fn hold(&mut self, paused: bool) -> io::Result<()> {
         protocol::put_hold(&mut self.out, paused);
         self.flush()
@@ -155,15 +161,15 @@ impl JobSource for MasterSource {
 
 /// Loop mode: the plugin fetches its own work in `run_once`.
 pub struct LoopSource {
-    /// Held open so the master sees this worker alive; nothing is sent on it.
-    _channel: OwnedFd,
+    /// Held open so the master sees this worker alive; only LEAVING is sent on it.
+    channel: OwnedFd,
     idle_sleep: Duration,
 }
 
 impl LoopSource {
     pub fn new(channel: OwnedFd, idle_sleep: Duration) -> LoopSource {
         LoopSource {
-            _channel: channel,
+            channel,
             idle_sleep,
         }
     }
@@ -189,5 +195,9 @@ impl JobSource for LoopSource {
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         None
+    }
+
+    fn channel(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
     }
 }

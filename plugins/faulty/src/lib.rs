@@ -10,14 +10,19 @@
 //! take the master (or `jobhost check`) down.
 //!
 //! Setting `worker_start` (optional): the same modes in `worker_start`, which runs in every
-//! freshly forked worker — `"segv"` there makes a real crash loop.
+//! freshly forked worker — `"segv"` there makes a real crash loop — and also `"exit <N>"`
+//! (exit with status N, e.g. one of jobhost's own) and `"close-fds"` (close every descriptor
+//! from 3 up, the worker's channel to the master among them).
 //!
 //! Payload (ASCII, surrounding whitespace allowed):
 //! - `ok`: returns `ok`.
 //! - `panic`: panics with "faulty: asked to panic".
 //! - `segv`: the process dies of SIGSEGV.
 //! - `abort`: the process dies of SIGABRT (`std::process::abort`).
-//! - `exit`: the process exits with status [`EXIT_CODE`] (42).
+//! - `exit`: the process exits with status [`EXIT_CODE`] (42); `exit <N>`: with status N.
+//! - `forge <FROM> <TO>`: writes OUTCOME frames ("FORGED") for job keys FROM..=TO on every
+//!   socket the process has — what a hostile plugin would do to answer other clients' jobs;
+//!   returns `forged`.
 //! - `hang`: never returns.
 //! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
 //!   worker; returns `leaked <N> MiB`.
@@ -50,7 +55,23 @@ fn unknown_mode(setting: &str, mode: &str) -> String {
 
 /// Does what `mode` says, in the callback named `callback`; `None` does nothing.
 fn misbehave(callback: &str, mode: Option<&str>) -> Result<(), String> {
+    if let Some(code) = mode.and_then(|m| m.strip_prefix("exit ")) {
+        let code: i32 = code
+            .trim()
+            .parse()
+            .map_err(|_| format!("setting `{callback}`: exit needs a status, got {code:?}"))?;
+        log::warn!("faulty: exiting with status {code} in {callback} as asked");
+        std::process::exit(code);
+    }
     match mode {
+        Some("close-fds") => {
+            log::warn!("faulty: closing every fd from 3 up in {callback} as asked");
+            // SAFETY: closing descriptors is what this test plugin is for.
+            for fd in 3..1024 {
+                unsafe { libc::close(fd) };
+            }
+            Ok(())
+        }
         None => Ok(()),
         Some("panic") => panic!("faulty: asked to panic in {callback}"),
         Some("segv") => segv(),
@@ -68,7 +89,7 @@ impl Plugin for Faulty {
         let worker_start = settings.get::<String>("worker_start")?;
         // Refuse a bad value now, in the master, rather than in every worker.
         if let Some(mode) = worker_start.as_deref() {
-            if !MODES.contains(&mode) {
+            if !MODES.contains(&mode) && !mode.starts_with("exit ") && mode != "close-fds" {
                 return Err(unknown_mode("worker_start", mode));
             }
         }
@@ -97,6 +118,14 @@ impl Plugin for Faulty {
                 log::warn!("faulty: exiting with status {EXIT_CODE} as asked");
                 std::process::exit(EXIT_CODE)
             }
+            (Some("exit"), Some(code), None) => {
+                let code: i32 = code
+                    .parse()
+                    .map_err(|_| format!("faulty: exit needs a status, got {code:?}"))?;
+                log::warn!("faulty: exiting with status {code} as asked");
+                std::process::exit(code)
+            }
+            (Some("forge"), Some(from), Some(to)) => forge(from, to),
             (Some("hang"), None, _) => hang(),
             (Some("leak"), Some(mib), None) => self.leak(mib),
             _ => Err(format!(
@@ -124,6 +153,34 @@ impl Faulty {
         log::info!("faulty: leaked {count} MiB as asked");
         Ok(format!("leaked {count} MiB").into_bytes())
     }
+}
+
+/// Writes an OUTCOME frame (jobhost's wire format: `u32 length | u8 kind 4 | u64 key | u8 0 |
+/// body`) claiming "FORGED" for each key in FROM..=TO, on every socket in /proc/self/fd.
+fn forge(from: &str, to: &str) -> Result<Vec<u8>, String> {
+    let parse = |s: &str| s.parse::<u64>().map_err(|_| format!("faulty: forge needs keys, got {s:?}"));
+    let (from, to) = (parse(from)?, parse(to)?);
+    let mut frames = Vec::new();
+    for key in from..=to.min(from.saturating_add(100_000)) {
+        let body = b"FORGED";
+        frames.extend_from_slice(&(1u32 + 8 + 1 + body.len() as u32).to_be_bytes());
+        frames.push(4);
+        frames.extend_from_slice(&key.to_be_bytes());
+        frames.push(0);
+        frames.extend_from_slice(body);
+    }
+    let fds = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("faulty: {e}"))?;
+    for entry in fds.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        let fd: Option<i32> = entry.file_name().to_str().and_then(|n| n.parse().ok());
+        if let (true, Some(fd)) = (is_socket, fd) {
+            log::warn!("faulty: forging outcomes for jobs {from}..={to} on fd {fd} as asked");
+            // SAFETY: writing a buffer we own to a descriptor; errors are ignored on purpose.
+            unsafe { libc::write(fd, frames.as_ptr().cast(), frames.len()) };
+        }
+    }
+    Ok(b"forged".to_vec())
 }
 
 /// Kills the process with SIGSEGV, even if a handler was installed (Rust's own stack-overflow
