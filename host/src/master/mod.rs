@@ -286,7 +286,11 @@ impl Master {
             .enumerate()
             .map(|(i, p)| (p.config.name.clone(), i))
             .collect();
-        let listener = server::bind(&config.server.socket, config.server.socket_mode)?;
+        let listener = server::bind(
+            &config.server.socket,
+            config.server.socket_mode,
+            config.server.socket_group.as_ref(),
+        )?;
         let admin = admin::AdminListeners::bind(&config.admin)?;
         signals::ignore_sigpipe().map_err(os("cannot ignore SIGPIPE"))?;
         let signals = SignalPipe::install(&[
@@ -467,6 +471,9 @@ impl Master {
             }
         }
         if let Some(t) = self.accept_paused_until {
+            consider(t);
+        }
+        if let Some(t) = self.admin_deadline() {
             consider(t);
         }
         if let Some(t) = self.probe_deadline() {
@@ -1101,6 +1108,7 @@ impl Master {
     fn enforce_timeouts(&mut self) {
         let now = Instant::now();
         self.resume_accept_if_due();
+        self.admin_timers(now);
         for worker in self.workers.values_mut() {
             let pool = &self.pools[worker.pool];
             let job_timeout = pool.config.job_timeout;
