@@ -60,6 +60,57 @@ fn tcp_line(port: u16, line: &str) -> String {
     }
 }
 
+/// Runs a `jobhost run` that must refuse to start: returns its exit code and stderr, or
+/// kills it and panics if it is still running after [`SOON`] (it started).
+fn refused_start(command: &mut Command, dir: &Path) -> (i32, String) {
+    let err = dir.join("refused.err");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = fs::read_to_string(&err).unwrap_or_default();
+            let code = status.code().unwrap_or_else(|| panic!("died of {status}: {stderr}"));
+            return (code, stderr);
+        }
+        if Instant::now() > deadline {
+            let workers = jobhost_e2e::children_of(child.id() as i32);
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in workers {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!(
+                "the master started instead of refusing:\n{}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts that `jobhost run -c CONFIG` (as `as_user`: uid, gid) refuses to start, saying
+/// each of `needles`.
+fn assert_refused(env: &Env, config: &str, as_user: Option<(u32, u32)>, needles: &[&str]) {
+    let mut command = Command::new(bin_dir().join("jobhost"));
+    command.args(["run", "-c", config]).current_dir(env.path());
+    if let Some((uid, gid)) = as_user {
+        command.uid(uid).gid(gid);
+    }
+    let (code, stderr) = refused_start(&mut command, env.path());
+    assert_eq!(code, 1, "exit code; stderr:\n{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr lacks {needle:?}:\n{stderr}");
+    }
+}
+
 #[test]
 fn a_token_file_others_could_read_or_write_is_refused_at_start() {
     let env = Env::new();
@@ -76,12 +127,15 @@ fn a_token_file_others_could_read_or_write_is_refused_at_start() {
         (0o610, "open to its group or others"),
     ] {
         chmod(&token, mode);
-        env.jobhost(&["run", "-c", config])
-            .assert_code(1)
-            .assert_stderr_has(&format!(
+        assert_refused(
+            &env,
+            config,
+            None,
+            &[&format!(
                 "admin.token_file {} is {what} (mode {mode:04o}); chmod 600 it",
                 token.display()
-            ));
+            )],
+        );
         assert!(
             !env.path().join("run/admin.sock").exists(),
             "a refused token file leaves no admin socket"
@@ -92,19 +146,25 @@ fn a_token_file_others_could_read_or_write_is_refused_at_start() {
     fs::rename(&token, &secret).unwrap();
     std::os::unix::fs::symlink(&secret, &token).unwrap();
     chmod(&secret, 0o644);
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has("is readable by others (mode 0644); chmod 600 it");
+    assert_refused(
+        &env,
+        config,
+        None,
+        &["is readable by others (mode 0644); chmod 600 it"],
+    );
     if is_root() {
         // Private, but someone else's: they could rewrite it.
         chmod(&secret, 0o600);
         std::os::unix::fs::chown(&secret, Some(NOBODY), None).unwrap();
-        env.jobhost(&["run", "-c", config])
-            .assert_code(1)
-            .assert_stderr_has(&format!(
+        assert_refused(
+            &env,
+            config,
+            None,
+            &[&format!(
                 "admin.token_file {} belongs to uid {NOBODY}, neither root nor the user jobhost runs as (uid 0); chown it",
                 token.display()
-            ));
+            )],
+        );
     }
 }
 
@@ -321,9 +381,7 @@ fn an_unknown_socket_group_is_a_config_error_at_its_line() {
     env.jobhost(&["check", "-c", config.to_str().unwrap()])
         .assert_code(1)
         .assert_stderr_has(&want);
-    env.jobhost(&["run", "-c", config.to_str().unwrap()])
-        .assert_code(1)
-        .assert_stderr_has(&want);
+    assert_refused(&env, config.to_str().unwrap(), None, &[&want]);
 }
 
 #[test]
@@ -342,12 +400,17 @@ fn a_master_that_cannot_give_its_socket_to_the_group_says_why() {
         "[server]\nsocket_group = \"root\"\n\n[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n",
     ));
     // A master running as nobody, not in group root: chown is not allowed (EPERM).
-    jobhost_as(&env, NOBODY, NOGROUP, &["run", "-c", config.to_str().unwrap()])
-        .assert_code(1)
-        .assert_stderr_has(&format!(
-            "cannot give {}/jobs.sock to group root (gid 0): Operation not permitted",
-            run_dir.display()
-        ))
-        .assert_stderr_has("the master must run as root or be a member of that group");
+    assert_refused(
+        &env,
+        config.to_str().unwrap(),
+        Some((NOBODY, NOGROUP)),
+        &[
+            &format!(
+                "cannot give {}/jobs.sock to group root (gid 0): Operation not permitted",
+                run_dir.display()
+            ),
+            "the master must run as root or be a member of that group",
+        ],
+    );
     assert!(!run_dir.join("jobs.sock").exists());
 }
