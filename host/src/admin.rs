@@ -741,7 +741,10 @@ impl WrongTokens {
             Some((start, _)) if self.pending > 0 => {
                 let count = self.pending + 1;
                 self.open(now);
-                Some(wrong_tokens_line(count, now.saturating_duration_since(start)))
+                Some(wrong_tokens_line(
+                    count,
+                    now.saturating_duration_since(start),
+                ))
             }
             _ => {
                 self.open(now);
@@ -762,7 +765,10 @@ impl WrongTokens {
         }
         let count = self.pending;
         self.open(now);
-        Some(wrong_tokens_line(count, now.saturating_duration_since(start)))
+        Some(wrong_tokens_line(
+            count,
+            now.saturating_duration_since(start),
+        ))
     }
 
     /// When [`WrongTokens::flush`] has a line to log; None while nothing is pending (so an

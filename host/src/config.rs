@@ -625,7 +625,10 @@ impl<'de> Deserialize<'de> for GroupSpec {
                     return Err(E::custom("must not be empty"));
                 }
                 if v.bytes().all(|b| b.is_ascii_digit()) {
-                    return self.visit_u64(v.parse().map_err(|_| E::custom(format!("invalid gid {v}: too large")))?);
+                    return self.visit_u64(
+                        v.parse()
+                            .map_err(|_| E::custom(format!("invalid gid {v}: too large")))?,
+                    );
                 }
                 Ok(GroupSpec::Name(v.to_owned()))
             }

@@ -44,9 +44,7 @@ fn tcp_line(port: u16, line: &str) -> String {
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(SOON)).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    (&stream)
-        .write_all(format!("{line}\n").as_bytes())
-        .unwrap();
+    (&stream).write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut reply = String::new();
     loop {
         let mut got = String::new();
@@ -74,7 +72,9 @@ fn refused_start(command: &mut Command, dir: &Path) -> (i32, String) {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let stderr = fs::read_to_string(&err).unwrap_or_default();
-            let code = status.code().unwrap_or_else(|| panic!("died of {status}: {stderr}"));
+            let code = status
+                .code()
+                .unwrap_or_else(|| panic!("died of {status}: {stderr}"));
             return (code, stderr);
         }
         if Instant::now() > deadline {
@@ -107,7 +107,10 @@ fn assert_refused(env: &Env, config: &str, as_user: Option<(u32, u32)>, needles:
     let (code, stderr) = refused_start(&mut command, env.path());
     assert_eq!(code, 1, "exit code; stderr:\n{stderr}");
     for needle in needles {
-        assert!(stderr.contains(needle), "stderr lacks {needle:?}:\n{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{stderr}"
+        );
     }
 }
 
@@ -205,7 +208,10 @@ fn wrong_tokens_are_logged_at_most_once_a_second_with_a_count() {
     master.wait_for_log("admin interface also on tcp", SOON);
     let started = Instant::now();
     for i in 0..WRONG {
-        assert_eq!(tcp_line(port, &format!("auth wrong-{i}")), "ERR wrong token\n");
+        assert_eq!(
+            tcp_line(port, &format!("auth wrong-{i}")),
+            "ERR wrong token\n"
+        );
     }
     let sent_in = started.elapsed();
     // Every one is accounted for — the last burst too, with nothing else happening on the
@@ -282,7 +288,10 @@ fn a_full_fd_table_pauses_the_admin_listener_instead_of_spinning() {
     eprintln!("full fd table: {ticks} ticks and {grown} bytes of log in 2 s");
     // A spin is ~200 ticks in 2 s and megabytes of log; a pause every 200 ms is a few ticks
     // and ten lines.
-    assert!(ticks < 40, "the master used {ticks} ticks in 2 s with a full fd table");
+    assert!(
+        ticks < 40,
+        "the master used {ticks} ticks in 2 s with a full fd table"
+    );
     assert!(
         grown < 16 << 10,
         "the log grew {grown} bytes in 2 s with a full fd table"
@@ -338,19 +347,39 @@ fn socket_group_lets_its_members_submit_and_no_one_else() {
         assert_eq!(meta.mode() & 0o777, 0o660, "{socket}");
     }
     // nobody, in group nogroup: may submit and use the admin socket.
-    let submitted = jobhost_as(&env, NOBODY, NOGROUP, &["submit", "--socket", &jobs, "echo", "hi"]);
+    let submitted = jobhost_as(
+        &env,
+        NOBODY,
+        NOGROUP,
+        &["submit", "--socket", &jobs, "echo", "hi"],
+    );
     submitted.assert_code(0);
     assert_eq!(submitted.stdout, "hi\n");
-    jobhost_as(&env, NOBODY, NOGROUP, &["ctl", "--socket", &admin, "status"])
-        .assert_code(0)
-        .assert_stdout_has(&format!("pid {}", master.pid()));
+    jobhost_as(
+        &env,
+        NOBODY,
+        NOGROUP,
+        &["ctl", "--socket", &admin, "status"],
+    )
+    .assert_code(0)
+    .assert_stdout_has(&format!("pid {}", master.pid()));
     // nobody, in another group: refused by the kernel (EACCES), before the master sees it.
-    jobhost_as(&env, NOBODY, OTHER_GROUP, &["submit", "--socket", &jobs, "echo", "hi"])
-        .assert_code(1)
-        .assert_stderr_has("Permission denied");
-    jobhost_as(&env, NOBODY, OTHER_GROUP, &["ctl", "--socket", &admin, "status"])
-        .assert_code(1)
-        .assert_stderr_has("permission denied");
+    jobhost_as(
+        &env,
+        NOBODY,
+        OTHER_GROUP,
+        &["submit", "--socket", &jobs, "echo", "hi"],
+    )
+    .assert_code(1)
+    .assert_stderr_has("Permission denied");
+    jobhost_as(
+        &env,
+        NOBODY,
+        OTHER_GROUP,
+        &["ctl", "--socket", &admin, "status"],
+    )
+    .assert_code(1)
+    .assert_stderr_has("permission denied");
 }
 
 #[test]

@@ -198,9 +198,9 @@ impl AdminListeners {
                     "admin.tcp needs admin.token_file".into(),
                 ))
             }
-            (Some(_), Some(file)) => Some(
-                read_token_file(file).map_err(|e| MasterError::Refused(e.to_string()))?,
-            ),
+            (Some(_), Some(file)) => {
+                Some(read_token_file(file).map_err(|e| MasterError::Refused(e.to_string()))?)
+            }
         };
         let unix = crate::server::bind(
             &config.socket,
