@@ -113,6 +113,10 @@ pub enum TokenFileError {
     TooLarge { path: PathBuf },
     #[error("admin.token_file {} holds a token under {MIN_TOKEN} bytes", path.display())]
     TooShort { path: PathBuf },
+    /// `auth TOKEN` is one line of text: a token with a line break or a control character in
+    /// it could never match.
+    #[error("admin.token_file {} must hold one line of text (the token)", path.display())]
+    NotOneLine { path: PathBuf },
 }
 
 const MIN_TOKEN: usize = 16;
@@ -182,6 +186,13 @@ pub fn read_token_file(path: &Path) -> Result<Vec<u8>, TokenFileError> {
     let token = bytes.trim_ascii().to_vec();
     if token.len() < MIN_TOKEN {
         return Err(TokenFileError::TooShort {
+            path: path.to_owned(),
+        });
+    }
+    let one_line = std::str::from_utf8(&token)
+        .is_ok_and(|text| !text.chars().any(|c| c.is_control() && c != '\t'));
+    if !one_line {
+        return Err(TokenFileError::NotOneLine {
             path: path.to_owned(),
         });
     }
@@ -785,5 +796,91 @@ impl Master {
             pools,
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token_file(dir: &Path, text: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join("admin.token");
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_private_token_file_gives_its_trimmed_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = token_file(dir.path(), b"  s3cret-token-0123456789\n", 0o600);
+        assert_eq!(read_token_file(&path).unwrap(), b"s3cret-token-0123456789");
+        let path = token_file(dir.path(), b"s3cret-token-0123456789", 0o400);
+        assert_eq!(read_token_file(&path).unwrap(), b"s3cret-token-0123456789");
+    }
+
+    #[test]
+    fn token_files_that_are_refused_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = b"s3cret-token-0123456789\n";
+        let cases: &[(&[u8], u32, &str)] = &[
+            (
+                good,
+                0o644,
+                "is readable by others (mode 0644); chmod 600 it",
+            ),
+            (good, 0o606, "is readable by others (mode 0606)"),
+            (good, 0o602, "is writable by others (mode 0602)"),
+            (good, 0o640, "is readable by its group (mode 0640)"),
+            (good, 0o620, "is writable by its group (mode 0620)"),
+            (good, 0o601, "is open to its group or others (mode 0601)"),
+            (b"short\n", 0o600, "holds a token under 16 bytes"),
+            (b"  \n", 0o600, "holds a token under 16 bytes"),
+            (
+                b"first-line-0123456\nsecond-line-0123\n",
+                0o600,
+                "must hold one line of text",
+            ),
+            (
+                b"s3cret-token-\xff0123456789",
+                0o600,
+                "must hold one line of text",
+            ),
+        ];
+        for (text, mode, want) in cases {
+            let path = token_file(dir.path(), text, *mode);
+            let e = read_token_file(&path).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("admin.token_file {} ", path.display())),
+                "{e}"
+            );
+            assert!(e.contains(want), "mode {mode:o}: want {want:?} in {e}");
+        }
+        let big = vec![b'x'; (MAX_TOKEN_FILE + 1) as usize];
+        let path = token_file(dir.path(), &big, 0o600);
+        let e = read_token_file(&path).unwrap_err().to_string();
+        assert!(e.contains("is over 65536 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_token_file_or_a_fifo_is_refused_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.token");
+        let e = read_token_file(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "cannot read admin.token_file {}: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        let fifo = dir.path().join("fifo.token");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read_token_file(&fifo).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
+        let e = read_token_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
     }
 }
