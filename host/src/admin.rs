@@ -6,8 +6,9 @@
 //! `OK` or `ERR <reason>`, each ended by LF. This module owns the grammar of the commands
 //! ([`parse`], [`help`]), the form of every reply ([`render_status`], [`render_workers`],
 //! [`err_reply`]), the view of the master those replies are built from ([`Snapshot`]),
-//! splitting the incoming bytes into lines with a length limit ([`LineBuffer`]) and the
-//! constant-time token check ([`token_matches`]).
+//! splitting the incoming bytes into lines with a length limit ([`LineBuffer`]), the
+//! constant-time token check ([`token_matches`]) and the rate limit on logging wrong tokens
+//! ([`WrongTokens`], which is given the time, never reads a clock).
 //!
 //! It never does I/O, never holds or changes master state (the master builds a [`Snapshot`]
 //! for each `status`/`workers` and acts on each [`Command`] itself), and never lets a reply
@@ -16,6 +17,7 @@
 //! escaped.
 
 use std::fmt::{self, Write as _};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -703,6 +705,102 @@ pub fn token_matches(offered: &[u8], expected: &[u8]) -> bool {
         diff = std::hint::black_box(diff);
     }
     std::hint::black_box(diff) == 0 && !expected.is_empty()
+}
+
+/// How often wrong tokens are logged at most.
+pub const WRONG_TOKEN_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts TCP sessions that offered a wrong token, so that they are logged at most once per
+/// [`WRONG_TOKEN_LOG_EVERY`] with a count: an unauthenticated client cannot flood the log.
+///
+/// The first one after a quiet spell is logged at once and opens a window; those within the
+/// window are only counted, and logged as one line when it ends ([`WrongTokens::flush`] at
+/// [`WrongTokens::next_deadline`]), which opens the next window. Pure: every call is given
+/// `now`.
+#[derive(Debug, Default)]
+pub struct WrongTokens {
+    /// The window in which nothing more is logged: (its start, its end).
+    window: Option<(Instant, Instant)>,
+    /// Counted in the window, not logged yet.
+    pending: u64,
+}
+
+impl WrongTokens {
+    pub fn new() -> WrongTokens {
+        WrongTokens::default()
+    }
+
+    /// One more wrong token at `now`; the line to log now, if any.
+    pub fn record(&mut self, now: Instant) -> Option<String> {
+        match self.window {
+            Some((_, end)) if now < end => {
+                self.pending += 1;
+                None
+            }
+            // A window past its end whose count was not flushed yet: this one goes with it.
+            Some((start, _)) if self.pending > 0 => {
+                let count = self.pending + 1;
+                self.open(now);
+                Some(wrong_tokens_line(
+                    count,
+                    now.saturating_duration_since(start),
+                ))
+            }
+            _ => {
+                self.open(now);
+                Some(wrong_tokens_line(1, Duration::ZERO))
+            }
+        }
+    }
+
+    /// The line to log at `now` for the sessions counted in a window that has ended.
+    pub fn flush(&mut self, now: Instant) -> Option<String> {
+        let (start, end) = self.window?;
+        if now < end {
+            return None;
+        }
+        if self.pending == 0 {
+            self.window = None;
+            return None;
+        }
+        let count = self.pending;
+        self.open(now);
+        Some(wrong_tokens_line(
+            count,
+            now.saturating_duration_since(start),
+        ))
+    }
+
+    /// When [`WrongTokens::flush`] has a line to log; None while nothing is pending (so an
+    /// idle master need not wake for it).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.window {
+            Some((_, end)) if self.pending > 0 => Some(end),
+            _ => None,
+        }
+    }
+
+    fn open(&mut self, now: Instant) {
+        self.window = Some((now, now + WRONG_TOKEN_LOG_EVERY));
+        self.pending = 0;
+    }
+}
+
+/// `a TCP session offered a wrong token`, or `57 TCP sessions offered a wrong token in the
+/// last 1.0s`.
+fn wrong_tokens_line(count: u64, over: Duration) -> String {
+    if count == 1 && over.is_zero() {
+        return "a TCP session offered a wrong token; closed it".into();
+    }
+    let (sessions, them) = if count == 1 {
+        ("session", "it")
+    } else {
+        ("sessions", "them")
+    };
+    format!(
+        "{count} TCP {sessions} offered a wrong token in the last {:.1}s; closed {them}",
+        over.as_secs_f64()
+    )
 }
 
 #[cfg(test)]
@@ -1431,5 +1529,89 @@ mod tests {
         assert_eq!(size(1024 * 1024 - 1), "1.0M");
         assert_eq!(size(3 << 30), "3.0G");
         assert_eq!(size(u64::MAX), "16384.0P");
+    }
+
+    #[test]
+    fn wrong_tokens_are_logged_at_most_once_per_second_with_a_count() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = WrongTokens::new();
+        assert_eq!(w.next_deadline(), None);
+        assert_eq!(w.flush(at(0)), None);
+        // The first is logged at once; nothing to wake up for yet.
+        assert_eq!(
+            w.record(at(0)).as_deref(),
+            Some("a TCP session offered a wrong token; closed it")
+        );
+        assert_eq!(w.next_deadline(), None);
+        // 57 more within the second: counted, not logged.
+        for i in 0..57 {
+            assert_eq!(w.record(at(10 + i * 10)), None);
+        }
+        assert_eq!(w.next_deadline(), Some(at(1000)));
+        assert_eq!(w.flush(at(999)), None);
+        assert_eq!(
+            w.flush(at(1000)).as_deref(),
+            Some("57 TCP sessions offered a wrong token in the last 1.0s; closed them")
+        );
+        // The flush opened the next window: one more inside it waits for its end.
+        assert_eq!(w.next_deadline(), None);
+        assert_eq!(w.record(at(1500)), None);
+        assert_eq!(w.next_deadline(), Some(at(2000)));
+        assert_eq!(
+            w.flush(at(2003)).as_deref(),
+            Some("1 TCP session offered a wrong token in the last 1.0s; closed it")
+        );
+        // A window that ends with nothing counted closes; the next one is logged at once.
+        assert_eq!(w.flush(at(3003)), None);
+        assert_eq!(w.next_deadline(), None);
+        assert_eq!(
+            w.record(at(9000)).as_deref(),
+            Some("a TCP session offered a wrong token; closed it")
+        );
+    }
+
+    #[test]
+    fn a_late_flush_is_taken_by_the_next_wrong_token() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = WrongTokens::new();
+        assert!(w.record(at(0)).is_some());
+        assert_eq!(w.record(at(100)), None);
+        assert_eq!(w.record(at(200)), None);
+        // Nobody flushed at 1000: the next one logs the three of them.
+        assert_eq!(
+            w.record(at(2500)).as_deref(),
+            Some("3 TCP sessions offered a wrong token in the last 2.5s; closed them")
+        );
+        assert_eq!(w.next_deadline(), None);
+        assert_eq!(w.record(at(2600)), None);
+        assert_eq!(w.next_deadline(), Some(at(3500)));
+    }
+
+    #[test]
+    fn a_flood_logs_one_line_per_second() {
+        let t0 = Instant::now();
+        let mut w = WrongTokens::new();
+        let mut lines = Vec::new();
+        let mut total = 0;
+        // 10,000 wrong tokens over 10 s, the master flushing whenever its deadline passed.
+        for i in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(i);
+            if w.next_deadline().is_some_and(|t| now >= t) {
+                lines.extend(w.flush(now));
+            }
+            lines.extend(w.record(now));
+        }
+        lines.extend(w.flush(t0 + Duration::from_secs(11)));
+        for line in &lines {
+            total += line
+                .split(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(1);
+        }
+        assert_eq!(total, 10_000);
+        assert!(lines.len() <= 11, "{} lines: {lines:?}", lines.len());
     }
 }

@@ -10,7 +10,9 @@
 //! It never loads a plugin (it only checks that `plugins_dir/lib<plugin>.so` exists and lists
 //! the ones that do), never creates, opens or writes anything (the runtime dir, sockets, the
 //! pidfile, the log file, the token file are the business of their users), and never resolves
-//! user or group names. It only reads the config file and looks into `plugins_dir`.
+//! user names. It only reads the config file, looks into `plugins_dir`, and looks up the group
+//! names of `server.socket_group` / `admin.socket_group` (so that a typo there is an error at
+//! its line, like any other bad value; `host.user`/`host.group` are resolved by the master).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -76,6 +78,8 @@ pub struct ServerConfig {
     pub socket: PathBuf,
     /// TOML `socket_mode`, an octal string like `"0660"` (default `0o660`).
     pub socket_mode: u32,
+    /// The group the socket file is given to after bind (PHP-FPM's `listen.group`).
+    pub socket_group: Option<SocketGroup>,
     /// Largest job payload accepted, in bytes (default 16 MiB; 1 byte ..= 1 GiB).
     pub max_payload: u64,
 }
@@ -85,14 +89,24 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     /// Default `admin.sock`, relative to `runtime_dir`.
     pub socket: PathBuf,
-    /// Default `0o600`.
+    /// Default `0o600`, or `0o660` when `socket_group` is set.
     pub socket_mode: u32,
+    /// The group the admin socket file is given to after bind.
+    pub socket_group: Option<SocketGroup>,
     /// A TCP listener; needs `token_file`, and `allow_remote` unless it is a loopback address.
     pub tcp: Option<SocketAddr>,
     /// Relative to the config folder. Not read here.
     pub token_file: Option<PathBuf>,
     /// Default false.
     pub allow_remote: bool,
+}
+
+/// `server.socket_group` / `admin.socket_group`: a group name or a numeric gid, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// As written in the config (a name, or the gid's digits), for messages.
+    pub name: String,
+    pub gid: u32,
 }
 
 /// `pool.mode`: where a pool's work comes from.
@@ -436,6 +450,7 @@ struct RawHost {
 struct RawServer {
     socket: Option<Spanned<String>>,
     socket_mode: Option<Mode>,
+    socket_group: Option<Spanned<GroupSpec>>,
     max_payload: Option<Spanned<Size>>,
 }
 
@@ -444,6 +459,7 @@ struct RawServer {
 struct RawAdmin {
     socket: Option<Spanned<String>>,
     socket_mode: Option<Mode>,
+    socket_group: Option<Spanned<GroupSpec>>,
     tcp: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     allow_remote: Option<bool>,
@@ -584,6 +600,49 @@ impl<'de> Deserialize<'de> for Mode {
                 Err(E::custom(format!(
                     "invalid mode {v}: write the mode as an octal string, like \"0660\" (a TOML number loses its base)"
                 )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A group: a name (`"jobs"`), or a numeric gid as a string (`"1001"`) or a number (`1001`).
+enum GroupSpec {
+    Name(String),
+    Gid(u32),
+}
+
+impl<'de> Deserialize<'de> for GroupSpec {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = GroupSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a group name like \"jobs\" or a numeric gid")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GroupSpec, E> {
+                if v.is_empty() {
+                    return Err(E::custom("must not be empty"));
+                }
+                if v.bytes().all(|b| b.is_ascii_digit()) {
+                    return self.visit_u64(
+                        v.parse()
+                            .map_err(|_| E::custom(format!("invalid gid {v}: too large")))?,
+                    );
+                }
+                Ok(GroupSpec::Name(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<GroupSpec, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("invalid gid {v}: must not be negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<GroupSpec, E> {
+                // (gid_t)-1 means "unchanged" to chown: not a group.
+                match u32::try_from(v) {
+                    Ok(gid) if gid != u32::MAX => Ok(GroupSpec::Gid(gid)),
+                    _ => Err(E::custom(format!("invalid gid {v}: too large"))),
+                }
             }
         }
         d.deserialize_any(V)
@@ -860,6 +919,41 @@ fn int_in(
     }
 }
 
+/// Resolves a `socket_group` value: a name through the group database, a gid as it is (chown
+/// takes any gid).
+fn socket_group(
+    src: &Source,
+    value: Option<Spanned<GroupSpec>>,
+    key: &str,
+) -> Result<Option<SocketGroup>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let span = value.span();
+    match value.into_inner() {
+        GroupSpec::Gid(gid) => Ok(Some(SocketGroup {
+            name: gid.to_string(),
+            gid,
+        })),
+        GroupSpec::Name(name) => match nix::unistd::Group::from_name(&name) {
+            Ok(Some(group)) => Ok(Some(SocketGroup {
+                name,
+                gid: group.gid.as_raw(),
+            })),
+            Ok(None) => Err(src.error(
+                span,
+                key,
+                format!("no group {name:?} on this system (give a group name from /etc/group or a numeric gid)"),
+            )),
+            Err(e) => Err(src.error(
+                span,
+                key,
+                format!("cannot look up group {name:?}: {e}"),
+            )),
+        },
+    }
+}
+
 fn nonzero<T: PartialEq + Default>(value: T) -> Option<T> {
     (value != T::default()).then_some(value)
 }
@@ -931,6 +1025,7 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
             &host.runtime_dir,
         )?,
         socket_mode: s.socket_mode.map_or(0o660, |m| m.0),
+        socket_group: socket_group(src, s.socket_group, "server.socket_group")?,
         max_payload,
     };
 
@@ -995,9 +1090,17 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
             Some(addr)
         }
     };
+    let admin_group = socket_group(src, a.socket_group, "admin.socket_group")?;
+    // With a group, the socket is for that group: 0660 unless socket_mode says otherwise.
+    let admin_mode = match (&a.socket_mode, &admin_group) {
+        (Some(m), _) => m.0,
+        (None, Some(_)) => 0o660,
+        (None, None) => 0o600,
+    };
     let admin = AdminConfig {
         socket: admin_socket,
-        socket_mode: a.socket_mode.map_or(0o600, |m| m.0),
+        socket_mode: admin_mode,
+        socket_group: admin_group,
         tcp,
         token_file,
         allow_remote,
@@ -1613,7 +1716,7 @@ max_jobs = 0
         env.err(
             &format!("{POOL}[server]\nsocket = \"s.sock\"\nbacklog = 5\n"),
             6,
-            ":6:1: server.backlog: unknown key, expected one of socket, socket_mode, max_payload",
+            ":6:1: server.backlog: unknown key, expected one of socket, socket_mode, socket_group, max_payload",
         );
         // [pool.settings] is free-form: anything goes.
         let c = env.ok(&format!(
@@ -1927,6 +2030,82 @@ max_jobs = 0
             &format!("[admin]\ntoken_file = \"\"\n{POOL}"),
             2,
             "admin.token_file: must not be empty",
+        );
+    }
+
+    #[test]
+    fn socket_groups_resolve_names_and_take_gids() {
+        let env = Env::new();
+        let root = Some(SocketGroup {
+            name: "root".into(),
+            gid: 0,
+        });
+        let c = env.ok(&format!(
+            "[server]\nsocket_group = \"root\"\n[admin]\nsocket_group = 1234\n{POOL}"
+        ));
+        assert_eq!(c.server.socket_group, root);
+        assert_eq!(c.server.socket_mode, 0o660);
+        assert_eq!(
+            c.admin.socket_group,
+            Some(SocketGroup {
+                name: "1234".into(),
+                gid: 1234
+            })
+        );
+        // A group opens the admin socket to it, unless socket_mode says otherwise.
+        assert_eq!(c.admin.socket_mode, 0o660);
+        let c = env.ok(&format!(
+            "[admin]\nsocket_group = \"4321\"\nsocket_mode = \"0640\"\n{POOL}"
+        ));
+        assert_eq!(c.admin.socket_group.map(|g| g.gid), Some(4321));
+        assert_eq!(c.admin.socket_mode, 0o640);
+        let c = env.ok(&format!("[server]\nsocket_group = \"root\"\n{POOL}"));
+        assert_eq!(c.admin.socket_group, None);
+        assert_eq!(c.admin.socket_mode, 0o600);
+        let c = env.ok(&format!(
+            "[server]\nsocket_group = \"root\"\nsocket_mode = \"0666\"\n{POOL}"
+        ));
+        assert_eq!(c.server.socket_mode, 0o666);
+    }
+
+    #[test]
+    fn bad_socket_groups_name_their_key_and_line() {
+        let env = Env::new();
+        let e = env.err(
+            &format!("{POOL}[server]\nsocket_group = \"no-such-group-jh\"\n"),
+            5,
+            ":5:16: server.socket_group: no group \"no-such-group-jh\" on this system",
+        );
+        assert_eq!(e.key(), Some("server.socket_group"));
+        env.err(
+            &format!("[admin]\nsocket_group = \"nope-jh\"\n{POOL}"),
+            2,
+            ":2:16: admin.socket_group: no group \"nope-jh\"",
+        );
+        env.err(
+            &format!("[admin]\nsocket_group = \"\"\n{POOL}"),
+            2,
+            "admin.socket_group: must not be empty",
+        );
+        env.err(
+            &format!("[admin]\nsocket_group = -1\n{POOL}"),
+            2,
+            "admin.socket_group: invalid gid -1: must not be negative",
+        );
+        env.err(
+            &format!("[server]\nsocket_group = 4294967295\n{POOL}"),
+            2,
+            "server.socket_group: invalid gid 4294967295: too large",
+        );
+        env.err(
+            &format!("[server]\nsocket_group = \"99999999999\"\n{POOL}"),
+            2,
+            "server.socket_group: invalid gid 99999999999: too large",
+        );
+        env.err(
+            &format!("[server]\nsocket_group = true\n{POOL}"),
+            2,
+            "server.socket_group: invalid type: boolean `true`, expected a group name",
         );
     }
 

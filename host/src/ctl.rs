@@ -69,6 +69,9 @@ pub enum CtlError {
     /// The words do not make one command line.
     #[error("{0}")]
     Usage(String),
+    /// The socket is there, but this user may not connect to it.
+    #[error("cannot connect to {}: permission denied (admin.socket_mode and admin.socket_group say who may)", path.display())]
+    Denied { path: PathBuf },
     /// Nothing accepted the connection at `path`.
     #[error("no jobhost master at {} — is it running? ({source})", path.display())]
     Connect { path: PathBuf, source: io::Error },
@@ -167,9 +170,14 @@ pub fn command_line(words: &[String], json: bool) -> Result<String, CtlError> {
 /// `timeout`.
 pub fn exchange(path: &Path, line: &str, timeout: Duration) -> Result<Reply, CtlError> {
     let deadline = Instant::now() + timeout;
-    let stream = UnixStream::connect(path).map_err(|source| CtlError::Connect {
-        path: path.to_owned(),
-        source,
+    let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        io::ErrorKind::PermissionDenied => CtlError::Denied {
+            path: path.to_owned(),
+        },
+        _ => CtlError::Connect {
+            path: path.to_owned(),
+            source,
+        },
     })?;
     let io_error = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CtlError::Timeout(timeout),

@@ -1,5 +1,5 @@
-//! The job server's sockets: binding the Unix listener safely, and one [`Connection`] per
-//! client — non-blocking reads cut into frames, a bounded output buffer, back-pressure.
+//! The job server's sockets: binding a Unix listener safely (with its mode and, if
+//! configured, its group — for the admin socket too), and one [`Connection`] per client — non-blocking reads cut into frames, a bounded output buffer, back-pressure.
 //!
 //! Owns bytes and sockets only. It never decides what a submit means (the master does) and
 //! never blocks: every read and write is non-blocking and driven by the master's epoll loop.
@@ -11,6 +11,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use crate::config::SocketGroup;
 use crate::protocol::{FrameError, FrameReader};
 
 /// Flow control: stop reading a client while what it has made the master hold — payloads of
@@ -28,6 +29,14 @@ pub enum BindError {
     InUse(PathBuf),
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("cannot give {path} to group {group} (gid {gid}): {source}; the master must run as root or be a member of that group")]
+    Group {
+        path: PathBuf,
+        group: String,
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot bind {path}: {source}")]
     Io {
         path: PathBuf,
@@ -36,9 +45,14 @@ pub enum BindError {
     },
 }
 
-/// Binds a Unix socket at `path` with permissions `mode`, replacing a stale socket file left
-/// by a dead master — but never one a live master still answers on.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+/// Binds a Unix socket at `path` with permissions `mode` (and, with `group`, owned by that
+/// group: `socket_group`), replacing a stale socket file left by a dead master — but never one
+/// a live master still answers on.
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&SocketGroup>,
+) -> Result<UnixListener, BindError> {
     let io = |source| BindError::Io {
         path: path.to_owned(),
         source,
@@ -61,12 +75,26 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io)?;
     }
-    // Create the socket with no permissions for anyone, then open it up to `mode`: there is
-    // no moment at which it is more open than configured.
+    // Create the socket with no permissions for anyone, give it to its group, then open it up
+    // to `mode`: there is no moment at which it is more open than configured, nor open to
+    // the wrong group.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o777));
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(io)?;
+    if let Some(group) = group {
+        // The path, not the fd: fchown on a socket changes the socket, not its file. lchown:
+        // what we just bound is no symlink, and a swapped-in one is not followed.
+        std::os::unix::fs::lchown(path, None, Some(group.gid)).map_err(|source| {
+            let _ = fs::remove_file(path);
+            BindError::Group {
+                path: path.to_owned(),
+                group: group.name.clone(),
+                gid: group.gid,
+                source,
+            }
+        })?;
+    }
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)?;
     listener.set_nonblocking(true).map_err(io)?;
     Ok(listener)
@@ -180,4 +208,37 @@ impl Connection {
 /// Why a connection is being closed, for the log.
 pub fn describe_frame_error(e: &FrameError) -> String {
     format!("malformed frame: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn bind_sets_mode_and_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // Root may give the socket any group; anyone else only one of their own.
+        let gid = if nix::unistd::geteuid().is_root() {
+            4242
+        } else {
+            nix::unistd::getegid().as_raw()
+        };
+        let group = SocketGroup {
+            name: gid.to_string(),
+            gid,
+        };
+        let _listener = bind(&path, 0o640, Some(&group)).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.gid(), gid);
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        // Without a group: the mode only, the group is the creator's.
+        let other = dir.path().join("t.sock");
+        let _listener = bind(&other, 0o600, None).unwrap();
+        let meta = fs::symlink_metadata(&other).unwrap();
+        assert_eq!(meta.gid(), nix::unistd::getegid().as_raw());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+    }
 }

@@ -247,6 +247,9 @@ fn the_tcp_port_wants_the_token_first() {
         probe.local_addr().unwrap().port()
     };
     std::fs::write(env.path().join("admin.token"), "s3cret-token-0123456789\n").unwrap();
+    // Only its owner may read it: the master refuses it otherwise (see access.rs).
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(env.path().join("admin.token"), private).unwrap();
     let master = env.start_master(&config_with(&format!(
         "[admin]\ntcp = \"127.0.0.1:{port}\"\ntoken_file = \"admin.token\"\n\n[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n"
     )));

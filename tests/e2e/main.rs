@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `jobhost` binary with real plugin `.so` files and real
 //! processes. One module per behaviour; `jobhost_e2e` (tests/harness.rs) sets up each world.
 
+mod access;
 mod admin;
 mod bad_input;
 mod check_config;

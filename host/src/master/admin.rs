@@ -1,15 +1,20 @@
 //! The master's side of the admin interface: the admin listeners (a Unix socket, mode 0600 by
-//! default, and an optional TCP port that requires `auth <token>` first), their connections,
-//! and what each command does to the running master.
+//! default or 0660 for its `socket_group`, and an optional TCP port that requires
+//! `auth <token>` first, its token read from a file only its owner can read), their
+//! connections, and what each command does to the running master.
 //!
 //! Parsing and rendering live in `crate::admin` (pure); this module owns the effects. It never
 //! blocks: connections are non-blocking and driven by the master's epoll loop, and a bad line
-//! costs only its own connection.
+//! costs only its own connection. Nothing a client does makes it spin or flood the log: a
+//! full fd table pauses accepting (like the job listener), and wrong tokens are logged at most
+//! once a second, with a count. Its timers are `admin_deadline` / `admin_timers`, which the
+//! master loop calls with its own.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
@@ -17,6 +22,7 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::{Master, MasterError, Phase, KIND_SHIFT};
 use crate::admin::{
     self, Command, LineBuffer, LineError, PoolSnapshot, Snapshot, Target, WorkerSnapshot,
+    WrongTokens,
 };
 use crate::config::PoolMode;
 
@@ -74,32 +80,147 @@ pub(super) struct AdminListeners {
     pub tcp: Option<TcpListener>,
     /// The token a TCP session must offer, read from `admin.token_file` at start-up.
     pub token: Option<Vec<u8>>,
+    /// Not accepting (out of file descriptors) until then: the listeners are out of epoll.
+    accept_paused_until: Option<Instant>,
+    /// Wrong tokens, logged at most once a second.
+    wrong_tokens: WrongTokens,
+}
+
+/// Why `admin.token_file` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("cannot read admin.token_file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("admin.token_file {} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    /// As sshd refuses a private key others can read.
+    #[error("admin.token_file {} is {what} (mode {mode:04o}); chmod 600 it", path.display())]
+    Open {
+        path: PathBuf,
+        what: &'static str,
+        mode: u32,
+    },
+    #[error(
+        "admin.token_file {} belongs to uid {owner}, neither root nor the user jobhost runs as (uid {me}); chown it",
+        path.display()
+    )]
+    Owner { path: PathBuf, owner: u32, me: u32 },
+    #[error("admin.token_file {} is over {MAX_TOKEN_FILE} bytes; it should hold one token", path.display())]
+    TooLarge { path: PathBuf },
+    #[error("admin.token_file {} holds a token under {MIN_TOKEN} bytes", path.display())]
+    TooShort { path: PathBuf },
+    /// `auth TOKEN` is one line of text: a token with a line break or a control character in
+    /// it could never match.
+    #[error("admin.token_file {} must hold one line of text (the token)", path.display())]
+    NotOneLine { path: PathBuf },
+}
+
+const MIN_TOKEN: usize = 16;
+const MAX_TOKEN_FILE: u64 = 64 << 10;
+
+/// Reads the token of `admin.token_file`, refusing a file that anyone but its owner could read
+/// or write, or whose owner is neither root nor the master's user. The file is opened once
+/// (a symlink is followed: its target is what is checked) and checked with `fstat` on that
+/// descriptor, and the token is read from it: a file swapped after the check is never read.
+pub fn read_token_file(path: &Path) -> Result<Vec<u8>, TokenFileError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let read = |source| TokenFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    // O_NONBLOCK: a FIFO put there must not hang the start (it is refused below).
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)
+        .map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
+    if !meta.is_file() {
+        return Err(TokenFileError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    let what = if mode & 0o004 != 0 {
+        Some("readable by others")
+    } else if mode & 0o002 != 0 {
+        Some("writable by others")
+    } else if mode & 0o040 != 0 {
+        Some("readable by its group")
+    } else if mode & 0o020 != 0 {
+        Some("writable by its group")
+    } else if mode & 0o077 != 0 {
+        Some("open to its group or others")
+    } else {
+        None
+    };
+    if let Some(what) = what {
+        return Err(TokenFileError::Open {
+            path: path.to_owned(),
+            what,
+            mode,
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(TokenFileError::Owner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > MAX_TOKEN_FILE {
+        return Err(TokenFileError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    let token = bytes.trim_ascii().to_vec();
+    if token.len() < MIN_TOKEN {
+        return Err(TokenFileError::TooShort {
+            path: path.to_owned(),
+        });
+    }
+    let one_line = std::str::from_utf8(&token)
+        .is_ok_and(|text| !text.chars().any(|c| c.is_control() && c != '\t'));
+    if !one_line {
+        return Err(TokenFileError::NotOneLine {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token)
 }
 
 impl AdminListeners {
     pub fn bind(config: &crate::config::AdminConfig) -> Result<AdminListeners, MasterError> {
-        let unix = crate::server::bind(&config.socket, config.socket_mode)?;
-        let (tcp, token) = match config.tcp {
-            None => (None, None),
+        // The token first: a refused token file leaves no socket behind.
+        let token = match (&config.tcp, &config.token_file) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(MasterError::Refused(
+                    "admin.tcp needs admin.token_file".into(),
+                ))
+            }
+            (Some(_), Some(file)) => {
+                Some(read_token_file(file).map_err(|e| MasterError::Refused(e.to_string()))?)
+            }
+        };
+        let unix = crate::server::bind(
+            &config.socket,
+            config.socket_mode,
+            config.socket_group.as_ref(),
+        )?;
+        let tcp = match config.tcp {
+            None => None,
             Some(addr) => {
-                let file = config.token_file.as_ref().ok_or_else(|| MasterError::Os {
-                    context: "admin.tcp needs admin.token_file".into(),
-                    source: io::Error::from(io::ErrorKind::InvalidInput),
-                })?;
-                let token = std::fs::read_to_string(file).map_err(|source| MasterError::Os {
-                    context: format!("cannot read admin.token_file {}", file.display()),
-                    source,
-                })?;
-                let token = token.trim().as_bytes().to_vec();
-                if token.len() < 16 {
-                    return Err(MasterError::Os {
-                        context: format!(
-                            "admin.token_file {} holds a token under 16 bytes",
-                            file.display()
-                        ),
-                        source: io::Error::from(io::ErrorKind::InvalidData),
-                    });
-                }
                 let listener = TcpListener::bind(addr).map_err(|source| MasterError::Os {
                     context: format!("cannot listen on admin.tcp {addr}"),
                     source,
@@ -111,11 +232,36 @@ impl AdminListeners {
                         source,
                     })?;
                 log::info!("admin interface also on tcp {addr} (auth required)");
-                (Some(listener), Some(token))
+                Some(listener)
             }
         };
         log::info!("admin interface on {}", config.socket.display());
-        Ok(AdminListeners { unix, tcp, token })
+        Ok(AdminListeners {
+            unix,
+            tcp,
+            token,
+            accept_paused_until: None,
+            wrong_tokens: WrongTokens::new(),
+        })
+    }
+
+    /// Takes the listeners out of epoll (paused) or puts them back.
+    fn watch(&self, epoll: &nix::sys::epoll::Epoll, on: bool) {
+        let listeners = [
+            (Some(self.unix.as_fd()), TOKEN_ADMIN_UNIX),
+            (self.tcp.as_ref().map(|l| l.as_fd()), TOKEN_ADMIN_TCP),
+        ];
+        for (fd, token) in listeners {
+            let Some(fd) = fd else { continue };
+            let done = if on {
+                epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+            } else {
+                epoll.delete(fd)
+            };
+            if let Err(e) = done {
+                log::warn!("admin listener: epoll: {e}");
+            }
+        }
     }
 }
 
@@ -123,6 +269,10 @@ impl Master {
     pub(super) fn admin_accept(&mut self, tcp: bool) {
         loop {
             let Some(listeners) = &self.admin else { return };
+            // (Its event may have come in the same wait as the failure that paused it.)
+            if listeners.accept_paused_until.is_some() {
+                return;
+            }
             let accepted = if tcp {
                 match &listeners.tcp {
                     Some(l) => l.accept().map(|(s, _)| AdminStream::Tcp(s)),
@@ -134,9 +284,18 @@ impl Master {
             let stream = match accepted {
                 Ok(stream) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => {
-                    log::warn!("admin accept: {e}");
+                    // EMFILE/ENFILE: the listener stays readable, so retrying would spin (and
+                    // log every time): pause both listeners, as the job listener does.
+                    self.pause_admin_accept(&e);
                     return;
                 }
             };
@@ -167,6 +326,46 @@ impl Master {
                 interest: EpollFlags::EPOLLIN,
             };
             self.admins.insert(id, conn);
+        }
+    }
+
+    fn pause_admin_accept(&mut self, error: &io::Error) {
+        let (Some(listeners), Some(epoll)) = (&mut self.admin, &self.epoll) else {
+            return;
+        };
+        log::error!(
+            "admin accept: {error}; not accepting admin connections for {:?}",
+            super::ACCEPT_PAUSE
+        );
+        listeners.accept_paused_until = Some(Instant::now() + super::ACCEPT_PAUSE);
+        listeners.watch(epoll, false);
+    }
+
+    /// When the admin side next needs the loop to wake: the end of an accept pause, or a
+    /// count of wrong tokens to log. (For the master loop's `next_deadline`.)
+    pub(super) fn admin_deadline(&self) -> Option<Instant> {
+        let listeners = self.admin.as_ref()?;
+        [
+            listeners.accept_paused_until,
+            listeners.wrong_tokens.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// What is due at `now` on the admin side: resume accepting after a pause, log the wrong
+    /// tokens counted in the last second. (Called with the master loop's other timeouts.)
+    pub(super) fn admin_timers(&mut self, now: Instant) {
+        let (Some(listeners), Some(epoll)) = (&mut self.admin, &self.epoll) else {
+            return;
+        };
+        if listeners.accept_paused_until.is_some_and(|t| now >= t) {
+            listeners.accept_paused_until = None;
+            listeners.watch(epoll, true);
+        }
+        if let Some(line) = listeners.wrong_tokens.flush(now) {
+            log::warn!("admin: {line}");
         }
     }
 
@@ -269,7 +468,13 @@ impl Master {
                         }
                         "OK\n".into()
                     } else {
-                        log::warn!("admin: a TCP session offered a wrong token; closing it");
+                        if let Some(line) = self
+                            .admin
+                            .as_mut()
+                            .and_then(|a| a.wrong_tokens.record(Instant::now()))
+                        {
+                            log::warn!("admin: {line}");
+                        }
                         if let Some(conn) = self.admins.get_mut(&id) {
                             conn.closing = true;
                         }
@@ -591,5 +796,91 @@ impl Master {
             pools,
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token_file(dir: &Path, text: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join("admin.token");
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_private_token_file_gives_its_trimmed_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = token_file(dir.path(), b"  s3cret-token-0123456789\n", 0o600);
+        assert_eq!(read_token_file(&path).unwrap(), b"s3cret-token-0123456789");
+        let path = token_file(dir.path(), b"s3cret-token-0123456789", 0o400);
+        assert_eq!(read_token_file(&path).unwrap(), b"s3cret-token-0123456789");
+    }
+
+    #[test]
+    fn token_files_that_are_refused_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = b"s3cret-token-0123456789\n";
+        let cases: &[(&[u8], u32, &str)] = &[
+            (
+                good,
+                0o644,
+                "is readable by others (mode 0644); chmod 600 it",
+            ),
+            (good, 0o606, "is readable by others (mode 0606)"),
+            (good, 0o602, "is writable by others (mode 0602)"),
+            (good, 0o640, "is readable by its group (mode 0640)"),
+            (good, 0o620, "is writable by its group (mode 0620)"),
+            (good, 0o601, "is open to its group or others (mode 0601)"),
+            (b"short\n", 0o600, "holds a token under 16 bytes"),
+            (b"  \n", 0o600, "holds a token under 16 bytes"),
+            (
+                b"first-line-0123456\nsecond-line-0123\n",
+                0o600,
+                "must hold one line of text",
+            ),
+            (
+                b"s3cret-token-\xff0123456789",
+                0o600,
+                "must hold one line of text",
+            ),
+        ];
+        for (text, mode, want) in cases {
+            let path = token_file(dir.path(), text, *mode);
+            let e = read_token_file(&path).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("admin.token_file {} ", path.display())),
+                "{e}"
+            );
+            assert!(e.contains(want), "mode {mode:o}: want {want:?} in {e}");
+        }
+        let big = vec![b'x'; (MAX_TOKEN_FILE + 1) as usize];
+        let path = token_file(dir.path(), &big, 0o600);
+        let e = read_token_file(&path).unwrap_err().to_string();
+        assert!(e.contains("is over 65536 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_token_file_or_a_fifo_is_refused_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.token");
+        let e = read_token_file(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "cannot read admin.token_file {}: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        let fifo = dir.path().join("fifo.token");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read_token_file(&fifo).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
+        let e = read_token_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
     }
 }

@@ -326,7 +326,11 @@ impl Master {
             .enumerate()
             .map(|(i, p)| (p.config.name.clone(), i))
             .collect();
-        let listener = server::bind(&config.server.socket, config.server.socket_mode)?;
+        let listener = server::bind(
+            &config.server.socket,
+            config.server.socket_mode,
+            config.server.socket_group.as_ref(),
+        )?;
         let admin = admin::AdminListeners::bind(&config.admin)?;
         signals::ignore_sigpipe().map_err(os("cannot ignore SIGPIPE"))?;
         let signals = SignalPipe::install(&[
@@ -512,6 +516,9 @@ impl Master {
             consider(t);
         }
         if let Some(t) = self.spawn_paused_until {
+            consider(t);
+        }
+        if let Some(t) = self.admin_deadline() {
             consider(t);
         }
         if let Some(t) = self.probe_deadline() {
@@ -1225,6 +1232,7 @@ impl Master {
     fn enforce_timeouts(&mut self) {
         let now = Instant::now();
         self.resume_accept_if_due();
+        self.admin_timers(now);
         // Judge on fresh facts: after the master itself was off the CPU (stopped, starved),
         // outcomes may be waiting on a worker's socket for jobs that ended in time. Read them
         // before declaring anything overdue.

@@ -449,7 +449,19 @@ impl Master {
                 "server.socket_mode",
                 old.server.socket_mode != new.server.socket_mode,
             ),
+            (
+                "server.socket_group",
+                old.server.socket_group != new.server.socket_group,
+            ),
             ("admin.socket", old.admin.socket != new.admin.socket),
+            (
+                "admin.socket_mode",
+                old.admin.socket_mode != new.admin.socket_mode,
+            ),
+            (
+                "admin.socket_group",
+                old.admin.socket_group != new.admin.socket_group,
+            ),
             ("admin.tcp", old.admin.tcp != new.admin.tcp),
             (
                 "admin.token_file",
