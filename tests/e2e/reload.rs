@@ -667,8 +667,11 @@ fn a_waiting_session_with_replies_still_to_send_does_not_spin_the_master() {
     let mut lines = "status\n".repeat(3000);
     lines.push_str("reload\nquit\n");
     s.write_all(lines.as_bytes()).unwrap();
-    wait_until("the probe to start", SOON, || {
-        master.log_count("reloading") == 1
+    // The window starts once the reload waits: its probe (a third child of the master, after
+    // the two workers) is hanging in init; the staging before it (reading and hashing the
+    // plugins) is done.
+    wait_until("the probe to hang in init", SOON, || {
+        master.log_count("reloading") == 1 && master.workers().len() == 3
     });
     let before = jobhost_e2e::cpu_ticks(master.pid());
     std::thread::sleep(std::time::Duration::from_secs(3));
