@@ -554,7 +554,7 @@ mod chunked_reads {
     #[test]
     fn frames_round_trip_with_random_sizes_and_chunking() {
         for seed in 1..200u64 {
-            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut wire = Vec::new();
             let mut sent = Vec::new();
             for key in 0..(1 + rng.below(40)) {

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 use jobhost::protocol::Status;
 use jobhost_e2e::{config_with, in_sleep_job, wait_until, Env, Master, SOON};
@@ -161,7 +160,19 @@ fn stop_keeps_the_queue_and_start_runs_it() {
     let mut client = master.client();
     client.send(5, "echo", b"waits for start").unwrap();
     client.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Taken in, and kept: queued, not run, while the pool is stopped.
+    wait_until("the job to be queued", SOON, || {
+        let status = master.admin("status json");
+        let json: serde_json::Value = serde_json::from_str(status.lines().next().unwrap()).unwrap();
+        let echo = json["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "echo")
+            .unwrap()
+            .clone();
+        echo["jobs_queued"] == 1 && echo["jobs_done"] == 0
+    });
     assert!(master.admin("start echo").ends_with("OK\n"));
     let result = client.recv().unwrap();
     assert_eq!((result.id, result.text().as_str()), (5, "waits for start"));
@@ -174,7 +185,7 @@ fn shutdown_stops_the_master_and_quit_ends_the_session() {
     let mut master = two_pools(&env);
     let mut session = master.admin_session();
     assert_eq!(session.command("quit"), "OK\n");
-    assert!(session.is_closed());
+    assert!(session.is_closed(), "the session is still open after quit");
     assert_eq!(master.admin("shutdown graceful"), "OK\n");
     assert_eq!(master.wait_exit(SOON), 0);
     assert!(!master.admin_socket().exists());
@@ -184,10 +195,13 @@ fn shutdown_stops_the_master_and_quit_ends_the_session() {
 fn shutdown_now_stops_at_once() {
     let env = Env::new();
     let mut master = two_pools(&env);
+    let sleeper = pids_of_pool(&master, "sleep");
     let mut client = master.client();
     client.send(1, "sleep", b"60000").unwrap();
     client.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the sleep job to be running", SOON, || {
+        in_sleep_job(sleeper[0])
+    });
     assert_eq!(master.admin("shutdown now"), "OK\n");
     assert_eq!(client.recv().unwrap().text(), "shutting down");
     assert_eq!(master.wait_exit(SOON), 0);
@@ -216,10 +230,12 @@ fn bad_lines_get_err_and_never_disturb_other_sessions() {
     assert!(s.read_reply().ends_with("OK\n"));
 
     let mut long = master.admin_session();
-    long.stream.write_all(&vec![b'a'; 5000]).unwrap();
-    long.stream.write_all(b"\n").unwrap();
+    // In one write: the master closes as soon as it has read 4096 bytes of one line.
+    let mut line = vec![b'a'; 5000];
+    line.push(b'\n');
+    long.stream.write_all(&line).unwrap();
     assert_eq!(long.read_reply(), "ERR line over 4096 bytes; closing\n");
-    assert!(long.is_closed());
+    assert!(long.is_closed(), "a session with an over-long line stays open");
 
     let mut garbage = master.admin_session();
     garbage
@@ -227,7 +243,7 @@ fn bad_lines_get_err_and_never_disturb_other_sessions() {
         .write_all(&[0xff, 0x00, 0x13, 0x37, 0x01, b'\n'])
         .unwrap();
     assert_eq!(garbage.read_reply(), "ERR not a text line; closing\n");
-    assert!(garbage.is_closed());
+    assert!(garbage.is_closed(), "a session that sent binary stays open");
 
     let idle: Vec<_> = (0..1000).map(|_| master.admin_session()).collect();
     assert!(

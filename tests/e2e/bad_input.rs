@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use jobhost_e2e::{config_with, Env, Master, SOON};
+use jobhost_e2e::{config_with, is_reset, is_timeout, Env, Master, SOON};
 use nix::unistd::Pid;
 
 fn echo_master(env: &Env) -> Master {
@@ -17,12 +17,18 @@ fn echo_master(env: &Env) -> Master {
     master
 }
 
-/// The master closed `stream`: a read gets EOF (or a reset) within the deadline.
+/// The master closed `stream`: a read gets end of file (or a reset) within the deadline. A
+/// read that times out means the connection is still open: that fails.
 fn assert_closed_by_master(stream: &mut UnixStream) {
     stream.set_read_timeout(Some(SOON)).unwrap();
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
-        Ok(0) | Err(_) => {}
+        Ok(0) => {}
+        Err(e) if is_reset(&e) => {}
+        Err(e) if is_timeout(&e) => {
+            panic!("the master left the connection open for {SOON:?}")
+        }
+        Err(e) => panic!("reading the connection: {e}"),
         Ok(n) => panic!("expected the connection closed, got {n} bytes"),
     }
 }

@@ -2,14 +2,22 @@
 //! or a bad plugin prints one clear error — file, line and key, or plugin file and reason —
 //! and exits 1; a plugin that crashes or hangs in `init` cannot take `check` down.
 
-use jobhost_e2e::{repo_root, Env};
+use jobhost_e2e::{bin_dir, repo_root, Env};
 
 const HOST: &str = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";
 
 #[test]
 fn accepts_the_example_config_and_prints_one_line_per_pool() {
     let env = Env::new();
-    let example = repo_root().join("examples/jobhost.toml");
+    // The example as shipped, but with the plugins of this test's own profile: it names
+    // `../target/release`, which a debug `cargo test` has not built.
+    let shipped = std::fs::read_to_string(repo_root().join("examples/jobhost.toml")).unwrap();
+    let release_dir = "plugins_dir = \"../target/release\"";
+    assert!(shipped.contains(release_dir), "{shipped}");
+    let example = env.config(&shipped.replace(
+        release_dir,
+        &format!("plugins_dir = {:?}", bin_dir().display().to_string()),
+    ));
     let run = env.jobhost(&["check", "-c", example.to_str().unwrap()]);
     run.assert_code(0);
     let pools: Vec<&str> = run

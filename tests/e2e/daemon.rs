@@ -209,8 +209,10 @@ fn a_plugins_dir_writable_by_others_is_refused_unless_allowed() {
 
 #[test]
 fn workers_drop_to_host_user_and_cannot_regain_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: privilege drop needs the tests to run as root");
+    if !jobhost_e2e::prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "privilege drop needs the tests to run as root",
+    ) {
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody")

@@ -78,7 +78,20 @@ fn a_plugin_that_says_stop_ends_its_worker_and_the_pool_is_not_refilled() {
         "3\n"
     );
     master.wait_for_log("pool once stopped by its plugin", SOON);
-    // Not refilled: no worker for a while.
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(master.workers().is_empty(), "{:?}", master.workers());
+    // Not refilled: over the second after the pool stopped (the window starts once the stop is
+    // in), no worker at any look, and none started.
+    let started = master.log_count(": worker started");
+    let window_end = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < window_end {
+        assert!(master.workers().is_empty(), "refilled: {:?}", master.workers());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(master.log_count(": worker started"), started, "a worker was started");
+    let status = master.admin("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("once ") && l.contains(" stopped ")),
+        "{status}"
+    );
 }

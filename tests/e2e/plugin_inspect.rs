@@ -2,8 +2,9 @@
 //! for every kind of bad file.
 
 use std::fs;
+use std::process::Command;
 
-use jobhost_e2e::{demo_plugin, fixture_plugin, Env};
+use jobhost_e2e::{bin_dir, demo_plugin, fixture_plugin, run, Env};
 
 #[test]
 fn shows_name_version_description_and_api_version() {
@@ -135,13 +136,29 @@ fn inspects_several_files_and_fails_if_any_is_refused() {
 #[test]
 fn a_bare_file_name_is_the_file_in_the_working_directory_not_a_library_search() {
     // dlopen("libecho.so") would search the library path; jobhost means the file right here.
+    // So the library path holds other plugins under the same names: a search would find them.
     let env = Env::new();
+    let lib = env.path().join("lib");
+    fs::create_dir(&lib).unwrap();
+    fs::copy(demo_plugin("hash"), lib.join("libecho.so")).unwrap();
+    fs::copy(demo_plugin("hash"), lib.join("libhere-only-by-search.so")).unwrap();
     fs::copy(demo_plugin("echo"), env.path().join("libecho.so")).unwrap();
-    env.jobhost(&["plugin", "inspect", "libecho.so"])
+    let inspect = |name: &str| {
+        run(Command::new(bin_dir().join("jobhost"))
+            .args(["plugin", "inspect", name])
+            .current_dir(env.path())
+            .env("LD_LIBRARY_PATH", &lib))
+    };
+    inspect("libecho.so")
         .assert_code(0)
         .assert_stdout_has("name:        echo\n");
-    // And a bare name that is not here is "not found", not some system library.
-    env.jobhost(&["plugin", "inspect", "libc.so.6"])
-        .assert_code(1)
-        .assert_stderr_has("libc.so.6");
+    // A bare name that is not here is "not found" — not the library the path search finds,
+    // nor a system library.
+    for name in ["libhere-only-by-search.so", "libc.so.6"] {
+        let refused = inspect(name);
+        refused
+            .assert_code(1)
+            .assert_stderr_has(&format!("cannot read plugin {name}: No such file or directory"));
+        assert!(!refused.stdout.contains("name:"), "{}", refused.stdout);
+    }
 }

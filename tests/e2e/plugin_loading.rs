@@ -149,8 +149,10 @@ fn a_runtime_dir_on_a_noexec_mount_is_refused_with_the_reason() {
         .args(["-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs"])
         .arg(&mount_point)
         .output();
-    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: cannot mount a noexec tmpfs here ({mounted:?})");
+    if !jobhost_e2e::prerequisite(
+        mounted.as_ref().is_ok_and(|o| o.status.success()),
+        &format!("cannot mount a noexec tmpfs here ({mounted:?})"),
+    ) {
         return;
     }
     struct Unmount(std::path::PathBuf);

@@ -311,6 +311,62 @@ fn failed_for(master: &Master, reason: &str, attempts: usize, pids: &[i32]) {
 }
 
 #[test]
+fn jobhost_reload_with_an_unparsable_file_still_asks_the_master_which_records_why() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    let pids = master.wait_for_workers(2);
+    env.config(&config_with(&format!("{ECHO}workrs = 3\n")));
+    let reason_part = "pool[0].workrs: unknown key";
+    // Only `jobhost reload -c FILE`: no admin command, no signal from the test.
+    reload(&env)
+        .assert_code(1)
+        .assert_stderr_has(&format!("jobhost.toml:11:1: {reason_part}"));
+    // The master was asked, and says so itself: in its log, in `status`, generation 1.
+    wait_until("the master's own log line", SOON, || {
+        master
+            .log_text()
+            .lines()
+            .any(|l| l.contains("master: reload failed, nothing changed: ") && l.contains(reason_part))
+    });
+    let json = status_json(&master);
+    assert_eq!(json["last_reload"]["ok"], false, "{json}");
+    assert!(
+        json["last_reload"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(reason_part)),
+        "{json}"
+    );
+    assert_eq!(json["generation"], 1, "{json}");
+    assert_eq!(master.workers(), pids);
+    serves(&master);
+}
+
+#[test]
+fn a_reload_that_changes_a_restart_only_key_is_refused_and_changes_nothing() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(ECHO));
+    let pids = master.wait_for_workers(2);
+    // A second pool too: a reload that went ahead would add it.
+    env.config(&config_with(&format!(
+        "[admin]\nsocket = \"other-admin.sock\"\n\n{ECHO}\n[[pool]]\nname = \"echo2\"\nplugin = \"echo\"\nworkers = 1\n"
+    )));
+    let reason = "admin.socket changed: that takes a restart of the master, not a reload";
+    // Asked on the socket it has (`jobhost reload -c` would look for the new one).
+    ctl_reload(&env)
+        .assert_code(1)
+        .assert_stderr_has(&format!("reload failed, nothing changed: {reason}"));
+    failed_for(&master, reason, 1, &pids);
+    assert!(!env.path().join("run/other-admin.sock").exists());
+    let late = master.client().call("echo2", b"x").unwrap();
+    assert_eq!(
+        (late.status, late.text().as_str()),
+        (Status::Rejected, "unknown pool \"echo2\"")
+    );
+}
+
+#[test]
 fn a_toml_syntax_error_fails_the_reload_changes_nothing_and_says_why() {
     let env = Env::new();
     env.install("echo");
@@ -611,8 +667,11 @@ fn a_waiting_session_with_replies_still_to_send_does_not_spin_the_master() {
     let mut lines = "status\n".repeat(3000);
     lines.push_str("reload\nquit\n");
     s.write_all(lines.as_bytes()).unwrap();
-    wait_until("the probe to start", SOON, || {
-        master.log_count("reloading") == 1
+    // The window starts once the reload waits: its probe (a third child of the master, after
+    // the two workers) is hanging in init; the staging before it (reading and hashing the
+    // plugins) is done.
+    wait_until("the probe to hang in init", SOON, || {
+        master.log_count("reloading") == 1 && master.workers().len() == 3
     });
     let before = jobhost_e2e::cpu_ticks(master.pid());
     std::thread::sleep(std::time::Duration::from_secs(3));

@@ -165,8 +165,11 @@ fn no_progress_bar_when_stderr_is_not_a_terminal() {
 #[test]
 fn a_progress_bar_is_drawn_when_stderr_is_a_terminal() {
     // util-linux `script` runs a command on a pseudo-terminal and copies what it wrote there.
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("skipped: no `script` (util-linux) to give submit a pseudo-terminal");
+    let have_script = Command::new("script").arg("--version").output().is_ok();
+    if !jobhost_e2e::prerequisite(
+        have_script,
+        "no `script` (util-linux / bsdutils) to give submit a pseudo-terminal",
+    ) {
         return;
     }
     let env = Env::new();
