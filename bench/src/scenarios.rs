@@ -88,10 +88,13 @@ impl Measured {
     }
 }
 
+/// One client's run: when it started, when its last result came, and each job's latency.
+type ClientRun = (Instant, Instant, Vec<Duration>);
+
 /// Runs `load` with its clients on threads; an error if any job failed, came twice or never.
 fn drive(socket: &Path, load: &Load) -> Result<Measured, String> {
     let per = load.total / load.clients;
-    let outcomes: Vec<Result<(Instant, Instant, Vec<Duration>), String>> =
+    let outcomes: Vec<Result<ClientRun, String>> =
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..load.clients)
                 .map(|c| s.spawn(move || one_client(socket, load, c * per, per)))
@@ -224,7 +227,7 @@ fn thousands(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
