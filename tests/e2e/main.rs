@@ -17,3 +17,4 @@ mod resources;
 mod shutdown;
 mod submit_command;
 mod supervision;
+mod trust;
