@@ -1,9 +1,22 @@
 //! Plugin loading: private copies, the probe child, and the registry of loaded libraries.
 //!
 //! Owns the path from a user's `lib<name>.so` to an initialised [`PluginInstance`]:
-//! 1. **copy** the user's file, by content hash, to `runtime_dir/plugins/<name>-<hash>.so`
-//!    (written as `.tmp`, then renamed) — dlopen caches by path and a file overwritten in place
-//!    under a process that maps it crashes that process, so the user's file is never mapped;
+//! 0. **trust** ([`PluginFile::open`]): only code root or the master's own user controls runs
+//!    in the master (sshd's StrictModes). The file is opened once; the descriptor (`fstat`) and
+//!    every folder up the configured path and up the real path it resolved to must belong to
+//!    root or the master's euid and be writable by neither group nor others; the bytes used are
+//!    read from that descriptor, so a file renamed into place after the checks is never used.
+//!    `jobhost check`, start-up and reload all go through it;
+//! 1. **copy** the bytes, by content hash, to `runtime_dir/plugins/<name>-<hash>.so` — dlopen
+//!    caches by path and a file overwritten in place under a process that maps it crashes that
+//!    process, so the user's file is never mapped. The folder is the master's own (created
+//!    0700, or refused unless it is; emptied of earlier runs' copies at start), and a copy is
+//!    **always written afresh** (an `O_EXCL|O_NOFOLLOW` temporary, fsync, rename over the
+//!    name), never trusted because a file of that name exists. Written afresh rather than
+//!    re-hashed: the bytes are in hand already, and a re-hash by name followed by a dlopen by
+//!    name would be one more check-then-use. Renaming over a copy this process maps keeps the
+//!    mapped inode intact, and a dlopen of that path then returns the loaded build — the same
+//!    hash, so the same bytes;
 //! 2. **probe** the copy in a throw-away child: load, check the ABI, optionally `init` — a
 //!    truncated `.so` kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in
 //!    `init`, so only the child can take that risk;
@@ -11,7 +24,9 @@
 //!    `init` instances from it.
 //!
 //! It never loads into this process a file that has not passed a probe, never maps the user's
-//! file in place, and never runs a plugin's job code (`handle`, `run_once`): workers do that.
+//! file in place, never reads a plugin by name after checking it, never trusts a file in the
+//! runtime folder by its name, never follows a symlink at a file it writes, and never runs a
+//! plugin's job code (`handle`, `run_once`): workers do that.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobhost_e2e::{config_with, demo_plugin, fixture_plugin, wait_until, Env, SOON};
+use jobhost_e2e::{bin_dir, config_with, demo_plugin, fixture_plugin, wait_until, Env, SOON};
 
 const ECHO: &str = "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 1\n";
 
@@ -41,9 +41,46 @@ fn both_refuse(env: &Env, reason: &str) {
     env.jobhost(&["check", "-c", config])
         .assert_code(1)
         .assert_stderr_has(reason);
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has(reason);
+    run_refused(env, config, reason);
+}
+
+/// `jobhost run -c config` exits 1 at start with `reason` on stderr. A master that starts
+/// anyway is killed after [`SOON`] and the test fails (it must not hang).
+fn run_refused(env: &Env, config: &str, reason: &str) {
+    let log = env.path().join("refused.log");
+    let mut child = std::process::Command::new(bin_dir().join("jobhost"))
+        .args(["run", "-c", config])
+        .current_dir(env.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let workers = jobhost_e2e::children_of(child.id() as i32);
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in workers {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            panic!(
+                "the master started instead of refusing ({reason}):\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(reason), "stderr lacks {reason:?}:\n{stderr}");
 }
 
 /// A world-writable folder `env/<name>` holding a copy of the demo echo plugin, and
@@ -78,9 +115,7 @@ fn a_plugin_below_a_world_writable_folder_is_refused_and_the_folder_named() {
     env.jobhost(&["check", "-c", config])
         .assert_code(1)
         .assert_stderr_has(&reason);
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has(&reason);
+    run_refused(&env, config, &reason);
     chmod(&shared, 0o755);
     env.jobhost(&["check", "-c", config]).assert_code(0);
 }
@@ -214,39 +249,43 @@ fn a_runtime_dir_others_can_write_or_own_is_refused() {
     chmod(&run, 0o777);
     let config = env.config(&config_with(ECHO));
     let config = config.to_str().unwrap();
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has(&format!(
+    run_refused(
+        &env,
+        config,
+        &format!(
             "refusing to use runtime_dir {}: it is writable by everyone (mode 0777)",
             run.display()
-        ));
+        ),
+    );
     assert!(!run.join("plugins").exists(), "nothing was copied into it");
     chmod(&run, 0o755);
     if is_root() {
         nobody(&run);
-        env.jobhost(&["run", "-c", config])
-            .assert_code(1)
-            .assert_stderr_has(&format!(
+        run_refused(
+            &env,
+            config,
+            &format!(
                 "refusing to use runtime_dir {}: it belongs to uid 65534, not to the user jobhost runs as (uid 0)",
                 run.display()
-            ));
+            ),
+        );
         std::os::unix::fs::chown(&run, Some(0), Some(0)).unwrap();
     }
     // Its plugins folder, too: group-writable, or a symlink to elsewhere.
     fs::create_dir(run.join("plugins")).unwrap();
     chmod(&run.join("plugins"), 0o770);
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has(&format!(
+    run_refused(
+        &env,
+        config,
+        &format!(
             "refusing to use the private plugin folder {}: it is writable by its group (mode 0770)",
             run.join("plugins").display()
-        ));
+        ),
+    );
     fs::remove_dir(run.join("plugins")).unwrap();
     fs::create_dir(env.path().join("elsewhere")).unwrap();
     symlink(env.path().join("elsewhere"), run.join("plugins")).unwrap();
-    env.jobhost(&["run", "-c", config])
-        .assert_code(1)
-        .assert_stderr_has("jobhost follows no symlink there");
+    run_refused(&env, config, "jobhost follows no symlink there");
 }
 
 /// The private copy's name, as the master makes it: `<name>-<first 16 hex digits of SHA-256>.so`.
@@ -318,12 +357,14 @@ fn a_symlink_at_the_pidfiles_temporary_does_not_overwrite_its_target() {
     chmod(&victim, 0o600);
     symlink(&victim, run.join("jobhost.pid.lock")).unwrap();
     let config = env.config(&config_with(ECHO));
-    env.jobhost(&["run", "-c", config.to_str().unwrap()])
-        .assert_code(1)
-        .assert_stderr_has(&format!(
+    run_refused(
+        &env,
+        config.to_str().unwrap(),
+        &format!(
             "the pidfile lock {} is a symbolic link; jobhost never follows a link for a file it writes",
             run.join("jobhost.pid.lock").display()
-        ));
+        ),
+    );
     assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
     assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
 }
