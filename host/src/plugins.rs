@@ -208,6 +208,10 @@ impl PluginFile {
                 reals.push(by_fd);
             }
             for real in &reals {
+                // The folders first: when someone else can write one, that is the reason.
+                if *real != abs {
+                    check_dir_chain(real, "symlink target", &[("the plugin", path)])?;
+                }
                 let same = fs::metadata(real)
                     .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
                 if !same {
@@ -219,9 +223,6 @@ impl PluginFile {
                             real.display()
                         ),
                     });
-                }
-                if *real != abs {
-                    check_dir_chain(real, "symlink target", &[("the plugin", path)])?;
                 }
             }
         }
