@@ -269,11 +269,7 @@ fn absolute(path: &Path) -> Result<PathBuf, PluginError> {
 /// world-writable folder: see [`PluginFile::open`]). `leaf_what` names what `leaf` is (for a
 /// "plugin", its folder is the "plugins dir"); `via` says which configured path led
 /// there, for an error about a symlink's target.
-fn check_dir_chain(
-    leaf: &Path,
-    leaf_what: &str,
-    via: &[(&str, &Path)],
-) -> Result<(), PluginError> {
+fn check_dir_chain(leaf: &Path, leaf_what: &str, via: &[(&str, &Path)]) -> Result<(), PluginError> {
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
     let leaf = absolute(leaf)?;
@@ -281,7 +277,13 @@ fn check_dir_chain(
     chain.reverse();
     let suffix = via
         .iter()
-        .map(|(what, p)| format!(" (on the way to {what} {}, a symlink to {})", p.display(), leaf.display()))
+        .map(|(what, p)| {
+            format!(
+                " (on the way to {what} {}, a symlink to {})",
+                p.display(),
+                leaf.display()
+            )
+        })
         .collect::<String>();
     for (i, dir) in chain.iter().enumerate() {
         let next: &Path = chain.get(i + 1).copied().unwrap_or(&leaf);
@@ -647,8 +649,7 @@ impl Registry {
         let hash = ContentHash::of(&bytes);
         let loaded = self.loaded.get(&hash).cloned();
         self.next_tmp += 1;
-        let private =
-            write_private_copy(&self.private_dir, source, &bytes, &hash, self.next_tmp)?;
+        let private = write_private_copy(&self.private_dir, source, &bytes, &hash, self.next_tmp)?;
         if let Some(l) = self.loaded.get_mut(&hash) {
             l.private = private.clone();
         }
@@ -766,7 +767,10 @@ fn remove_earlier_copies(dir: &Path) {
         let path = entry.path();
         match fs::remove_file(&path) {
             Ok(()) => removed += 1,
-            Err(e) => log::warn!("cannot remove {} left by an earlier run: {e}", path.display()),
+            Err(e) => log::warn!(
+                "cannot remove {} left by an earlier run: {e}",
+                path.display()
+            ),
         }
     }
     if removed > 0 {
@@ -791,7 +795,11 @@ fn own_folder(what: &'static str, path: &Path, meta: &fs::Metadata) -> Result<()
             meta.uid()
         )
     } else if mode & 0o022 != 0 {
-        let who = if mode & 0o002 != 0 { "everyone" } else { "its group" };
+        let who = if mode & 0o002 != 0 {
+            "everyone"
+        } else {
+            "its group"
+        };
         format!("is writable by {who} (mode {mode:04o})")
     } else {
         return Ok(());
@@ -1356,10 +1364,18 @@ mod tests {
     fn distrust_names_the_reason() {
         assert_eq!(distrust(0o40755, 0, 1000, true), None);
         assert_eq!(distrust(0o40755, 1000, 1000, true), None);
-        assert!(distrust(0o40777, 0, 0, true).unwrap().contains("everyone (mode 0777)"));
-        assert!(distrust(0o41777, 0, 0, true).unwrap().contains("sticky bit"));
-        assert!(distrust(0o40775, 0, 0, true).unwrap().contains("its group (mode 0775)"));
-        assert!(distrust(0o100644, 65534, 0, false).unwrap().contains("uid 65534"));
+        assert!(distrust(0o40777, 0, 0, true)
+            .unwrap()
+            .contains("everyone (mode 0777)"));
+        assert!(distrust(0o41777, 0, 0, true)
+            .unwrap()
+            .contains("sticky bit"));
+        assert!(distrust(0o40775, 0, 0, true)
+            .unwrap()
+            .contains("its group (mode 0775)"));
+        assert!(distrust(0o100644, 65534, 0, false)
+            .unwrap()
+            .contains("uid 65534"));
     }
 
     #[test]
@@ -1377,7 +1393,10 @@ mod tests {
         let (_dir, plugins) = world();
         chmod(&plugins, 0o777);
         let (what, path, why) = refusal(&plugins.join("libx.so"));
-        assert_eq!((what.as_str(), path.as_path()), ("plugins dir", plugins.as_path()));
+        assert_eq!(
+            (what.as_str(), path.as_path()),
+            ("plugins dir", plugins.as_path())
+        );
         assert!(why.contains("writable by everyone (mode 0777)"), "{why}");
         chmod(&plugins, 0o775);
         assert!(refusal(&plugins.join("libx.so")).2.contains("its group"));
@@ -1399,7 +1418,10 @@ mod tests {
         chmod(&plugins, 0o1777);
         let (_, path, why) = refusal(&plugins.join("libx.so"));
         assert_eq!(path, plugins);
-        assert!(why.contains("sticky bit still lets anyone create files"), "{why}");
+        assert!(
+            why.contains("sticky bit still lets anyone create files"),
+            "{why}"
+        );
         // Like /tmp above a private tempdir: nobody else can rename our entry in it.
         chmod(&plugins, 0o755);
         let (dir, plugins) = world();
@@ -1456,14 +1478,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         Registry::open(&run, false).unwrap();
-        assert_eq!(fs::metadata(run.join("plugins")).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(run.join("plugins")).unwrap().mode() & 0o777,
+            0o700
+        );
         chmod(&run, 0o777);
         let e = Registry::open(&run, false).err().unwrap().to_string();
-        assert!(e.contains("refusing to use runtime_dir") && e.contains("everyone"), "{e}");
+        assert!(
+            e.contains("refusing to use runtime_dir") && e.contains("everyone"),
+            "{e}"
+        );
         chmod(&run, 0o755);
         chmod(&run.join("plugins"), 0o770);
         let e = Registry::open(&run, false).err().unwrap().to_string();
-        assert!(e.contains("private plugin folder") && e.contains("its group"), "{e}");
+        assert!(
+            e.contains("private plugin folder") && e.contains("its group"),
+            "{e}"
+        );
         fs::remove_dir(run.join("plugins")).unwrap();
         fs::create_dir(dir.path().join("elsewhere")).unwrap();
         symlink(dir.path().join("elsewhere"), run.join("plugins")).unwrap();

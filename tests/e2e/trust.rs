@@ -80,7 +80,10 @@ fn run_refused(env: &Env, config: &str, reason: &str) {
     };
     let stderr = fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(reason), "stderr lacks {reason:?}:\n{stderr}");
+    assert!(
+        stderr.contains(reason),
+        "stderr lacks {reason:?}:\n{stderr}"
+    );
 }
 
 /// A world-writable folder `env/<name>` holding a copy of the demo echo plugin, and
@@ -143,8 +146,12 @@ fn a_symlinked_plugin_whose_target_folder_others_can_write_is_refused() {
     );
     // The same symlink into a folder only root can write is fine.
     chmod(&open, 0o755);
-    env.jobhost(&["check", "-c", env.path().join("jobhost.toml").to_str().unwrap()])
-        .assert_code(0);
+    env.jobhost(&[
+        "check",
+        "-c",
+        env.path().join("jobhost.toml").to_str().unwrap(),
+    ])
+    .assert_code(0);
 }
 
 #[test]
@@ -180,7 +187,8 @@ fn a_plugin_or_folder_owned_by_another_user_is_refused() {
     fs::rename(env.plugins_dir().join("new.so"), &plugin).unwrap();
     let reply = master.admin("reload");
     assert!(
-        reply.starts_with("ERR reload failed, nothing changed: ") && reply.contains("belongs to uid 65534"),
+        reply.starts_with("ERR reload failed, nothing changed: ")
+            && reply.contains("belongs to uid 65534"),
         "{reply}"
     );
     assert_eq!(master.client().call("echo", b"hi").unwrap().body, b"hi");
@@ -224,14 +232,20 @@ fn renaming_an_evil_build_into_a_symlinked_world_writable_folder_never_gets_it_l
         let reply = session.command("reload");
         assert!(
             reply.starts_with("ERR reload failed, nothing changed: ")
-                && reply.contains(&format!("folder {} is writable by everyone", open.display())),
+                && reply.contains(&format!(
+                    "folder {} is writable by everyone",
+                    open.display()
+                )),
             "reload {reloads}: {reply}"
         );
         reloads += 1;
     }
     stop.store(true, Ordering::Relaxed);
     let swaps = renamer.join().unwrap();
-    assert!(swaps > 0 && reloads >= 50, "swaps {swaps}, reloads {reloads}");
+    assert!(
+        swaps > 0 && reloads >= 50,
+        "swaps {swaps}, reloads {reloads}"
+    );
     let status: serde_json::Value =
         serde_json::from_str(master.admin("status json").lines().next().unwrap()).unwrap();
     assert_eq!(status["pools"][0]["plugin_version"], "0.1.0", "{status}");
@@ -343,7 +357,10 @@ fn a_symlink_at_the_pidfiles_temporary_does_not_overwrite_its_target() {
         fs::read_to_string(&pidfile).is_ok_and(|s| s.trim() == master.pid().to_string())
     });
     assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
-    assert!(fs::symlink_metadata(&pidfile).unwrap().file_type().is_file());
+    assert!(fs::symlink_metadata(&pidfile)
+        .unwrap()
+        .file_type()
+        .is_file());
     assert!(fs::symlink_metadata(run.join("jobhost.pid.tmp")).is_err());
     drop(master);
 
