@@ -104,10 +104,11 @@ fn check(path: &Path) -> CliResult {
     }
     let mut infos: BTreeMap<PathBuf, Info> = BTreeMap::new();
     for (file, settings) in &files {
-        if !config.host.insecure_plugins_dir {
-            plugins::check_trusted(&config.host.plugins_dir, file)?;
-        }
-        let info = plugins::probe(file, settings, config.host.init_timeout)?;
+        // The same checks as the master's, and the probe loads the very file they passed
+        // (through its descriptor), not whatever the name points at a moment later.
+        let opened = plugins::PluginFile::open(file, !config.host.insecure_plugins_dir)?;
+        let info = plugins::probe(&opened.fd_path(), settings, config.host.init_timeout)
+            .map_err(|e| opened.rename(e))?;
         infos.insert(file.clone(), info);
     }
     for pool in &config.pools {

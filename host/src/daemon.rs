@@ -4,13 +4,15 @@
 //! The lock is an flock on `<pidfile>.lock`, taken before anything else starts: a second master
 //! on the same pidfile is refused with the pid of the first; a pidfile left by a killed master
 //! is not locked by anyone and is taken over. The pid itself is written to `<pidfile>` through
-//! a temporary file and a rename, so a reader never sees half of it.
+//! a temporary file and a rename, so a reader never sees half of it. Every file it opens is
+//! opened with `O_NOFOLLOW` (a symlink planted at the lock, the pidfile or its temporary is
+//! refused or unlinked, never followed), and the temporary with `O_EXCL`.
 //!
 //! Detaching happens after the plugins are loaded and the sockets bound, so start-up errors
 //! still reach the terminal and the exit status: the launching process waits on a pipe until
 //! the daemon says it is up (or why it is not). This module never removes the pidfile of a
-//! master that did not exit cleanly, and a forked worker closes its copy of the lock without
-//! releasing it.
+//! master that did not exit cleanly, never writes through a symlink, and a forked worker closes
+//! its copy of the lock without releasing it.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
@@ -51,8 +53,13 @@ pub struct Pidfile {
 impl Pidfile {
     /// Takes the lock, or says who holds it.
     pub fn acquire(path: &Path) -> Result<Pidfile, DaemonError> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(io_err(format!("cannot create {}", dir.display())))?;
         }
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
         let lock = OpenOptions::new()
@@ -61,17 +68,14 @@ impl Pidfile {
             .create(true)
             .truncate(false)
             .mode(0o644)
+            .custom_flags(NO_FOLLOW)
             .open(&lock_path)
-            .map_err(io_err(format!(
-                "cannot open the pidfile lock {}",
-                lock_path.display()
-            )))?;
+            .map_err(|e| refuse_link(&lock_path, "the pidfile lock", e))?;
+        regular(&lock, &lock_path, "the pidfile lock")?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let pid = fs::read_to_string(path)
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default();
+                let pid = read_pid(path).unwrap_or_default();
                 let pid = if pid.is_empty() {
                     "unknown (it is still starting)".to_string()
                 } else {
@@ -86,11 +90,11 @@ impl Pidfile {
                 return Err(io_err(format!("cannot lock {}", lock_path.display()))(e));
             }
         }
-        if let Ok(old) = fs::read_to_string(path) {
+        if let Some(old) = read_pid(path) {
             log::warn!(
                 "taking over the stale pidfile {} (pid {} is gone)",
                 path.display(),
-                old.trim()
+                old
             );
         }
         Ok(Pidfile {
@@ -99,11 +103,36 @@ impl Pidfile {
         })
     }
 
-    /// Writes `pid` to the pidfile atomically.
+    /// Writes `pid` to the pidfile atomically: a temporary created with `O_EXCL | O_NOFOLLOW`
+    /// (a stale one — a crashed master's, or a symlink someone planted — is unlinked, never
+    /// followed; we hold the lock, so no other master is writing it), then renamed over the
+    /// pidfile (which replaces a symlink there instead of following it).
     pub fn write(&self, pid: u32) -> Result<(), DaemonError> {
         let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
         let context = format!("cannot write the pidfile {}", self.path.display());
-        fs::write(&tmp, format!("{pid}\n")).map_err(io_err(context.clone()))?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(NO_FOLLOW)
+                .open(&tmp)
+        };
+        let mut file = match create() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                log::warn!("removing the stale {} (not following it)", tmp.display());
+                fs::remove_file(&tmp).map_err(io_err(format!(
+                    "{context}: cannot remove the stale {}",
+                    tmp.display()
+                )))?;
+                create().map_err(io_err(context.clone()))?
+            }
+            other => other.map_err(io_err(context.clone()))?,
+        };
+        if let Err(e) = file.write_all(format!("{pid}\n").as_bytes()) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(context)(e));
+        }
         fs::rename(&tmp, &self.path).map_err(io_err(context))
     }
 
@@ -113,6 +142,51 @@ impl Pidfile {
     pub fn remove(self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Flags for every file this module opens: never through a symlink at the final name.
+const NO_FOLLOW: i32 = nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK;
+
+/// A clear error for a symlink where jobhost writes a file.
+fn refuse_link(path: &Path, what: &str, e: io::Error) -> DaemonError {
+    if e.raw_os_error() == Some(nix::libc::ELOOP) {
+        DaemonError::Startup(format!(
+            "{what} {} is a symbolic link; jobhost never follows a link for a file it writes: remove it",
+            path.display()
+        ))
+    } else {
+        io_err(format!("cannot open {what} {}", path.display()))(e)
+    }
+}
+
+/// Refuses anything but a regular file (a FIFO, a device) where jobhost writes a file.
+fn regular(file: &File, path: &Path, what: &str) -> Result<(), DaemonError> {
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("cannot stat {what} {}", path.display())))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(DaemonError::Startup(format!(
+            "{what} {} is not a regular file: remove it",
+            path.display()
+        )))
+    }
+}
+
+/// The pid in a pidfile, read without following a symlink or blocking on a FIFO.
+fn read_pid(path: &Path) -> Option<String> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(NO_FOLLOW)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    (&mut file).take(64).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_string())
 }
 
 /// The daemon's end of the ready pipe: tells the waiting launcher how start-up ended.

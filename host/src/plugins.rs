@@ -1,9 +1,22 @@
 //! Plugin loading: private copies, the probe child, and the registry of loaded libraries.
 //!
 //! Owns the path from a user's `lib<name>.so` to an initialised [`PluginInstance`]:
-//! 1. **copy** the user's file, by content hash, to `runtime_dir/plugins/<name>-<hash>.so`
-//!    (written as `.tmp`, then renamed) — dlopen caches by path and a file overwritten in place
-//!    under a process that maps it crashes that process, so the user's file is never mapped;
+//! 0. **trust** ([`PluginFile::open`]): only code root or the master's own user controls runs
+//!    in the master (sshd's StrictModes). The file is opened once; the descriptor (`fstat`) and
+//!    every folder up the configured path and up the real path it resolved to must belong to
+//!    root or the master's euid and be writable by neither group nor others; the bytes used are
+//!    read from that descriptor, so a file renamed into place after the checks is never used.
+//!    `jobhost check`, start-up and reload all go through it;
+//! 1. **copy** the bytes, by content hash, to `runtime_dir/plugins/<name>-<hash>.so` — dlopen
+//!    caches by path and a file overwritten in place under a process that maps it crashes that
+//!    process, so the user's file is never mapped. The folder is the master's own (created
+//!    0700, or refused unless it is; emptied of earlier runs' copies at start), and a copy is
+//!    **always written afresh** (an `O_EXCL|O_NOFOLLOW` temporary, fsync, rename over the
+//!    name), never trusted because a file of that name exists. Written afresh rather than
+//!    re-hashed: the bytes are in hand already, and a re-hash by name followed by a dlopen by
+//!    name would be one more check-then-use. Renaming over a copy this process maps keeps the
+//!    mapped inode intact, and a dlopen of that path then returns the loaded build — the same
+//!    hash, so the same bytes;
 //! 2. **probe** the copy in a throw-away child: load, check the ABI, optionally `init` — a
 //!    truncated `.so` kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in
 //!    `init`, so only the child can take that risk;
@@ -11,13 +24,15 @@
 //!    `init` instances from it.
 //!
 //! It never loads into this process a file that has not passed a probe, never maps the user's
-//! file in place, and never runs a plugin's job code (`handle`, `run_once`): workers do that.
+//! file in place, never reads a plugin by name after checking it, never trusts a file in the
+//! runtime folder by its name, never follows a symlink at a file it writes, and never runs a
+//! plugin's job code (`handle`, `run_once`): workers do that.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -101,46 +116,242 @@ pub enum PluginError {
     NoExec { dir: PathBuf },
     #[error("refusing to load plugins: {what} {path} {why}, so someone else could replace the code jobhost runs; fix its owner and mode (chmod go-w), or set host.insecure_plugins_dir = true")]
     Untrusted {
+        what: String,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("refusing to use {what} {path}: it {why}; jobhost keeps its sockets, pidfile and private plugin copies there, so only the user it runs as may write it (chown it, chmod go-w it, or remove it and let jobhost create it)")]
+    UnsafeRuntime {
         what: &'static str,
         path: PathBuf,
         why: String,
     },
 }
 
-/// Refuses a plugin that a user other than its owner or root could have replaced (like sshd's
-/// StrictModes): the plugins dir and the plugin file must not be writable by group or others,
-/// and must belong to root or to the user jobhost runs as.
+/// Refuses a plugin that a user other than root or the master's own could have replaced (like
+/// sshd's StrictModes), by the same checks [`Registry::stage`] makes: see [`PluginFile::open`].
+/// `plugins_dir` is checked too when it is not the file's own folder.
 pub fn check_trusted(plugins_dir: &Path, file: &Path) -> Result<(), PluginError> {
-    use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
-    for (what, path) in [("plugins dir", plugins_dir), ("plugin", file)] {
-        let meta = fs::metadata(path).map_err(|source| PluginError::Unreadable {
+    if file.parent() != Some(plugins_dir) {
+        check_dir_chain(plugins_dir, "plugins dir", &[])?;
+    }
+    PluginFile::open(file, true).map(|_| ())
+}
+
+/// A user's plugin file, opened once. What is hashed, copied or probed is read from this
+/// descriptor, never from the name again, so a file renamed into place after the checks is
+/// never the one used.
+pub struct PluginFile {
+    /// The open descriptor, checked (unless the checks were off).
+    pub file: fs::File,
+    /// The path the config names.
+    pub path: PathBuf,
+}
+
+impl PluginFile {
+    /// Opens `path` (following symlinks) and, with `check`, refuses it unless:
+    /// - the open descriptor (`fstat`) is a regular file owned by root or the master's euid,
+    ///   writable by neither group nor others;
+    /// - every folder on the configured path, and every folder on the real path of the open
+    ///   file (where its symlinks lead), belongs to root or the master's euid and is writable
+    ///   by neither group nor others. A world-writable folder with the sticky bit (`/tmp`) is
+    ///   accepted only on the way to an entry in it that belongs to root or the master's euid
+    ///   (the sticky bit keeps everyone else from renaming or removing that entry); it is
+    ///   refused as the folder that holds the plugin, where anyone may create files.
+    ///
+    /// Without `check` (`host.insecure_plugins_dir = true`) it only opens the file.
+    pub fn open(path: &Path, check: bool) -> Result<PluginFile, PluginError> {
+        let abs = absolute(path)?;
+        if check {
+            check_dir_chain(&abs, "plugin", &[])?;
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            // A FIFO planted at the path must not block the master: it is refused below.
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| PluginError::Unreadable {
+                path: path.to_owned(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| PluginError::Unreadable {
             path: path.to_owned(),
             source,
         })?;
-        let mode = meta.mode() & 0o7777;
-        let why = if mode & 0o022 != 0 {
-            let who = if mode & 0o002 != 0 {
-                "everyone"
-            } else {
-                "its group"
-            };
-            format!("is writable by {who} (mode {mode:04o})")
-        } else if meta.uid() != 0 && meta.uid() != me {
+        if !meta.is_file() {
+            return Err(PluginError::Untrusted {
+                what: "plugin".into(),
+                path: path.to_owned(),
+                why: "is not a regular file".into(),
+            });
+        }
+        if check {
+            use std::os::unix::fs::MetadataExt;
+            let me = nix::unistd::geteuid().as_raw();
+            if let Some(why) = distrust(meta.mode(), meta.uid(), me, false) {
+                return Err(PluginError::Untrusted {
+                    what: "plugin".into(),
+                    path: path.to_owned(),
+                    why,
+                });
+            }
+            // Where the open file really is: the kernel's name for this descriptor, and the
+            // configured name resolved now. Both must lead to this very file, through folders
+            // nobody else can change.
+            let by_fd = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+            let canonical = fs::canonicalize(path).map_err(|source| PluginError::Unreadable {
+                path: path.to_owned(),
+                source,
+            })?;
+            let mut reals = vec![canonical];
+            if let Some(by_fd) = by_fd.filter(|p| *p != reals[0]) {
+                reals.push(by_fd);
+            }
+            for real in &reals {
+                // The folders first: when someone else can write one, that is the reason.
+                if *real != abs {
+                    check_dir_chain(real, "symlink target", &[("the plugin", path)])?;
+                }
+                let same = fs::metadata(real)
+                    .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
+                if !same {
+                    return Err(PluginError::Untrusted {
+                        what: "plugin".into(),
+                        path: path.to_owned(),
+                        why: format!(
+                            "was replaced while it was being checked (it resolved to {})",
+                            real.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(PluginFile {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Reads the whole file from the open descriptor.
+    pub fn read_all(&mut self) -> Result<Vec<u8>, PluginError> {
+        let mut bytes = Vec::new();
+        self.file
+            .read_to_end(&mut bytes)
+            .map_err(|source| PluginError::Unreadable {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(bytes)
+    }
+
+    /// A name for the open descriptor that a probe child (forked, so it holds the same
+    /// descriptor) can dlopen: the opened file itself, whatever happened to its name since.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// Makes an error about [`PluginFile::fd_path`] name the configured path instead.
+    pub fn rename(&self, e: PluginError) -> PluginError {
+        rename_path(e, &self.fd_path(), &self.path)
+    }
+}
+
+/// `path` made absolute against the current folder (without resolving symlinks).
+fn absolute(path: &Path) -> Result<PathBuf, PluginError> {
+    std::path::absolute(path).map_err(|source| PluginError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Checks every folder above `leaf` (an absolute path), from `/` down: each must belong to
+/// root or the master's euid and be writable by neither group nor others (a sticky
+/// world-writable folder: see [`PluginFile::open`]). `leaf_what` names what `leaf` is (for a
+/// "plugin", its folder is the "plugins dir"); `via` says which configured path led
+/// there, for an error about a symlink's target.
+fn check_dir_chain(leaf: &Path, leaf_what: &str, via: &[(&str, &Path)]) -> Result<(), PluginError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let leaf = absolute(leaf)?;
+    let mut chain: Vec<&Path> = leaf.ancestors().skip(1).collect();
+    chain.reverse();
+    let suffix = via
+        .iter()
+        .map(|(what, p)| {
             format!(
-                "belongs to uid {}, neither root nor the user jobhost runs as (uid {me})",
-                meta.uid()
+                " (on the way to {what} {}, a symlink to {})",
+                p.display(),
+                leaf.display()
             )
+        })
+        .collect::<String>();
+    for (i, dir) in chain.iter().enumerate() {
+        let next: &Path = chain.get(i + 1).copied().unwrap_or(&leaf);
+        let is_parent = i + 1 == chain.len();
+        let what = if is_parent && leaf_what == "plugin" {
+            "plugins dir".to_string()
         } else {
+            "folder".to_string()
+        };
+        let refuse = |why: String| PluginError::Untrusted {
+            what: what.clone(),
+            path: dir.to_path_buf(),
+            why: format!("{why}{suffix}"),
+        };
+        let meta = fs::metadata(dir).map_err(|source| PluginError::Unreadable {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(refuse("is not a folder".into()));
+        }
+        let Some(why) = distrust(meta.mode(), meta.uid(), me, true) else {
             continue;
         };
-        return Err(PluginError::Untrusted {
-            what,
-            path: path.to_owned(),
-            why,
-        });
+        let sticky = meta.mode() & 0o1000 != 0;
+        if sticky && !is_parent && trusted_owner(meta.uid(), me) {
+            // Like /tmp: others may create entries here but not rename or remove ours.
+            let entry = fs::symlink_metadata(next).map_err(|source| PluginError::Unreadable {
+                path: next.to_path_buf(),
+                source,
+            })?;
+            if trusted_owner(entry.uid(), me) {
+                continue;
+            }
+            return Err(refuse(format!(
+                "{why}, and {} in it belongs to uid {}, neither root nor the user jobhost runs as (uid {me})",
+                next.display(),
+                entry.uid()
+            )));
+        }
+        return Err(refuse(why));
     }
     Ok(())
+}
+
+fn trusted_owner(uid: u32, me: u32) -> bool {
+    uid == 0 || uid == me
+}
+
+/// Why a file or folder with this mode and owner is not to be trusted, or `None`.
+fn distrust(mode: u32, uid: u32, me: u32, is_dir: bool) -> Option<String> {
+    let mode = mode & 0o7777;
+    if mode & 0o002 != 0 {
+        return Some(if is_dir && mode & 0o1000 != 0 {
+            format!("is writable by everyone (mode {mode:04o}; its sticky bit still lets anyone create files in it, and sshd refuses such a folder too)")
+        } else {
+            format!("is writable by everyone (mode {mode:04o})")
+        });
+    }
+    if mode & 0o020 != 0 {
+        return Some(format!("is writable by its group (mode {mode:04o})"));
+    }
+    if !trusted_owner(uid, me) {
+        return Some(format!(
+            "belongs to uid {uid}, neither root nor the user jobhost runs as (uid {me})"
+        ));
+    }
+    None
 }
 
 /// How far the probe child got; names the step a crash or hang happened in.
@@ -296,37 +507,120 @@ impl Staged {
 pub struct Registry {
     private_dir: PathBuf,
     loaded: HashMap<ContentHash, Loaded>,
+    /// `host.insecure_plugins_dir`: skip the ownership and mode checks of plugin files.
+    insecure: bool,
+    /// Names this process's temporary files apart.
+    next_tmp: u64,
 }
 
 impl Registry {
-    /// A registry whose private copies live in `private_dir` (created, mode 0700).
-    pub fn new(private_dir: &Path) -> Result<Registry, PluginError> {
-        fs::create_dir_all(private_dir).map_err(|source| PluginError::Io {
-            context: format!(
-                "cannot create the private plugin folder {}",
-                private_dir.display()
-            ),
+    /// The registry of a master whose runtime folder is `runtime_dir`; private copies live in
+    /// `runtime_dir/plugins`. Both folders are the master's own: created by it (`runtime_dir`
+    /// mode 0755, `plugins` 0700), or, if they exist, refused unless they belong to the
+    /// master's euid and are writable by neither group nor others (`plugins` must not be a
+    /// symlink). Every file already in `plugins` is a copy from an earlier run, never trusted:
+    /// it is removed. `insecure` is `host.insecure_plugins_dir` (see [`Registry::stage`]).
+    pub fn open(runtime_dir: &Path, insecure: bool) -> Result<Registry, PluginError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(runtime_dir)
+            .map_err(|source| PluginError::Io {
+                context: format!("cannot create runtime_dir {}", runtime_dir.display()),
+                source,
+            })?;
+        let meta = fs::metadata(runtime_dir).map_err(|source| PluginError::Io {
+            context: format!("cannot stat runtime_dir {}", runtime_dir.display()),
             source,
         })?;
-        fs::set_permissions(private_dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
-            PluginError::Io {
-                context: format!("cannot set permissions of {}", private_dir.display()),
-                source,
-            }
-        })?;
-        // Libraries are mapped executable from here: on a noexec mount every load would fail
-        // with a message about the plugin ("failed to map segment"), not about the mount.
-        if let Ok(stat) = nix::sys::statvfs::statvfs(private_dir) {
-            if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
-                return Err(PluginError::NoExec {
-                    dir: private_dir.to_owned(),
-                });
+        own_folder("runtime_dir", runtime_dir, &meta)?;
+        let mut registry = Registry::new(&runtime_dir.join("plugins"))?;
+        registry.insecure = insecure;
+        Ok(registry)
+    }
+
+    /// A registry whose private copies live in `private_dir` (the master's
+    /// `runtime_dir/plugins`), with every check on: the folder is created (mode 0700, its
+    /// parents 0755) or refused unless it is the master's own, and emptied of earlier copies.
+    /// [`Registry::open`] checks `runtime_dir` too.
+    pub fn new(private_dir: &Path) -> Result<Registry, PluginError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let private_dir = private_dir.to_owned();
+        if let Some(parent) = private_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|source| PluginError::Io {
+                    context: format!("cannot create {}", parent.display()),
+                    source,
+                })?;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&private_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(PluginError::Io {
+                    context: format!(
+                        "cannot create the private plugin folder {}",
+                        private_dir.display()
+                    ),
+                    source,
+                })
             }
         }
+        // Checked (and tightened to 0700) through a descriptor opened without following a
+        // symlink, so the folder checked is the folder used.
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&private_dir)
+            .map_err(|source| {
+                let symlink = source.raw_os_error() == Some(nix::libc::ELOOP)
+                    || source.raw_os_error() == Some(nix::libc::ENOTDIR);
+                if symlink {
+                    PluginError::UnsafeRuntime {
+                        what: "the private plugin folder",
+                        path: private_dir.clone(),
+                        why: "is not a folder (a symlink or a file); jobhost follows no symlink there".into(),
+                    }
+                } else {
+                    PluginError::Io {
+                        context: format!("cannot open {}", private_dir.display()),
+                        source,
+                    }
+                }
+            })?;
+        let meta = dir.metadata().map_err(|source| PluginError::Io {
+            context: format!("cannot stat {}", private_dir.display()),
+            source,
+        })?;
+        own_folder("the private plugin folder", &private_dir, &meta)?;
+        dir.set_permissions(fs::Permissions::from_mode(0o700))
+            .map_err(|source| PluginError::Io {
+                context: format!("cannot set permissions of {}", private_dir.display()),
+                source,
+            })?;
+        // Libraries are mapped executable from here: on a noexec mount every load would fail
+        // with a message about the plugin ("failed to map segment"), not about the mount.
+        if let Ok(stat) = nix::sys::statvfs::fstatvfs(&dir) {
+            if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC) {
+                return Err(PluginError::NoExec { dir: private_dir });
+            }
+        }
+        remove_earlier_copies(&private_dir);
         Ok(Registry {
-            private_dir: private_dir.to_owned(),
+            private_dir,
             loaded: HashMap::new(),
+            insecure: false,
+            next_tmp: 0,
         })
+    }
+
+    /// Follows a reload's `host.insecure_plugins_dir`.
+    pub fn set_insecure(&mut self, insecure: bool) {
+        self.insecure = insecure;
     }
 
     /// Loads the current content of `source`: copies it privately, probes the copy in a child
@@ -346,21 +640,16 @@ impl Registry {
         self.commit(&staged)
     }
 
-    /// The first step of loading, cheap and safe: reads `source`, hashes it, and makes sure
-    /// its private copy exists. The copy must pass a probe before [`Registry::commit`].
+    /// The first step of loading, cheap and safe: opens `source` once and checks it (unless
+    /// `host.insecure_plugins_dir`; see [`PluginFile::open`]), hashes the bytes read from that
+    /// descriptor, and writes them afresh as the private copy. The copy must pass a probe
+    /// before [`Registry::commit`].
     pub fn stage(&mut self, source: &Path) -> Result<Staged, PluginError> {
-        let bytes = fs::read(source).map_err(|e| PluginError::Unreadable {
-            path: source.to_owned(),
-            source: e,
-        })?;
+        let bytes = PluginFile::open(source, !self.insecure)?.read_all()?;
         let hash = ContentHash::of(&bytes);
         let loaded = self.loaded.get(&hash).cloned();
-        let private = match &loaded {
-            // Already mapped; its private copy may have been deleted when nothing used it, but
-            // a probe and new workers' bookkeeping need the file: write it again.
-            Some(l) if l.private.exists() => l.private.clone(),
-            _ => write_private_copy(&self.private_dir, source, &bytes, &hash)?,
-        };
+        self.next_tmp += 1;
+        let private = write_private_copy(&self.private_dir, source, &bytes, &hash, self.next_tmp)?;
         if let Some(l) = self.loaded.get_mut(&hash) {
             l.private = private.clone();
         }
@@ -412,13 +701,16 @@ impl Registry {
     }
 }
 
-/// Copies a plugin's bytes to `dir/<name>-<hash>.so` (via `.tmp` and a rename), unless that
-/// file is already there: same name means same content.
+/// Writes a plugin's bytes to `dir/<name>-<hash>.so`, always afresh: a temporary file created
+/// with `O_EXCL | O_NOFOLLOW` (so nothing planted at its name is followed or reused), written,
+/// fsynced, then renamed over the final name. Renaming over a copy this process maps is safe:
+/// the mapped inode stays as it was (writing into it would crash whoever maps it).
 fn write_private_copy(
     dir: &Path,
     source: &Path,
     bytes: &[u8],
     hash: &ContentHash,
+    seq: u64,
 ) -> Result<PathBuf, PluginError> {
     let stem = source
         .file_name()
@@ -427,26 +719,96 @@ fn write_private_copy(
         .map(|n| n.strip_prefix("lib").unwrap_or(n))
         .unwrap_or("plugin");
     let private = dir.join(format!("{stem}-{}.so", hash.short()));
-    if private.exists() {
-        // Same name means same content hash: a copy from an earlier load or run.
-        return Ok(private);
-    }
-    let tmp = dir.join(format!("{stem}-{}.so.tmp", hash.short()));
+    let tmp = dir.join(format!(
+        ".{stem}-{}.so.{}.{seq}.tmp",
+        hash.short(),
+        std::process::id()
+    ));
     let io = |source| PluginError::Io {
         context: format!("cannot write private plugin copy {}", tmp.display()),
         source,
     };
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o700)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&tmp, &private).map_err(io)?;
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&tmp)
+    };
+    let mut file = match open() {
+        // Left by a crash of a process with this pid: remove the name itself (never
+        // following it), then create it anew.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp).map_err(io)?;
+            open().map_err(io)?
+        }
+        other => other.map_err(io)?,
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, &private));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     Ok(private)
+}
+
+/// Removes every entry of the private folder at start: copies (and temporaries) of earlier
+/// runs, which nothing vouches for. Unlinking never follows a symlink.
+fn remove_earlier_copies(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) => log::warn!(
+                "cannot remove {} left by an earlier run: {e}",
+                path.display()
+            ),
+        }
+    }
+    if removed > 0 {
+        log::info!(
+            "removed {removed} private plugin cop{} left by an earlier run in {}",
+            if removed == 1 { "y" } else { "ies" },
+            dir.display()
+        );
+    }
+}
+
+/// Refuses a runtime folder the master does not own alone.
+fn own_folder(what: &'static str, path: &Path, meta: &fs::Metadata) -> Result<(), PluginError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    let why = if !meta.is_dir() {
+        "is not a folder".to_string()
+    } else if meta.uid() != me {
+        format!(
+            "belongs to uid {}, not to the user jobhost runs as (uid {me})",
+            meta.uid()
+        )
+    } else if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 {
+            "everyone"
+        } else {
+            "its group"
+        };
+        format!("is writable by {who} (mode {mode:04o})")
+    } else {
+        return Ok(());
+    };
+    Err(PluginError::UnsafeRuntime {
+        what,
+        path: path.to_owned(),
+        why,
+    })
 }
 
 /// Replaces `from` by `to` in an error's path, so messages name the file the user knows.
@@ -470,7 +832,7 @@ fn rename_path(mut error: PluginError, from: &Path, to: &Path) -> PluginError {
                 *path = to.to_owned();
             }
         }
-        Io { .. } | NoExec { .. } => {}
+        Io { .. } | NoExec { .. } | UnsafeRuntime { .. } => {}
     }
     error
 }
@@ -971,6 +1333,201 @@ mod tests {
              (the plugin's types come from plugin-api 0.1.9)"
         );
         assert_eq!(summarize_abi_error("no\nverdict here"), "no verdict here");
+    }
+
+    use std::os::unix::fs::{symlink, MetadataExt};
+
+    fn chmod(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A folder with a plugin file in it, under a fresh tempdir.
+    fn world() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        fs::create_dir(&plugins).unwrap();
+        chmod(&plugins, 0o755);
+        fs::write(plugins.join("libx.so"), b"x").unwrap();
+        chmod(&plugins.join("libx.so"), 0o644);
+        (dir, plugins)
+    }
+
+    fn refusal(path: &Path) -> (String, PathBuf, String) {
+        match PluginFile::open(path, true) {
+            Err(PluginError::Untrusted { what, path, why }) => (what, path, why),
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("{} was accepted", path.display()),
+        }
+    }
+
+    #[test]
+    fn distrust_names_the_reason() {
+        assert_eq!(distrust(0o40755, 0, 1000, true), None);
+        assert_eq!(distrust(0o40755, 1000, 1000, true), None);
+        assert!(distrust(0o40777, 0, 0, true)
+            .unwrap()
+            .contains("everyone (mode 0777)"));
+        assert!(distrust(0o41777, 0, 0, true)
+            .unwrap()
+            .contains("sticky bit"));
+        assert!(distrust(0o40775, 0, 0, true)
+            .unwrap()
+            .contains("its group (mode 0775)"));
+        assert!(distrust(0o100644, 65534, 0, false)
+            .unwrap()
+            .contains("uid 65534"));
+    }
+
+    #[test]
+    fn a_trusted_plugin_opens_and_reads_from_its_descriptor() {
+        let (_dir, plugins) = world();
+        let mut file = PluginFile::open(&plugins.join("libx.so"), true).unwrap();
+        // Replaced by name after the open: the descriptor still reads what was checked.
+        fs::write(plugins.join("evil"), b"evil").unwrap();
+        fs::rename(plugins.join("evil"), plugins.join("libx.so")).unwrap();
+        assert_eq!(file.read_all().unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_world_or_group_writable_plugins_dir_is_refused() {
+        let (_dir, plugins) = world();
+        chmod(&plugins, 0o777);
+        let (what, path, why) = refusal(&plugins.join("libx.so"));
+        assert_eq!(
+            (what.as_str(), path.as_path()),
+            ("plugins dir", plugins.as_path())
+        );
+        assert!(why.contains("writable by everyone (mode 0777)"), "{why}");
+        chmod(&plugins, 0o775);
+        assert!(refusal(&plugins.join("libx.so")).2.contains("its group"));
+        // Insecure mode opens it anyway.
+        assert!(PluginFile::open(&plugins.join("libx.so"), false).is_ok());
+    }
+
+    #[test]
+    fn a_farther_writable_folder_is_refused_and_named() {
+        let (dir, plugins) = world();
+        chmod(dir.path(), 0o777);
+        let (what, path, _) = refusal(&plugins.join("libx.so"));
+        assert_eq!((what.as_str(), path.as_path()), ("folder", dir.path()));
+    }
+
+    #[test]
+    fn a_sticky_folder_holding_the_plugin_is_refused_but_one_further_up_is_not() {
+        let (_dir, plugins) = world();
+        chmod(&plugins, 0o1777);
+        let (_, path, why) = refusal(&plugins.join("libx.so"));
+        assert_eq!(path, plugins);
+        assert!(
+            why.contains("sticky bit still lets anyone create files"),
+            "{why}"
+        );
+        // Like /tmp above a private tempdir: nobody else can rename our entry in it.
+        chmod(&plugins, 0o755);
+        let (dir, plugins) = world();
+        chmod(dir.path(), 0o1777);
+        assert!(PluginFile::open(&plugins.join("libx.so"), true).is_ok());
+        if nix::unistd::geteuid().is_root() {
+            // ... unless that entry belongs to someone else.
+            std::os::unix::fs::chown(&plugins, Some(65534), None).unwrap();
+            let (_, path, why) = refusal(&plugins.join("libx.so"));
+            assert_eq!(path, dir.path());
+            assert!(why.contains("belongs to uid 65534"), "{why}");
+        }
+        chmod(dir.path(), 0o700);
+    }
+
+    #[test]
+    fn a_symlink_is_checked_where_it_leads() {
+        let (dir, plugins) = world();
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::write(open.join("real.so"), b"r").unwrap();
+        chmod(&open.join("real.so"), 0o644);
+        chmod(&open, 0o777);
+        symlink(open.join("real.so"), plugins.join("liblink.so")).unwrap();
+        let (what, path, why) = refusal(&plugins.join("liblink.so"));
+        assert_eq!((what.as_str(), path.as_path()), ("folder", open.as_path()));
+        assert!(why.contains("writable by everyone"), "{why}");
+        assert!(why.contains("a symlink to"), "{why}");
+        chmod(&open, 0o755);
+        let mut file = PluginFile::open(&plugins.join("liblink.so"), true).unwrap();
+        assert_eq!(file.read_all().unwrap(), b"r");
+    }
+
+    #[test]
+    fn a_writable_or_foreign_file_or_a_fifo_is_refused() {
+        let (_dir, plugins) = world();
+        let file = plugins.join("libx.so");
+        chmod(&file, 0o666);
+        assert!(refusal(&file).2.contains("everyone"));
+        chmod(&file, 0o644);
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+            let (what, path, why) = refusal(&file);
+            assert_eq!((what.as_str(), path), ("plugin", file.clone()));
+            assert!(why.contains("uid 65534"), "{why}");
+        }
+        let fifo = plugins.join("libfifo.so");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert!(refusal(&fifo).2.contains("not a regular file"));
+    }
+
+    #[test]
+    fn the_runtime_folders_must_be_the_masters_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        Registry::open(&run, false).unwrap();
+        assert_eq!(
+            fs::metadata(run.join("plugins")).unwrap().mode() & 0o777,
+            0o700
+        );
+        chmod(&run, 0o777);
+        let e = Registry::open(&run, false).err().unwrap().to_string();
+        assert!(
+            e.contains("refusing to use runtime_dir") && e.contains("everyone"),
+            "{e}"
+        );
+        chmod(&run, 0o755);
+        chmod(&run.join("plugins"), 0o770);
+        let e = Registry::open(&run, false).err().unwrap().to_string();
+        assert!(
+            e.contains("private plugin folder") && e.contains("its group"),
+            "{e}"
+        );
+        fs::remove_dir(run.join("plugins")).unwrap();
+        fs::create_dir(dir.path().join("elsewhere")).unwrap();
+        symlink(dir.path().join("elsewhere"), run.join("plugins")).unwrap();
+        let e = Registry::open(&run, false).err().unwrap().to_string();
+        assert!(e.contains("jobhost follows no symlink there"), "{e}");
+    }
+
+    #[test]
+    fn copies_of_earlier_runs_are_removed_and_copies_are_written_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        fs::create_dir_all(run.join("plugins")).unwrap();
+        chmod(&run.join("plugins"), 0o700);
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"victim").unwrap();
+        fs::write(run.join("plugins/stale-0123456789abcdef.so"), b"garbage").unwrap();
+        symlink(&victim, run.join("plugins/link.so")).unwrap();
+        let mut registry = Registry::open(&run, false).unwrap();
+        assert_eq!(fs::read_dir(run.join("plugins")).unwrap().count(), 0);
+        assert_eq!(fs::read(&victim).unwrap(), b"victim");
+        // Garbage under the very name of a build, and a symlink at its temporary's name: the
+        // copy is written afresh, and the link is not followed.
+        let plugins = dir.path().join("plugins");
+        fs::create_dir(&plugins).unwrap();
+        chmod(&plugins, 0o755);
+        fs::write(plugins.join("libx.so"), b"real bytes").unwrap();
+        let hash = ContentHash::of(b"real bytes").short();
+        fs::write(run.join(format!("plugins/x-{hash}.so")), b"garbage").unwrap();
+        let tmp = format!(".x-{hash}.so.{}.1.tmp", std::process::id());
+        symlink(&victim, run.join("plugins").join(tmp)).unwrap();
+        let staged = registry.stage(&plugins.join("libx.so")).unwrap();
+        assert_eq!(fs::read(&staged.private).unwrap(), b"real bytes");
+        assert_eq!(fs::read(&victim).unwrap(), b"victim");
     }
 
     #[test]

@@ -19,3 +19,4 @@ mod resources;
 mod shutdown;
 mod submit_command;
 mod supervision;
+mod trust;

@@ -279,13 +279,10 @@ impl Master {
     /// Everything before the loop: plugins loaded and initialised, sockets bound, signals
     /// routed. An error here is a start-up error: nothing was forked.
     pub fn start(config: Config) -> Result<Master, MasterError> {
-        let runtime = &config.host.runtime_dir;
-        std::fs::create_dir_all(runtime).map_err(|source| MasterError::Os {
-            context: format!("cannot create runtime_dir {}", runtime.display()),
-            source,
-        })?;
+        // Created by the master, or refused unless only the master's user can write it.
+        let mut registry =
+            Registry::open(&config.host.runtime_dir, config.host.insecure_plugins_dir)?;
         raise_fd_limit();
-        let mut registry = Registry::new(&runtime.join("plugins"))?;
         let identity = crate::daemon::Identity::resolve(
             config.host.user.as_deref(),
             config.host.group.as_deref(),
