@@ -94,8 +94,23 @@ impl Log for HostLogger {
     }
 }
 
+/// Opens the log file for appending, never through a symbolic link: the master may run as
+/// root, and a link planted at the log's path must not make it append to (or create) a file
+/// of the link's choosing.
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => io::Error::new(
+                e.kind(),
+                format!("{} is a symbolic link; jobhost never follows a link for a file it writes", path.display()),
+            ),
+            _ => e,
+        })
 }
 
 /// Installs the logger (once per process; later calls only change the level) writing to

@@ -385,3 +385,18 @@ fn a_symlink_at_the_pidfiles_temporary_does_not_overwrite_its_target() {
     assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
     assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn a_symlink_at_the_log_files_path_is_refused_and_its_target_untouched() {
+    let env = Env::new();
+    env.install("echo");
+    let victim = env.path().join("victim");
+    fs::write(&victim, "precious\n").unwrap();
+    symlink(&victim, env.path().join("master.log")).unwrap();
+    let config = env.config(
+        &config_with("[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 1\n")
+            .replace("[host]\n", "[host]\nlog = \"master.log\"\n"),
+    );
+    run_refused(&env, config.to_str().unwrap(), "is a symbolic link");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+}

@@ -472,6 +472,10 @@ impl Master {
                 old.host.runtime_dir != new.host.runtime_dir,
             ),
             ("host.log", old.host.log != new.host.log),
+            (
+                "host.insecure_plugins_dir",
+                old.host.insecure_plugins_dir != new.host.insecure_plugins_dir,
+            ),
             ("host.user", old.host.user != new.host.user),
             ("host.group", old.host.group != new.host.group),
         ];
