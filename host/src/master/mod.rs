@@ -200,7 +200,10 @@ impl Worker {
 
     /// Its running job is past `timeout` and nobody has acted on that yet.
     fn past_job_timeout(&self, now: Instant, timeout: Option<Duration>) -> bool {
-        let judged = self.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout);
+        let judged = self
+            .kill
+            .as_ref()
+            .is_some_and(|k| k.reason == KillReason::Timeout);
         match (self.head_started, timeout) {
             (Some(started), Some(timeout)) if !judged && self.violation.is_none() => {
                 now.saturating_duration_since(started) >= timeout
@@ -596,13 +599,19 @@ impl Master {
             Ending::KilledOnTimeout(_) => worker.overdue,
             Ending::BootFailed => None,
             // The head ran if the worker had it whole.
-            e if e.is_crash() => worker.in_flight.front().copied().filter(|k| worker.holds(*k)),
+            e if e.is_crash() => worker
+                .in_flight
+                .front()
+                .copied()
+                .filter(|k| worker.holds(*k)),
             _ => None,
         };
         let mut jobs = std::mem::take(&mut worker.in_flight);
         // A crash while running a job that already took another worker down is that job's
         // doing, not a sign the pool cannot start: it uses up the job's attempts only.
-        let job_to_blame = ran.and_then(|key| self.jobs.get(&key)).map(|j| (j.failures > 0, j.blamed_crash));
+        let job_to_blame = ran
+            .and_then(|key| self.jobs.get(&key))
+            .map(|j| (j.failures > 0, j.blamed_crash));
         if let Some(key) = ran {
             jobs.retain(|k| *k != key);
         }
@@ -632,7 +641,9 @@ impl Master {
                 log::info!("pool {name} stopped by its plugin; `restart` it to start it again");
             }
             e if e.is_crash() && job_to_blame => {
-                log::info!("pool {name}: the crash is its job's (it crashed a worker before); no back-off");
+                log::info!(
+                    "pool {name}: the crash is its job's (it crashed a worker before); no back-off"
+                );
             }
             // A worker that had finished jobs died of a job (or of an outside kill): replace it
             // at once.
@@ -797,7 +808,10 @@ impl Master {
                 .saturating_add(times as usize)
                 .min(crate::admin::MAX_WORKERS.max(before));
             let capped = if pool.wanted < before.saturating_add(times as usize) {
-                format!(" (capped: a pool has at most {})", crate::admin::MAX_WORKERS)
+                format!(
+                    " (capped: a pool has at most {})",
+                    crate::admin::MAX_WORKERS
+                )
             } else {
                 String::new()
             };
@@ -1045,6 +1059,9 @@ impl Master {
                 None => Err(format!("unknown pool {pool:?}")),
                 Some(&idx) if self.pools[idx].config.mode == PoolMode::Loop => Err(format!(
                     "pool {pool:?} is a loop-mode pool; it takes no jobs"
+                )),
+                Some(&idx) if self.pools[idx].config.redis.is_some() => Err(format!(
+                    "pool {pool:?} is fed from Redis; XADD to its stream instead"
                 )),
                 Some(&idx) if payload.len() as u64 > self.config.server.max_payload => {
                     let _ = idx;
@@ -1689,7 +1706,10 @@ fn classify(status: WaitStatus, w: &Worker, pool: &PoolConfig, lived: Duration) 
             note: "",
         };
     }
-    if w.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout) {
+    if w.kill
+        .as_ref()
+        .is_some_and(|k| k.reason == KillReason::Timeout)
+    {
         return Ending::KilledOnTimeout(pool.job_timeout.unwrap_or_default());
     }
     match status {
@@ -1878,25 +1898,48 @@ mod tests {
         let ok = |s, done, p: &PoolConfig, lived| check_leaving(s, done, p, lived);
         assert_eq!(ok(said(0, 3), 3, &jobs, HOUR), Ok(Ending::Stopped));
         assert_eq!(
-            ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 10), 10, &jobs, HOUR),
+            ok(
+                said(code(WorkerExit::Recycled(Limit::MaxJobs)), 10),
+                10,
+                &jobs,
+                HOUR
+            ),
             Ok(Ending::Recycled(Limit::MaxJobs))
         );
         // max_jobs claimed after 3 jobs of 10; max_lifetime claimed after a minute of an hour.
-        assert!(ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 3), 3, &jobs, HOUR).is_err());
+        assert!(ok(
+            said(code(WorkerExit::Recycled(Limit::MaxJobs)), 3),
+            3,
+            &jobs,
+            HOUR
+        )
+        .is_err());
         let minute = Duration::from_secs(60);
         assert!(ok(said(201, 3), 3, &jobs, minute).is_err());
-        assert_eq!(ok(said(201, 3), 3, &jobs, HOUR), Ok(Ending::Recycled(Limit::MaxLifetime)));
-        assert_eq!(ok(said(202, 0), 0, &jobs, minute), Ok(Ending::Recycled(Limit::MaxRss)));
+        assert_eq!(
+            ok(said(201, 3), 3, &jobs, HOUR),
+            Ok(Ending::Recycled(Limit::MaxLifetime))
+        );
+        assert_eq!(
+            ok(said(202, 0), 0, &jobs, minute),
+            Ok(Ending::Recycled(Limit::MaxRss))
+        );
         // Loop mode's Stop in a jobs pool; the master "gone" while it reads; a job count off.
         assert!(ok(said(203, 0), 0, &jobs, minute).is_err());
         assert!(ok(said(205, 0), 0, &jobs, minute).is_err());
         assert!(ok(said(0, 4), 3, &jobs, minute).is_err());
         assert!(ok(said(42, 0), 0, &jobs, minute).is_err());
-        assert!(ok(said(204, 1), 1, &jobs, minute).is_err(), "boot failed after a job");
+        assert!(
+            ok(said(204, 1), 1, &jobs, minute).is_err(),
+            "boot failed after a job"
+        );
         assert_eq!(ok(said(204, 0), 0, &jobs, minute), Ok(Ending::BootFailed));
         let bare = pool("");
         assert!(ok(said(202, 0), 0, &bare, HOUR).is_err(), "max_rss unset");
         let looping = pool("mode = \"loop\"\n");
-        assert_eq!(ok(said(203, 0), 0, &looping, minute), Ok(Ending::PluginStopped));
+        assert_eq!(
+            ok(said(203, 0), 0, &looping, minute),
+            Ok(Ending::PluginStopped)
+        );
     }
 }
