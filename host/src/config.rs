@@ -1917,7 +1917,7 @@ max_jobs = 0
     fn unknown_key_in_a_pool() {
         let env = Env::new();
         let text = format!("{POOL}\n[[pool]]\nname = \"h\"\nplugin = \"hash\"\n  workrs = 2\n");
-        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings (did you mean workers?)");
+        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis (did you mean workers?)");
         assert_eq!(e.key(), Some("pool[1].workrs"));
         // The message from the brief's e2e test: line 8, column 1.
         let host = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";

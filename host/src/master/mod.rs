@@ -185,6 +185,8 @@ struct Worker {
     /// The job that ran past job_timeout: answered as timed out (or retried) once the worker is
     /// gone, whatever outcome it may still send for it.
     overdue: Option<u64>,
+    /// A redis pool: the ended workers it was given to take over (handed on if it dies too).
+    inherited: Vec<worker::redis::Predecessor>,
 }
 
 impl Worker {
@@ -570,6 +572,12 @@ impl Master {
         if let Some(epoll) = &self.epoll {
             let _ = epoll.delete(worker.channel.as_fd());
         }
+        if self.pools[worker.pool].config.redis.is_some() {
+            // Its entries never pass through the master: only the worker can count them.
+            if let Some(said) = worker.leaving {
+                worker.jobs_done = said.jobs_done;
+            }
+        }
         let ending = classify(
             status,
             &worker,
@@ -635,6 +643,19 @@ impl Master {
         // its first result, unless the job it ran is to blame.
         let unasked_early = worker.jobs_done == 0 && worker.kill.is_none();
         let pool = &mut self.pools[pool_idx];
+        if pool.config.redis.is_some() {
+            // Its pending entries (and those it was still to take over) go to the next worker.
+            let why = match &ending {
+                Ending::Crashed { how, .. } => format!("worker {how}"),
+                Ending::KilledOnTimeout(t) => format!("job timed out after {t:?}"),
+                other => format!("worker {}", other.describe()),
+            };
+            pool.predecessors.append(&mut worker.inherited);
+            pool.predecessors.push(worker::redis::Predecessor {
+                consumer: worker::redis::consumer_name(&name, pid.as_raw() as u32),
+                why,
+            });
+        }
         match &ending {
             Ending::PluginStopped => {
                 pool.stopped = true;
@@ -1391,14 +1412,18 @@ impl Master {
             .map_err(os("sigprocmask"))?;
         // SAFETY: the master has one thread; the child only runs `become_worker`, which never
         // returns into the master's code.
+        let handed = std::mem::take(&mut self.pools[idx].predecessors);
         let forked = unsafe { fork() };
         if let Ok(ForkResult::Parent { .. }) | Err(_) = forked {
             let _ = mask.thread_set_mask();
         }
+        if forked.is_err() {
+            self.pools[idx].predecessors = handed.clone();
+        }
         match forked.map_err(os("fork"))? {
             ForkResult::Child => {
                 drop(ours);
-                self.become_worker(idx, theirs, mask)
+                self.become_worker(idx, theirs, mask, handed)
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
@@ -1444,6 +1469,7 @@ impl Master {
                         leaving: None,
                         violation: None,
                         overdue: None,
+                        inherited: handed,
                     },
                 );
                 Ok(())
@@ -1458,6 +1484,7 @@ impl Master {
         idx: usize,
         channel: OwnedFd,
         sigmask: nix::sys::signal::SigSet,
+        predecessors: Vec<worker::redis::Predecessor>,
     ) -> ! {
         if let Some(signals) = self.signals.take() {
             signals.reset_in_child();
@@ -1484,6 +1511,7 @@ impl Master {
             master: self.pid,
             sigmask,
             identity: self.identity.clone(),
+            predecessors,
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),
