@@ -403,3 +403,130 @@ fn a_wrong_url_is_a_clear_config_error() {
         .assert_code(1)
         .assert_stderr_has("pool[0].redis.url: \"localhost:6379\" is not a Redis address");
 }
+
+#[test]
+fn check_says_whether_redis_answers_and_the_group_exists() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("echo");
+    let redis = Redis::at(&env);
+    env.config(&pool("echo", 1, &redis, "", ""));
+    env.jobhost(&["check", "-c", "jobhost.toml"])
+        .assert_code(0)
+        .assert_stdout_has("does not answer");
+    let redis = redis.start();
+    env.jobhost(&["check", "-c", "jobhost.toml"])
+        .assert_code(0)
+        .assert_stdout_has("answers; no stream jobs yet");
+    redis.cli(&["XGROUP", "CREATE", "jobs", "jobhost", "$", "MKSTREAM"]);
+    env.jobhost(&["check", "-c", "jobhost.toml"])
+        .assert_code(0)
+        .assert_stdout_has("answers; group jobhost on stream jobs exists");
+}
+
+#[test]
+fn redis_restarted_empty_under_load_gets_its_group_back_and_every_job_is_done() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("echo");
+    let redis = Redis::at(&env).start();
+    let master = env.start_master(&pool("echo", 2, &redis, "", ""));
+    let workers = master.wait_for_workers(2);
+    master.wait_for_log("redis: created group", SOON);
+    for i in 0..20 {
+        redis.cli(&[
+            "XADD",
+            "jobs",
+            "*",
+            "payload",
+            "a",
+            "id",
+            &format!("a{i}"),
+            "reply_to",
+            "r",
+        ]);
+    }
+    wait_until("first results", SOON, || redis.xlen("r") == 20);
+    let mut redis = redis;
+    redis.stop();
+    master.wait_for_log("redis: cannot reach", SOON);
+    let redis = Redis::at(&env).start(); // empty: no persistence
+    master.wait_for_log(
+        "was missing (Redis came back empty?); created it again",
+        SOON,
+    );
+    for i in 0..20 {
+        redis.cli(&[
+            "XADD",
+            "jobs",
+            "*",
+            "payload",
+            "b",
+            "id",
+            &format!("b{i}"),
+            "reply_to",
+            "r",
+        ]);
+    }
+    wait_until("every result after the restart", SOON, || {
+        redis.xlen("r") == 20
+    });
+    let counts = counts(&redis.entries("r"));
+    assert!(
+        (0..20).all(|i| counts.get(&format!("b{i}")) == Some(&1)),
+        "{counts:?}"
+    );
+    assert_eq!(
+        master.workers(),
+        workers,
+        "the workers waited, none crashed"
+    );
+}
+
+#[test]
+fn a_reload_under_load_fails_nothing_and_answers_each_entry_once() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("sleep");
+    let redis = Redis::at(&env).start();
+    let master = env.start_master(&pool("sleep", 2, &redis, "", ""));
+    let old = master.wait_for_workers(2);
+    master.wait_for_log("redis: created group", SOON);
+    let n = 30;
+    for i in 0..n {
+        redis.cli(&[
+            "XADD",
+            "jobs",
+            "*",
+            "payload",
+            "50",
+            "id",
+            &format!("j{i}"),
+            "reply_to",
+            "r",
+        ]);
+    }
+    wait_until("some done", SOON, || redis.xlen("r") >= 5);
+    // A changed setting makes every worker a new one.
+    env.config(&pool("sleep", 2, &redis, "max_jobs = 1000", ""));
+    master.signal(Signal::SIGHUP);
+    wait_until("new workers", SOON, || {
+        let now = master.workers();
+        now.len() == 2 && now.iter().all(|p| !old.contains(p))
+    });
+    wait_until("every result", SOON, || redis.xlen("r") >= n);
+    std::thread::sleep(Duration::from_millis(300));
+    let results = redis.entries("r");
+    let counts = counts(&results);
+    assert!(
+        (0..n).all(|i| counts.get(&format!("j{i}")) == Some(&1)),
+        "{results:?}"
+    );
+    assert!(results.iter().all(|r| r["status"] == "ok"), "{results:?}");
+}
