@@ -318,6 +318,13 @@ impl RedisSource {
             }
             self.ready.push_back(entry);
         }
+        // Run the first entry read before the batch loop looks at signals again: a stop that
+        // came during the read then never leaves a read entry pending (with batch = 1, none;
+        // with more, the rest wait for the successor's takeover).
+        if let Some(entry) = self.ready.pop_front() {
+            self.run(plugin, entry)?;
+            return Ok(Some(Next::Worked));
+        }
         Ok(Some(Next::Idle(Wake {
             timeout: Some(Duration::ZERO),
         })))
