@@ -90,6 +90,36 @@ pub fn run(cli: Cli) -> CliResult {
     }
 }
 
+/// Connects to a redis pool's server (from this CLI process, never the master) and says
+/// whether it answers and whether the group exists. Not reaching it is a warning, not a config
+/// error: the workers wait for it with back-off.
+fn redis_check(redis: &crate::config::RedisConfig) -> String {
+    use crate::worker::redis as source;
+    let mut conn = match source::open(redis) {
+        Ok(conn) => conn,
+        Err(e) => {
+            return format!(
+                "warn redis {}: does not answer: {e} (workers will retry until it does)",
+                redis.shown_url
+            )
+        }
+    };
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let group = match source::group_exists(&mut conn, redis) {
+        Ok(Some(true)) => format!("group {} on stream {} exists", redis.group, redis.stream),
+        Ok(Some(false)) => format!(
+            "stream {} has no group {} yet (the workers create it)",
+            redis.stream, redis.group
+        ),
+        Ok(None) => format!(
+            "no stream {} yet (the workers create it with group {})",
+            redis.stream, redis.group
+        ),
+        Err(e) => format!("cannot look at stream {}: {e}", redis.stream),
+    };
+    format!("ok   redis {} answers; {group}", redis.shown_url)
+}
+
 /// `jobhost check -c FILE`: one line per pool, exit 0; or the first error, exit 1.
 fn check(path: &Path) -> CliResult {
     let config = Config::load(path)?;
@@ -132,6 +162,9 @@ fn check(path: &Path) -> CliResult {
             if pool.workers == 1 { "" } else { "s" },
             file.display(),
         );
+        if let Some(redis) = &pool.redis {
+            println!("    {}", redis_check(redis));
+        }
     }
     println!(
         "{}: {} pool(s), config ok",

@@ -154,9 +154,39 @@ pub struct PoolConfig {
     pub failing_retry: Duration,
     /// `[pool.settings]`, handed to the plugin's `init` (default empty).
     pub settings: toml::Table,
+    /// `source = "redis"`: the `[pool.redis]` table. `None`: the pool is fed from the job
+    /// socket (`source = "socket"`, the default).
+    pub redis: Option<RedisConfig>,
     /// 1-based line of this pool's `name`, for later error messages.
     pub line: usize,
 }
+
+/// `[pool.redis]`: where a `source = "redis"` pool takes its entries from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// What the `redis` crate is given: `redis://…`, `redis+unix://…` or `unix://…` (a plain
+    /// socket path in the file becomes `unix://PATH`). May hold a password: never log it.
+    pub url: String,
+    /// `url` with any password replaced by `***`: for logs and messages.
+    pub shown_url: String,
+    /// From `password_file` (its first line); overrides a password in the URL.
+    pub password: Option<String>,
+    pub stream: String,
+    /// Default `"jobhost"`.
+    pub group: String,
+    /// Pending entries idle this long are taken over by any worker (their consumer's master
+    /// died). Default max(2 × batch × job_timeout, 60s); always more than batch × job_timeout.
+    pub claim_idle: Duration,
+    /// Default `<stream>:dead`.
+    pub dead_letter: String,
+    /// Where results go for entries without `reply_to`; `None`: they are only acked.
+    pub results: Option<String>,
+    /// Entries per XREADGROUP (default 1, 1..=1000).
+    pub batch: usize,
+}
+
+/// The margin `claim_idle` must leave beyond the longest a worker may hold an entry.
+pub const CLAIM_IDLE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why a config file was refused. Each displays as one line:
 /// `FILE:LINE:COL: KEY: MESSAGE` (`KEY: ` left out when there is none), or `FILE: MESSAGE`
@@ -484,6 +514,28 @@ struct RawPool {
     crash_window: Option<Dur>,
     failing_retry: Option<Dur>,
     settings: Option<Spanned<toml::Table>>,
+    source: Option<Spanned<RawSource>>,
+    redis: Option<Spanned<RawRedis>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawSource {
+    Socket,
+    Redis,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table ([pool.redis])")]
+struct RawRedis {
+    url: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    stream: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    claim_idle: Option<Spanned<Dur>>,
+    dead_letter: Option<Spanned<String>>,
+    results: Option<Spanned<String>>,
+    batch: Option<Spanned<Int>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -1116,7 +1168,7 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
     }
     let mut pools: Vec<PoolConfig> = Vec::with_capacity(raw.pool.len());
     for (i, p) in raw.pool.into_iter().enumerate() {
-        pools.push(build_pool(src, i, p, &pools, &host.plugins_dir)?);
+        pools.push(build_pool(src, i, p, &pools, &host.plugins_dir, base)?);
     }
 
     Ok(Config {
@@ -1134,6 +1186,7 @@ fn build_pool(
     p: RawPool,
     earlier: &[PoolConfig],
     plugins_dir: &Path,
+    base: &Path,
 ) -> Result<PoolConfig, ConfigError> {
     let key = |k: &str| format!("pool[{i}].{k}");
 
@@ -1228,17 +1281,55 @@ fn build_pool(
         Some(d) => d.into_inner().0,
     };
 
+    let mode = match p.mode {
+        None | Some(RawMode::Jobs) => PoolMode::Jobs,
+        Some(RawMode::Loop) => PoolMode::Loop,
+    };
+    let job_timeout = nonzero(p.job_timeout.map_or(Duration::from_secs(60), |d| d.0));
+    let source = p.source.as_ref().map(|s| (*s.get_ref(), s.span()));
+    let redis = match (source, p.redis) {
+        (None | Some((RawSource::Socket, _)), None) => None,
+        (None | Some((RawSource::Socket, _)), Some(r)) => {
+            return Err(src.error(
+                r.span(),
+                key("redis"),
+                "a [pool.redis] table needs source = \"redis\" in its pool",
+            ))
+        }
+        (Some((RawSource::Redis, span)), None) => {
+            return Err(src.error(
+                span,
+                key("source"),
+                "source = \"redis\" needs a [pool.redis] table with at least url and stream",
+            ))
+        }
+        (Some((RawSource::Redis, span)), Some(r)) => {
+            if mode == PoolMode::Loop {
+                return Err(src.error(
+                    span,
+                    key("source"),
+                    "a redis pool takes its work from the stream; mode = \"loop\" cannot go with it",
+                ));
+            }
+            let Some(job_timeout) = job_timeout else {
+                return Err(src.error(
+                    span,
+                    key("source"),
+                    "a redis pool needs a job_timeout (not 0): without one, no claim_idle is long enough to tell a dead consumer from a slow one",
+                ));
+            };
+            Some(build_redis(src, i, r, job_timeout, base)?)
+        }
+    };
+
     Ok(PoolConfig {
         name: p.name.into_inner(),
         plugin: p.plugin.into_inner(),
         workers,
-        mode: match p.mode {
-            None | Some(RawMode::Jobs) => PoolMode::Jobs,
-            Some(RawMode::Loop) => PoolMode::Loop,
-        },
+        mode,
         max_queue,
         max_attempts,
-        job_timeout: nonzero(p.job_timeout.map_or(Duration::from_secs(60), |d| d.0)),
+        job_timeout,
         idle_sleep,
         max_jobs: nonzero(max_jobs),
         max_lifetime: p.max_lifetime.and_then(|d| nonzero(d.0)),
@@ -1248,7 +1339,153 @@ fn build_pool(
         crash_window: p.crash_window.map_or(Duration::from_secs(60), |d| d.0),
         failing_retry: p.failing_retry.map_or(Duration::from_secs(30), |d| d.0),
         settings,
+        redis,
         line,
+    })
+}
+
+/// Stream, group and consumer names: printable, no spaces (they are shown in logs and typed
+/// into redis-cli).
+fn redis_name(
+    src: &Source,
+    value: Option<Spanned<String>>,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(v) = value else { return Ok(None) };
+    let name = v.get_ref();
+    if name.is_empty() {
+        return Err(src.error(v.span(), key, "must not be empty"));
+    }
+    if let Some(bad) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(src.error(
+            v.span(),
+            key,
+            format!("{name:?}: {bad:?} is not allowed in a Redis key or group name here"),
+        ));
+    }
+    Ok(Some(v.into_inner()))
+}
+
+/// `url` as the `redis` crate takes it, and as it may be shown (password hidden).
+fn redis_url(text: &str) -> Result<(String, String), String> {
+    let url = if text.starts_with('/') {
+        format!("unix://{text}")
+    } else if text.starts_with("redis://")
+        || text.starts_with("redis+unix://")
+        || text.starts_with("unix://")
+    {
+        text.to_string()
+    } else if text.starts_with("rediss://") {
+        return Err("TLS (rediss://) is not supported by this build".into());
+    } else {
+        return Err(format!(
+            "{text:?} is not a Redis address: use redis://HOST:PORT/DB, redis+unix:///PATH, unix:///PATH?db=N or an absolute socket path"
+        ));
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| format!("invalid Redis URL: {e}"))?;
+    let shown = match info.redis_settings().password() {
+        Some(password) if !password.is_empty() => url.replacen(password, "***", 1),
+        _ => url.clone(),
+    };
+    Ok((url, shown))
+}
+
+fn build_redis(
+    src: &Source,
+    i: usize,
+    r: Spanned<RawRedis>,
+    job_timeout: Duration,
+    base: &Path,
+) -> Result<RedisConfig, ConfigError> {
+    let key = |k: &str| format!("pool[{i}].redis.{k}");
+    let table_span = r.span();
+    let r = r.into_inner();
+    let Some(url_value) = r.url else {
+        return Err(src.error(table_span, key("url"), "required key is missing"));
+    };
+    let (url, shown_url) = redis_url(url_value.get_ref())
+        .map_err(|message| src.error(url_value.span(), key("url"), message))?;
+    let password = match r.password_file {
+        None => None,
+        Some(v) if v.get_ref().is_empty() => {
+            return Err(src.error(v.span(), key("password_file"), "must not be empty"))
+        }
+        Some(v) => {
+            let file = base.join(v.get_ref());
+            let text = fs::read_to_string(&file).map_err(|e| {
+                src.error(
+                    v.span(),
+                    key("password_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            if line.is_empty() {
+                return Err(src.error(
+                    v.span(),
+                    key("password_file"),
+                    format!(
+                        "{} is empty: its first line is the password",
+                        file.display()
+                    ),
+                ));
+            }
+            Some(line.to_string())
+        }
+    };
+    let Some(stream) = redis_name(src, r.stream, &key("stream"))? else {
+        return Err(src.error(table_span, key("stream"), "required key is missing"));
+    };
+    let group = redis_name(src, r.group, &key("group"))?.unwrap_or_else(|| "jobhost".into());
+    let dead_letter = redis_name(src, r.dead_letter, &key("dead_letter"))?
+        .unwrap_or_else(|| format!("{stream}:dead"));
+    if dead_letter == stream {
+        return Err(src.error(
+            table_span,
+            key("dead_letter"),
+            "must not be the stream itself (dead entries would be read again)",
+        ));
+    }
+    let results = redis_name(src, r.results, &key("results"))?;
+    if results.as_deref() == Some(stream.as_str()) {
+        return Err(src.error(
+            table_span,
+            key("results"),
+            "must not be the stream itself (results would be read as jobs)",
+        ));
+    }
+    let batch = int_in(src, r.batch, &key("batch"), 1, 1000, 1)? as usize;
+    // The longest a live worker may hold an entry: it may wait behind batch - 1 others, each
+    // running up to job_timeout, and then run up to job_timeout itself.
+    let longest_hold = job_timeout.saturating_mul(batch as u32);
+    let claim_idle = match r.claim_idle {
+        None => longest_hold.saturating_mul(2).max(Duration::from_secs(60)),
+        Some(v) => {
+            let d = v.get_ref().0;
+            if d <= longest_hold + CLAIM_IDLE_MARGIN {
+                return Err(src.error(
+                    v.span(),
+                    key("claim_idle"),
+                    format!(
+                        "{d:?} is too short: a live worker may hold an entry for batch × job_timeout = {batch} × {job_timeout:?} = {longest_hold:?}, and an entry idle for less than that may still be worked on; claiming it then would have two workers on one entry (make it more than {:?})",
+                        longest_hold + CLAIM_IDLE_MARGIN
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    Ok(RedisConfig {
+        url,
+        shown_url,
+        password,
+        stream,
+        group,
+        claim_idle,
+        dead_letter,
+        results,
+        batch,
     })
 }
 
@@ -1680,7 +1917,7 @@ max_jobs = 0
     fn unknown_key_in_a_pool() {
         let env = Env::new();
         let text = format!("{POOL}\n[[pool]]\nname = \"h\"\nplugin = \"hash\"\n  workrs = 2\n");
-        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings (did you mean workers?)");
+        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis (did you mean workers?)");
         assert_eq!(e.key(), Some("pool[1].workrs"));
         // The message from the brief's e2e test: line 8, column 1.
         let host = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";
@@ -2154,5 +2391,137 @@ max_jobs = 0
         assert_eq!(line_column("é = 1\nx", 3), (1, 3));
         assert_eq!(line_column("é = 1\nx", 1), (1, 1));
         assert_eq!(line_column("ab", 99), (1, 3));
+    }
+
+    const REDIS: &str =
+        "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nsource = \"redis\"\n[pool.redis]\n";
+
+    #[test]
+    fn redis_pool_defaults_and_every_key() {
+        let env = Env::new();
+        let c = env.ok(&format!(
+            "{POOL}{REDIS}url = \"/tmp/r.sock\"\nstream = \"jobs\"\n"
+        ));
+        assert!(
+            c.pools[0].redis.is_none(),
+            "a socket pool has no redis table"
+        );
+        let r = c.pools[1].redis.as_ref().expect("redis pool");
+        assert_eq!(r.url, "unix:///tmp/r.sock");
+        assert_eq!(r.stream, "jobs");
+        assert_eq!(r.group, "jobhost");
+        assert_eq!(r.dead_letter, "jobs:dead");
+        assert_eq!(r.results, None);
+        assert_eq!(r.batch, 1);
+        assert_eq!(r.password, None);
+        // max(2 × 1 × 60s, 60s)
+        assert_eq!(r.claim_idle, Duration::from_secs(120));
+
+        fs::write(env.dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let c = env.ok(&format!(
+            "{REDIS}url = \"redis://:urlpw@127.0.0.1:6380/2\"\npassword_file = \"pw\"\nstream = \"s\"\ngroup = \"g\"\nclaim_idle = \"15m\"\ndead_letter = \"dl\"\nresults = \"out\"\nbatch = 10\n"
+        ));
+        let r = c.pools[0].redis.as_ref().unwrap();
+        assert_eq!(r.url, "redis://:urlpw@127.0.0.1:6380/2");
+        assert_eq!(r.shown_url, "redis://:***@127.0.0.1:6380/2");
+        assert_eq!(r.password.as_deref(), Some("s3cret"));
+        assert_eq!((r.group.as_str(), r.dead_letter.as_str()), ("g", "dl"));
+        assert_eq!(r.results.as_deref(), Some("out"));
+        assert_eq!(r.batch, 10);
+        assert_eq!(r.claim_idle, Duration::from_secs(900));
+        // A default claim_idle follows the batch: 2 × 10 × 60s.
+        let c = env.ok(&format!(
+            "{REDIS}url = \"unix:///r.sock?db=3\"\nstream = \"s\"\nbatch = 10\n"
+        ));
+        assert_eq!(
+            c.pools[0].redis.as_ref().unwrap().claim_idle,
+            Duration::from_secs(1200)
+        );
+        assert_eq!(
+            c.pools[0].redis.as_ref().unwrap().url,
+            "unix:///r.sock?db=3"
+        );
+    }
+
+    #[test]
+    fn redis_pool_errors_name_line_and_key() {
+        let env = Env::new();
+        let e = env.err(
+            &format!("{REDIS}stream = \"s\"\n"),
+            5,
+            "pool[0].redis.url: required key is missing",
+        );
+        assert_eq!(e.key(), Some("pool[0].redis.url"));
+        env.err(
+            &format!("{REDIS}url = \"/r.sock\"\n"),
+            5,
+            "pool[0].redis.stream: required key",
+        );
+        env.err(
+            &format!("{REDIS}url = \"localhost:6379\"\nstream = \"s\"\n"),
+            6,
+            "pool[0].redis.url: \"localhost:6379\" is not a Redis address",
+        );
+        env.err(
+            &format!("{REDIS}url = \"redis://\"\nstream = \"s\"\n"),
+            6,
+            "pool[0].redis.url: invalid Redis URL",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"a b\"\n"),
+            7,
+            "pool[0].redis.stream: \"a b\"",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"s\"\nbatch = 0\n"),
+            8,
+            "pool[0].redis.batch: must be between 1 and 1000, got 0",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"s\"\nbatch = 1001\n"),
+            8,
+            "pool[0].redis.batch",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"s\"\nbogus = 1\n"),
+            8,
+            "pool[0].redis.bogus: unknown key",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"s\"\npassword_file = \"nope\"\n"),
+            8,
+            "pool[0].redis.password_file: cannot read",
+        );
+        env.err(
+            &format!("{REDIS}url = \"/r\"\nstream = \"s\"\nclaim_idle = \"bogus\"\n"),
+            8,
+            "pool[0].redis.claim_idle",
+        );
+        // claim_idle must exceed batch × job_timeout plus the margin.
+        let e = env.err(
+            &format!("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"30s\"\n"),
+            10,
+            "pool[0].redis.claim_idle: 30s is too short",
+        );
+        assert!(e.to_string().contains("two workers on one entry"), "{e}");
+        env.ok("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"32s\"\n");
+        // Pairings.
+        env.err(
+            "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nsource = \"redis\"\n",
+            4,
+            "pool[0].source: source = \"redis\" needs a [pool.redis] table",
+        );
+        env.err(
+            "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nsource = \"gearman\"\n",
+            4,
+            "pool[0].source",
+        );
+        env.err(
+            &format!("{POOL}[pool.redis]\nurl = \"/r\"\nstream = \"s\"\n"),
+            4,
+            "pool[0].redis: a [pool.redis] table needs source = \"redis\"",
+        );
+        env.err("[[pool]]\nname = \"q\"\nplugin = \"echo\"\nmode = \"loop\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\n", 5, "mode = \"loop\" cannot go with it");
+        env.err("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = 0\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\n", 5, "needs a job_timeout");
     }
 }

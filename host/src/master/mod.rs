@@ -185,6 +185,8 @@ struct Worker {
     /// The job that ran past job_timeout: answered as timed out (or retried) once the worker is
     /// gone, whatever outcome it may still send for it.
     overdue: Option<u64>,
+    /// A redis pool: the ended workers it was given to take over (handed on if it dies too).
+    inherited: Vec<worker::redis::Predecessor>,
 }
 
 impl Worker {
@@ -200,7 +202,10 @@ impl Worker {
 
     /// Its running job is past `timeout` and nobody has acted on that yet.
     fn past_job_timeout(&self, now: Instant, timeout: Option<Duration>) -> bool {
-        let judged = self.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout);
+        let judged = self
+            .kill
+            .as_ref()
+            .is_some_and(|k| k.reason == KillReason::Timeout);
         match (self.head_started, timeout) {
             (Some(started), Some(timeout)) if !judged && self.violation.is_none() => {
                 now.saturating_duration_since(started) >= timeout
@@ -564,6 +569,12 @@ impl Master {
         if let Some(epoll) = &self.epoll {
             let _ = epoll.delete(worker.channel.as_fd());
         }
+        if self.pools[worker.pool].config.redis.is_some() {
+            // Its entries never pass through the master: only the worker can count them.
+            if let Some(said) = worker.leaving {
+                worker.jobs_done = said.jobs_done;
+            }
+        }
         let ending = classify(
             status,
             &worker,
@@ -593,13 +604,19 @@ impl Master {
             Ending::KilledOnTimeout(_) => worker.overdue,
             Ending::BootFailed => None,
             // The head ran if the worker had it whole.
-            e if e.is_crash() => worker.in_flight.front().copied().filter(|k| worker.holds(*k)),
+            e if e.is_crash() => worker
+                .in_flight
+                .front()
+                .copied()
+                .filter(|k| worker.holds(*k)),
             _ => None,
         };
         let mut jobs = std::mem::take(&mut worker.in_flight);
         // A crash while running a job that already took another worker down is that job's
         // doing, not a sign the pool cannot start: it uses up the job's attempts only.
-        let job_to_blame = ran.and_then(|key| self.jobs.get(&key)).map(|j| (j.failures > 0, j.blamed_crash));
+        let job_to_blame = ran
+            .and_then(|key| self.jobs.get(&key))
+            .map(|j| (j.failures > 0, j.blamed_crash));
         if let Some(key) = ran {
             jobs.retain(|k| *k != key);
         }
@@ -623,13 +640,28 @@ impl Master {
         // its first result, unless the job it ran is to blame.
         let unasked_early = worker.jobs_done == 0 && worker.kill.is_none();
         let pool = &mut self.pools[pool_idx];
+        if pool.config.redis.is_some() {
+            // Its pending entries (and those it was still to take over) go to the next worker.
+            let why = match &ending {
+                Ending::Crashed { how, .. } => format!("worker {how}"),
+                Ending::KilledOnTimeout(t) => format!("job timed out after {t:?}"),
+                other => format!("worker {}", other.describe()),
+            };
+            pool.predecessors.append(&mut worker.inherited);
+            pool.predecessors.push(worker::redis::Predecessor {
+                consumer: worker::redis::consumer_name(&name, pid.as_raw() as u32),
+                why,
+            });
+        }
         match &ending {
             Ending::PluginStopped => {
                 pool.stopped = true;
                 log::info!("pool {name} stopped by its plugin; `restart` it to start it again");
             }
             e if e.is_crash() && job_to_blame => {
-                log::info!("pool {name}: the crash is its job's (it crashed a worker before); no back-off");
+                log::info!(
+                    "pool {name}: the crash is its job's (it crashed a worker before); no back-off"
+                );
             }
             // A worker that had finished jobs died of a job (or of an outside kill): replace it
             // at once.
@@ -794,7 +826,10 @@ impl Master {
                 .saturating_add(times as usize)
                 .min(crate::admin::MAX_WORKERS.max(before));
             let capped = if pool.wanted < before.saturating_add(times as usize) {
-                format!(" (capped: a pool has at most {})", crate::admin::MAX_WORKERS)
+                format!(
+                    " (capped: a pool has at most {})",
+                    crate::admin::MAX_WORKERS
+                )
             } else {
                 String::new()
             };
@@ -1042,6 +1077,9 @@ impl Master {
                 None => Err(format!("unknown pool {pool:?}")),
                 Some(&idx) if self.pools[idx].config.mode == PoolMode::Loop => Err(format!(
                     "pool {pool:?} is a loop-mode pool; it takes no jobs"
+                )),
+                Some(&idx) if self.pools[idx].config.redis.is_some() => Err(format!(
+                    "pool {pool:?} is fed from Redis; XADD to its stream instead"
                 )),
                 Some(&idx) if payload.len() as u64 > self.config.server.max_payload => {
                     let _ = idx;
@@ -1371,14 +1409,18 @@ impl Master {
             .map_err(os("sigprocmask"))?;
         // SAFETY: the master has one thread; the child only runs `become_worker`, which never
         // returns into the master's code.
+        let handed = std::mem::take(&mut self.pools[idx].predecessors);
         let forked = unsafe { fork() };
         if let Ok(ForkResult::Parent { .. }) | Err(_) = forked {
             let _ = mask.thread_set_mask();
         }
+        if forked.is_err() {
+            self.pools[idx].predecessors = handed.clone();
+        }
         match forked.map_err(os("fork"))? {
             ForkResult::Child => {
                 drop(ours);
-                self.become_worker(idx, theirs, mask)
+                self.become_worker(idx, theirs, mask, handed)
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
@@ -1424,6 +1466,7 @@ impl Master {
                         leaving: None,
                         violation: None,
                         overdue: None,
+                        inherited: handed,
                     },
                 );
                 Ok(())
@@ -1438,6 +1481,7 @@ impl Master {
         idx: usize,
         channel: OwnedFd,
         sigmask: nix::sys::signal::SigSet,
+        predecessors: Vec<worker::redis::Predecessor>,
     ) -> ! {
         if let Some(signals) = self.signals.take() {
             signals.reset_in_child();
@@ -1464,6 +1508,7 @@ impl Master {
             master: self.pid,
             sigmask,
             identity: self.identity.clone(),
+            predecessors,
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),
@@ -1686,7 +1731,10 @@ fn classify(status: WaitStatus, w: &Worker, pool: &PoolConfig, lived: Duration) 
             note: "",
         };
     }
-    if w.kill.as_ref().is_some_and(|k| k.reason == KillReason::Timeout) {
+    if w.kill
+        .as_ref()
+        .is_some_and(|k| k.reason == KillReason::Timeout)
+    {
         return Ending::KilledOnTimeout(pool.job_timeout.unwrap_or_default());
     }
     match status {
@@ -1875,25 +1923,48 @@ mod tests {
         let ok = |s, done, p: &PoolConfig, lived| check_leaving(s, done, p, lived);
         assert_eq!(ok(said(0, 3), 3, &jobs, HOUR), Ok(Ending::Stopped));
         assert_eq!(
-            ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 10), 10, &jobs, HOUR),
+            ok(
+                said(code(WorkerExit::Recycled(Limit::MaxJobs)), 10),
+                10,
+                &jobs,
+                HOUR
+            ),
             Ok(Ending::Recycled(Limit::MaxJobs))
         );
         // max_jobs claimed after 3 jobs of 10; max_lifetime claimed after a minute of an hour.
-        assert!(ok(said(code(WorkerExit::Recycled(Limit::MaxJobs)), 3), 3, &jobs, HOUR).is_err());
+        assert!(ok(
+            said(code(WorkerExit::Recycled(Limit::MaxJobs)), 3),
+            3,
+            &jobs,
+            HOUR
+        )
+        .is_err());
         let minute = Duration::from_secs(60);
         assert!(ok(said(201, 3), 3, &jobs, minute).is_err());
-        assert_eq!(ok(said(201, 3), 3, &jobs, HOUR), Ok(Ending::Recycled(Limit::MaxLifetime)));
-        assert_eq!(ok(said(202, 0), 0, &jobs, minute), Ok(Ending::Recycled(Limit::MaxRss)));
+        assert_eq!(
+            ok(said(201, 3), 3, &jobs, HOUR),
+            Ok(Ending::Recycled(Limit::MaxLifetime))
+        );
+        assert_eq!(
+            ok(said(202, 0), 0, &jobs, minute),
+            Ok(Ending::Recycled(Limit::MaxRss))
+        );
         // Loop mode's Stop in a jobs pool; the master "gone" while it reads; a job count off.
         assert!(ok(said(203, 0), 0, &jobs, minute).is_err());
         assert!(ok(said(205, 0), 0, &jobs, minute).is_err());
         assert!(ok(said(0, 4), 3, &jobs, minute).is_err());
         assert!(ok(said(42, 0), 0, &jobs, minute).is_err());
-        assert!(ok(said(204, 1), 1, &jobs, minute).is_err(), "boot failed after a job");
+        assert!(
+            ok(said(204, 1), 1, &jobs, minute).is_err(),
+            "boot failed after a job"
+        );
         assert_eq!(ok(said(204, 0), 0, &jobs, minute), Ok(Ending::BootFailed));
         let bare = pool("");
         assert!(ok(said(202, 0), 0, &bare, HOUR).is_err(), "max_rss unset");
         let looping = pool("mode = \"loop\"\n");
-        assert_eq!(ok(said(203, 0), 0, &looping, minute), Ok(Ending::PluginStopped));
+        assert_eq!(
+            ok(said(203, 0), 0, &looping, minute),
+            Ok(Ending::PluginStopped)
+        );
     }
 }

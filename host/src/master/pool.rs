@@ -75,6 +75,8 @@ pub struct Pool {
     pub backoff: Backoff,
     /// Recent job durations: how many jobs a worker is sent ahead.
     pub job_times: JobTimes,
+    /// A redis pool: ended workers whose pending entries the next worker forked takes over.
+    pub predecessors: Vec<crate::worker::redis::Predecessor>,
 }
 
 impl Pool {
@@ -101,6 +103,7 @@ impl Pool {
             stats: PoolStats::default(),
             stopped: false,
             job_times: JobTimes::default(),
+            predecessors: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@
 //! `_exit`), never touches the master's sockets (the master closed them in the child before
 //! calling [`run`]), and talks to the master only through its own socketpair.
 
+pub mod redis;
 mod source;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -114,6 +115,8 @@ pub struct Assignment {
     pub sigmask: nix::sys::signal::SigSet,
     /// host.user/host.group: dropped to before any plugin worker code runs.
     pub identity: Option<crate::daemon::Identity>,
+    /// A redis pool: ended workers whose pending entries this one takes over first.
+    pub predecessors: Vec<redis::Predecessor>,
 }
 
 /// The worker's own state, changed by signal callbacks between jobs.
@@ -211,9 +214,15 @@ fn setup(assignment: &Assignment) -> Result<SignalPipe, String> {
 /// Runs the plugin's worker side; returns why the worker leaves, once it told the master.
 fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPipe) -> WorkerExit {
     let pool = &assignment.pool;
-    let mut source: Box<dyn JobSource> = match pool.mode {
-        PoolMode::Jobs => Box::new(MasterSource::new(assignment.channel)),
-        PoolMode::Loop => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
+    let mut source: Box<dyn JobSource> = match (&pool.redis, pool.mode) {
+        (Some(cfg), _) => Box::new(redis::RedisSource::new(
+            assignment.channel,
+            pool,
+            cfg.clone(),
+            assignment.predecessors,
+        )),
+        (None, PoolMode::Jobs) => Box::new(MasterSource::new(assignment.channel)),
+        (None, PoolMode::Loop) => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
     };
     if let Err(message) = plugin.worker_start().into_result() {
         log::error!("worker_start failed: {message}");

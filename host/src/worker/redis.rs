@@ -1,0 +1,780 @@
+//! Redis Streams as a worker's job source: each worker of a `source = "redis"` pool is one
+//! consumer (`<hostname>:<pool>:<pid>`) of the pool's consumer group. It reads entries with
+//! XREADGROUP, runs the plugin on each, and writes the result (XADD to `reply_to` or the pool's
+//! `results`) together with the XACK in one MULTI/EXEC, so no entry is acked without its result
+//! and none is answered twice. Entries that cannot be run (no `payload`, or out of attempts)
+//! go to the dead-letter stream, acked in the same MULTI/EXEC.
+//!
+//! Takeover: the master hands a new worker the consumer names of the pool's ended workers and
+//! why they ended; it XCLAIMs their pending entries first (a kill -9 is retried at once, not
+//! after `claim_idle`), dead-letters those out of `max_attempts`, and deletes a predecessor
+//! from the group only once its pending list is empty. Entries idle past `claim_idle` (a whole
+//! host died) are XAUTOCLAIMed on start and every `claim_idle / 2` while idle.
+//!
+//! Waiting: the `redis` crate's blocking `Connection` neither exposes its socket (so it cannot
+//! be poll(2)ed together with the signal pipe) nor survives a reply that is not read within
+//! its read timeout (it then skips the next reply as the late one). So an idle worker sends
+//! `XREADGROUP … BLOCK 100` again and again, with the worker's signals blocked during each
+//! (with SO_RCVTIMEO set, a signal would make recv(2) fail with EINTR even under SA_RESTART);
+//! they are delivered right after it, so SIGTERM/SIGUSR1 are acted on within ~100 ms. Redis
+//! sees only blocking reads, ten a second per idle worker (~0 CPU on both sides); entries
+//! are taken the moment they arrive. Entries XAUTOCLAIMed past `claim_idle` are looked for
+//! on start and every `claim_idle / 2` while idle, not per job.
+//!
+//! Outages: a lost or refused connection is retried with capped exponential back-off
+//! (100 ms → 5 s), logged once when it starts and once when it ends; signals are still
+//! handled while waiting. A group missing after a reconnect (Redis came back empty) is
+//! recreated, and the log says so.
+//!
+//! Never connects in the master (only in the worker, after fork), never trims streams, never
+//! logs a password (only `shown_url`).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use jobhost_plugin_api::abi_stable::std_types::{RResult, RSlice};
+use jobhost_plugin_api::PluginInstance;
+use redis::{Connection, Value};
+
+use super::source::{JobSource, Next, Wake};
+use crate::config::{PoolConfig, RedisConfig};
+
+/// A dead predecessor handed over by the master: its consumer name and why it ended.
+#[derive(Debug, Clone)]
+pub struct Predecessor {
+    pub consumer: String,
+    pub why: String,
+}
+
+/// How long one slice of waiting for a blocking read lasts (the signal latency).
+const SLICE: Duration = Duration::from_millis(100);
+/// Read timeout for ordinary commands.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Pending entries looked at per XPENDING / XAUTOCLAIM call.
+const CLAIM_COUNT: usize = 100;
+
+/// The consumer name of worker `pid` of `pool` on this host.
+pub fn consumer_name(pool: &str, pid: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{pool}:{pid}")
+}
+
+/// One stream entry: its id and its fields, as sent (binary-safe).
+#[derive(Debug, Clone)]
+struct Entry {
+    id: String,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Entry {
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RedisFault {
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply to {0}: {1}")]
+    Reply(&'static str, String),
+}
+
+impl RedisFault {
+    /// The group or stream went away (Redis restarted empty, or someone deleted them).
+    fn no_group(&self) -> bool {
+        match self {
+            RedisFault::Redis(e) => e.code() == Some("NOGROUP"),
+            RedisFault::Reply(_, text) => text.contains("NOGROUP"),
+        }
+    }
+}
+
+type Fault<T> = Result<T, RedisFault>;
+
+/// An outage in progress: since when, and when to try again.
+struct Outage {
+    since: Instant,
+    next_try: Instant,
+    delay: Duration,
+}
+
+/// A result computed but not yet written (the connection broke): written first on reconnect.
+struct Unsent {
+    entry: Entry,
+    ok: bool,
+    body: Vec<u8>,
+}
+
+pub struct RedisSource {
+    channel: OwnedFd,
+    cfg: RedisConfig,
+    max_attempts: u32,
+    consumer: String,
+    conn: Option<Connection>,
+    /// A blocking XREADGROUP has been sent and its reply not read yet.
+    reading: bool,
+    /// Read this consumer's own pending entries (id 0) before new ones: after a reconnect,
+    /// a reply lost on the way may have delivered entries this worker never saw.
+    own_history: bool,
+    /// Entries delivered to this consumer, not run yet; the front is next.
+    ready: VecDeque<Entry>,
+    takeover: VecDeque<Predecessor>,
+    unsent: Option<Unsent>,
+    outage: Option<Outage>,
+    connected_once: bool,
+    next_autoclaim: Instant,
+}
+
+impl RedisSource {
+    pub fn new(
+        channel: OwnedFd,
+        pool: &PoolConfig,
+        cfg: RedisConfig,
+        takeover: Vec<Predecessor>,
+    ) -> RedisSource {
+        let consumer = consumer_name(&pool.name, std::process::id());
+        log::debug!(
+            "redis consumer {consumer} of group {} on {}",
+            cfg.group,
+            cfg.stream
+        );
+        RedisSource {
+            channel,
+            cfg,
+            max_attempts: pool.max_attempts,
+            consumer,
+            conn: None,
+            reading: false,
+            own_history: true,
+            ready: VecDeque::new(),
+            takeover: takeover.into(),
+            unsent: None,
+            outage: None,
+            connected_once: false,
+            next_autoclaim: Instant::now(),
+        }
+    }
+
+    fn connect(&mut self) -> Fault<()> {
+        let mut conn = open(&self.cfg)?;
+        conn.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let created = ensure_group(&mut conn, &self.cfg)?;
+        if created && self.connected_once {
+            log::warn!(
+                "redis: group {} on stream {} was missing (Redis came back empty?); created it again",
+                self.cfg.group,
+                self.cfg.stream
+            );
+        } else if created {
+            log::info!(
+                "redis: created group {} on stream {}",
+                self.cfg.group,
+                self.cfg.stream
+            );
+        }
+        if let Some(outage) = self.outage.take() {
+            log::warn!(
+                "redis: reconnected to {} after {:.1?}",
+                self.cfg.shown_url,
+                outage.since.elapsed()
+            );
+        }
+        self.connected_once = true;
+        self.conn = Some(conn);
+        self.reading = false;
+        // What was delivered before is in this consumer's pending list: read it from there.
+        self.ready.clear();
+        self.own_history = true;
+        Ok(())
+    }
+
+    /// The connection failed: drop it, start (or go on with) the outage back-off.
+    fn lost(&mut self, fault: &RedisFault) {
+        self.conn = None;
+        self.reading = false;
+        let now = Instant::now();
+        match &mut self.outage {
+            None => {
+                log::warn!(
+                    "redis: cannot reach {}: {fault}; retrying",
+                    self.cfg.shown_url
+                );
+                self.outage = Some(Outage {
+                    since: now,
+                    next_try: now + BACKOFF_FIRST,
+                    delay: BACKOFF_FIRST,
+                });
+            }
+            Some(outage) => {
+                log::debug!("redis: still cannot reach {}: {fault}", self.cfg.shown_url);
+                outage.delay = (outage.delay * 2).min(BACKOFF_CAP);
+                outage.next_try = now + outage.delay;
+            }
+        }
+    }
+
+    /// One step with a live connection. `Ok(None)`: nothing to run right now, wait a slice.
+    fn step(&mut self, plugin: &mut PluginInstance) -> Fault<Option<Next>> {
+        if let Some(unsent) = self.unsent.take() {
+            let conn = self.conn.as_mut().ok_or_else(gone)?;
+            if let Err(e) = answer(conn, &self.cfg, &unsent.entry, unsent.ok, &unsent.body) {
+                self.unsent = Some(unsent);
+                return Err(e);
+            }
+        }
+        if !self.reading {
+            if let Some(predecessor) = self.takeover.front().cloned() {
+                let conn = self.conn.as_mut().ok_or_else(gone)?;
+                let (claimed, done) = take_over(
+                    conn,
+                    &self.cfg,
+                    &self.consumer,
+                    &predecessor,
+                    self.max_attempts,
+                )?;
+                if done {
+                    self.takeover.pop_front();
+                }
+                // Retries go first: they waited longest.
+                for entry in claimed.into_iter().rev() {
+                    self.ready.push_front(entry);
+                }
+            }
+        }
+        if let Some(entry) = self.ready.pop_front() {
+            self.run(plugin, entry)?;
+            return Ok(Some(Next::Worked));
+        }
+        if !self.takeover.is_empty() {
+            return Ok(Some(Next::Idle(Wake {
+                timeout: Some(Duration::ZERO),
+            })));
+        }
+        let conn = self.conn.as_mut().ok_or_else(gone)?;
+        let mut cmd = redis::cmd("XREADGROUP");
+        {
+            let now = Instant::now();
+            if now >= self.next_autoclaim && !self.own_history {
+                self.next_autoclaim = now + self.cfg.claim_idle / 2;
+                let claimed = autoclaim(conn, &self.cfg, &self.consumer, self.max_attempts)?;
+                if !claimed.is_empty() {
+                    self.ready.extend(claimed);
+                    return Ok(Some(Next::Idle(Wake {
+                        timeout: Some(Duration::ZERO),
+                    })));
+                }
+            }
+            cmd.arg("GROUP")
+                .arg(&self.cfg.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(self.cfg.batch);
+            if !self.own_history {
+                cmd.arg("BLOCK").arg(SLICE.as_millis() as u64);
+            }
+            cmd.arg("STREAMS")
+                .arg(&self.cfg.stream)
+                .arg(if self.own_history { "0" } else { ">" });
+        }
+        // With SO_RCVTIMEO set, a signal makes recv(2) fail with EINTR even under SA_RESTART
+        // (signal(7)), which would break the connection: the worker's signals are held for
+        // the read (at most one BLOCK slice) and delivered right after it.
+        let held = hold_signals();
+        let reply: redis::RedisResult<Value> = cmd.query(conn);
+        if let Some(old) = held {
+            let _ = old.thread_set_mask();
+        }
+        let value = reply?;
+        if let Value::ServerError(e) = &value {
+            return Err(redis::RedisError::from(e.clone()).into());
+        }
+        let entries = read_reply(value)?;
+        if self.own_history && entries.is_empty() {
+            self.own_history = false;
+        }
+        let history = self.own_history;
+        for entry in entries {
+            if history && entry.fields.is_empty() {
+                // Deleted from the stream while pending here: nothing to run; ack it.
+                let _: Value = redis::cmd("XACK")
+                    .arg(&self.cfg.stream)
+                    .arg(&self.cfg.group)
+                    .arg(&entry.id)
+                    .query(conn)?;
+                continue;
+            }
+            self.ready.push_back(entry);
+        }
+        // Run the first entry read before the batch loop looks at signals again: a stop that
+        // came during the read then never leaves a read entry pending (with batch = 1, none;
+        // with more, the rest wait for the successor's takeover).
+        if let Some(entry) = self.ready.pop_front() {
+            self.run(plugin, entry)?;
+            return Ok(Some(Next::Worked));
+        }
+        Ok(Some(Next::Idle(Wake {
+            timeout: Some(Duration::ZERO),
+        })))
+    }
+
+    fn run(&mut self, plugin: &mut PluginInstance, entry: Entry) -> Fault<()> {
+        let conn = self.conn.as_mut().ok_or_else(gone)?;
+        let Some(payload) = entry.field("payload") else {
+            return dead_letter(
+                conn,
+                &self.cfg,
+                &entry,
+                "the entry has no payload field",
+                false,
+            );
+        };
+        let (ok, body) = match plugin.handle(RSlice::from_slice(payload)) {
+            RResult::ROk(result) => (true, result.to_vec()),
+            RResult::RErr(message) => (false, message.as_bytes().to_vec()),
+        };
+        if let Err(e) = answer(conn, &self.cfg, &entry, ok, &body) {
+            self.unsent = Some(Unsent { entry, ok, body });
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// Blocks the worker's signals; returns the mask to restore.
+fn hold_signals() -> Option<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ] {
+        set.add(signal);
+    }
+    let mut old = SigSet::empty();
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)).ok()?;
+    Some(old)
+}
+
+fn gone() -> RedisFault {
+    RedisFault::Reply("(none)", "not connected".into())
+}
+
+/// Connects (with the password from `password_file`, if any, over the URL's).
+pub fn open(cfg: &RedisConfig) -> Result<Connection, redis::RedisError> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
+    if let Some(password) = &cfg.password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info)?.get_connection_with_timeout(CONNECT_TIMEOUT)
+}
+
+/// XGROUP CREATE … $ MKSTREAM. Ok(true): it was created; Ok(false): it was there.
+pub fn ensure_group(conn: &mut Connection, cfg: &RedisConfig) -> Result<bool, redis::RedisError> {
+    let result: redis::RedisResult<Value> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(conn);
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the group exists (for `jobhost check`): `Ok(None)` when the stream does not.
+pub fn group_exists(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+) -> Result<Option<bool>, redis::RedisError> {
+    let exists: i64 = redis::cmd("EXISTS").arg(&cfg.stream).query(conn)?;
+    if exists == 0 {
+        return Ok(None);
+    }
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&cfg.stream)
+        .query(conn)?;
+    let Value::Array(groups) = groups else {
+        return Ok(Some(false));
+    };
+    Ok(Some(groups.iter().any(|g| {
+        let pairs: Vec<&Value> = match g {
+            Value::Array(items) => items.iter().collect(),
+            _ => return false,
+        };
+        pairs.chunks(2).any(|kv| {
+            kv.len() == 2
+                && bytes(kv[0]).as_deref() == Some(b"name".as_slice())
+                && bytes(kv[1]).as_deref() == Some(cfg.group.as_bytes())
+        })
+    })))
+}
+
+fn bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.as_bytes().to_vec()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other).and_then(|t| t.parse().ok()),
+    }
+}
+
+/// `[id, [field, value, …] | nil]` → an entry (no fields for a deleted one).
+fn parse_entry(v: &Value) -> Option<Entry> {
+    let Value::Array(parts) = v else { return None };
+    let id = text(parts.first()?)?;
+    let fields = match parts.get(1) {
+        Some(Value::Array(kv)) => kv
+            .chunks(2)
+            .filter_map(|c| Some((bytes(c.first()?)?, bytes(c.get(1)?)?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Entry { id, fields })
+}
+
+fn parse_entries(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// XREADGROUP's reply: nil, or `[[stream, [entry, …]]]`.
+fn read_reply(v: Value) -> Fault<Vec<Entry>> {
+    match &v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(streams) => Ok(streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(pair) => pair.get(1).map(parse_entries),
+                _ => None,
+            })
+            .flatten()
+            .collect()),
+        Value::Map(streams) => Ok(streams.iter().flat_map(|(_, e)| parse_entries(e)).collect()),
+        other => Err(RedisFault::Reply("XREADGROUP", format!("{other:?}"))),
+    }
+}
+
+/// Where an entry's result goes: its `reply_to`, else the pool's `results`, else nowhere.
+fn reply_target(cfg: &RedisConfig, entry: &Entry) -> Option<Vec<u8>> {
+    match entry.field("reply_to") {
+        Some(to) if !to.is_empty() => Some(to.to_vec()),
+        _ => cfg.results.as_ref().map(|r| r.as_bytes().to_vec()),
+    }
+}
+
+fn add_result(pipe: &mut redis::Pipeline, target: &[u8], entry: &Entry, ok: bool, body: &[u8]) {
+    let id: &[u8] = entry.field("id").unwrap_or(entry.id.as_bytes());
+    pipe.cmd("XADD")
+        .arg(target)
+        .arg("*")
+        .arg("id")
+        .arg(id)
+        .arg("status")
+        .arg(if ok { "ok" } else { "failed" })
+        .arg("body")
+        .arg(body)
+        .ignore();
+}
+
+fn exec(conn: &mut Connection, pipe: &redis::Pipeline) -> Fault<()> {
+    pipe.query::<()>(conn)?;
+    Ok(())
+}
+
+/// The result and the XACK, in one MULTI/EXEC.
+fn answer(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    entry: &Entry,
+    ok: bool,
+    body: &[u8],
+) -> Fault<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if let Some(target) = reply_target(cfg, entry) {
+        add_result(&mut pipe, &target, entry, ok, body);
+    }
+    pipe.cmd("XACK")
+        .arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg(&entry.id)
+        .ignore();
+    exec(conn, &pipe)
+}
+
+/// Moves an entry to the dead-letter stream with `reason` and acks it, in one MULTI/EXEC;
+/// `answer_failed`: its submitter is told too (it was a job that ran out of attempts).
+fn dead_letter(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    entry: &Entry,
+    reason: &str,
+    answer_failed: bool,
+) -> Fault<()> {
+    log::warn!(
+        "redis: entry {} of {} to {}: {reason}",
+        entry.id,
+        cfg.stream,
+        cfg.dead_letter
+    );
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if answer_failed {
+        if let Some(target) = reply_target(cfg, entry) {
+            add_result(&mut pipe, &target, entry, false, reason.as_bytes());
+        }
+    }
+    let dead = pipe.cmd("XADD").arg(&cfg.dead_letter).arg("*");
+    dead.arg("reason")
+        .arg(reason)
+        .arg("stream")
+        .arg(&cfg.stream)
+        .arg("entry")
+        .arg(&entry.id);
+    for (k, v) in &entry.fields {
+        dead.arg(k.as_slice()).arg(v.as_slice());
+    }
+    dead.ignore();
+    pipe.cmd("XACK")
+        .arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg(&entry.id)
+        .ignore();
+    exec(conn, &pipe)
+}
+
+/// XPENDING's extended form for `consumer` (or everyone): `(id, deliveries)`.
+fn pending(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    start: &str,
+    end: &str,
+    count: usize,
+    consumer: Option<&str>,
+) -> Fault<Vec<(String, i64)>> {
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg(start)
+        .arg(end)
+        .arg(count);
+    if let Some(consumer) = consumer {
+        cmd.arg(consumer);
+    }
+    let value: Value = cmd.query(conn)?;
+    let Value::Array(rows) = value else {
+        return Err(RedisFault::Reply("XPENDING", format!("{value:?}")));
+    };
+    Ok(rows
+        .iter()
+        .filter_map(|row| match row {
+            Value::Array(r) => Some((text(r.first()?)?, int(r.get(3)?)?)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Takes over up to CLAIM_COUNT pending entries of a dead predecessor. Returns the entries to
+/// run, and whether its pending list is now empty (it was then deleted from the group).
+fn take_over(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    me: &str,
+    dead: &Predecessor,
+    max_attempts: u32,
+) -> Fault<(Vec<Entry>, bool)> {
+    let rows = match pending(conn, cfg, "-", "+", CLAIM_COUNT, Some(&dead.consumer)) {
+        Err(e) if e.no_group() => return Ok((Vec::new(), true)),
+        other => other?,
+    };
+    if rows.is_empty() {
+        let _: Value = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(&cfg.stream)
+            .arg(&cfg.group)
+            .arg(&dead.consumer)
+            .query(conn)?;
+        log::debug!(
+            "redis: consumer {} removed from group {}",
+            dead.consumer,
+            cfg.group
+        );
+        return Ok((Vec::new(), true));
+    }
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(&cfg.stream).arg(&cfg.group).arg(me).arg(0);
+    for (id, _) in &rows {
+        cmd.arg(id);
+    }
+    let claimed: Value = cmd.query(conn)?;
+    let claimed = parse_entries(&claimed);
+    if claimed.is_empty() {
+        // All of them were deleted from the stream meanwhile: nothing to run; ack them so
+        // the list empties (Redis 7 drops them from it on XCLAIM already).
+        let mut ack = redis::cmd("XACK");
+        ack.arg(&cfg.stream).arg(&cfg.group);
+        for (id, _) in &rows {
+            ack.arg(id);
+        }
+        let _: Value = ack.query(conn)?;
+    }
+    let mut run = Vec::new();
+    for entry in claimed {
+        let deliveries = rows
+            .iter()
+            .find(|(id, _)| *id == entry.id)
+            .map_or(1, |(_, n)| *n);
+        if deliveries >= i64::from(max_attempts) {
+            let reason = format!("{}, attempt {deliveries} of {max_attempts}", dead.why);
+            dead_letter(conn, cfg, &entry, &reason, true)?;
+        } else {
+            log::info!(
+                "redis: retrying entry {} of {} ({}, attempt {deliveries} of {max_attempts})",
+                entry.id,
+                dead.consumer,
+                dead.why
+            );
+            run.push(entry);
+        }
+    }
+    Ok((run, false))
+}
+
+/// XAUTOCLAIM of entries idle past claim_idle (their consumer's host died), until the cursor
+/// comes back to 0-0 or a batch was claimed.
+fn autoclaim(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    me: &str,
+    max_attempts: u32,
+) -> Fault<Vec<Entry>> {
+    let mut cursor = "0-0".to_string();
+    let mut run = Vec::new();
+    for _ in 0..100 {
+        let reply: Value = match redis::cmd("XAUTOCLAIM")
+            .arg(&cfg.stream)
+            .arg(&cfg.group)
+            .arg(me)
+            .arg(cfg.claim_idle.as_millis() as u64)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(CLAIM_COUNT)
+            .query(conn)
+        {
+            Err(e) if e.code() == Some("NOGROUP") => return Err(e.into()),
+            other => other?,
+        };
+        let Value::Array(parts) = &reply else {
+            return Err(RedisFault::Reply("XAUTOCLAIM", format!("{reply:?}")));
+        };
+        cursor = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+        for entry in parts.get(1).map(parse_entries).unwrap_or_default() {
+            // The claim counted one more delivery: the ones before it were attempts.
+            let deliveries = pending(conn, cfg, &entry.id, &entry.id, 1, None)?
+                .first()
+                .map_or(1, |(_, n)| *n)
+                - 1;
+            if deliveries >= i64::from(max_attempts) {
+                let reason = format!(
+                    "its consumer stopped answering (idle past claim_idle {:?}), attempt {deliveries} of {max_attempts}",
+                    cfg.claim_idle
+                );
+                dead_letter(conn, cfg, &entry, &reason, true)?;
+            } else {
+                log::info!(
+                    "redis: claimed entry {} idle past claim_idle {:?}",
+                    entry.id,
+                    cfg.claim_idle
+                );
+                run.push(entry);
+            }
+        }
+        if cursor == "0-0" || !run.is_empty() {
+            break;
+        }
+    }
+    Ok(run)
+}
+
+impl JobSource for RedisSource {
+    fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next> {
+        if self.conn.is_none() {
+            let now = Instant::now();
+            if let Some(outage) = &self.outage {
+                if now < outage.next_try {
+                    let wait = (outage.next_try - now).min(SLICE);
+                    return Ok(Next::Idle(Wake {
+                        timeout: Some(wait),
+                    }));
+                }
+            }
+            if let Err(fault) = self.connect() {
+                self.lost(&fault);
+                return Ok(Next::Idle(Wake {
+                    timeout: Some(Duration::ZERO),
+                }));
+            }
+        }
+        match self.step(plugin) {
+            Ok(Some(next)) => Ok(next),
+            Ok(None) => Ok(Next::Idle(Wake {
+                timeout: Some(Duration::ZERO),
+            })),
+            Err(fault) if fault.no_group() => {
+                // Redis lost the group (restarted empty): reconnect, which recreates it.
+                self.conn = None;
+                self.reading = false;
+                Ok(Next::Idle(Wake {
+                    timeout: Some(Duration::ZERO),
+                }))
+            }
+            Err(fault) => {
+                self.lost(&fault);
+                Ok(Next::Idle(Wake {
+                    timeout: Some(Duration::ZERO),
+                }))
+            }
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn channel(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+}
