@@ -297,3 +297,35 @@ fn a_full_fd_table_pauses_forks_without_failing_the_pool() {
     assert_eq!(master.log_count("crash back-off"), 0, "{}", master.log_text());
     assert_eq!(master.client().call("e", b"y").unwrap().body, b"y");
 }
+
+#[test]
+fn idle_workers_recycled_by_max_lifetime_are_not_a_crash_loop() {
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 4\nmax_lifetime = \"1s\"\ncrash_limit = 3\n",
+    ));
+    master.wait_for_workers(4);
+    wait_until("a dozen recycles", SOON, || master.log_count("recycled (max_lifetime") >= 12);
+    assert_eq!(pool_status(&master, "e")["state"], "ok", "{}", master.log_text());
+    assert_eq!(master.log_count("crash back-off"), 0, "{}", master.log_text());
+}
+
+#[test]
+fn a_crash_in_worker_start_is_a_crash_loop_even_with_jobs_waiting() {
+    let env = Env::new();
+    env.install("faulty");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"f\"\nplugin = \"faulty\"\nworkers = 2\nmax_attempts = 10\ncrash_limit = 4\n\
+         failing_retry = \"30s\"\n[pool.settings]\nworker_start = \"segv\"\n",
+    ));
+    // Jobs are sent to fresh workers before worker_start runs: their retries must not pass
+    // for poison and hide the crash loop.
+    let mut client = master.client();
+    for i in 0..3 {
+        client.send(i, "f", b"ok").unwrap();
+    }
+    client.flush().unwrap();
+    wait_until("the pool to be failing", SOON, || pool_status(&master, "f")["state"] == "failing");
+    assert_eq!(master.log_count("the crash is its job's"), 0, "{}", master.log_text());
+}

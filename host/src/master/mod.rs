@@ -146,6 +146,9 @@ struct Kill {
     reason: KillReason,
     sigkill_at: Instant,
     sigkill_sent: bool,
+    /// The master asked it to go (stop, timeout, shutdown) — not a worker that said LEAVING
+    /// on its own and is given until `sigkill_at` to be gone.
+    asked: bool,
 }
 
 /// What a worker said in its LEAVING frame, right before exiting.
@@ -502,6 +505,8 @@ impl Master {
         }
         for (idx, pool) in self.pools.iter().enumerate() {
             if let Some(t) = pool.backoff.next_spawn {
+                // No fork before the master's own pause ends, back-off or not.
+                let t = self.spawn_paused_until.map_or(t, |p| t.max(p));
                 if !pool.stopped && self.live_workers(idx) < pool.wanted {
                     consider(t);
                 }
@@ -517,7 +522,7 @@ impl Master {
         if let Some(t) = self.accept_paused_until {
             consider(t);
         }
-        if let Some(t) = self.spawn_paused_until {
+        if let (Some(t), Phase::Running) = (self.spawn_paused_until, self.phase) {
             consider(t);
         }
         if let Some(t) = self.admin_deadline() {
@@ -601,7 +606,9 @@ impl Master {
         // never started and go back to the front of the queue as they were. A worker that
         // left cleanly said so between two jobs: none of its jobs had started.
         let ran = match &ending {
-            Ending::KilledOnTimeout(_) => worker.overdue,
+            // A job past its timeout is lost whatever else the worker did afterwards.
+            _ if worker.overdue.is_some_and(|k| self.jobs.contains_key(&k)) => worker.overdue,
+            Ending::KilledOnTimeout(_) => None,
             Ending::BootFailed => None,
             // The head ran if the worker had it whole.
             e if e.is_crash() => worker
@@ -614,9 +621,16 @@ impl Master {
         let mut jobs = std::mem::take(&mut worker.in_flight);
         // A crash while running a job that already took another worker down is that job's
         // doing, not a sign the pool cannot start: it uses up the job's attempts only.
+        // Only a pool whose workers produced a result lately can be said to start workers
+        // fine: otherwise a crash in worker_start, with a job already sent, would pass for the
+        // job's fault.
+        let pool_cfg = &self.pools[pool_idx];
+        let pool_works = pool_cfg
+            .last_result
+            .is_some_and(|t| now.saturating_duration_since(t) < pool_cfg.config.crash_window);
         let job_to_blame = ran
             .and_then(|key| self.jobs.get(&key))
-            .map(|j| (j.failures > 0, j.blamed_crash));
+            .map(|j| (pool_works && j.failures > 0, j.blamed_crash));
         if let Some(key) = ran {
             jobs.retain(|k| *k != key);
         }
@@ -638,7 +652,9 @@ impl Master {
         // or exiting cleanly at once (a max_rss under what it starts with, worker_start
         // failing): forking it again at once would be a loop. So is one that crashes before
         // its first result, unless the job it ran is to blame.
-        let unasked_early = worker.jobs_done == 0 && worker.kill.is_none();
+        let unasked_early = worker.jobs_done == 0
+            && worker.kill.as_ref().is_none_or(|k| !k.asked)
+            && ending != Ending::Recycled(Limit::MaxLifetime);
         let pool = &mut self.pools[pool_idx];
         if pool.config.redis.is_some() {
             // Its pending entries (and those it was still to take over) go to the next worker.
@@ -806,6 +822,7 @@ impl Master {
                 reason: KillReason::Stop,
                 sigkill_at: now,
                 sigkill_sent: true,
+                asked: true,
             });
         }
         let keys: Vec<u64> = self.jobs.keys().copied().collect();
@@ -909,6 +926,7 @@ impl Master {
             reason: KillReason::Stop,
             sigkill_at: deadline,
             sigkill_sent: false,
+            asked: true,
         });
     }
 
@@ -1163,6 +1181,9 @@ impl Master {
                     return self.protocol_violation(id, "a frame after LEAVING".into());
                 }
                 Ok(Some(Ok(Frame::Outcome { key, ok, body }))) => (key, ok, body.to_vec()),
+                Ok(Some(Ok(Frame::Hold { paused }))) if paused == worker.holding => {
+                    continue; // nothing changes: a repeated HOLD must not restart a job's clock
+                }
                 Ok(Some(Ok(Frame::Hold { paused }))) => {
                     // Short of memory, the worker starts no job: the one at the head of its
                     // queue has not started, so its job_timeout does not run meanwhile.
@@ -1174,8 +1195,18 @@ impl Master {
                     continue;
                 }
                 Ok(Some(Ok(Frame::Leaving { code, jobs_done }))) => {
-                    // Read when it exits (classify); meanwhile it gets no more jobs.
+                    // Read when it exits (classify); meanwhile it gets no more jobs and is
+                    // replaced. It must then be gone soon: one that says LEAVING and stays
+                    // would otherwise let the pool fork without end.
                     worker.leaving = Some(Leaving { code, jobs_done });
+                    if worker.kill.is_none() {
+                        worker.kill = Some(Kill {
+                            reason: KillReason::Stop,
+                            sigkill_at: Instant::now() + KILL_GRACE,
+                            sigkill_sent: false,
+                            asked: false,
+                        });
+                    }
                     continue;
                 }
                 Ok(Some(Ok(other))) => {
@@ -1203,11 +1234,13 @@ impl Master {
                 let what = format!("an outcome for job {key}, which it does not hold");
                 return self.protocol_violation(id, what);
             }
-            if worker.in_flight.front() == Some(&key) {
-                worker.in_flight.pop_front();
-            } else {
-                worker.in_flight.retain(|k| *k != key);
+            if worker.in_flight.front() != Some(&key) {
+                // An honest worker runs its jobs in order: answering a later one first would
+                // restart the clock of the one it runs (and hide a hung job from job_timeout).
+                let what = format!("an outcome for job {key} before the job it runs");
+                return self.protocol_violation(id, what);
             }
+            worker.in_flight.pop_front();
             worker.jobs_done += 1;
             let now = Instant::now();
             if let Some(started) = worker.head_started {
@@ -1219,6 +1252,7 @@ impl Master {
                 Some(now)
             };
             let pool = worker.pool;
+            self.pools[pool].last_result = Some(now);
             let stats = &mut self.pools[pool].stats;
             if ok {
                 stats.done += 1;
@@ -1235,12 +1269,15 @@ impl Master {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        // Found while reading what a reaped worker left: its pid may be someone else's now.
+        if self.worker_by_pid.contains_key(&worker.pid) {
+            let _ = kill(worker.pid, Signal::SIGKILL);
+        }
         log::error!(
             "worker {} (pool {}) broke the protocol: it sent {what}; killing it",
             worker.pid,
             self.pools[worker.pool].config.name
         );
-        let _ = kill(worker.pid, Signal::SIGKILL);
         // Nothing more is read from it or written to it; reap() finds it gone.
         if let Some(epoll) = &self.epoll {
             let _ = epoll.delete(worker.channel.as_fd());
@@ -1321,6 +1358,7 @@ impl Master {
                         reason: KillReason::Timeout,
                         sigkill_at: now + KILL_GRACE,
                         sigkill_sent: false,
+                        asked: true,
                     });
                     worker.overdue = overdue;
                 }
@@ -1763,8 +1801,10 @@ fn classify(status: WaitStatus, w: &Worker, pool: &PoolConfig, lived: Duration) 
                 note: " without saying why (an exit from plugin code?)",
             },
         },
+        // Killed by the master after it asked it to go; one that said LEAVING and then stayed
+        // until its SIGKILL is a crash.
         WaitStatus::Signaled(_, Signal::SIGKILL, _)
-            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent) =>
+            if w.kill.as_ref().is_some_and(|k| k.sigkill_sent && k.asked) =>
         {
             Ending::Stopped
         }

@@ -77,6 +77,9 @@ pub struct Pool {
     pub job_times: JobTimes,
     /// A redis pool: ended workers whose pending entries the next worker forked takes over.
     pub predecessors: Vec<crate::worker::redis::Predecessor>,
+    /// When a worker of this pool last produced a result: evidence that it starts workers
+    /// fine, which lets a crash be blamed on its job.
+    pub last_result: Option<Instant>,
 }
 
 impl Pool {
@@ -103,6 +106,7 @@ impl Pool {
             stats: PoolStats::default(),
             stopped: false,
             job_times: JobTimes::default(),
+            last_result: None,
             predecessors: Vec::new(),
         }
     }
