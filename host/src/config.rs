@@ -2499,7 +2499,7 @@ max_jobs = 0
         );
         // claim_idle must exceed batch × job_timeout plus the margin.
         let e = env.err(
-            &format!("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"30s\"\n"),
+            "[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"30s\"\n",
             10,
             "pool[0].redis.claim_idle: 30s is too short",
         );
