@@ -57,10 +57,14 @@ impl Layout {
         // Cargo marks the root of a target dir with CACHEDIR.TAG; one level up means the
         // profile folder is inside a target triple's folder.
         let (target_dir, triple) = match above.parent() {
-            Some(root) if !above.join("CACHEDIR.TAG").exists() && root.join("CACHEDIR.TAG").exists() => (
-                root.to_owned(),
-                above.file_name().map(|t| t.to_string_lossy().into_owned()),
-            ),
+            Some(root)
+                if !above.join("CACHEDIR.TAG").exists() && root.join("CACHEDIR.TAG").exists() =>
+            {
+                (
+                    root.to_owned(),
+                    above.file_name().map(|t| t.to_string_lossy().into_owned()),
+                )
+            }
             _ => (above.to_owned(), None),
         };
         Layout {
@@ -189,7 +193,11 @@ pub fn bin_dir() -> PathBuf {
                 // This cargo keeps the build directory locked while the tests run: build
                 // into a folder of our own instead.
                 let own = layout.target_dir.join("e2e-build");
-                assert!(build(&own), "cargo blocked on the lock of {}", own.display());
+                assert!(
+                    build(&own),
+                    "cargo blocked on the lock of {}",
+                    own.display()
+                );
                 layout.bin_dir_in(&own)
             };
             assert!(
@@ -426,18 +434,38 @@ impl Env {
     /// Writes `config_text` (with `[host] runtime_dir = "run"` added if absent) and starts a
     /// master on it; returns once its job socket exists.
     pub fn start_master(&self, config_text: &str) -> Master {
+        self.start_master_with_nofile(config_text, None)
+    }
+
+    /// [`Env::start_master`], with the master's hard RLIMIT_NOFILE set to `nofile` (the master
+    /// raises its soft limit to the hard one at start), to fill its fd table in a test.
+    pub fn start_master_with_nofile(&self, config_text: &str, nofile: Option<u64>) -> Master {
+        use std::os::unix::process::CommandExt;
         let config = self.config(config_text);
         let log = self.path().join("master.log");
         let log_file = fs::File::create(&log).expect("create master.log");
-        let child = Command::new(bin_dir().join("jobhost"))
+        let mut command = Command::new(bin_dir().join("jobhost"));
+        command
             .args(["run", "-c"])
             .arg(&config)
             .current_dir(self.path())
             .stdin(std::process::Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn jobhost run");
+            .stderr(log_file);
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit between fork and exec, as prlimit(1) would.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn jobhost run");
         let mut master = Master {
             child,
             log,

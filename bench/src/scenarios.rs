@@ -94,19 +94,18 @@ type ClientRun = (Instant, Instant, Vec<Duration>);
 /// Runs `load` with its clients on threads; an error if any job failed, came twice or never.
 fn drive(socket: &Path, load: &Load) -> Result<Measured, String> {
     let per = load.total / load.clients;
-    let outcomes: Vec<Result<ClientRun, String>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..load.clients)
-                .map(|c| s.spawn(move || one_client(socket, load, c * per, per)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("a client thread panicked".into()))
-                })
-                .collect()
-        });
+    let outcomes: Vec<Result<ClientRun, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..load.clients)
+            .map(|c| s.spawn(move || one_client(socket, load, c * per, per)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a client thread panicked".into()))
+            })
+            .collect()
+    });
     let mut first = None::<Instant>;
     let mut last = None::<Instant>;
     let mut latencies = Vec::with_capacity(load.total);

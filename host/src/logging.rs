@@ -107,7 +107,10 @@ fn open_append(path: &Path) -> io::Result<File> {
         .map_err(|e| match e.raw_os_error() {
             Some(nix::libc::ELOOP) => io::Error::new(
                 e.kind(),
-                format!("{} is a symbolic link; jobhost never follows a link for a file it writes", path.display()),
+                format!(
+                    "{} is a symbolic link; jobhost never follows a link for a file it writes",
+                    path.display()
+                ),
             ),
             _ => e,
         })

@@ -245,32 +245,10 @@ fn a_full_fd_table_pauses_the_admin_listener_instead_of_spinning() {
     const LIMIT: u64 = 64;
     let env = Env::new();
     env.install("echo");
-    let config = env.config(&config_with(
-        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n",
-    ));
-    let log = env.path().join("master.log");
-    let log_file = fs::File::create(&log).unwrap();
-    let mut command = Command::new(bin_dir().join("jobhost"));
-    command
-        .args(["run", "-c"])
-        .arg(&config)
-        .current_dir(env.path())
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().unwrap())
-        .stderr(log_file);
-    // The hard limit: the master raises its soft limit to it.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, LIMIT, LIMIT)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let master = Master {
-        child: command.spawn().unwrap(),
-        log,
-        socket: env.path().join("run/jobs.sock"),
-    };
-    wait_until("the job socket", SOON, || master.socket.exists());
+    let master = env.start_master_with_nofile(
+        &config_with("[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n"),
+        Some(LIMIT),
+    );
     master.wait_for_workers(1);
     let admin = master.admin_socket();
     assert!(master.admin("status").ends_with("OK\n"));

@@ -235,7 +235,10 @@ fn bad_lines_get_err_and_never_disturb_other_sessions() {
     line.push(b'\n');
     long.stream.write_all(&line).unwrap();
     assert_eq!(long.read_reply(), "ERR line over 4096 bytes; closing\n");
-    assert!(long.is_closed(), "a session with an over-long line stays open");
+    assert!(
+        long.is_closed(),
+        "a session with an over-long line stays open"
+    );
 
     let mut garbage = master.admin_session();
     garbage

@@ -5,12 +5,10 @@
 //! its timeout is never a success; an idle daemon idles.
 
 use std::fs;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jobhost::protocol::Status;
-use jobhost_e2e::{bin_dir, config_with, cpu_ticks, in_sleep_job, is_alive, wait_until, Env, SOON};
+use jobhost_e2e::{config_with, cpu_ticks, in_sleep_job, is_alive, wait_until, Env, SOON};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -49,7 +47,9 @@ fn an_idle_daemon_uses_no_cpu() {
         }
     }
     let _stop = Stop(pid);
-    wait_until("two workers", SOON, || jobhost_e2e::children_of(pid).len() == 2);
+    wait_until("two workers", SOON, || {
+        jobhost_e2e::children_of(pid).len() == 2
+    });
     let mut pids = jobhost_e2e::children_of(pid);
     pids.push(pid);
     let total = || -> u64 { pids.iter().map(|p| cpu_ticks(*p)).sum() };
@@ -57,7 +57,10 @@ fn an_idle_daemon_uses_no_cpu() {
     std::thread::sleep(Duration::from_secs(3));
     let used = total().saturating_sub(before);
     // A level-triggered wake-up that is never drained is ~300 ticks in 3 s.
-    assert!(used <= 3, "an idle daemon and its workers used {used} clock ticks in 3 s");
+    assert!(
+        used <= 3,
+        "an idle daemon and its workers used {used} clock ticks in 3 s"
+    );
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     wait_until("the daemon to exit", SOON, || !is_alive(pid));
 }
@@ -76,20 +79,33 @@ fn a_worker_cannot_answer_a_job_it_does_not_hold() {
     let mut victim = master.client();
     victim.send(1, "s", b"1500").unwrap();
     victim.flush().unwrap();
-    wait_until("the sleep job to run", SOON, || workers.iter().any(|p| in_sleep_job(*p)));
+    wait_until("the sleep job to run", SOON, || {
+        workers.iter().any(|p| in_sleep_job(*p))
+    });
     // Job 2: the faulty worker writes outcomes for jobs 1..=200 — job 1 first.
     let forged = master.client().call("f", b"forge 1 200").unwrap();
     assert_eq!(forged.status, Status::Failed, "{}", forged.text());
     assert!(
         forged.text().contains("breaking the protocol")
-            && forged.text().contains("an outcome for job 1, which it does not hold"),
+            && forged
+                .text()
+                .contains("an outcome for job 1, which it does not hold"),
         "{}",
         forged.text()
     );
     let real = victim.recv().unwrap();
     assert_eq!(real.status, Status::Ok, "{}", real.text());
-    assert_eq!(real.text(), "slept 1500", "the real worker's result, not a forged one");
-    assert_eq!(master.log_count("broke the protocol"), 1, "{}", master.log_text());
+    assert_eq!(
+        real.text(),
+        "slept 1500",
+        "the real worker's result, not a forged one"
+    );
+    assert_eq!(
+        master.log_count("broke the protocol"),
+        1,
+        "{}",
+        master.log_text()
+    );
     // The forger was replaced; the pool serves on.
     assert_eq!(master.client().call("f", b"ok").unwrap().body, b"ok");
 }
@@ -107,17 +123,33 @@ fn a_plugin_exit_inside_a_job_is_a_crash_whatever_its_status() {
     // 205 = master gone: none of them may be taken at its word from plugin code.
     for code in [0, 200, 201, 202, 203, 204, 205] {
         let result = client.call("f", format!("exit {code}").as_bytes()).unwrap();
-        assert_eq!(result.status, Status::Failed, "exit {code}: {}", result.text());
+        assert_eq!(
+            result.status,
+            Status::Failed,
+            "exit {code}: {}",
+            result.text()
+        );
         assert_eq!(
             result.text(),
             format!("worker exited with status {code}, attempt 2 of 2"),
             "exit {code}"
         );
-        assert_eq!(client.call("f", b"ok").unwrap().body, b"ok", "after exit {code}");
+        assert_eq!(
+            client.call("f", b"ok").unwrap().body,
+            b"ok",
+            "after exit {code}"
+        );
     }
     let pool = pool_status(&master, "f");
-    assert_ne!(pool["state"], "stopped", "exit 203 did not stop a jobs pool: {pool}");
-    assert!(master.log_count("without saying why") >= 14, "{}", master.log_text());
+    assert_ne!(
+        pool["state"], "stopped",
+        "exit 203 did not stop a jobs pool: {pool}"
+    );
+    assert!(
+        master.log_count("without saying why") >= 14,
+        "{}",
+        master.log_text()
+    );
 }
 
 /// A worker_start that leaves at once — whatever its status, even after closing the channel —
@@ -136,7 +168,11 @@ fn early_exits_back_off(worker_start: &str) {
     let before = forks();
     std::thread::sleep(Duration::from_secs(2));
     let during = forks() - before;
-    assert!(during <= 2, "{worker_start}: {during} forks in 2 s while failing:\n{}", master.log_text());
+    assert!(
+        during <= 2,
+        "{worker_start}: {during} forks in 2 s while failing:\n{}",
+        master.log_text()
+    );
     assert!(before <= 8, "{worker_start}: {before} exits before failing");
 }
 
@@ -185,8 +221,17 @@ fn poison_jobs_do_not_throttle_their_pool() {
     }
     let took = started.elapsed();
     // Before: the retries on fresh workers counted as a crash loop (10 s back-off, failing).
-    assert!(took < Duration::from_secs(10), "5 poison jobs took {took:?}:\n{}", master.log_text());
-    assert_eq!(pool_status(&master, "f")["state"], "ok", "{}", master.log_text());
+    assert!(
+        took < Duration::from_secs(10),
+        "5 poison jobs took {took:?}:\n{}",
+        master.log_text()
+    );
+    assert_eq!(
+        pool_status(&master, "f")["state"],
+        "ok",
+        "{}",
+        master.log_text()
+    );
     assert_eq!(master.log_count("is failing"), 0, "{}", master.log_text());
     assert_eq!(client.call("f", b"ok").unwrap().body, b"ok");
 }
@@ -204,10 +249,18 @@ fn a_sigttin_flood_stops_at_the_worker_cap() {
     master.wait_for_workers(0);
     // Signals of one kind merge while one is pending, so send until the cap is reached, then
     // a few hundred more; each status is answered after the signals before it were taken.
-    let wanted = || pool_status(&master, "e")["workers_wanted"].as_u64().unwrap();
+    let wanted = || {
+        pool_status(&master, "e")["workers_wanted"]
+            .as_u64()
+            .unwrap()
+    };
     let mut sent = 0;
     while wanted() < 1024 {
-        assert!(sent < 100_000, "{sent} TTINs sent, the pool wants {}", wanted());
+        assert!(
+            sent < 100_000,
+            "{sent} TTINs sent, the pool wants {}",
+            wanted()
+        );
         for _ in 0..200 {
             master.signal(Signal::SIGTTIN);
         }
@@ -221,7 +274,9 @@ fn a_sigttin_flood_stops_at_the_worker_cap() {
     });
     assert_eq!(wanted(), 1024, "and not beyond");
     assert!(
-        master.log_text().contains("(capped: a pool has at most 1024)"),
+        master
+            .log_text()
+            .contains("(capped: a pool has at most 1024)"),
         "{}",
         master.log_text()
     );
@@ -248,32 +303,10 @@ fn a_job_past_its_timeout_is_answered_timed_out_never_ok() {
 fn a_full_fd_table_pauses_forks_without_failing_the_pool() {
     let env = Env::new();
     env.install("echo");
-    let config = env.config(&config_with(
-        "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n",
-    ));
-    let log = env.path().join("master.log");
-    let out = fs::File::create(&log).unwrap();
-    let mut command = Command::new(bin_dir().join("jobhost"));
-    command
-        .args(["run", "-c"])
-        .arg(&config)
-        .current_dir(env.path())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    // SAFETY: setrlimit between fork and exec, as prlimit(1) would.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 48, 48)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let master = jobhost_e2e::Master {
-        child: command.spawn().unwrap(),
-        socket: env.path().join("run/jobs.sock"),
-        log,
-    };
-    wait_until("the job socket", SOON, || master.socket.exists());
+    let master = env.start_master_with_nofile(
+        &config_with("[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 2\n"),
+        Some(48),
+    );
     let workers = master.wait_for_workers(2);
     assert_eq!(master.client().call("e", b"x").unwrap().body, b"x");
     // Fill the master's fd table with idle clients.
@@ -290,11 +323,25 @@ fn a_full_fd_table_pauses_forks_without_failing_the_pool() {
     master.wait_for_log("cannot start a worker", SOON);
     std::thread::sleep(Duration::from_millis(2500));
     let attempts = master.log_count("cannot start a worker");
-    assert!(attempts <= 5, "{attempts} fork attempts in about 2.5 s:\n{}", master.log_text());
+    assert!(
+        attempts <= 5,
+        "{attempts} fork attempts in about 2.5 s:\n{}",
+        master.log_text()
+    );
     drop(clients);
     master.wait_for_workers(2);
-    assert_eq!(pool_status(&master, "e")["state"], "ok", "{}", master.log_text());
-    assert_eq!(master.log_count("crash back-off"), 0, "{}", master.log_text());
+    assert_eq!(
+        pool_status(&master, "e")["state"],
+        "ok",
+        "{}",
+        master.log_text()
+    );
+    assert_eq!(
+        master.log_count("crash back-off"),
+        0,
+        "{}",
+        master.log_text()
+    );
     assert_eq!(master.client().call("e", b"y").unwrap().body, b"y");
 }
 
@@ -306,9 +353,21 @@ fn idle_workers_recycled_by_max_lifetime_are_not_a_crash_loop() {
         "[[pool]]\nname = \"e\"\nplugin = \"echo\"\nworkers = 4\nmax_lifetime = \"1s\"\ncrash_limit = 3\n",
     ));
     master.wait_for_workers(4);
-    wait_until("a dozen recycles", SOON, || master.log_count("recycled (max_lifetime") >= 12);
-    assert_eq!(pool_status(&master, "e")["state"], "ok", "{}", master.log_text());
-    assert_eq!(master.log_count("crash back-off"), 0, "{}", master.log_text());
+    wait_until("a dozen recycles", SOON, || {
+        master.log_count("recycled (max_lifetime") >= 12
+    });
+    assert_eq!(
+        pool_status(&master, "e")["state"],
+        "ok",
+        "{}",
+        master.log_text()
+    );
+    assert_eq!(
+        master.log_count("crash back-off"),
+        0,
+        "{}",
+        master.log_text()
+    );
 }
 
 #[test]
@@ -326,6 +385,13 @@ fn a_crash_in_worker_start_is_a_crash_loop_even_with_jobs_waiting() {
         client.send(i, "f", b"ok").unwrap();
     }
     client.flush().unwrap();
-    wait_until("the pool to be failing", SOON, || pool_status(&master, "f")["state"] == "failing");
-    assert_eq!(master.log_count("the crash is its job's"), 0, "{}", master.log_text());
+    wait_until("the pool to be failing", SOON, || {
+        pool_status(&master, "f")["state"] == "failing"
+    });
+    assert_eq!(
+        master.log_count("the crash is its job's"),
+        0,
+        "{}",
+        master.log_text()
+    );
 }

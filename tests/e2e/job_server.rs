@@ -300,7 +300,10 @@ fn a_departed_clients_queued_jobs_still_run_and_the_master_stays_healthy() {
     }
     let pools = pool_stats(&master);
     assert_eq!(
-        (pools[0]["jobs_queued"].as_u64(), pools[0]["jobs_failed"].as_u64()),
+        (
+            pools[0]["jobs_queued"].as_u64(),
+            pools[0]["jobs_failed"].as_u64()
+        ),
         (Some(0), Some(0)),
         "{pools:?}"
     );

@@ -83,10 +83,18 @@ fn a_plugin_that_says_stop_ends_its_worker_and_the_pool_is_not_refilled() {
     let started = master.log_count(": worker started");
     let window_end = std::time::Instant::now() + Duration::from_secs(1);
     while std::time::Instant::now() < window_end {
-        assert!(master.workers().is_empty(), "refilled: {:?}", master.workers());
+        assert!(
+            master.workers().is_empty(),
+            "refilled: {:?}",
+            master.workers()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(master.log_count(": worker started"), started, "a worker was started");
+    assert_eq!(
+        master.log_count(": worker started"),
+        started,
+        "a worker was started"
+    );
     let status = master.admin("status");
     assert!(
         status

@@ -103,5 +103,8 @@ fn a_closing_admin_session_that_keeps_sending_is_not_spun_on() {
     // Other sessions are served.
     assert!(master.admin("status").ends_with("OK\n"));
     // Once the client reads, the session ends after its replies.
-    assert!(session.is_closed(), "the session stayed open after its quit");
+    assert!(
+        session.is_closed(),
+        "the session stayed open after its quit"
+    );
 }

@@ -156,9 +156,9 @@ fn a_bare_file_name_is_the_file_in_the_working_directory_not_a_library_search() 
     // nor a system library.
     for name in ["libhere-only-by-search.so", "libc.so.6"] {
         let refused = inspect(name);
-        refused
-            .assert_code(1)
-            .assert_stderr_has(&format!("cannot read plugin {name}: No such file or directory"));
+        refused.assert_code(1).assert_stderr_has(&format!(
+            "cannot read plugin {name}: No such file or directory"
+        ));
         assert!(!refused.stdout.contains("name:"), "{}", refused.stdout);
     }
 }

@@ -324,10 +324,9 @@ fn jobhost_reload_with_an_unparsable_file_still_asks_the_master_which_records_wh
         .assert_stderr_has(&format!("jobhost.toml:11:1: {reason_part}"));
     // The master was asked, and says so itself: in its log, in `status`, generation 1.
     wait_until("the master's own log line", SOON, || {
-        master
-            .log_text()
-            .lines()
-            .any(|l| l.contains("master: reload failed, nothing changed: ") && l.contains(reason_part))
+        master.log_text().lines().any(|l| {
+            l.contains("master: reload failed, nothing changed: ") && l.contains(reason_part)
+        })
     });
     let json = status_json(&master);
     assert_eq!(json["last_reload"]["ok"], false, "{json}");

@@ -51,7 +51,11 @@ fn preloads_then_forks_the_configured_workers_which_answer_jobs() {
     }
     for key in 0..20u32 {
         let r = client.call("lookup", key.to_string().as_bytes()).unwrap();
-        assert!(r.text().starts_with(&format!("key={key} index={key} ")), "{}", r.text());
+        assert!(
+            r.text().starts_with(&format!("key={key} index={key} ")),
+            "{}",
+            r.text()
+        );
     }
     let built: Vec<String> = master
         .log_text()
@@ -67,11 +71,17 @@ fn preloads_then_forks_the_configured_workers_which_answer_jobs() {
     );
     for pid in &workers {
         assert!(
-            !built.iter().any(|l| l.contains(&format!("jobhost[{pid}] "))),
+            !built
+                .iter()
+                .any(|l| l.contains(&format!("jobhost[{pid}] "))),
             "init ran again in worker {pid}: {built:#?}"
         );
     }
-    assert_eq!(built.len(), 2, "the probe's init and the master's: {built:#?}");
+    assert_eq!(
+        built.len(),
+        2,
+        "the probe's init and the master's: {built:#?}"
+    );
 }
 
 /// What each fd of `pid` points at, e.g. `socket:[1234]`, by fd number.
@@ -242,7 +252,8 @@ fn a_hung_job_gets_its_worker_killed_after_job_timeout() {
         result.text()
     );
     assert!(
-        took >= Duration::from_secs(1) && took <= Duration::from_secs(1) + KILL_GRACE + TIMEOUT_SLACK,
+        took >= Duration::from_secs(1)
+            && took <= Duration::from_secs(1) + KILL_GRACE + TIMEOUT_SLACK,
         "a hung job with job_timeout 1s was answered after {took:?}"
     );
     assert!(master
@@ -392,9 +403,11 @@ fn start_and_restart_clear_a_failing_pools_crash_history() {
     // `restart` clears it too.
     let reply = master.admin("restart f");
     assert!(reply.ends_with("OK\n"), "{reply}");
-    wait_until("a fork at once after restart", Duration::from_secs(5), || {
-        master.log_count(first_backoff) == 3
-    });
+    wait_until(
+        "a fork at once after restart",
+        Duration::from_secs(5),
+        || master.log_count(first_backoff) == 3,
+    );
 }
 
 #[test]
@@ -411,7 +424,10 @@ fn killing_workers_that_already_finished_jobs_is_not_a_crash_loop() {
     for round in 0..5 {
         // The worker has finished a job: whatever kills it now is not a start-up crash.
         let payload = format!("round {round}");
-        assert_eq!(client.call("e", payload.as_bytes()).unwrap().text(), payload);
+        assert_eq!(
+            client.call("e", payload.as_bytes()).unwrap().text(),
+            payload
+        );
         sigkill(worker);
         let killed = Instant::now();
         wait_until(
@@ -428,7 +444,12 @@ fn killing_workers_that_already_finished_jobs_is_not_a_crash_loop() {
         let row = status.lines().find(|l| l.starts_with("e ")).unwrap();
         assert!(row.contains(" ok "), "after kill {}: {row}", round + 1);
     }
-    assert_eq!(master.log_count("crash back-off"), 0, "{}", master.log_text());
+    assert_eq!(
+        master.log_count("crash back-off"),
+        0,
+        "{}",
+        master.log_text()
+    );
 }
 
 #[test]
@@ -448,10 +469,14 @@ fn a_crashed_workers_prefetched_jobs_are_requeued_untouched() {
         client.send(id, "s", b"10").unwrap();
     }
     client.flush().unwrap();
-    wait_until("the first job running, the rest held by its worker", SOON, || {
-        let pool = &pool_json(&master)[0];
-        in_sleep_job(worker) && pool["jobs_queued"] == 0 && pool["jobs_done"] == 0
-    });
+    wait_until(
+        "the first job running, the rest held by its worker",
+        SOON,
+        || {
+            let pool = &pool_json(&master)[0];
+            in_sleep_job(worker) && pool["jobs_queued"] == 0 && pool["jobs_done"] == 0
+        },
+    );
     sigkill(worker);
     let mut results = recv_n(&mut client, 4);
     results.sort_by_key(|r| r.id);
@@ -468,7 +493,11 @@ fn a_crashed_workers_prefetched_jobs_are_requeued_untouched() {
     );
     let pool = &pool_json(&master)[0];
     assert_eq!(
-        (pool["jobs_done"].as_u64(), pool["jobs_retried"].as_u64(), pool["jobs_failed"].as_u64()),
+        (
+            pool["jobs_done"].as_u64(),
+            pool["jobs_retried"].as_u64(),
+            pool["jobs_failed"].as_u64()
+        ),
         (Some(4), Some(1), Some(0)),
         "{pool}"
     );
@@ -590,7 +619,11 @@ fn a_worker_recycled_at_max_lifetime_while_holding_jobs_hands_them_back() {
     );
     let pool = &pool_json(&master)[0];
     assert_eq!(
-        (pool["jobs_done"].as_u64(), pool["jobs_retried"].as_u64(), pool["jobs_failed"].as_u64()),
+        (
+            pool["jobs_done"].as_u64(),
+            pool["jobs_retried"].as_u64(),
+            pool["jobs_failed"].as_u64()
+        ),
         (Some(4), Some(0), Some(0)),
         "{pool}"
     );

@@ -158,7 +158,10 @@ impl Faulty {
 /// Writes an OUTCOME frame (jobhost's wire format: `u32 length | u8 kind 4 | u64 key | u8 0 |
 /// body`) claiming "FORGED" for each key in FROM..=TO, on every socket in /proc/self/fd.
 fn forge(from: &str, to: &str) -> Result<Vec<u8>, String> {
-    let parse = |s: &str| s.parse::<u64>().map_err(|_| format!("faulty: forge needs keys, got {s:?}"));
+    let parse = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("faulty: forge needs keys, got {s:?}"))
+    };
     let (from, to) = (parse(from)?, parse(to)?);
     let mut frames = Vec::new();
     for key in from..=to.min(from.saturating_add(100_000)) {
