@@ -319,6 +319,32 @@ pub struct PoolSnapshot {
     pub restarts: u64,
     /// `ok`, `backing-off`, `failing`, `stopped`, or `removed` (by a reload; draining its queue).
     pub state: String,
+    /// Where its jobs come from, for a pool fed by an engine (Redis).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceSnapshot>,
+}
+
+/// A pool's engine as its workers see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceSnapshot {
+    /// `redis`.
+    pub kind: String,
+    /// The server (any password hidden).
+    pub address: String,
+    pub stream: String,
+    pub group: String,
+    /// `connected`, `disconnected`, `partly disconnected`, or `connecting` (no worker has
+    /// reached it yet).
+    pub state: String,
+    /// Why a worker cannot reach it.
+    pub reason: Option<String>,
+    pub workers_connected: usize,
+    /// XLEN of the stream, the group's pending count and lag (entries not yet delivered to
+    /// it), as a worker last read them.
+    pub stream_length: Option<u64>,
+    pub pending: Option<u64>,
+    pub lag: Option<u64>,
+    pub figures_age_secs: Option<f64>,
 }
 
 /// One worker.
@@ -407,6 +433,37 @@ pub fn render_status(s: &Snapshot, json: bool) -> String {
         })
         .collect();
     table(&mut out, &columns, rows);
+    let sources: Vec<_> = s
+        .pools
+        .iter()
+        .filter_map(|p| Some((p, p.source.as_ref()?)))
+        .collect();
+    if !sources.is_empty() {
+        out.push_str("\nsources:\n");
+        for (p, src) in sources {
+            let _ = write!(
+                out,
+                "  {}: {} {} stream {} group {}: {}",
+                one_line(&p.name),
+                src.kind,
+                one_line(&src.address),
+                one_line(&src.stream),
+                one_line(&src.group),
+                src.state
+            );
+            if let Some(reason) = &src.reason {
+                let _ = write!(out, " ({})", one_line(reason));
+            }
+            if let (Some(len), Some(pending)) = (src.stream_length, src.pending) {
+                let lag = src.lag.map_or("?".to_string(), |l| l.to_string());
+                let _ = write!(out, "; length {len}, pending {pending}, lag {lag}");
+                if let Some(age) = src.figures_age_secs {
+                    let _ = write!(out, " (read {} ago)", duration(age));
+                }
+            }
+            out.push('\n');
+        }
+    }
     out.push_str("OK\n");
     out
 }
@@ -1192,6 +1249,7 @@ mod tests {
                     jobs_retried: 3,
                     restarts: 1,
                     state: "ok".to_owned(),
+                    source: None,
                 },
                 PoolSnapshot {
                     name: "wordcount-long-name".to_owned(),
@@ -1208,6 +1266,7 @@ mod tests {
                     jobs_retried: 0,
                     restarts: 12,
                     state: "backing-off".to_owned(),
+                    source: None,
                 },
             ],
             workers: vec![
@@ -1373,6 +1432,42 @@ mod tests {
         assert!(out.contains("evil\\nOK"), "{out}");
         assert!(lines[5].starts_with(" POOL"), "{out}");
         assert!(lines[6].starts_with(" OK "), "{out}");
+    }
+
+    #[test]
+    fn status_shows_a_redis_source_and_why_it_is_disconnected() {
+        let mut s = snapshot();
+        s.pools[0].source = Some(SourceSnapshot {
+            kind: "redis".into(),
+            address: "redis://:***@10.0.0.5:6379/0".into(),
+            stream: "jobs".into(),
+            group: "jobhost".into(),
+            state: "connected".into(),
+            reason: None,
+            workers_connected: 2,
+            stream_length: Some(1200),
+            pending: Some(4),
+            lag: Some(1100),
+            figures_age_secs: Some(0.4),
+        });
+        let out = render_status(&s, false);
+        assert!(
+            out.contains("\nsources:\n  echo: redis redis://:***@10.0.0.5:6379/0 stream jobs group jobhost: connected; length 1200, pending 4, lag 1100 (read "),
+            "{out}"
+        );
+        let src = s.pools[0].source.as_mut().unwrap();
+        src.state = "disconnected".into();
+        src.reason = Some("Connection refused\n(os error 111)".into());
+        src.lag = None;
+        let out = render_status(&s, false);
+        assert!(
+            out.contains("jobhost: disconnected (Connection refused\\n(os error 111)); length 1200, pending 4, lag ?"),
+            "{out}"
+        );
+        assert!(out.ends_with("OK\n"));
+        let json = render_status(&s, true);
+        assert!(json.contains("\"source\":{\"kind\":\"redis\""), "{json}");
+        assert!(json.contains("\"state\":\"disconnected\""), "{json}");
     }
 
     #[test]

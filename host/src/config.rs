@@ -1366,6 +1366,34 @@ fn redis_name(
     Ok(Some(v.into_inner()))
 }
 
+/// Reads a file that holds a secret, refusing one that its group or others may read or write
+/// (checked with `fstat` on the descriptor the text is read from).
+fn read_private(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
+    // O_NONBLOCK: a FIFO put there must not hang the start (it is refused below).
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(file)
+        .map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", file.display()));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is open to its group or others (mode {mode:04o}): it holds a password; chmod 600 it",
+            file.display()
+        ));
+    }
+    let mut text = String::new();
+    f.take(64 << 10).read_to_string(&mut text).map_err(cannot)?;
+    Ok(text)
+}
+
 /// `url` as the `redis` crate takes it, and as it may be shown (password hidden).
 fn redis_url(text: &str) -> Result<(String, String), String> {
     let url = if text.starts_with('/') {
@@ -1413,13 +1441,8 @@ fn build_redis(
         }
         Some(v) => {
             let file = base.join(v.get_ref());
-            let text = fs::read_to_string(&file).map_err(|e| {
-                src.error(
-                    v.span(),
-                    key("password_file"),
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
+            let text = read_private(&file)
+                .map_err(|message| src.error(v.span(), key("password_file"), message))?;
             let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
             if line.is_empty() {
                 return Err(src.error(
@@ -2418,6 +2441,18 @@ max_jobs = 0
         assert_eq!(r.claim_idle, Duration::from_secs(120));
 
         fs::write(env.dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let pw = env.dir.path().join("pw");
+            fs::set_permissions(&pw, fs::Permissions::from_mode(0o640)).unwrap();
+            let e = env.err(
+                &format!("{REDIS}url = \"/r\"\nstream = \"s\"\npassword_file = \"pw\"\n"),
+                8,
+                "pool[0].redis.password_file: ",
+            );
+            assert!(e.to_string().contains("(mode 0640)"), "{e}");
+            fs::set_permissions(&pw, fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let c = env.ok(&format!(
             "{REDIS}url = \"redis://:urlpw@127.0.0.1:6380/2\"\npassword_file = \"pw\"\nstream = \"s\"\ngroup = \"g\"\nclaim_idle = \"15m\"\ndead_letter = \"dl\"\nresults = \"out\"\nbatch = 10\n"
         ));

@@ -33,6 +33,7 @@ pub mod logging;
 pub mod master;
 pub mod plugins;
 pub mod protocol;
+pub mod scoreboard;
 pub mod server;
 pub mod signals;
 pub mod submit;

@@ -731,7 +731,18 @@ impl Master {
             .map(|(idx, pool)| {
                 let of_pool = || self.workers.values().filter(move |w| w.pool == idx);
                 let running = of_pool().filter(|w| !w.draining()).count();
-                let busy = of_pool().filter(|w| !w.in_flight.is_empty()).count();
+                let mut busy = of_pool().filter(|w| !w.in_flight.is_empty()).count();
+                let (mut done, mut failed) = (pool.stats.done, pool.stats.failed);
+                let source = pool.config.redis.as_ref().map(|cfg| {
+                    // Its workers say what they did and see on their scoreboard slots.
+                    let boards: Vec<_> = of_pool().map(|w| w.slot.read()).collect();
+                    busy = boards.iter().filter(|b| b.running.is_some()).count();
+                    for b in &boards {
+                        done += b.jobs_done.saturating_sub(b.jobs_failed);
+                        failed += b.jobs_failed.min(b.jobs_done);
+                    }
+                    redis_source(cfg, &boards)
+                });
                 PoolSnapshot {
                     name: pool.config.name.clone(),
                     plugin: pool.plugin.clone(),
@@ -747,11 +758,12 @@ impl Master {
                     workers_busy: busy,
                     jobs_queued: pool.queue.len(),
                     jobs_running: busy,
-                    jobs_done: pool.stats.done,
-                    jobs_failed: pool.stats.failed,
+                    jobs_done: done,
+                    jobs_failed: failed,
                     jobs_retried: pool.stats.retried,
                     restarts: pool.stats.restarts,
                     state: pool.state(now).as_str().into(),
+                    source,
                 }
             })
             .collect();
@@ -760,6 +772,15 @@ impl Master {
             .values()
             .map(|w| {
                 let age = now.saturating_duration_since(w.started);
+                let board = self.pools[w.pool]
+                    .config
+                    .redis
+                    .is_some()
+                    .then(|| w.slot.read());
+                let busy = match &board {
+                    Some(b) => b.running.is_some(),
+                    None => !w.in_flight.is_empty(),
+                };
                 WorkerSnapshot {
                     pid: w.pid.as_raw(),
                     pool: self.pools[w.pool].config.name.clone(),
@@ -768,16 +789,16 @@ impl Master {
                         "draining"
                     } else if w.holding {
                         "holding"
-                    } else if w.in_flight.is_empty() {
-                        "idle"
-                    } else {
+                    } else if busy {
                         "busy"
+                    } else {
+                        "idle"
                     }
                     .into(),
                     job_age_secs: w
                         .head_started
                         .map(|t| now.saturating_duration_since(t).as_secs_f64()),
-                    jobs_done: w.jobs_done,
+                    jobs_done: board.map_or(w.jobs_done, |b| b.jobs_done),
                     rss_bytes: crate::sys::rss_of(w.pid).ok(),
                     started: rfc3339(wall.checked_sub(age).unwrap_or(wall)),
                     age_secs: age.as_secs_f64(),
@@ -796,6 +817,47 @@ impl Master {
             pools,
             workers,
         }
+    }
+}
+
+/// A redis pool's source as its workers' slots tell it.
+fn redis_source(
+    cfg: &crate::config::RedisConfig,
+    boards: &[crate::scoreboard::Report],
+) -> crate::admin::SourceSnapshot {
+    use crate::scoreboard::SourceState;
+    let connected = boards
+        .iter()
+        .filter(|b| b.source == SourceState::Connected)
+        .count();
+    let reason = boards.iter().find_map(|b| match &b.source {
+        SourceState::Disconnected { reason } => Some(reason.clone()),
+        _ => None,
+    });
+    let state = match (connected, &reason) {
+        (0, Some(_)) => "disconnected",
+        (_, Some(_)) => "partly disconnected",
+        (0, None) => "connecting",
+        _ => "connected",
+    };
+    let now_ms = crate::scoreboard::monotonic_ms();
+    let figures = boards
+        .iter()
+        .filter_map(|b| b.figures)
+        .filter(|f| f.at_ms <= now_ms)
+        .max_by_key(|f| f.at_ms);
+    crate::admin::SourceSnapshot {
+        kind: "redis".into(),
+        address: cfg.shown_url.clone(),
+        stream: cfg.stream.clone(),
+        group: cfg.group.clone(),
+        state: state.into(),
+        reason,
+        workers_connected: connected,
+        stream_length: figures.map(|f| f.length),
+        pending: figures.map(|f| f.pending),
+        lag: figures.and_then(|f| f.lag),
+        figures_age_secs: figures.map(|f| (now_ms - f.at_ms) as f64 / 1000.0),
     }
 }
 

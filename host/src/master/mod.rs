@@ -39,6 +39,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::config::{Config, PoolConfig, PoolMode};
 use crate::plugins::{PluginError, Registry};
 use crate::protocol::{self, Frame, FrameReader, Status};
+use crate::scoreboard::Slot;
 use crate::server::{self, Connection, ReadOutcome};
 use crate::signals::{self, SignalPipe};
 use crate::worker::{self, Limit, WorkerExit};
@@ -190,6 +191,9 @@ struct Worker {
     overdue: Option<u64>,
     /// A redis pool: the ended workers it was given to take over (handed on if it dies too).
     inherited: Vec<worker::redis::Predecessor>,
+    /// What the worker publishes about itself (a redis worker: its counts, running entry,
+    /// connection and the stream's figures).
+    slot: Slot,
 }
 
 impl Worker {
@@ -574,11 +578,18 @@ impl Master {
         if let Some(epoll) = &self.epoll {
             let _ = epoll.delete(worker.channel.as_fd());
         }
-        if self.pools[worker.pool].config.redis.is_some() {
-            // Its entries never pass through the master: only the worker can count them.
-            if let Some(said) = worker.leaving {
-                worker.jobs_done = said.jobs_done;
-            }
+        // A redis worker's entries never pass through the master: only it can count them.
+        let board = self.pools[worker.pool]
+            .config
+            .redis
+            .is_some()
+            .then(|| worker.slot.read());
+        if let Some(board) = &board {
+            let said = worker.leaving.map_or(0, |l| l.jobs_done);
+            worker.jobs_done = board.jobs_done.max(said);
+            let stats = &mut self.pools[worker.pool].stats;
+            stats.done += board.jobs_done.saturating_sub(board.jobs_failed);
+            stats.failed += board.jobs_failed.min(board.jobs_done);
         }
         let ending = classify(
             status,
@@ -667,6 +678,8 @@ impl Master {
             pool.predecessors.push(worker::redis::Predecessor {
                 consumer: worker::redis::consumer_name(&name, pid.as_raw() as u32),
                 why,
+                // What it was running then: only that entry used up an attempt.
+                running: board.and_then(|b| b.running),
             });
         }
         match &ending {
@@ -1097,7 +1110,7 @@ impl Master {
                     "pool {pool:?} is a loop-mode pool; it takes no jobs"
                 )),
                 Some(&idx) if self.pools[idx].config.redis.is_some() => Err(format!(
-                    "pool {pool:?} is fed from Redis; XADD to its stream instead"
+                    "pool {pool:?} is fed from Redis: use `jobhost submit -c CONFIG {pool}`, or XADD to its stream"
                 )),
                 Some(&idx) if payload.len() as u64 > self.config.server.max_payload => {
                     let _ = idx;
@@ -1437,6 +1450,7 @@ impl Master {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(os("socketpair"))?;
+        let slot = Slot::new().map_err(os("mmap (scoreboard slot)"))?;
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         // Block every signal across fork: a signal that reached the child before it installed
@@ -1458,10 +1472,14 @@ impl Master {
         match forked.map_err(os("fork"))? {
             ForkResult::Child => {
                 drop(ours);
-                self.become_worker(idx, theirs, mask, handed)
+                self.become_worker(idx, theirs, mask, handed, slot)
             }
             ForkResult::Parent { child } => {
                 drop(theirs);
+                // Only this worker gets the slot: no later child (worker, probe) inherits it.
+                if let Err(e) = slot.keep_from_later_children() {
+                    log::warn!("scoreboard slot of worker {child}: madvise: {e}");
+                }
                 // The worker leads its own process group (a terminal's Ctrl-C reaches the
                 // master only). It says so itself too; doing it on both sides, as shells do,
                 // leaves no moment at which it is still in ours.
@@ -1505,6 +1523,7 @@ impl Master {
                         violation: None,
                         overdue: None,
                         inherited: handed,
+                        slot,
                     },
                 );
                 Ok(())
@@ -1520,6 +1539,7 @@ impl Master {
         channel: OwnedFd,
         sigmask: nix::sys::signal::SigSet,
         predecessors: Vec<worker::redis::Predecessor>,
+        slot: Slot,
     ) -> ! {
         if let Some(signals) = self.signals.take() {
             signals.reset_in_child();
@@ -1531,7 +1551,11 @@ impl Master {
         // Closes our copy of the lock fd; the master's lock stays (no unlock here).
         self.pidfile = None;
         self.clients.clear();
-        self.workers.clear(); // other workers' socketpairs
+        // Other workers' socketpairs. Their scoreboard slots are not mapped here
+        // (MADV_DONTFORK): forget them rather than unmap what may be something else by now.
+        for (_, other) in self.workers.drain() {
+            std::mem::forget(other.slot);
+        }
         let mut instance = self.pools[idx].instance.take();
         // Other pools' plugin instances are the master's: never run their destructors here.
         for pool in &mut self.pools {
@@ -1547,6 +1571,7 @@ impl Master {
             sigmask,
             identity: self.identity.clone(),
             predecessors,
+            slot,
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),

@@ -117,6 +117,8 @@ pub struct Assignment {
     pub identity: Option<crate::daemon::Identity>,
     /// A redis pool: ended workers whose pending entries this one takes over first.
     pub predecessors: Vec<redis::Predecessor>,
+    /// This worker's scoreboard slot (see [`crate::scoreboard`]).
+    pub slot: crate::scoreboard::Slot,
 }
 
 /// The worker's own state, changed by signal callbacks between jobs.
@@ -220,6 +222,7 @@ fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPip
             pool,
             cfg.clone(),
             assignment.predecessors,
+            assignment.slot,
         )),
         (None, PoolMode::Jobs) => Box::new(MasterSource::new(assignment.channel)),
         (None, PoolMode::Loop) => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
@@ -231,6 +234,7 @@ fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPip
     }
     log::debug!("worker started (generation {})", assignment.generation);
     let (exit, jobs_done) = batch_loop(plugin, pool, &signals, source.as_mut());
+    source.retire();
     if let Err(message) = plugin.worker_stop().into_result() {
         log::warn!("worker_stop failed: {message}");
     }

@@ -40,12 +40,15 @@ use redis::{Connection, Value};
 
 use super::source::{JobSource, Next, Wake};
 use crate::config::{PoolConfig, RedisConfig};
+use crate::scoreboard::{Slot, SourceState, StreamFigures};
 
-/// A dead predecessor handed over by the master: its consumer name and why it ended.
+/// A dead predecessor handed over by the master: its consumer name, why it ended, and the
+/// entry it was running then (from its scoreboard slot): only that one used up an attempt.
 #[derive(Debug, Clone)]
 pub struct Predecessor {
     pub consumer: String,
     pub why: String,
+    pub running: Option<String>,
 }
 
 /// How long one slice of waiting for a blocking read lasts (the signal latency).
@@ -57,6 +60,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Pending entries looked at per XPENDING / XAUTOCLAIM call.
 const CLAIM_COUNT: usize = 100;
+/// The longest a computed result waits to be written with others (one MULTI/EXEC per batch
+/// of fast jobs; a slow job's result is written at once).
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// How often a busy worker reads the stream's figures for `status`.
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
+/// Bounds of an entry's `reply_ttl` (milliseconds).
+const REPLY_TTL: std::ops::RangeInclusive<u64> = 1_000..=30 * 24 * 3_600_000;
 
 /// The consumer name of worker `pid` of `pool` on this host.
 pub fn consumer_name(pool: &str, pid: u32) -> String {
@@ -73,6 +83,9 @@ pub fn consumer_name(pool: &str, pid: u32) -> String {
 struct Entry {
     id: String,
     fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Delivered before (taken over, claimed, or read again from this consumer's history):
+    /// it may be the entry that killed a worker, so it runs on its own.
+    suspect: bool,
 }
 
 impl Entry {
@@ -111,31 +124,40 @@ struct Outage {
     delay: Duration,
 }
 
-/// A result computed but not yet written (the connection broke): written first on reconnect.
-struct Unsent {
-    entry: Entry,
-    ok: bool,
-    body: Vec<u8>,
-}
-
 pub struct RedisSource {
     channel: OwnedFd,
     cfg: RedisConfig,
     max_attempts: u32,
     consumer: String,
     conn: Option<Connection>,
-    /// A blocking XREADGROUP has been sent and its reply not read yet.
-    reading: bool,
     /// Read this consumer's own pending entries (id 0) before new ones: after a reconnect,
     /// a reply lost on the way may have delivered entries this worker never saw.
     own_history: bool,
     /// Entries delivered to this consumer, not run yet; the front is next.
     ready: VecDeque<Entry>,
     takeover: VecDeque<Predecessor>,
-    unsent: Option<Unsent>,
+    /// Results computed and not written yet (with their XACKs): written together, before the
+    /// next read, before a suspect entry runs, and at the latest `FLUSH_AFTER` after the
+    /// first of them was computed.
+    answers: Vec<Answer>,
+    first_answer_at: Option<Instant>,
     outage: Option<Outage>,
     connected_once: bool,
     next_autoclaim: Instant,
+    /// This worker's scoreboard slot: counts, the running entry, the connection, figures.
+    slot: Slot,
+    ran: u64,
+    failed: u64,
+    /// When the stream's figures may be read again, and whether they changed since.
+    next_figures: Instant,
+    figures_stale: bool,
+}
+
+/// A computed result not yet written.
+struct Answer {
+    entry: Entry,
+    ok: bool,
+    body: Vec<u8>,
 }
 
 impl RedisSource {
@@ -144,6 +166,7 @@ impl RedisSource {
         pool: &PoolConfig,
         cfg: RedisConfig,
         takeover: Vec<Predecessor>,
+        slot: Slot,
     ) -> RedisSource {
         let consumer = consumer_name(&pool.name, std::process::id());
         log::debug!(
@@ -151,20 +174,26 @@ impl RedisSource {
             cfg.group,
             cfg.stream
         );
+        let now = Instant::now();
         RedisSource {
             channel,
             cfg,
             max_attempts: pool.max_attempts,
             consumer,
             conn: None,
-            reading: false,
             own_history: true,
             ready: VecDeque::new(),
             takeover: takeover.into(),
-            unsent: None,
+            answers: Vec::new(),
+            first_answer_at: None,
             outage: None,
             connected_once: false,
-            next_autoclaim: Instant::now(),
+            next_autoclaim: now,
+            slot,
+            ran: 0,
+            failed: 0,
+            next_figures: now,
+            figures_stale: true,
         }
     }
 
@@ -192,19 +221,20 @@ impl RedisSource {
                 outage.since.elapsed()
             );
         }
+        self.slot.publish(|w| w.source(&SourceState::Connected));
         self.connected_once = true;
         self.conn = Some(conn);
-        self.reading = false;
-        // What was delivered before is in this consumer's pending list: read it from there.
+        // What was delivered before is in this consumer's pending list: read it from there
+        // (after the answers still to write, whose entries are skipped there).
         self.ready.clear();
         self.own_history = true;
+        self.figures_stale = true;
         Ok(())
     }
 
     /// The connection failed: drop it, start (or go on with) the outage back-off.
     fn lost(&mut self, fault: &RedisFault) {
         self.conn = None;
-        self.reading = false;
         let now = Instant::now();
         match &mut self.outage {
             None => {
@@ -212,6 +242,9 @@ impl RedisSource {
                     "redis: cannot reach {}: {fault}; retrying",
                     self.cfg.shown_url
                 );
+                let reason = fault.to_string();
+                self.slot
+                    .publish(|w| w.source(&SourceState::Disconnected { reason }));
                 self.outage = Some(Outage {
                     since: now,
                     next_try: now + BACKOFF_FIRST,
@@ -226,69 +259,131 @@ impl RedisSource {
         }
     }
 
-    /// One step with a live connection. `Ok(None)`: nothing to run right now, wait a slice.
-    fn step(&mut self, plugin: &mut PluginInstance) -> Fault<Option<Next>> {
-        if let Some(unsent) = self.unsent.take() {
-            let conn = self.conn.as_mut().ok_or_else(gone)?;
-            if let Err(e) = answer(conn, &self.cfg, &unsent.entry, unsent.ok, &unsent.body) {
-                self.unsent = Some(unsent);
-                return Err(e);
-            }
+    /// Whether the computed answers must be written before anything else happens: unless
+    /// the next entry is a fresh one and they are younger than FLUSH_AFTER.
+    fn answers_due(&self) -> bool {
+        if self.answers.is_empty() {
+            return false;
         }
-        if !self.reading {
-            if let Some(predecessor) = self.takeover.front().cloned() {
-                let conn = self.conn.as_mut().ok_or_else(gone)?;
-                let (claimed, done) = take_over(
-                    conn,
-                    &self.cfg,
-                    &self.consumer,
-                    &predecessor,
-                    self.max_attempts,
-                )?;
-                if done {
-                    self.takeover.pop_front();
+        let young = self
+            .first_answer_at
+            .is_some_and(|t| t.elapsed() < FLUSH_AFTER);
+        !(young && self.ready.front().is_some_and(|e| !e.suspect))
+    }
+
+    /// Writes every computed answer and its XACK in one MULTI/EXEC.
+    fn flush(&mut self) -> Fault<()> {
+        if self.answers.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.as_mut().ok_or_else(gone)?;
+        let outcome = answer_all(conn, &self.cfg, &self.answers);
+        match outcome {
+            Ok(refused) => {
+                // A result Redis would not store (its reply_to is not a stream): the entry is
+                // acked all the same, so say so where a person looks.
+                let answers = std::mem::take(&mut self.answers);
+                self.first_answer_at = None;
+                for (index, why) in refused {
+                    if let Some(a) = answers.get(index) {
+                        let reason = format!("cannot write its result: {why}");
+                        dead_letter(conn, &self.cfg, &a.entry, &reason, false)?;
+                    }
                 }
-                // Retries go first: they waited longest.
-                for entry in claimed.into_iter().rev() {
-                    self.ready.push_front(entry);
-                }
+                Ok(())
+            }
+            Err(e) if e.no_group() => {
+                // Redis lost the group (and so the entries): nothing left to answer.
+                self.answers.clear();
+                self.first_answer_at = None;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One step with a live connection.
+    fn step(&mut self, plugin: &mut PluginInstance) -> Fault<Next> {
+        if self.answers_due() {
+            self.flush()?;
+        }
+        if let Some(predecessor) = self.takeover.front().cloned() {
+            let conn = self.conn.as_mut().ok_or_else(gone)?;
+            let (claimed, done) = take_over(
+                conn,
+                &self.cfg,
+                &self.consumer,
+                &predecessor,
+                self.max_attempts,
+            )?;
+            if done {
+                self.takeover.pop_front();
+            }
+            // Retries go first: they waited longest.
+            for entry in claimed.into_iter().rev() {
+                self.ready.push_front(entry);
+            }
+            if self.answers_due() {
+                self.flush()?;
             }
         }
         if let Some(entry) = self.ready.pop_front() {
             self.run(plugin, entry)?;
-            return Ok(Some(Next::Worked));
+            return Ok(Next::Worked);
         }
         if !self.takeover.is_empty() {
-            return Ok(Some(Next::Idle(Wake {
-                timeout: Some(Duration::ZERO),
-            })));
+            return Ok(again());
         }
+        self.flush()?;
+        let now = Instant::now();
+        if now >= self.next_autoclaim && !self.own_history {
+            self.next_autoclaim = now + self.cfg.claim_idle / 2;
+            let conn = self.conn.as_mut().ok_or_else(gone)?;
+            sweep(conn, &self.cfg, &self.consumer)?;
+            let claimed = autoclaim(conn, &self.cfg, &self.consumer, self.max_attempts)?;
+            if !claimed.is_empty() {
+                self.ready.extend(claimed);
+                return Ok(again());
+            }
+        }
+        let entries = self.read()?;
+        if entries.is_empty() {
+            if std::mem::take(&mut self.figures_stale) {
+                self.read_figures()?;
+            }
+        } else {
+            self.figures_stale = true;
+            if now >= self.next_figures {
+                self.read_figures()?;
+            }
+        }
+        self.ready.extend(entries);
+        // Run the first entry read before the batch loop looks at signals again: a stop that
+        // came during the read then never leaves a read entry pending (with batch = 1, none;
+        // with more, the rest are handed back on the way out).
+        if let Some(entry) = self.ready.pop_front() {
+            self.run(plugin, entry)?;
+            return Ok(Next::Worked);
+        }
+        Ok(again())
+    }
+
+    /// One XREADGROUP: this consumer's history first (after a (re)connect), then new entries
+    /// with BLOCK. The worker's signals are held for the read (see the module doc).
+    fn read(&mut self) -> Fault<Vec<Entry>> {
         let conn = self.conn.as_mut().ok_or_else(gone)?;
         let mut cmd = redis::cmd("XREADGROUP");
-        {
-            let now = Instant::now();
-            if now >= self.next_autoclaim && !self.own_history {
-                self.next_autoclaim = now + self.cfg.claim_idle / 2;
-                let claimed = autoclaim(conn, &self.cfg, &self.consumer, self.max_attempts)?;
-                if !claimed.is_empty() {
-                    self.ready.extend(claimed);
-                    return Ok(Some(Next::Idle(Wake {
-                        timeout: Some(Duration::ZERO),
-                    })));
-                }
-            }
-            cmd.arg("GROUP")
-                .arg(&self.cfg.group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(self.cfg.batch);
-            if !self.own_history {
-                cmd.arg("BLOCK").arg(SLICE.as_millis() as u64);
-            }
-            cmd.arg("STREAMS")
-                .arg(&self.cfg.stream)
-                .arg(if self.own_history { "0" } else { ">" });
+        cmd.arg("GROUP")
+            .arg(&self.cfg.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.cfg.batch);
+        if !self.own_history {
+            cmd.arg("BLOCK").arg(SLICE.as_millis() as u64);
         }
+        cmd.arg("STREAMS")
+            .arg(&self.cfg.stream)
+            .arg(if self.own_history { "0" } else { ">" });
         // With SO_RCVTIMEO set, a signal makes recv(2) fail with EINTR even under SA_RESTART
         // (signal(7)), which would break the connection: the worker's signals are held for
         // the read (at most one BLOCK slice) and delivered right after it.
@@ -301,38 +396,64 @@ impl RedisSource {
         if let Value::ServerError(e) = &value {
             return Err(redis::RedisError::from(e.clone()).into());
         }
-        let entries = read_reply(value)?;
-        if self.own_history && entries.is_empty() {
+        let mut entries = read_reply(value)?;
+        if !self.own_history {
+            return Ok(entries);
+        }
+        if entries.is_empty() {
+            self.own_history = false;
+            return Ok(entries);
+        }
+        // History: delivered before, so each may be the one that killed a worker.
+        let mut gone_ids = Vec::new();
+        entries.retain_mut(|entry| {
+            entry.suspect = true;
+            if entry.fields.is_empty() {
+                gone_ids.push(entry.id.clone()); // deleted from the stream while pending
+                return false;
+            }
+            true
+        });
+        if !gone_ids.is_empty() {
+            let _: Value = redis::cmd("XACK")
+                .arg(&self.cfg.stream)
+                .arg(&self.cfg.group)
+                .arg(&gone_ids)
+                .query(conn)?;
+        }
+        // COUNT bounds a history read too: the next read goes on after the last one seen.
+        if entries.len() < self.cfg.batch && gone_ids.is_empty() {
             self.own_history = false;
         }
-        let history = self.own_history;
-        for entry in entries {
-            if history && entry.fields.is_empty() {
-                // Deleted from the stream while pending here: nothing to run; ack it.
-                let _: Value = redis::cmd("XACK")
-                    .arg(&self.cfg.stream)
-                    .arg(&self.cfg.group)
-                    .arg(&entry.id)
-                    .query(conn)?;
-                continue;
-            }
-            self.ready.push_back(entry);
+        Ok(entries)
+    }
+
+    /// XLEN and the group's line of XINFO GROUPS, into the scoreboard (for `status`).
+    fn read_figures(&mut self) -> Fault<()> {
+        let conn = self.conn.as_mut().ok_or_else(gone)?;
+        let (length, groups): (u64, Value) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&self.cfg.stream)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.cfg.stream)
+            .query(conn)?;
+        self.next_figures = Instant::now() + FIGURES_EVERY;
+        if let Some((pending, lag)) = group_figures(&groups, &self.cfg.group) {
+            let figures = StreamFigures {
+                at_ms: crate::scoreboard::monotonic_ms(),
+                length,
+                pending,
+                lag,
+            };
+            self.slot.publish(|w| w.figures(&figures));
         }
-        // Run the first entry read before the batch loop looks at signals again: a stop that
-        // came during the read then never leaves a read entry pending (with batch = 1, none;
-        // with more, the rest wait for the successor's takeover).
-        if let Some(entry) = self.ready.pop_front() {
-            self.run(plugin, entry)?;
-            return Ok(Some(Next::Worked));
-        }
-        Ok(Some(Next::Idle(Wake {
-            timeout: Some(Duration::ZERO),
-        })))
+        Ok(())
     }
 
     fn run(&mut self, plugin: &mut PluginInstance, entry: Entry) -> Fault<()> {
-        let conn = self.conn.as_mut().ok_or_else(gone)?;
         let Some(payload) = entry.field("payload") else {
+            let conn = self.conn.as_mut().ok_or_else(gone)?;
             return dead_letter(
                 conn,
                 &self.cfg,
@@ -341,16 +462,89 @@ impl RedisSource {
                 false,
             );
         };
+        let started = Instant::now();
+        self.slot.publish(|w| w.running(Some(entry.id.as_bytes())));
         let (ok, body) = match plugin.handle(RSlice::from_slice(payload)) {
             RResult::ROk(result) => (true, result.to_vec()),
             RResult::RErr(message) => (false, message.as_bytes().to_vec()),
         };
-        if let Err(e) = answer(conn, &self.cfg, &entry, ok, &body) {
-            self.unsent = Some(Unsent { entry, ok, body });
-            return Err(e);
+        self.ran += 1;
+        if !ok {
+            self.failed += 1;
+        }
+        let (ran, failed) = (self.ran, self.failed);
+        self.slot.publish(|w| {
+            w.running(None);
+            w.jobs(ran, failed);
+        });
+        let suspect = entry.suspect;
+        self.answers.push(Answer { entry, ok, body });
+        self.first_answer_at.get_or_insert(started);
+        // A retry runs on its own (its result is written before the next entry runs), and so
+        // does the result of a job that took long: both are written at once.
+        if suspect || started.elapsed() >= FLUSH_AFTER {
+            // The job ran: a failure to write is the connection's, handled like any other
+            // (its answer is kept and written after the reconnect).
+            if let Err(fault) = self.flush() {
+                self.fault(&fault);
+            }
         }
         Ok(())
     }
+
+    /// On the way out: write what was computed, and hand the entries read but not started
+    /// back to the group (added again, the originals acked, in one MULTI/EXEC), so that none
+    /// waits for `claim_idle`; then leave the group if nothing is pending here any more.
+    fn hand_back(&mut self) -> Fault<()> {
+        if self.conn.is_none() {
+            self.connect()?;
+        }
+        self.flush()?;
+        let conn = self.conn.as_mut().ok_or_else(gone)?;
+        if !self.ready.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for entry in &self.ready {
+                let again = pipe.cmd("XADD").arg(&self.cfg.stream).arg("*");
+                if entry.field("id").is_none() {
+                    // The submitter knows it by its first id: keep it.
+                    again.arg("id").arg(&entry.id);
+                }
+                for (k, v) in &entry.fields {
+                    again.arg(k.as_slice()).arg(v.as_slice());
+                }
+                again.ignore();
+            }
+            pipe.cmd("XACK")
+                .arg(&self.cfg.stream)
+                .arg(&self.cfg.group)
+                .arg(self.ready.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+                .ignore();
+            pipe.query::<()>(conn)?;
+            log::info!(
+                "redis: handed {} entr{} read but not started back to {}",
+                self.ready.len(),
+                if self.ready.len() == 1 { "y" } else { "ies" },
+                self.cfg.stream
+            );
+            self.ready.clear();
+        }
+        if pending(conn, &self.cfg, "-", "+", 1, Some(&self.consumer))?.is_empty() {
+            let _: Value = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&self.cfg.stream)
+                .arg(&self.cfg.group)
+                .arg(&self.consumer)
+                .query(conn)?;
+        }
+        Ok(())
+    }
+}
+
+fn again() -> Next {
+    Next::Idle(Wake {
+        timeout: Some(Duration::ZERO),
+    })
 }
 
 /// Blocks the worker's signals; returns the mask to restore.
@@ -460,7 +654,11 @@ fn parse_entry(v: &Value) -> Option<Entry> {
             .collect(),
         _ => Vec::new(),
     };
-    Some(Entry { id, fields })
+    Some(Entry {
+        id,
+        fields,
+        suspect: false,
+    })
 }
 
 fn parse_entries(v: &Value) -> Vec<Entry> {
@@ -505,8 +703,17 @@ fn add_result(pipe: &mut redis::Pipeline, target: &[u8], entry: &Entry, ok: bool
         .arg("status")
         .arg(if ok { "ok" } else { "failed" })
         .arg("body")
-        .arg(body)
-        .ignore();
+        .arg(body);
+}
+
+/// The entry's `reply_ttl`: how long its reply stream is kept after this result (ms).
+fn reply_ttl(entry: &Entry) -> Option<u64> {
+    let ttl: u64 = std::str::from_utf8(entry.field("reply_ttl")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ttl.clamp(*REPLY_TTL.start(), *REPLY_TTL.end()))
 }
 
 fn exec(conn: &mut Connection, pipe: &redis::Pipeline) -> Fault<()> {
@@ -514,25 +721,48 @@ fn exec(conn: &mut Connection, pipe: &redis::Pipeline) -> Fault<()> {
     Ok(())
 }
 
-/// The result and the XACK, in one MULTI/EXEC.
-fn answer(
+/// The results of `answers` and their XACKs, in one MULTI/EXEC. Returns the answers whose
+/// result Redis refused (a `reply_to` that is not a stream), with its error: those entries
+/// are acked all the same (MULTI does not roll back).
+fn answer_all(
     conn: &mut Connection,
     cfg: &RedisConfig,
-    entry: &Entry,
-    ok: bool,
-    body: &[u8],
-) -> Fault<()> {
+    answers: &[Answer],
+) -> Fault<Vec<(usize, String)>> {
     let mut pipe = redis::pipe();
-    pipe.atomic();
-    if let Some(target) = reply_target(cfg, entry) {
-        add_result(&mut pipe, &target, entry, ok, body);
+    pipe.atomic().ignore_errors();
+    // Which reply in EXEC's array is each answer's XADD.
+    let mut xadds = Vec::with_capacity(answers.len());
+    let mut replies = 0;
+    for (index, a) in answers.iter().enumerate() {
+        let Some(target) = reply_target(cfg, &a.entry) else {
+            continue;
+        };
+        add_result(&mut pipe, &target, &a.entry, a.ok, &a.body);
+        xadds.push((index, replies));
+        replies += 1;
+        if let (Some(ttl), Some(_)) = (reply_ttl(&a.entry), a.entry.field("reply_to")) {
+            pipe.cmd("PEXPIRE").arg(&target).arg(ttl);
+            replies += 1;
+        }
     }
-    pipe.cmd("XACK")
-        .arg(&cfg.stream)
-        .arg(&cfg.group)
-        .arg(&entry.id)
-        .ignore();
-    exec(conn, &pipe)
+    pipe.cmd("XACK").arg(&cfg.stream).arg(&cfg.group).arg(
+        answers
+            .iter()
+            .map(|a| a.entry.id.as_str())
+            .collect::<Vec<_>>(),
+    );
+    let results: Vec<redis::RedisResult<Value>> = pipe.query(conn)?;
+    if let Some(Err(e)) = results.last() {
+        return Err(RedisFault::Reply("XACK", e.to_string()));
+    }
+    Ok(xadds
+        .into_iter()
+        .filter_map(|(index, reply)| match results.get(reply) {
+            Some(Err(e)) => Some((index, e.to_string())),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Moves an entry to the dead-letter stream with `reason` and acks it, in one MULTI/EXEC;
@@ -555,6 +785,7 @@ fn dead_letter(
     if answer_failed {
         if let Some(target) = reply_target(cfg, entry) {
             add_result(&mut pipe, &target, entry, false, reason.as_bytes());
+            pipe.ignore();
         }
     }
     let dead = pipe.cmd("XADD").arg(&cfg.dead_letter).arg("*");
@@ -634,13 +865,45 @@ fn take_over(
         );
         return Ok((Vec::new(), true));
     }
-    let mut cmd = redis::cmd("XCLAIM");
-    cmd.arg(&cfg.stream).arg(&cfg.group).arg(me).arg(0);
-    for (id, _) in &rows {
-        cmd.arg(id);
+    // Only the entry it was running used up an attempt (XCLAIM counts one more delivery);
+    // the others are claimed with their count as it was (RETRYCOUNT), grouped by count.
+    let blamed = |id: &str| dead.running.as_deref().is_none_or(|r| r == id);
+    let mut counts: Vec<i64> = rows
+        .iter()
+        .filter(|(id, _)| !blamed(id))
+        .map(|(_, n)| *n)
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut pipe = redis::pipe();
+    let claim = |pipe: &mut redis::Pipeline, ids: Vec<&String>, keep: Option<i64>| {
+        let cmd = pipe.cmd("XCLAIM");
+        cmd.arg(&cfg.stream).arg(&cfg.group).arg(me).arg(0).arg(ids);
+        if let Some(count) = keep {
+            cmd.arg("RETRYCOUNT").arg(count);
+        }
+    };
+    claim(
+        &mut pipe,
+        rows.iter()
+            .filter(|(id, _)| blamed(id))
+            .map(|(id, _)| id)
+            .collect(),
+        None,
+    );
+    for &count in &counts {
+        claim(
+            &mut pipe,
+            rows.iter()
+                .filter(|(id, n)| !blamed(id) && *n == count)
+                .map(|(id, _)| id)
+                .collect(),
+            Some(count),
+        );
     }
-    let claimed: Value = cmd.query(conn)?;
-    let claimed = parse_entries(&claimed);
+    let replies: Vec<Value> = pipe.query(conn)?;
+    let mut claimed: Vec<Entry> = replies.iter().flat_map(parse_entries).collect();
+    claimed.sort_by_key(|e| stream_id_key(&e.id));
     if claimed.is_empty() {
         // All of them were deleted from the stream meanwhile: nothing to run; ack them so
         // the list empties (Redis 7 drops them from it on XCLAIM already).
@@ -652,12 +915,20 @@ fn take_over(
         let _: Value = ack.query(conn)?;
     }
     let mut run = Vec::new();
-    for entry in claimed {
+    for mut entry in claimed {
+        entry.suspect = true;
         let deliveries = rows
             .iter()
             .find(|(id, _)| *id == entry.id)
             .map_or(1, |(_, n)| *n);
-        if deliveries >= i64::from(max_attempts) {
+        if !blamed(&entry.id) {
+            log::debug!(
+                "redis: taking over entry {} of {} (not started there)",
+                entry.id,
+                dead.consumer
+            );
+            run.push(entry);
+        } else if deliveries >= i64::from(max_attempts) {
             let reason = format!("{}, attempt {deliveries} of {max_attempts}", dead.why);
             dead_letter(conn, cfg, &entry, &reason, true)?;
         } else {
@@ -671,6 +942,78 @@ fn take_over(
         }
     }
     Ok((run, false))
+}
+
+/// Sorts stream ids as Redis does (`ms-seq`, numerically); a malformed one sorts last.
+fn stream_id_key(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or((u64::MAX, u64::MAX))
+}
+
+/// Removes, in one atomic script, the group's consumers (other than `me`) that have nothing
+/// pending and have not read for longer than `claim_idle`: those of a host that died, once
+/// their entries were claimed. A live consumer that is only resting (a worker held back for
+/// lack of memory) loses nothing by it: its next read makes it again.
+fn sweep(conn: &mut Connection, cfg: &RedisConfig, me: &str) -> Fault<()> {
+    const SWEEP: &str = r#"
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(removed, f['name'])
+  end
+end
+return removed
+"#;
+    // Sent as EVAL (rarely: every claim_idle / 2), so the crate's script cache is not needed.
+    let removed: Vec<String> = redis::cmd("EVAL")
+        .arg(SWEEP)
+        .arg(1)
+        .arg(&cfg.stream)
+        .arg(&cfg.group)
+        .arg(cfg.claim_idle.as_millis() as u64)
+        .arg(me)
+        .query(conn)?;
+    for name in removed {
+        log::info!(
+            "redis: removed consumer {name} from group {} (nothing pending, idle past claim_idle {:?})",
+            cfg.group,
+            cfg.claim_idle
+        );
+    }
+    Ok(())
+}
+
+/// The group's `pending` and `lag` from XINFO GROUPS (RESP2 pairs or a RESP3 map).
+fn group_figures(groups: &Value, group: &str) -> Option<(u64, Option<u64>)> {
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<(&Value, &Value)> = match g {
+            Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| Some((kv.first()?, kv.get(1)?)))
+                .collect(),
+            Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
+            _ => return None,
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| bytes(k).as_deref() == Some(name.as_bytes()))
+                .map(|(_, v)| *v)
+        };
+        if field("name").and_then(bytes).as_deref() != Some(group.as_bytes()) {
+            return None;
+        }
+        let pending = field("pending").and_then(int)?.max(0) as u64;
+        let lag = field("lag").and_then(int).map(|l| l.max(0) as u64);
+        Some((pending, lag))
+    })
 }
 
 /// XAUTOCLAIM of entries idle past claim_idle (their consumer's host died), until the cursor
@@ -701,7 +1044,8 @@ fn autoclaim(
             return Err(RedisFault::Reply("XAUTOCLAIM", format!("{reply:?}")));
         };
         cursor = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        for entry in parts.get(1).map(parse_entries).unwrap_or_default() {
+        for mut entry in parts.get(1).map(parse_entries).unwrap_or_default() {
+            entry.suspect = true;
             // The claim counted one more delivery: the ones before it were attempts.
             let deliveries = pending(conn, cfg, &entry.id, &entry.id, 1, None)?
                 .first()
@@ -729,6 +1073,18 @@ fn autoclaim(
     Ok(run)
 }
 
+impl RedisSource {
+    /// A command failed: a lost group reconnects at once (which recreates it); anything else
+    /// is an outage, retried with back-off.
+    fn fault(&mut self, fault: &RedisFault) {
+        if fault.no_group() {
+            self.conn = None;
+        } else {
+            self.lost(fault);
+        }
+    }
+}
+
 impl JobSource for RedisSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next> {
         if self.conn.is_none() {
@@ -743,29 +1099,14 @@ impl JobSource for RedisSource {
             }
             if let Err(fault) = self.connect() {
                 self.lost(&fault);
-                return Ok(Next::Idle(Wake {
-                    timeout: Some(Duration::ZERO),
-                }));
+                return Ok(again());
             }
         }
         match self.step(plugin) {
-            Ok(Some(next)) => Ok(next),
-            Ok(None) => Ok(Next::Idle(Wake {
-                timeout: Some(Duration::ZERO),
-            })),
-            Err(fault) if fault.no_group() => {
-                // Redis lost the group (restarted empty): reconnect, which recreates it.
-                self.conn = None;
-                self.reading = false;
-                Ok(Next::Idle(Wake {
-                    timeout: Some(Duration::ZERO),
-                }))
-            }
+            Ok(next) => Ok(next),
             Err(fault) => {
-                self.lost(&fault);
-                Ok(Next::Idle(Wake {
-                    timeout: Some(Duration::ZERO),
-                }))
+                self.fault(&fault);
+                Ok(again())
             }
         }
     }
@@ -776,5 +1117,21 @@ impl JobSource for RedisSource {
 
     fn channel(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
+    }
+
+    fn retire(&mut self) {
+        if self.answers.is_empty() && self.ready.is_empty() && self.conn.is_none() {
+            return;
+        }
+        if let Err(fault) = self.hand_back() {
+            // Redis is away: what was read stays pending here, for the next worker's takeover
+            // (or, past claim_idle, anyone's).
+            log::warn!(
+                "redis: could not hand back {} entr{} on the way out ({} results unwritten): {fault}",
+                self.ready.len(),
+                if self.ready.len() == 1 { "y" } else { "ies" },
+                self.answers.len()
+            );
+        }
     }
 }

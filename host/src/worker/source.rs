@@ -42,6 +42,9 @@ pub trait JobSource {
     fn hold(&mut self, _paused: bool) -> io::Result<()> {
         Ok(())
     }
+    /// The worker is leaving between two jobs: write what is computed, give back what was
+    /// taken but not started (an engine's source).
+    fn retire(&mut self) {}
 }
 
 /// The most a single job frame may be: the master enforces `max_payload` on clients; this
