@@ -139,7 +139,7 @@ impl Slot {
             }
             fence(Ordering::Acquire);
             let after = self.word(SEQ).load(Ordering::Relaxed);
-            if before == after && before % 2 == 0 {
+            if before == after && before.is_multiple_of(2) {
                 break;
             }
         }
@@ -334,18 +334,30 @@ mod tests {
     }
 
     #[test]
-    fn a_child_forked_after_dontfork_does_not_see_the_slot() {
-        // The property the master relies on: checked through /proc/self/maps of a child.
+    fn the_slot_is_marked_not_to_be_copied_into_later_children() {
+        // The property the master relies on, as the kernel reports it: VmFlags `dc`.
         let slot = Slot::new().unwrap();
+        let start = format!("{:x}-", slot.words.as_ptr() as usize);
+        let flags = || {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let at = smaps.find(&start).expect("the slot is mapped");
+            let flags = smaps[at..]
+                .lines()
+                .find(|l| l.starts_with("VmFlags:"))
+                .unwrap()
+                .to_string();
+            flags.split_whitespace().any(|f| f == "dc")
+        };
+        assert!(!flags());
         slot.keep_from_later_children().unwrap();
-        let addr = format!("{:x}-", slot.words.as_ptr() as usize);
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        assert!(maps.lines().any(|l| l.starts_with(&addr)));
-        assert!(
-            is_stream_id("0-1")
-                && !is_stream_id("-1")
-                && !is_stream_id("1-")
-                && !is_stream_id("a-1")
-        );
+        assert!(flags());
+    }
+
+    #[test]
+    fn stream_ids() {
+        assert!(is_stream_id("0-1") && is_stream_id("1700000000000-12"));
+        for bad in ["-1", "1-", "a-1", "1-2-3", "", "1"] {
+            assert!(!is_stream_id(bad), "{bad}");
+        }
     }
 }

@@ -381,3 +381,204 @@ fn a_reload_under_load_fails_nothing_and_answers_each_entry_once() {
     );
     assert!(results.iter().all(|r| r["status"] == "ok"), "{results:?}");
 }
+
+/// XADDs `entries` (`(id, payload)`) to `jobs` in one MULTI/EXEC, so that a worker blocked in
+/// its read gets them in one batch.
+fn add_at_once(redis: &Redis, entries: &[(&str, &str)], extra: &[(&str, &str)]) {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (id, payload) in entries {
+        let cmd = pipe.cmd("XADD").arg("jobs").arg("*");
+        cmd.arg("id").arg(*id).arg("payload").arg(*payload);
+        for (k, v) in extra {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.ignore();
+    }
+    pipe.query::<()>(&mut redis.conn()).unwrap();
+}
+
+#[test]
+fn in_a_batch_only_the_entry_that_crashes_workers_uses_up_attempts() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("faulty");
+    let redis = Redis::at(&env).start();
+    let master = env.start_master(&pool(
+        "faulty",
+        1,
+        &redis,
+        "max_attempts = 2\n",
+        "batch = 5\nresults = \"out\"\n",
+    ));
+    master.wait_for_workers(1);
+    master.wait_for_log("redis: created group", SOON);
+    // The poison sits in the middle of one batch: the entries before it ran (their results
+    // not yet written when it crashed the worker), those after it never started.
+    let batch = [
+        ("a0", "ok"),
+        ("a1", "ok"),
+        ("poison", "segv"),
+        ("a3", "ok"),
+        ("a4", "ok"),
+    ];
+    add_at_once(&redis, &batch, &[]);
+    wait_until("the poison dead-lettered", SOON, || {
+        redis.xlen("jobs:dead") == 1
+    });
+    wait_until("4 results and the poison's", SOON, || {
+        redis.xlen("out") >= 5
+    });
+    std::thread::sleep(Duration::from_millis(500)); // room for a duplicate to show up
+    let dead = redis.entries("jobs:dead");
+    assert_eq!(dead.len(), 1, "only the poison: {dead:?}");
+    assert_eq!(dead[0]["id"], "poison");
+    assert!(
+        dead[0]["reason"].contains("SIGSEGV, attempt 2 of 2"),
+        "{dead:?}"
+    );
+    let out = redis.entries("out");
+    let counts = counts(&out);
+    for id in ["a0", "a1", "a3", "a4", "poison"] {
+        assert_eq!(counts.get(id), Some(&1), "{id}: {out:?}");
+    }
+    for r in &out {
+        let ok = r["id"] != "poison";
+        assert_eq!(r["status"] == "ok", ok, "{r:?}");
+    }
+    wait_until("nothing pending", SOON, || {
+        redis
+            .cli(&["XPENDING", "jobs", "jobhost"])
+            .starts_with("0\n")
+    });
+}
+
+#[test]
+fn a_stopping_worker_hands_back_the_entries_it_read_but_did_not_start() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("sleep");
+    let redis = Redis::at(&env).start();
+    let config = pool("sleep", 1, &redis, "", "batch = 10\nresults = \"out\"\n");
+    let mut master = env.start_master(&config);
+    let worker = master.wait_for_workers(1)[0];
+    master.wait_for_log("redis: created group", SOON);
+    let ids: Vec<String> = (0..10).map(|i| format!("j{i}")).collect();
+    let batch: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "400")).collect();
+    add_at_once(&redis, &batch, &[]);
+    wait_until("the first job running", SOON, || in_sleep_job(worker));
+    master.signal(Signal::SIGTERM);
+    assert_eq!(master.wait_exit(SOON), 0, "{}", master.log_text());
+    // It finished what it was running, wrote that result, and gave the rest back at once:
+    // nothing is left pending for claim_idle, and it left the group.
+    let done = redis.xlen("out");
+    assert!((1..10).contains(&done), "{done} results");
+    let log = master.log_text();
+    assert!(
+        log.contains(&format!(
+            "handed {} entries read but not started back",
+            10 - done
+        )),
+        "{log}"
+    );
+    assert!(redis
+        .cli(&["XPENDING", "jobs", "jobhost"])
+        .starts_with("0\n"));
+    assert_eq!(
+        redis.cli(&["XINFO", "CONSUMERS", "jobs", "jobhost"]).trim(),
+        "",
+        "the worker removed itself from the group"
+    );
+    // The next master runs the rest: every entry answered once, under its own id.
+    let _again = env.start_master(&config);
+    wait_until("every result", SOON, || redis.xlen("out") >= 10);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = redis.entries("out");
+    let counts = counts(&out);
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id}: {out:?}");
+    }
+}
+
+#[test]
+fn status_shows_the_stream_and_a_lost_connection_with_its_reason() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("echo");
+    let mut redis = Redis::at(&env).start();
+    let master = env.start_master(&config_with(&format!(
+        "[[pool]]\nname = \"local\"\nplugin = \"echo\"\nworkers = 1\n\n[[pool]]\nname = \"q\"\nplugin = \"echo\"\nworkers = 2\nsource = \"redis\"\n[pool.redis]\nurl = \"{}\"\nstream = \"jobs\"\nresults = \"out\"\nbatch = 8\n",
+        redis.url()
+    )));
+    master.wait_for_workers(3);
+    let entries: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("e{i}"), format!("p{i}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    add_at_once(&redis, &refs, &[]);
+    wait_until("40 results", SOON, || redis.xlen("out") == 40);
+    let want = "q: redis ";
+    wait_until("status shows the stream at rest", SOON, || {
+        let status = master.admin("status");
+        status.contains(want)
+            && status.contains("stream jobs group jobhost: connected; length 40, pending 0, lag 0")
+    });
+    let status = master.admin("status");
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("q "))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        row.split_whitespace().any(|c| c == "40"),
+        "40 done: {status}"
+    );
+    let json = master.admin("status json");
+    assert!(json.contains("\"stream_length\":40"), "{json}");
+
+    redis.stop();
+    wait_until("status says disconnected, with the reason", SOON, || {
+        let status = master.admin("status");
+        status.contains("group jobhost: disconnected (")
+    });
+    // The other pool is not affected.
+    let mut client = master.client();
+    let result = client.call("local", b"still here").unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(result.text(), "still here");
+    // Once per outage per worker, not once per attempt (the back-off retries many times).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        master.log_count("redis: cannot reach"),
+        2,
+        "{}",
+        master.log_text()
+    );
+
+    let redis = Redis::at(&env).start();
+    wait_until("connected again", SOON, || {
+        master.admin("status").contains("group jobhost: connected")
+    });
+    add_at_once(
+        &redis,
+        &[("after", "back")],
+        &[("reply_to", "mine"), ("reply_ttl", "5000")],
+    );
+    wait_until("a result after the outage", SOON, || {
+        redis.xlen("mine") == 1
+    });
+    // The reply stream expires by itself (its submitter may be gone).
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("mine")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((1..=5000).contains(&ttl), "PTTL {ttl}");
+}

@@ -28,10 +28,7 @@ pub(crate) fn have_redis() -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("redis-server is not installed: skipping this Redis test");
-    }
-    found
+    jobhost_e2e::prerequisite(found, "redis-server is not installed")
 }
 
 impl Redis {
