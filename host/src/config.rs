@@ -185,8 +185,10 @@ pub struct RedisConfig {
     pub batch: usize,
 }
 
-/// The margin `claim_idle` must leave beyond the longest a worker may hold an entry.
-pub const CLAIM_IDLE_MARGIN: Duration = Duration::from_secs(1);
+/// The margin `claim_idle` must leave beyond `batch × job_timeout`: the master notices a redis
+/// job past its time within a second (it watches the workers' scoreboards), and SIGKILLs its
+/// worker 3 s after telling it to stop (KILL_GRACE); one more second for the takeover.
+pub const CLAIM_IDLE_MARGIN: Duration = Duration::from_secs(5);
 
 /// Why a config file was refused. Each displays as one line:
 /// `FILE:LINE:COL: KEY: MESSAGE` (`KEY: ` left out when there is none), or `FILE: MESSAGE`
@@ -1491,7 +1493,7 @@ fn build_redis(
                     v.span(),
                     key("claim_idle"),
                     format!(
-                        "{d:?} is too short: a live worker may hold an entry for batch × job_timeout = {batch} × {job_timeout:?} = {longest_hold:?}, and an entry idle for less than that may still be worked on; claiming it then would have two workers on one entry (make it more than {:?})",
+                        "{d:?} is too short: a live worker may hold an entry for batch × job_timeout = {batch} × {job_timeout:?} = {longest_hold:?}, and an entry idle for less than that may still be worked on; claiming it then would have two workers on one entry (make it more than {:?}: that plus {CLAIM_IDLE_MARGIN:?} for the master to notice an overrunning job and kill its worker)",
                         longest_hold + CLAIM_IDLE_MARGIN
                     ),
                 ));
@@ -2539,7 +2541,7 @@ max_jobs = 0
             "pool[0].redis.claim_idle: 30s is too short",
         );
         assert!(e.to_string().contains("two workers on one entry"), "{e}");
-        env.ok("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"32s\"\n");
+        env.ok("[[pool]]\nname = \"q\"\nplugin = \"echo\"\njob_timeout = \"10s\"\nsource = \"redis\"\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\nbatch = 3\nclaim_idle = \"36s\"\n");
         // Pairings.
         env.err(
             "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nsource = \"redis\"\n",

@@ -37,13 +37,15 @@ const STATS_AT: usize = 4;
 const LENGTH: usize = 5;
 const PENDING: usize = 6;
 const LAG: usize = 7;
+/// CLOCK_MONOTONIC milliseconds when the running entry started.
+const RUNNING_SINCE: usize = 63;
 const RUNNING: usize = 8;
 /// The running entry's id: up to 48 bytes (a stream id is at most 41).
 const RUNNING_WORDS: usize = 6;
 const REASON: usize = RUNNING + RUNNING_WORDS;
 /// The reason for a lost connection: up to 240 bytes.
 const REASON_WORDS: usize = 30;
-const _: () = assert!(REASON + REASON_WORDS <= WORDS);
+const _: () = assert!(REASON + REASON_WORDS <= RUNNING_SINCE && RUNNING_SINCE < WORDS);
 
 pub const MAX_RUNNING: usize = RUNNING_WORDS * 8;
 pub const MAX_REASON: usize = REASON_WORDS * 8;
@@ -79,6 +81,8 @@ pub struct Report {
     pub source: SourceState,
     /// The stream entry being run, if any (a well-formed stream id, else `None`).
     pub running: Option<String>,
+    /// When it started (CLOCK_MONOTONIC milliseconds, as the worker says).
+    pub running_since_ms: u64,
     pub figures: Option<StreamFigures>,
 }
 
@@ -176,6 +180,10 @@ impl Writer<'_> {
     pub fn running(&mut self, id: Option<&[u8]>) {
         let id = id.filter(|id| id.len() <= MAX_RUNNING).unwrap_or(&[]);
         put_bytes(self.slot, RUNNING, RUNNING_WORDS, id);
+        let since = if id.is_empty() { 0 } else { monotonic_ms() };
+        self.slot
+            .word(RUNNING_SINCE)
+            .store(since, Ordering::Relaxed);
         self.header(|h| (h & !0xff00) | ((id.len() as u64) << 8));
     }
 
@@ -259,6 +267,7 @@ fn decode(copy: &[u64; WORDS]) -> Report {
         jobs_done: copy[DONE],
         jobs_failed: copy[FAILED],
         source,
+        running_since_ms: copy[RUNNING_SINCE],
         running,
         figures,
     }

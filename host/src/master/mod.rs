@@ -48,6 +48,10 @@ pub use pool::{PoolState, PoolStats};
 
 /// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How often the master reads redis workers' scoreboards to time their jobs (at most; see
+/// `watch_scoreboards`). `config::CLAIM_IDLE_MARGIN` allows for it and for KILL_GRACE.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+const WATCH_MIN: Duration = Duration::from_millis(100);
 /// How many outcome bytes one wake-up reads from a worker, so one worker cannot starve others.
 const OUTCOME_READ_BUDGET: usize = 4 << 20;
 /// Job frames one writev to a worker carries at most.
@@ -202,6 +206,16 @@ impl Worker {
         self.kill.is_some() || self.leaving.is_some() || self.violation.is_some()
     }
 
+    /// A redis worker: `head_started` from what its scoreboard slot says runs since when.
+    fn time_from_slot(&mut self, now: Instant, now_ms: u64) {
+        let report = self.slot.read();
+        self.head_started = report.running.as_ref().map(|_| {
+            // The worker's word, bounded: a start in the future is now.
+            let age = Duration::from_millis(now_ms.saturating_sub(report.running_since_ms));
+            now.checked_sub(age).unwrap_or(now)
+        });
+    }
+
     /// Whether the master sent it this job whole (so it may answer it).
     fn holds(&self, key: u64) -> bool {
         self.in_flight.contains(&key) && !self.out.contains(&key)
@@ -276,6 +290,9 @@ pub struct Master {
     accept_paused_until: Option<Instant>,
     /// No worker is forked before this (the master itself was short of fds or processes).
     spawn_paused_until: Option<Instant>,
+    /// When to read the redis workers' scoreboards again, to time their jobs (see
+    /// `watch_scoreboards`); `None` while no such worker lives.
+    next_watch: Option<Instant>,
     epoll: Option<Epoll>,
     signals: Option<SignalPipe>,
     phase: Phase,
@@ -407,6 +424,7 @@ impl Master {
             pidfile: None,
             accept_paused_until: None,
             spawn_paused_until: None,
+            next_watch: None,
             epoll: Some(epoll),
             signals: Some(signals),
             phase: Phase::Running,
@@ -524,6 +542,9 @@ impl Master {
             }
         }
         if let Some(t) = self.accept_paused_until {
+            consider(t);
+        }
+        if let Some(t) = self.next_watch {
             consider(t);
         }
         if let (Some(t), Phase::Running) = (self.spawn_paused_until, self.phase) {
@@ -1314,10 +1335,33 @@ impl Master {
 
     // ---- timeouts --------------------------------------------------------------------------
 
+    /// A redis worker's entries never pass through the master, so its scoreboard slot says
+    /// which one runs and since when: read every `WATCH_EVERY` (at most; a quarter of the
+    /// pool's job_timeout when that is shorter), it sets the worker's `head_started`, which the
+    /// timer pass below judges as for any worker. An idle master with redis pools wakes that
+    /// often to look, and does nothing else.
+    fn watch_scoreboards(&mut self, now: Instant) {
+        let now_ms = crate::scoreboard::monotonic_ms();
+        let mut every: Option<Duration> = None;
+        for w in self.workers.values_mut() {
+            let pool = &self.pools[w.pool].config;
+            let (Some(_), Some(timeout)) = (&pool.redis, pool.job_timeout) else {
+                continue;
+            };
+            w.time_from_slot(now, now_ms);
+            let mine = (timeout / 4).clamp(WATCH_MIN, WATCH_EVERY);
+            every = Some(every.map_or(mine, |e| e.min(mine)));
+        }
+        self.next_watch = every.map(|e| now + e);
+    }
+
     fn enforce_timeouts(&mut self) {
         let now = Instant::now();
         self.resume_accept_if_due();
         self.admin_timers(now);
+        if self.next_watch.is_some_and(|t| now >= t) {
+            self.watch_scoreboards(now);
+        }
         // Judge on fresh facts: after the master itself was off the CPU (stopped, starved),
         // outcomes may be waiting on a worker's socket for jobs that ended in time. Read them
         // before declaring anything overdue.
@@ -1327,8 +1371,15 @@ impl Master {
             .filter(|w| w.past_job_timeout(now, self.pools[w.pool].config.job_timeout))
             .map(|w| w.id)
             .collect();
+        let now_ms = crate::scoreboard::monotonic_ms();
         for id in suspects {
             self.read_worker(id);
+            // A redis worker's slot may say its job ended (and another began) since the watch.
+            if let Some(w) = self.workers.get_mut(&id) {
+                if self.pools[w.pool].config.redis.is_some() {
+                    w.time_from_slot(now, now_ms);
+                }
+            }
         }
         for worker in self.workers.values_mut() {
             let pool = &self.pools[worker.pool];
@@ -1479,6 +1530,9 @@ impl Master {
                 // Only this worker gets the slot: no later child (worker, probe) inherits it.
                 if let Err(e) = slot.keep_from_later_children() {
                     log::warn!("scoreboard slot of worker {child}: madvise: {e}");
+                }
+                if self.pools[idx].config.redis.is_some() && self.next_watch.is_none() {
+                    self.next_watch = Some(Instant::now() + WATCH_MIN);
                 }
                 // The worker leads its own process group (a terminal's Ctrl-C reaches the
                 // master only). It says so itself too; doing it on both sides, as shells do,

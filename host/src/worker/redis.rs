@@ -58,8 +58,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// Pending entries looked at per XPENDING / XAUTOCLAIM call.
-const CLAIM_COUNT: usize = 100;
 /// The longest a computed result waits to be written with others (one MULTI/EXEC per batch
 /// of fast jobs; a slow job's result is written at once).
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
@@ -106,11 +104,12 @@ enum RedisFault {
 }
 
 impl RedisFault {
-    /// The group or stream went away (Redis restarted empty, or someone deleted them).
+    /// The group or stream went away (Redis restarted empty, or someone deleted them; a
+    /// read blocked on a stream that is deleted ends UNBLOCKED).
     fn no_group(&self) -> bool {
         match self {
-            RedisFault::Redis(e) => e.code() == Some("NOGROUP"),
-            RedisFault::Reply(_, text) => text.contains("NOGROUP"),
+            RedisFault::Redis(e) => matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")),
+            RedisFault::Reply(_, text) => text.contains("NOGROUP") || text.contains("UNBLOCKED"),
         }
     }
 }
@@ -223,6 +222,20 @@ impl RedisSource {
         }
         self.slot.publish(|w| w.source(&SourceState::Connected));
         self.connected_once = true;
+        if !self.answers.is_empty() {
+            // The reply to their MULTI/EXEC may be what was lost: if it ran, their entries are
+            // acked (all or none: it is one transaction) and writing them again would answer
+            // them twice.
+            let first = &self.answers[0].entry.id;
+            if pending(&mut conn, &self.cfg, first, first, 1, Some(&self.consumer))?.is_empty() {
+                log::info!(
+                    "redis: {} result(s) were written before the connection broke",
+                    self.answers.len()
+                );
+                self.answers.clear();
+                self.first_answer_at = None;
+            }
+        }
         self.conn = Some(conn);
         // What was delivered before is in this consumer's pending list: read it from there
         // (after the answers still to write, whose entries are skipped there).
@@ -307,7 +320,14 @@ impl RedisSource {
         if self.answers_due() {
             self.flush()?;
         }
-        if let Some(predecessor) = self.takeover.front().cloned() {
+        // Taken over only when nothing else is ready, `batch` at a time: a worker never holds
+        // more entries than claim_idle allows for (batch × job_timeout).
+        if let Some(predecessor) = self
+            .takeover
+            .front()
+            .filter(|_| self.ready.is_empty())
+            .cloned()
+        {
             let conn = self.conn.as_mut().ok_or_else(gone)?;
             let (claimed, done) = take_over(
                 conn,
@@ -578,13 +598,15 @@ pub fn open(cfg: &RedisConfig) -> Result<Connection, redis::RedisError> {
     redis::Client::open(info)?.get_connection_with_timeout(CONNECT_TIMEOUT)
 }
 
-/// XGROUP CREATE … $ MKSTREAM. Ok(true): it was created; Ok(false): it was there.
+/// XGROUP CREATE … 0 MKSTREAM. Ok(true): it was created; Ok(false): it was there. At 0, not
+/// `$`: entries added before the group existed (a producer that started first, a Redis that
+/// came back empty and was written to again before a worker reconnected) are run, not skipped.
 pub fn ensure_group(conn: &mut Connection, cfg: &RedisConfig) -> Result<bool, redis::RedisError> {
     let result: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&cfg.stream)
         .arg(&cfg.group)
-        .arg("$")
+        .arg("0")
         .arg("MKSTREAM")
         .query(conn);
     match result {
@@ -838,7 +860,7 @@ fn pending(
         .collect())
 }
 
-/// Takes over up to CLAIM_COUNT pending entries of a dead predecessor. Returns the entries to
+/// Takes over up to `batch` pending entries of a dead predecessor. Returns the entries to
 /// run, and whether its pending list is now empty (it was then deleted from the group).
 fn take_over(
     conn: &mut Connection,
@@ -847,7 +869,7 @@ fn take_over(
     dead: &Predecessor,
     max_attempts: u32,
 ) -> Fault<(Vec<Entry>, bool)> {
-    let rows = match pending(conn, cfg, "-", "+", CLAIM_COUNT, Some(&dead.consumer)) {
+    let rows = match pending(conn, cfg, "-", "+", cfg.batch, Some(&dead.consumer)) {
         Err(e) if e.no_group() => return Ok((Vec::new(), true)),
         other => other?,
     };
@@ -1034,7 +1056,7 @@ fn autoclaim(
             .arg(cfg.claim_idle.as_millis() as u64)
             .arg(&cursor)
             .arg("COUNT")
-            .arg(CLAIM_COUNT)
+            .arg(cfg.batch)
             .query(conn)
         {
             Err(e) if e.code() == Some("NOGROUP") => return Err(e.into()),
