@@ -26,6 +26,14 @@
 //! - `hang`: never returns.
 //! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
 //!   worker; returns `leaked <N> MiB`.
+//! - `pid` or `pid <MS>`: sleeps MS milliseconds (default 0); returns the process id, so a
+//!   test can tell which worker ran a job.
+//! - `trace <MS> <TAG> <FILE>`: appends `start <TAG> <PID> <NS>` to FILE (created if need be;
+//!   the rest of the payload, so it may hold spaces), sleeps MS milliseconds, appends
+//!   `end <TAG> <PID> <NS>`, and returns the process id. NS is CLOCK_MONOTONIC in
+//!   nanoseconds, one clock for every process on the machine; each line is one O_APPEND
+//!   write, so lines from many workers never interleave. A test reads from it when each job
+//!   ran, and in which worker.
 //!
 //! Anything else is an error: `faulty: unknown command ...`.
 
@@ -105,6 +113,9 @@ impl Plugin for Faulty {
 
     fn handle(&mut self, payload: &[u8]) -> Result<Vec<u8>, String> {
         let text = String::from_utf8_lossy(payload);
+        if let Some(rest) = text.trim().strip_prefix("trace ") {
+            return trace(rest);
+        }
         let mut words = text.split_whitespace();
         match (words.next(), words.next(), words.next()) {
             (Some("ok"), None, _) => Ok(b"ok".to_vec()),
@@ -128,8 +139,12 @@ impl Plugin for Faulty {
             (Some("forge"), Some(from), Some(to)) => forge(from, to),
             (Some("hang"), None, _) => hang(),
             (Some("leak"), Some(mib), None) => self.leak(mib),
+            (Some("pid"), ms, None) => {
+                std::thread::sleep(millis(ms.unwrap_or("0"))?);
+                Ok(std::process::id().to_string().into_bytes())
+            }
             _ => Err(format!(
-                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang or leak <MiB>)"
+                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang, leak <MiB>, pid [<MS>] or trace <MS> <TAG> <FILE>)"
             )),
         }
     }
@@ -153,6 +168,51 @@ impl Faulty {
         log::info!("faulty: leaked {count} MiB as asked");
         Ok(format!("leaked {count} MiB").into_bytes())
     }
+}
+
+fn millis(ms: &str) -> Result<Duration, String> {
+    ms.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("faulty: expected a number of milliseconds, got {ms:?}"))
+}
+
+/// `trace <MS> <TAG> <FILE>`: the job's start and end, with this process's id and the
+/// monotonic clock, appended to FILE around a sleep of MS milliseconds.
+fn trace(args: &str) -> Result<Vec<u8>, String> {
+    let mut parts = args.trim().splitn(3, char::is_whitespace);
+    let (Some(ms), Some(tag), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!(
+            "faulty: trace needs <MS> <TAG> <FILE>, got {args:?}"
+        ));
+    };
+    let pause = millis(ms)?;
+    let file = file.trim();
+    let pid = std::process::id();
+    let note = |what: &str| -> Result<(), String> {
+        use std::io::Write;
+        let line = format!("{what} {tag} {pid} {}\n", monotonic_ns());
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(|e| format!("faulty: trace: cannot append to {file}: {e}"))
+    };
+    note("start")?;
+    std::thread::sleep(pause);
+    note("end")?;
+    Ok(pid.to_string().into_bytes())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+fn monotonic_ns() -> u128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
 }
 
 /// Writes an OUTCOME frame (jobhost's wire format: `u32 length | u8 kind 4 | u64 key | u8 0 |
@@ -235,6 +295,29 @@ mod tests {
         assert!(faulty.leaked[0].iter().step_by(4096).all(|&b| b == 0xa5));
         let err = faulty.handle(b"leak lots").unwrap_err();
         assert!(err.contains("\"lots\""), "{err}");
+    }
+
+    #[test]
+    fn pid_and_trace_name_the_process() {
+        let pid = std::process::id().to_string().into_bytes();
+        assert_eq!(plugin().handle(b"pid").unwrap(), pid);
+        assert_eq!(plugin().handle(b"pid 1").unwrap(), pid);
+        assert!(plugin().handle(b"pid soon").is_err());
+        let dir = std::env::temp_dir().join(format!("faulty-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a trace");
+        let payload = format!("trace 5 job-1 {}", file.display());
+        assert_eq!(plugin().handle(payload.as_bytes()).unwrap(), pid);
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let me = std::process::id().to_string();
+        assert_eq!(lines[0][..3], ["start", "job-1", me.as_str()]);
+        assert_eq!(lines[1][..3], ["end", "job-1", me.as_str()]);
+        let ns = |l: &[&str]| l[3].parse::<u128>().unwrap();
+        assert!(ns(&lines[1]) - ns(&lines[0]) >= 5_000_000, "{text}");
+        assert!(plugin().handle(b"trace 5 job-1").is_err());
     }
 
     #[test]
