@@ -1325,4 +1325,187 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--socket", "s", "echo", "--window", "0"]).is_err());
     }
+
+    /// An in-memory transport that echoes, like the Redis one in how it ends: a sender error
+    /// aborts a receiver that would otherwise wait, and `finish` is counted (and may fail).
+    mod memory {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+
+        use super::*;
+
+        pub struct Memory {
+            pub finished: Arc<AtomicUsize>,
+            pub finish_fails: bool,
+        }
+
+        pub struct Sender {
+            jobs: mpsc::Sender<(u64, Vec<u8>)>,
+            aborted: Arc<AtomicBool>,
+            finished: Arc<AtomicUsize>,
+            finish_fails: bool,
+        }
+
+        pub struct Receiver {
+            jobs: mpsc::Receiver<(u64, Vec<u8>)>,
+            aborted: Arc<AtomicBool>,
+        }
+
+        fn redis_error(doing: &'static str) -> TransportError {
+            TransportError::Redis(RedisSubmitError::Command {
+                url: "unix:///r.sock".into(),
+                doing,
+                error: redis::RedisError::from(io::Error::from(io::ErrorKind::BrokenPipe)),
+            })
+        }
+
+        impl Transport for Memory {
+            type Sender = Sender;
+            type Receiver = Receiver;
+            fn split(self) -> (Sender, Receiver) {
+                let (tx, rx) = mpsc::channel();
+                let aborted = Arc::new(AtomicBool::new(false));
+                (
+                    Sender {
+                        jobs: tx,
+                        aborted: aborted.clone(),
+                        finished: self.finished,
+                        finish_fails: self.finish_fails,
+                    },
+                    Receiver { jobs: rx, aborted },
+                )
+            }
+        }
+
+        impl JobSender for Sender {
+            fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+                if payload == b"fail" {
+                    return Err(redis_error("adding entries"));
+                }
+                let _ = self.jobs.send((id, payload.to_vec()));
+                Ok(())
+            }
+            fn flush(&mut self) -> Result<(), TransportError> {
+                Ok(())
+            }
+            fn abort(&self) {
+                self.aborted.store(true, Ordering::SeqCst);
+            }
+            fn finish(&mut self) -> Result<(), TransportError> {
+                self.finished.fetch_add(1, Ordering::SeqCst);
+                if self.finish_fails {
+                    return Err(redis_error("deleting the reply stream"));
+                }
+                Ok(())
+            }
+        }
+
+        impl JobReceiver for Receiver {
+            fn recv(&mut self) -> Result<JobResult, TransportError> {
+                loop {
+                    if let Ok((id, body)) = self.jobs.recv_timeout(Duration::from_millis(5)) {
+                        return Ok(JobResult {
+                            id,
+                            status: Status::Ok,
+                            body,
+                        });
+                    }
+                    if self.aborted.load(Ordering::SeqCst) {
+                        return Err(TransportError::Redis(RedisSubmitError::Aborted));
+                    }
+                }
+            }
+            fn has_buffered(&self) -> bool {
+                false
+            }
+            fn abort(&self) {}
+        }
+    }
+
+    fn memory(
+        finish_fails: bool,
+    ) -> (
+        memory::Memory,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            memory::Memory {
+                finished: finished.clone(),
+                finish_fails,
+            },
+            finished,
+        )
+    }
+
+    fn finishes(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_failed_send_is_the_error_reported_not_the_receiver_it_woke() {
+        let (transport, finished) = memory(false);
+        let mut output = Vec::new();
+        let error = stream_jobs(
+            transport,
+            &b"a\nb\nfail\nc\n"[..],
+            &mut output,
+            &options(100, false),
+        )
+        .unwrap_err();
+        assert_eq!(output, b"a\nb\n");
+        assert_eq!(
+            error.to_string(),
+            "Redis at unix:///r.sock: adding entries: broken pipe (1 of 3 jobs sent got no result)"
+        );
+        assert_eq!(finishes(&finished), 1, "finished once, after the error");
+    }
+
+    #[test]
+    fn the_transport_is_finished_once_whatever_the_end() {
+        // A complete stream.
+        let (transport, finished) = memory(false);
+        let mut output = Vec::new();
+        let summary =
+            stream_jobs(transport, &b"a\nb\n"[..], &mut output, &options(1, false)).unwrap();
+        assert!(summary.complete);
+        assert_eq!(finishes(&finished), 1);
+        // A closed stdout.
+        let (transport, finished) = memory(false);
+        let summary = stream_jobs(
+            transport,
+            Endless,
+            ClosingOutput { left: 4 },
+            &options(10, false),
+        )
+        .unwrap();
+        assert!(summary.stdout_closed);
+        assert_eq!(finishes(&finished), 1);
+        // One job from the command line.
+        let (transport, finished) = memory(false);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert!(!one_job(transport, b"x", false, &mut out, &mut err).unwrap());
+        assert_eq!((out.as_slice(), finishes(&finished)), (&b"x\n"[..], 1));
+        let (transport, finished) = memory(false);
+        assert!(one_job(transport, b"fail", false, &mut out, &mut err).is_err());
+        assert_eq!(finishes(&finished), 1, "also when the send failed");
+    }
+
+    #[test]
+    fn a_failed_finish_after_a_good_stream_is_an_error_with_every_result_printed() {
+        let (transport, finished) = memory(true);
+        let mut output = Vec::new();
+        let error =
+            stream_jobs(transport, &b"a\nb\n"[..], &mut output, &options(10, false)).unwrap_err();
+        assert_eq!(output, b"a\nb\n");
+        assert!(matches!(error, StreamError::Finish(_)), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("Redis at unix:///r.sock: deleting the reply stream: "),
+            "{error}"
+        );
+        assert_eq!(finishes(&finished), 1);
+    }
 }
