@@ -16,6 +16,7 @@
 //! - [`logging`]: the host's log (pid and role on every line).
 //! - [`sys`]: RSS, PSS and available memory from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
+//! - [`redis_client`]: the submitting side of a Redis-fed pool (used by `submit`).
 //! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
 //! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
@@ -33,6 +34,7 @@ pub mod logging;
 pub mod master;
 pub mod plugins;
 pub mod protocol;
+pub mod redis_client;
 pub mod scoreboard;
 pub mod server;
 pub mod signals;

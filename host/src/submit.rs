@@ -1,27 +1,35 @@
-//! `jobhost submit`: send one job, or one job per line of stdin, to a running master and
-//! print the results.
+//! `jobhost submit`: send one job, or one job per line of stdin, to a pool and print the
+//! results.
 //!
-//! This module owns the command's arguments, finding the socket (`--socket`, or the
-//! `[server] socket` of a config file), the output forms (plain and `--json`), the streaming
-//! pipeline (a window of jobs in flight, a reorder buffer that prints results in input order
-//! as soon as they can be, flushing as it goes), the progress bar (only on a terminal) and the
-//! exit status (1 if any job failed or was rejected).
+//! This module owns the command's arguments, choosing the transport (`--socket`, or a config
+//! file: the master's `[server] socket`, or Redis directly when POOL is a `source = "redis"`
+//! pool of that file), the output forms (plain and `--json`), the streaming pipeline (a window
+//! of jobs in flight, a reorder buffer that prints results in input order as soon as they can
+//! be, flushing as it goes), the progress bar (only on a terminal) and the exit status (1 if
+//! any job failed or was rejected).
 //!
 //! It never loads a plugin or starts a master, never retries a job, never buffers more than
 //! `--window` results, and never treats a closed stdout (`| head`) as an error. The wire
-//! format is [`crate::client`]'s and [`crate::protocol`]'s business.
+//! formats are the transports' business: [`crate::client`] (the job socket, framed as in
+//! [`crate::protocol`]) and [`crate::redis_client`] (entries on the pool's stream, results on a
+//! private reply stream). Both are driven through [`Transport`], so every output form, the
+//! ordering, the window and the exit status are the same code for both.
 //!
-//! Streaming, in two threads sharing one connection:
+//! Streaming, in two threads, each with its half of the transport:
 //! - the calling thread reads stdin, sends job `n` for line `n`, and writes its buffered
 //!   submits out whenever it is about to block (on stdin, or on a full window);
 //! - a receiver thread reads results as they complete, holds early ones in a reorder buffer,
 //!   prints every result whose predecessors are all printed, and flushes stdout whenever it
-//!   is about to wait (for the master, or for more input to be sent). If it stops early (a
-//!   closed stdout, an error), it shuts the connection down so that a sender blocked against
-//!   the master's back-pressure wakes up.
+//!   is about to wait (for the results, or for more input to be sent). If it stops early (a
+//!   closed stdout, an error), it aborts its half so that a sender blocked against the
+//!   master's back-pressure wakes up.
 //!
-//! The window counts jobs sent whose results are not printed yet (waiting at the master or
-//! held for ordering), so memory stays bounded even when one slow job holds up the output.
+//! Once both are done, whatever the outcome, the sender's half is finished (for Redis: the
+//! reply stream is deleted).
+//!
+//! The window counts jobs sent whose results are not printed yet (waiting at the master or in
+//! Redis, or held for ordering), so memory stays bounded even when one slow job holds up the
+//! output.
 
 use std::borrow::Cow;
 use std::error::Error;
@@ -39,18 +47,19 @@ use crate::cli::EXIT_ERROR;
 use crate::client::{Client, ClientError, ClientReceiver, ClientSender, JobResult};
 use crate::config::Config;
 use crate::protocol::Status;
+use crate::redis_client::{RedisReceiver, RedisSender, RedisSubmit, RedisSubmitError};
 
 /// Buffer sizes for stdin and stdout.
 const IO_BUFFER: usize = 64 << 10;
 
-/// Submit jobs to a running master and print their results (see [`AFTER_HELP`]).
+/// Submit jobs to a pool and print their results (see [`AFTER_HELP`]).
 #[derive(clap::Args, Debug)]
 #[command(
     group(clap::ArgGroup::new("master").required(true).args(["config", "socket"])),
     after_help = AFTER_HELP
 )]
 pub struct SubmitArgs {
-    /// The master's config file: submit to its `[server] socket`.
+    /// The config file: submit to its `[server] socket`, or, for a redis pool, to its stream.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The master's job socket.
@@ -80,43 +89,54 @@ it and all before it are in. Plain output prints a result as it is (`ERROR: <mes
 failed job, `REJECTED: <reason>` for a rejected one), followed by a newline unless it already
 ends with one: a result that contains newlines spans several lines. --json is the safe form.
 A progress bar is drawn on stderr when it is a terminal.
+With -c FILE and a pool that has source = \"redis\" there, the jobs go to the pool's stream
+directly (no master needed on this host); the results come back on a reply stream of this
+process's own, deleted at the end.
 Exit status: 1 if any job failed or was rejected (or on an error), 0 otherwise.";
 
 /// Runs `jobhost submit`.
 pub fn run(args: SubmitArgs) -> Result<ExitCode, Box<dyn Error>> {
-    let socket = match (&args.socket, &args.config) {
-        (Some(socket), _) => socket.clone(),
-        (None, Some(config)) => Config::load(config)?.server.socket,
+    enum Target {
+        Socket(PathBuf),
+        Redis(Box<crate::config::RedisConfig>),
+    }
+    let target = match (&args.socket, &args.config) {
+        (Some(socket), _) => Target::Socket(socket.clone()),
+        (None, Some(config)) => {
+            let config = Config::load(config)?;
+            match config
+                .pools
+                .iter()
+                .find(|p| p.name == args.pool)
+                .and_then(|p| p.redis.clone())
+            {
+                Some(redis) => Target::Redis(Box::new(redis)),
+                // A socket pool, or one the master does not know: it says so.
+                None => Target::Socket(config.server.socket),
+            }
+        }
         (None, None) => return Err("give --config FILE or --socket PATH".into()),
     };
-    // The message already names the cause: report it as one line.
-    let client = Client::connect(&socket).map_err(|e| e.to_string())?;
-    let any_failed = match &args.payload {
-        Some(payload) => one_job(
-            client,
-            &args.pool,
-            payload.as_bytes(),
-            args.json,
-            &mut io::stdout().lock(),
-            &mut io::stderr().lock(),
-        )?,
-        None => {
-            let progress = io::stderr().is_terminal().then(progress_bar);
-            let options = StreamOptions {
-                pool: &args.pool,
-                json: args.json,
-                window: args.window.get(),
-                progress: progress.clone(),
-            };
-            let summary = stream_jobs(client, io::stdin(), io::stdout(), &options);
-            if let Some(progress) = &progress {
-                match &summary {
-                    Ok(s) if s.complete => progress.finish(),
-                    _ => progress.abandon(),
-                }
-            }
-            // A closed stdout (`| head`) is not an error: the reader went away on purpose.
-            summary?.any_failed
+    let any_failed = match target {
+        Target::Socket(path) => {
+            // The message already names the cause: report it as one line.
+            let client = Client::connect(&path).map_err(|e| e.to_string())?;
+            submit(
+                Socket {
+                    client,
+                    pool: args.pool.clone(),
+                },
+                &args,
+            )?
+        }
+        Target::Redis(cfg) => {
+            let redis = RedisSubmit::connect(&cfg, &args.pool).map_err(|e| e.to_string())?;
+            // Before any thread starts: Ctrl-C deletes the reply stream, then ends us as usual.
+            redis
+                .reply_stream()
+                .delete_on_signals()
+                .map_err(|e| format!("setting up signal handling: {e}"))?;
+            submit(redis, &args)?
         }
     };
     Ok(if any_failed {
@@ -126,17 +146,203 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Box<dyn Error>> {
     })
 }
 
+/// One job or a stream of them, per the arguments; whether any failed.
+fn submit(transport: impl Transport, args: &SubmitArgs) -> Result<bool, Box<dyn Error>> {
+    match &args.payload {
+        Some(payload) => one_job(
+            transport,
+            payload.as_bytes(),
+            args.json,
+            &mut io::stdout().lock(),
+            &mut io::stderr().lock(),
+        ),
+        None => {
+            let progress = io::stderr().is_terminal().then(progress_bar);
+            let options = StreamOptions {
+                json: args.json,
+                window: args.window.get(),
+                progress: progress.clone(),
+            };
+            let summary = stream_jobs(transport, io::stdin(), io::stdout(), &options);
+            if let Some(progress) = &progress {
+                match &summary {
+                    Ok(s) if s.complete => progress.finish(),
+                    _ => progress.abandon(),
+                }
+            }
+            // A closed stdout (`| head`) is not an error: the reader went away on purpose.
+            Ok(summary?.any_failed)
+        }
+    }
+}
+
+/// Why a transport could not send a job or deliver a result.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransportError {
+    #[error(transparent)]
+    Socket(#[from] ClientError),
+    #[error(transparent)]
+    Redis(#[from] RedisSubmitError),
+}
+
+impl TransportError {
+    /// The far end closed on its own: the other half sees that too, no need to wake it.
+    fn is_closed(&self) -> bool {
+        matches!(self, TransportError::Socket(ClientError::Closed))
+    }
+
+    /// The receiving half stopped only because the sending half aborted it: the sender's
+    /// error is the one to report.
+    fn is_aborted(&self) -> bool {
+        matches!(self, TransportError::Redis(RedisSubmitError::Aborted))
+    }
+}
+
+/// How jobs reach a pool and results come back, in two halves for two threads.
+pub(crate) trait Transport {
+    type Sender: JobSender;
+    type Receiver: JobReceiver + Send;
+    fn split(self) -> (Self::Sender, Self::Receiver);
+}
+
+/// The sending half of a [`Transport`].
+pub(crate) trait JobSender {
+    /// Buffers job `id`; may write out what is buffered.
+    fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError>;
+    /// Writes out every buffered job.
+    fn flush(&mut self) -> Result<(), TransportError>;
+    /// Giving up: makes a [`JobReceiver::recv`] blocked on another thread return.
+    fn abort(&self);
+    /// Once the receiver is done, whatever the outcome: releases what the submit holds at the
+    /// far end.
+    fn finish(&mut self) -> Result<(), TransportError>;
+}
+
+/// The receiving half of a [`Transport`].
+pub(crate) trait JobReceiver {
+    /// The next result, in completion order; blocks until one arrives.
+    fn recv(&mut self) -> Result<JobResult, TransportError>;
+    /// True when `recv` would return without waiting.
+    fn has_buffered(&self) -> bool;
+    /// Giving up: makes a [`JobSender`] blocked on another thread return.
+    fn abort(&self);
+}
+
+/// The master's job socket, submitting to `pool`.
+pub(crate) struct Socket {
+    pub client: Client,
+    pub pool: String,
+}
+
+pub(crate) struct SocketSender {
+    sender: ClientSender,
+    pool: String,
+}
+
+impl Transport for Socket {
+    type Sender = SocketSender;
+    type Receiver = ClientReceiver;
+    fn split(self) -> (SocketSender, ClientReceiver) {
+        let (sender, receiver) = self.client.split();
+        (
+            SocketSender {
+                sender,
+                pool: self.pool,
+            },
+            receiver,
+        )
+    }
+}
+
+impl JobSender for SocketSender {
+    fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+        Ok(self.sender.send(id, &self.pool, payload)?)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(self.sender.flush()?)
+    }
+    fn abort(&self) {
+        let _ = self.sender.shutdown();
+    }
+    fn finish(&mut self) -> Result<(), TransportError> {
+        // The master forgets a client when it closes: nothing to release.
+        Ok(())
+    }
+}
+
+impl JobReceiver for ClientReceiver {
+    fn recv(&mut self) -> Result<JobResult, TransportError> {
+        Ok(ClientReceiver::recv(self)?)
+    }
+    fn has_buffered(&self) -> bool {
+        ClientReceiver::has_buffered(self)
+    }
+    fn abort(&self) {
+        // Nobody reads results any more, so the master will stop reading our submits: wake
+        // the sender if it is blocked writing them.
+        let _ = self.shutdown();
+    }
+}
+
+impl Transport for RedisSubmit {
+    type Sender = RedisSender;
+    type Receiver = RedisReceiver;
+    fn split(self) -> (RedisSender, RedisReceiver) {
+        RedisSubmit::split(self)
+    }
+}
+
+impl JobSender for RedisSender {
+    fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+        Ok(RedisSender::send(self, id, payload)?)
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(RedisSender::flush(self)?)
+    }
+    fn abort(&self) {
+        RedisSender::abort(self)
+    }
+    fn finish(&mut self) -> Result<(), TransportError> {
+        Ok(RedisSender::finish(self)?)
+    }
+}
+
+impl JobReceiver for RedisReceiver {
+    fn recv(&mut self) -> Result<JobResult, TransportError> {
+        Ok(RedisReceiver::recv(self)?)
+    }
+    fn has_buffered(&self) -> bool {
+        RedisReceiver::has_buffered(self)
+    }
+    fn abort(&self) {
+        // Redis reads every XADD at once: a sender never waits for our reading.
+    }
+}
+
 /// One job from the command line: the result to `out`, or the error to `err` (with `--json`,
 /// either to `out`). Returns whether it failed or was rejected.
 fn one_job(
-    mut client: Client,
-    pool: &str,
+    transport: impl Transport,
     payload: &[u8],
     json: bool,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<bool, Box<dyn Error>> {
-    let result = client.call(pool, payload)?;
+    let (mut sender, mut receiver) = transport.split();
+    let mut call = || -> Result<JobResult, TransportError> {
+        sender.send(0, payload)?;
+        sender.flush()?;
+        loop {
+            let result = receiver.recv()?;
+            if result.id == 0 {
+                return Ok(result);
+            }
+        }
+    };
+    let result = call();
+    let finished = sender.finish();
+    let result = result?;
+    finished?;
     let written = match (json, result.status) {
         (true, _) | (false, Status::Ok) => {
             write_result(out, &result, json).and_then(|()| out.flush())
@@ -156,7 +362,6 @@ fn one_job(
         _ => Ok(!result.is_ok()),
     }
 }
-
 /// Writes one result as one output record: plain (`ERROR: `/`REJECTED: ` before the body of a
 /// failed/rejected job, a newline unless the body ends with one) or one line of JSON.
 fn write_result(out: &mut impl Write, result: &JobResult, json: bool) -> io::Result<()> {
@@ -211,8 +416,7 @@ fn progress_bar() -> ProgressBar {
 }
 
 /// How to stream.
-pub(crate) struct StreamOptions<'a> {
-    pub pool: &'a str,
+pub(crate) struct StreamOptions {
     pub json: bool,
     /// At least 1.
     pub window: usize,
@@ -238,8 +442,8 @@ pub(crate) struct StreamSummary {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StreamError {
     #[error("{error} ({unanswered} of {submitted} jobs sent got no result)")]
-    Client {
-        error: ClientError,
+    Transport {
+        error: TransportError,
         unanswered: u64,
         submitted: u64,
     },
@@ -247,8 +451,11 @@ pub(crate) enum StreamError {
     Input(io::Error),
     #[error("writing stdout: {0}")]
     Output(io::Error),
-    #[error("the master answered job {0}, which was not waiting for a result")]
+    #[error("got a result for job {0}, which was not waiting for one")]
     Unexpected(u64),
+    /// Every result was handled, but what the submit held at the far end was not released.
+    #[error("{0}")]
+    Finish(TransportError),
 }
 
 /// What the two threads share.
@@ -320,28 +527,26 @@ impl Reorder {
 }
 
 /// One job per line of `input`, results to `output` in input order. See the module doc.
-pub(crate) fn stream_jobs<R: Read, W: Write + Send>(
-    client: Client,
+pub(crate) fn stream_jobs<T: Transport, R: Read, W: Write + Send>(
+    transport: T,
     input: R,
     output: W,
-    options: &StreamOptions<'_>,
+    options: &StreamOptions,
 ) -> Result<StreamSummary, StreamError> {
-    let (mut sender, receiver) = client.split();
+    let (mut sender, receiver) = transport.split();
     let shared = Shared {
         state: Mutex::new(Counts::default()),
         changed: Condvar::new(),
     };
     let shared = &shared;
     let mut input = BufReader::with_capacity(IO_BUFFER, input);
-    std::thread::scope(|scope| {
+    let streamed = std::thread::scope(|scope| {
         let receiving = scope.spawn(move || {
             let mut receiver = receiver;
             let output = io::BufWriter::with_capacity(IO_BUFFER, output);
             let received = receive(&mut receiver, output, shared, options);
             if !matches!(&received, Ok(summary) if !summary.stdout_closed) {
-                // Nobody reads results any more, so the master will stop reading our submits:
-                // wake the sender if it is blocked writing them.
-                let _ = receiver.shutdown();
+                receiver.abort();
             }
             shared.update(|p| p.receiver_done = true);
             received
@@ -351,14 +556,14 @@ pub(crate) fn stream_jobs<R: Read, W: Write + Send>(
             // What was read before the bad read still gets its results.
             Err(SendError::Input(e)) => match sender.flush() {
                 Ok(()) => Err(SendError::Input(e)),
-                Err(client) => Err(SendError::Client(client)),
+                Err(error) => Err(SendError::Transport(error)),
             },
             other => other,
         };
-        if let Err(SendError::Client(e)) = &sent {
-            if !matches!(e, ClientError::Closed) {
+        if let Err(SendError::Transport(e)) = &sent {
+            if !e.is_closed() {
                 // Wake the receiver: it may wait for results of jobs that were never sent.
-                let _ = sender.shutdown();
+                sender.abort();
             }
         }
         shared.update(|p| p.input_done = true);
@@ -370,7 +575,7 @@ pub(crate) fn stream_jobs<R: Read, W: Write + Send>(
             let p = shared.lock();
             (p.submitted, p.printed)
         };
-        let client_error = |error| StreamError::Client {
+        let transport_error = |error| StreamError::Transport {
             error,
             unanswered: submitted - printed,
             submitted,
@@ -382,31 +587,41 @@ pub(crate) fn stream_jobs<R: Read, W: Write + Send>(
                 summary.submitted = submitted;
                 Ok(summary)
             }
-            (Err(SendError::Client(e)), Ok(_)) => Err(client_error(e)),
+            (Err(SendError::Transport(e)), Ok(_)) => Err(transport_error(e)),
             (Ok(()), Ok(mut summary)) => {
                 summary.submitted = submitted;
                 summary.complete = summary.printed == submitted;
                 Ok(summary)
             }
-            // The receiver's error says more than the sender's broken pipe.
-            (_, Err(ReceiveError::Client(e))) => Err(client_error(e)),
+            // The receiver stopped because the sender gave up: the sender's error is the cause.
+            (Err(SendError::Transport(e)), Err(ReceiveError::Transport(r))) if r.is_aborted() => {
+                Err(transport_error(e))
+            }
+            // Otherwise the receiver's error says more than the sender's broken pipe.
+            (_, Err(ReceiveError::Transport(e))) => Err(transport_error(e)),
             (_, Err(ReceiveError::Output(e))) => Err(StreamError::Output(e)),
             (_, Err(ReceiveError::Unexpected(id))) => Err(StreamError::Unexpected(id)),
         }
-    })
+    });
+    // Both halves are done: nothing is sent or read after this.
+    let finished = sender.finish();
+    match (streamed, finished) {
+        (Ok(_), Err(e)) => Err(StreamError::Finish(e)),
+        (streamed, _) => streamed,
+    }
 }
 
 enum SendError {
     Input(io::Error),
-    Client(ClientError),
+    Transport(TransportError),
 }
 
 /// The calling thread: lines in, submits out, within the window.
 fn send_lines<R: Read>(
-    sender: &mut ClientSender,
+    sender: &mut impl JobSender,
     input: &mut BufReader<R>,
     shared: &Shared,
-    options: &StreamOptions<'_>,
+    options: &StreamOptions,
 ) -> Result<(), SendError> {
     let window = options.window.max(1) as u64;
     let mut line = Vec::new();
@@ -414,16 +629,16 @@ fn send_lines<R: Read>(
     loop {
         let more = read_line(input, &mut line, || sender.flush()).map_err(|e| match e {
             LineError::Input(e) => SendError::Input(e),
-            LineError::Client(e) => SendError::Client(e),
+            LineError::Transport(e) => SendError::Transport(e),
         })?;
         if !more {
-            return sender.flush().map_err(SendError::Client);
+            return sender.flush().map_err(SendError::Transport);
         }
         {
             let mut p = shared.lock();
             if p.submitted - p.printed >= window && !p.receiver_done {
                 drop(p);
-                sender.flush().map_err(SendError::Client)?;
+                sender.flush().map_err(SendError::Transport)?;
                 p = shared.lock();
                 while p.submitted - p.printed >= window && !p.receiver_done {
                     p = shared.wait(p);
@@ -435,9 +650,7 @@ fn send_lines<R: Read>(
             p.submitted += 1;
         }
         shared.changed.notify_all();
-        sender
-            .send(id, options.pool, &line)
-            .map_err(SendError::Client)?;
+        sender.send(id, &line).map_err(SendError::Transport)?;
         if let Some(progress) = &options.progress {
             progress.inc_length(1);
         }
@@ -447,7 +660,7 @@ fn send_lines<R: Read>(
 
 enum LineError {
     Input(io::Error),
-    Client(ClientError),
+    Transport(TransportError),
 }
 
 /// Reads the next line into `line` (without "\n" or "\r\n"); false at the end of the input.
@@ -455,12 +668,12 @@ enum LineError {
 fn read_line<R: Read>(
     input: &mut BufReader<R>,
     line: &mut Vec<u8>,
-    mut before_blocking: impl FnMut() -> Result<(), ClientError>,
+    mut before_blocking: impl FnMut() -> Result<(), TransportError>,
 ) -> Result<bool, LineError> {
     line.clear();
     loop {
         if input.buffer().is_empty() {
-            before_blocking().map_err(LineError::Client)?;
+            before_blocking().map_err(LineError::Transport)?;
         }
         let available = match input.fill_buf() {
             Ok(available) => available,
@@ -489,7 +702,7 @@ fn read_line<R: Read>(
 }
 
 enum ReceiveError {
-    Client(ClientError),
+    Transport(TransportError),
     Output(io::Error),
     Unexpected(u64),
 }
@@ -497,10 +710,10 @@ enum ReceiveError {
 /// The receiver thread: results in, in-order output out. Stops when every submitted job has
 /// its result printed and the input is done, or the output is closed.
 fn receive<W: Write>(
-    receiver: &mut ClientReceiver,
+    receiver: &mut impl JobReceiver,
     mut output: io::BufWriter<W>,
     shared: &Shared,
-    options: &StreamOptions<'_>,
+    options: &StreamOptions,
 ) -> Result<StreamSummary, ReceiveError> {
     let mut summary = StreamSummary::default();
     let mut reorder = Reorder::default();
@@ -536,9 +749,9 @@ fn receive<W: Write>(
         let result = match receiver.recv() {
             Ok(result) => result,
             Err(e) => {
-                // Keep what was printed before reporting the master's failure.
+                // Keep what was printed before reporting the failure.
                 let _ = flush(&mut output, options);
-                return Err(ReceiveError::Client(e));
+                return Err(ReceiveError::Transport(e));
             }
         };
         received += 1;
@@ -563,14 +776,14 @@ fn receive<W: Write>(
         return output_error(e, summary);
     }
     if reorder.held() > 0 {
-        // Every job got an answer, yet some are not printable: ids the master made up.
+        // Every job got an answer, yet some are not printable: ids the far end made up.
         return Err(ReceiveError::Unexpected(reorder.next));
     }
     Ok(summary)
 }
 
 /// Flushes the output, with the progress bar out of the way if one is drawn.
-fn flush<W: Write>(output: &mut io::BufWriter<W>, options: &StreamOptions<'_>) -> io::Result<()> {
+fn flush<W: Write>(output: &mut io::BufWriter<W>, options: &StreamOptions) -> io::Result<()> {
     match &options.progress {
         Some(progress) if !output.buffer().is_empty() => progress.suspend(|| output.flush()),
         _ => output.flush(),
@@ -586,12 +799,19 @@ mod tests {
     use super::*;
     use crate::client::fake::{self, Server};
 
-    fn options(window: usize, json: bool) -> StreamOptions<'static> {
+    fn options(window: usize, json: bool) -> StreamOptions {
         StreamOptions {
-            pool: "p",
             json,
             window,
             progress: None,
+        }
+    }
+
+    /// The socket transport to pool "p" of a fake master.
+    fn socket(client: Client) -> Socket {
+        Socket {
+            client,
+            pool: "p".into(),
         }
     }
 
@@ -693,7 +913,13 @@ mod tests {
         }
         input.extend_from_slice(b"last, no newline");
         let mut output = Vec::new();
-        let summary = stream_jobs(client, &input[..], &mut output, &options(1000, false)).unwrap();
+        let summary = stream_jobs(
+            socket(client),
+            &input[..],
+            &mut output,
+            &options(1000, false),
+        )
+        .unwrap();
         server.join();
         assert_eq!(
             summary,
@@ -723,7 +949,8 @@ mod tests {
         let client = Client::connect(&server.path).unwrap();
         let input = b"a\nbad\nrej\ntwo\\nlines \"quoted\"\n\xff\n";
         let mut output = Vec::new();
-        let summary = stream_jobs(client, &input[..], &mut output, &options(10, true)).unwrap();
+        let summary =
+            stream_jobs(socket(client), &input[..], &mut output, &options(10, true)).unwrap();
         server.join();
         assert!(summary.any_failed && summary.complete);
         let text = String::from_utf8(output).unwrap();
@@ -766,7 +993,8 @@ mod tests {
             .flat_map(|i| format!("{i}\n").into_bytes())
             .collect();
         let mut output = Vec::new();
-        let summary = stream_jobs(client, &input[..], &mut output, &options(5, false)).unwrap();
+        let summary =
+            stream_jobs(socket(client), &input[..], &mut output, &options(5, false)).unwrap();
         server.join();
         assert_eq!(summary.printed, 60);
         let expect: Vec<u8> = (0..60)
@@ -836,7 +1064,7 @@ mod tests {
         let (output, printed) = mpsc::channel();
         let running = std::thread::spawn(move || {
             stream_jobs(
-                client,
+                socket(client),
                 ChannelInput(input, Vec::new()),
                 ChannelOutput(output),
                 &options(100, false),
@@ -892,7 +1120,7 @@ mod tests {
         let server = Server::start(fake::echo);
         let client = Client::connect(&server.path).unwrap();
         let summary = stream_jobs(
-            client,
+            socket(client),
             Endless,
             ClosingOutput { left: 10 },
             &options(50, false),
@@ -941,7 +1169,7 @@ mod tests {
         std::thread::spawn(move || {
             let output = SlowThenClosed(Duration::from_millis(300));
             let _ = done.send(stream_jobs(
-                client,
+                socket(client),
                 EndlessLong,
                 output,
                 &options(1 << 20, false),
@@ -968,7 +1196,13 @@ mod tests {
             .flat_map(|i| format!("{i}\n").into_bytes())
             .collect();
         let mut output = Vec::new();
-        let error = stream_jobs(client, &input[..], &mut output, &options(100, false)).unwrap_err();
+        let error = stream_jobs(
+            socket(client),
+            &input[..],
+            &mut output,
+            &options(100, false),
+        )
+        .unwrap_err();
         server.join();
         assert_eq!(output, b"0\n1\n2\n");
         assert_eq!(
@@ -988,7 +1222,13 @@ mod tests {
         let client = Client::connect(&server.path).unwrap();
         let input = b"a\nb\n";
         let mut output = Vec::new();
-        let error = stream_jobs(client, &input[..], &mut output, &options(100, false)).unwrap_err();
+        let error = stream_jobs(
+            socket(client),
+            &input[..],
+            &mut output,
+            &options(100, false),
+        )
+        .unwrap_err();
         assert!(matches!(error, StreamError::Unexpected(0)), "{error:?}");
         server.join();
     }
@@ -999,7 +1239,7 @@ mod tests {
             let server = Server::start(fake::echo);
             let client = Client::connect(&server.path).unwrap();
             let (mut out, mut err) = (Vec::new(), Vec::new());
-            let failed = one_job(client, "p", payload, json, &mut out, &mut err).unwrap();
+            let failed = one_job(socket(client), payload, json, &mut out, &mut err).unwrap();
             server.join();
             (
                 failed,
@@ -1039,7 +1279,13 @@ mod tests {
         let input: Vec<u8> = (0..n).flat_map(|i| format!("{i}\n").into_bytes()).collect();
         let mut output = Vec::new();
         let started = Instant::now();
-        let summary = stream_jobs(client, &input[..], &mut output, &options(3000, false)).unwrap();
+        let summary = stream_jobs(
+            socket(client),
+            &input[..],
+            &mut output,
+            &options(3000, false),
+        )
+        .unwrap();
         let took = started.elapsed();
         server.join();
         assert_eq!(
@@ -1078,5 +1324,188 @@ mod tests {
             "both"
         );
         assert!(Cli::try_parse_from(["x", "--socket", "s", "echo", "--window", "0"]).is_err());
+    }
+
+    /// An in-memory transport that echoes, like the Redis one in how it ends: a sender error
+    /// aborts a receiver that would otherwise wait, and `finish` is counted (and may fail).
+    mod memory {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+
+        use super::*;
+
+        pub struct Memory {
+            pub finished: Arc<AtomicUsize>,
+            pub finish_fails: bool,
+        }
+
+        pub struct Sender {
+            jobs: mpsc::Sender<(u64, Vec<u8>)>,
+            aborted: Arc<AtomicBool>,
+            finished: Arc<AtomicUsize>,
+            finish_fails: bool,
+        }
+
+        pub struct Receiver {
+            jobs: mpsc::Receiver<(u64, Vec<u8>)>,
+            aborted: Arc<AtomicBool>,
+        }
+
+        fn redis_error(doing: &'static str) -> TransportError {
+            TransportError::Redis(RedisSubmitError::Command {
+                url: "unix:///r.sock".into(),
+                doing,
+                error: redis::RedisError::from(io::Error::from(io::ErrorKind::BrokenPipe)),
+            })
+        }
+
+        impl Transport for Memory {
+            type Sender = Sender;
+            type Receiver = Receiver;
+            fn split(self) -> (Sender, Receiver) {
+                let (tx, rx) = mpsc::channel();
+                let aborted = Arc::new(AtomicBool::new(false));
+                (
+                    Sender {
+                        jobs: tx,
+                        aborted: aborted.clone(),
+                        finished: self.finished,
+                        finish_fails: self.finish_fails,
+                    },
+                    Receiver { jobs: rx, aborted },
+                )
+            }
+        }
+
+        impl JobSender for Sender {
+            fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+                if payload == b"fail" {
+                    return Err(redis_error("adding entries"));
+                }
+                let _ = self.jobs.send((id, payload.to_vec()));
+                Ok(())
+            }
+            fn flush(&mut self) -> Result<(), TransportError> {
+                Ok(())
+            }
+            fn abort(&self) {
+                self.aborted.store(true, Ordering::SeqCst);
+            }
+            fn finish(&mut self) -> Result<(), TransportError> {
+                self.finished.fetch_add(1, Ordering::SeqCst);
+                if self.finish_fails {
+                    return Err(redis_error("deleting the reply stream"));
+                }
+                Ok(())
+            }
+        }
+
+        impl JobReceiver for Receiver {
+            fn recv(&mut self) -> Result<JobResult, TransportError> {
+                loop {
+                    if let Ok((id, body)) = self.jobs.recv_timeout(Duration::from_millis(5)) {
+                        return Ok(JobResult {
+                            id,
+                            status: Status::Ok,
+                            body,
+                        });
+                    }
+                    if self.aborted.load(Ordering::SeqCst) {
+                        return Err(TransportError::Redis(RedisSubmitError::Aborted));
+                    }
+                }
+            }
+            fn has_buffered(&self) -> bool {
+                false
+            }
+            fn abort(&self) {}
+        }
+    }
+
+    fn memory(
+        finish_fails: bool,
+    ) -> (
+        memory::Memory,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            memory::Memory {
+                finished: finished.clone(),
+                finish_fails,
+            },
+            finished,
+        )
+    }
+
+    fn finishes(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_failed_send_is_the_error_reported_not_the_receiver_it_woke() {
+        let (transport, finished) = memory(false);
+        let mut output = Vec::new();
+        let error = stream_jobs(
+            transport,
+            &b"a\nb\nfail\nc\n"[..],
+            &mut output,
+            &options(100, false),
+        )
+        .unwrap_err();
+        assert_eq!(output, b"a\nb\n");
+        assert_eq!(
+            error.to_string(),
+            "Redis at unix:///r.sock: adding entries: broken pipe (1 of 3 jobs sent got no result)"
+        );
+        assert_eq!(finishes(&finished), 1, "finished once, after the error");
+    }
+
+    #[test]
+    fn the_transport_is_finished_once_whatever_the_end() {
+        // A complete stream.
+        let (transport, finished) = memory(false);
+        let mut output = Vec::new();
+        let summary =
+            stream_jobs(transport, &b"a\nb\n"[..], &mut output, &options(1, false)).unwrap();
+        assert!(summary.complete);
+        assert_eq!(finishes(&finished), 1);
+        // A closed stdout.
+        let (transport, finished) = memory(false);
+        let summary = stream_jobs(
+            transport,
+            Endless,
+            ClosingOutput { left: 4 },
+            &options(10, false),
+        )
+        .unwrap();
+        assert!(summary.stdout_closed);
+        assert_eq!(finishes(&finished), 1);
+        // One job from the command line.
+        let (transport, finished) = memory(false);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert!(!one_job(transport, b"x", false, &mut out, &mut err).unwrap());
+        assert_eq!((out.as_slice(), finishes(&finished)), (&b"x\n"[..], 1));
+        let (transport, finished) = memory(false);
+        assert!(one_job(transport, b"fail", false, &mut out, &mut err).is_err());
+        assert_eq!(finishes(&finished), 1, "also when the send failed");
+    }
+
+    #[test]
+    fn a_failed_finish_after_a_good_stream_is_an_error_with_every_result_printed() {
+        let (transport, finished) = memory(true);
+        let mut output = Vec::new();
+        let error =
+            stream_jobs(transport, &b"a\nb\n"[..], &mut output, &options(10, false)).unwrap_err();
+        assert_eq!(output, b"a\nb\n");
+        assert!(matches!(error, StreamError::Finish(_)), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("Redis at unix:///r.sock: deleting the reply stream: "),
+            "{error}"
+        );
+        assert_eq!(finishes(&finished), 1);
     }
 }
