@@ -1,4 +1,5 @@
-//! The measurements, one function per section of the table (a–f). Each starts its own
+//! The measurements, one function per section of the table (a–f; g, Redis, is in
+//! `streams.rs`), and the notes on how each figure is taken (a–g). Each starts its own
 //! master(s), drives them with real clients, and returns its rows; none asserts a target
 //! (these machines are too noisy for a time to be a pass/fail criterion) — the table shows
 //! the target next to the figure.
@@ -48,6 +49,21 @@ pub const NOTES: &str = "\
 - **f** `bench/mp_pool_peer.py` (a copy of `shared/bench/mp_pool_peer.py`):
   `multiprocessing.Pool(2)`, `imap` with chunksize 1, the same number of 64-byte no-op jobs,
   run right after section a in the same run; the ratio is jobhost / peer within that run.
+- **g** A private `redis-server` (Unix socket in a temp folder, `--save '' --appendonly no`)
+  shared by both sides in the same run. jobhost: pool `echo`, 2 workers, `source = \"redis\"`,
+  `batch = 64`, a `results` stream. The producer in the bench process is shaped like the
+  peer's: pipelined XADDs (1000 per round trip) of 64-byte payloads with an `id` field, then
+  XREAD of the results stream (COUNT 10000, BLOCK) until all are seen; every id checked
+  exactly once, status ok, body = payload, nothing left pending. jobs/s = all jobs / (first
+  XADD to last result read); latency = from the send of a job's XADD pipeline to the read of
+  its result, so it includes waiting behind the whole burst (a throughput run, not a latency
+  one). The peer is `../shared/bench/redis_stream_peer.py` (redis-py, 2 forked consumers,
+  batch 64, one pipelined MULTI/EXEC of results + XACK per batch; its own producer, same
+  shape and timer) run right after, on the same server; the ratio is taken within the run.
+  Server CPU per job = utime + stime of the redis-server process (`/proc/PID/stat`) over
+  the run / jobs; the ceiling is 1 s / that, the jobs/s a single-threaded Redis could serve
+  at that cost. Skipped with a row saying why when redis-server, the peer script or the
+  python `redis` package is missing.
 ";
 
 /// A load to push through one pool.
@@ -193,7 +209,7 @@ fn one_client(
     Ok((start, Instant::now(), latencies))
 }
 
-fn echo_payload(i: usize, buf: &mut Vec<u8>) {
+pub(crate) fn echo_payload(i: usize, buf: &mut Vec<u8>) {
     // 64 bytes, different for every job, so a misrouted result is caught: the id in 16 hex
     // digits, four times (cheap: the client shares the machine with what it measures).
     let mut hex = [0u8; 16];
@@ -217,11 +233,11 @@ fn report_cpu(what: &str, before: &[f64; 3], after: &[f64; 3], wall: Duration) -
     shares
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn thousands(x: f64) -> String {
+pub(crate) fn thousands(x: f64) -> String {
     let n = x.round() as u64;
     let s = n.to_string();
     let mut out = String::new();
