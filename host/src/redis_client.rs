@@ -4,15 +4,14 @@
 //! This module owns what a submitter writes and reads (entry fields `payload`, `id`,
 //! `reply_to`, `reply_ttl`; result fields `id`, `status`, `body`: docs/PROTOCOL.md, "Redis
 //! Streams"), the name of the reply stream (`jobhost:reply:<hostname>:<pid>:<nanos>`), the
-//! check that the pool's consumer group exists before anything is added, two connections (one
+//! creation of the pool's consumer group if it is missing (at 0, as a worker creates it, so that
+//! nothing added before any worker ran is skipped), two connections (one
 //! pipelines XADDs, one waits in XREAD BLOCK, so that a sending thread and a receiving thread
 //! never wait for each other), trimming what was read off the reply stream, and deleting it at
 //! the end ([`RedisSender::finish`]) or when SIGINT/SIGTERM/SIGHUP ends the process
 //! ([`ReplyStream::delete_on_signals`]).
 //!
-//! It never reads or acks the pool's stream as a consumer, never creates the pool's stream or
-//! group (an entry added before the workers create the group with `$` would never be
-//! delivered), never retries an XADD (after a lost reply nobody knows whether it was added),
+//! It never reads or acks the pool's stream as a consumer, never retries an XADD (after a lost reply nobody knows whether it was added),
 //! never logs or shows a password (only `shown_url`), and never sends a command without a
 //! read timeout: waiting for results is a loop of short XREAD BLOCKs, so a pool whose workers
 //! are busy or gone is waited for (as `submit` waits for a master), while a Redis that stops
@@ -59,17 +58,6 @@ pub enum RedisSubmitError {
     Connect {
         url: String,
         error: redis::RedisError,
-    },
-    /// The pool's stream or group does not exist: no master has ever run this pool there.
-    #[error(
-        "pool {pool:?} has no consumer group {group:?} on stream {stream:?} at {url}: is a master \
-         running this pool? (entries added before its workers create the group are never read)"
-    )]
-    NoGroup {
-        pool: String,
-        url: String,
-        stream: String,
-        group: String,
     },
     /// A command failed (the connection broke, timed out, or Redis answered an error).
     #[error("Redis at {url}: {doing}: {}", describe(error))]
@@ -228,26 +216,17 @@ pub struct RedisSubmit {
 impl RedisSubmit {
     /// Connects twice (sending, receiving) and checks that `pool`'s group exists on its
     /// stream. Adds nothing yet.
-    pub fn connect(cfg: &RedisConfig, pool: &str) -> Result<RedisSubmit, RedisSubmitError> {
+    pub fn connect(cfg: &RedisConfig) -> Result<RedisSubmit, RedisSubmitError> {
         let url = cfg.shown_url.clone();
         let mut send = connect(cfg, COMMAND_TIMEOUT)?;
-        match crate::worker::redis::group_exists(&mut send, cfg) {
-            Ok(Some(true)) => {}
-            Ok(Some(false) | None) => {
-                return Err(RedisSubmitError::NoGroup {
-                    pool: pool.to_string(),
-                    url,
-                    stream: cfg.stream.clone(),
-                    group: cfg.group.clone(),
-                })
-            }
-            Err(error) => {
-                return Err(RedisSubmitError::Command {
-                    url,
-                    doing: "looking for the pool's consumer group",
-                    error,
-                })
-            }
+        // As a worker would: at 0, so the entries added now are read by the first worker that
+        // comes, whenever it comes (a queue outlives its consumers).
+        if let Err(error) = crate::worker::redis::ensure_group(&mut send, cfg) {
+            return Err(RedisSubmitError::Command {
+                url,
+                doing: "creating the pool's consumer group",
+                error,
+            });
         }
         let receive = connect(cfg, SLICE + COMMAND_TIMEOUT)?;
         let reply = ReplyStream::new(cfg);

@@ -130,7 +130,7 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Box<dyn Error>> {
             )?
         }
         Target::Redis(cfg) => {
-            let redis = RedisSubmit::connect(&cfg, &args.pool).map_err(|e| e.to_string())?;
+            let redis = RedisSubmit::connect(&cfg).map_err(|e| e.to_string())?;
             // Before any thread starts: Ctrl-C deletes the reply stream, then ends us as usual.
             redis
                 .reply_stream()

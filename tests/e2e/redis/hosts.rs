@@ -447,7 +447,7 @@ fn two_masters_on_one_stream_split_the_work_and_answer_each_entry_once() {
 /// Two hosts on the stream with slow-ish jobs; host A is killed whole while it holds entries.
 /// Returns the survivor, what A held, and the jobs' ids by their entry ids.
 fn a_host_dies_under_load(stage: &Stage) -> (Host, Dead, HashMap<String, String>) {
-    let config = ("job_timeout = \"1s\"\n", "claim_idle = \"2500ms\"\n");
+    let config = ("job_timeout = \"1s\"\n", "claim_idle = \"6001ms\"\n");
     let mut a = Host::start(stage, 2, config.0, config.1);
     let b = Host::start(stage, 2, config.0, config.1);
     let jobs = jobs(40, |tag| stage.trace_job(300, tag));
@@ -517,17 +517,17 @@ fn a_dead_host_s_consumers_are_removed_once_their_pending_lists_are_empty() {
 #[test]
 fn no_entry_is_worked_on_by_two_live_workers_at_once_when_a_host_dies() {
     let Some(stage) = Stage::new() else { return };
-    // The smallest claim_idle the config allows for batch 3 × job_timeout 1s (+ 1 s).
+    // The smallest claim_idle the config allows for batch 3 × job_timeout 1s (+ 5 s).
     let extra = "job_timeout = \"1s\"\n";
     let table = |claim_idle: &str| format!("batch = 3\nclaim_idle = \"{claim_idle}\"\n");
     let check = Env::new();
     check.install("faulty");
-    check.config(&pool("faulty", 1, &stage.redis, extra, &table("4000ms")));
+    check.config(&pool("faulty", 1, &stage.redis, extra, &table("8000ms")));
     check
         .jobhost(&["check", "-c", "jobhost.toml"])
         .assert_code(1);
-    let mut a = Host::start(&stage, 3, extra, &table("4001ms"));
-    let b = Host::start(&stage, 3, extra, &table("4001ms"));
+    let mut a = Host::start(&stage, 3, extra, &table("8001ms"));
+    let b = Host::start(&stage, 3, extra, &table("8001ms"));
     // Jobs near job_timeout: a worker holds its third entry for ~2.4 s of the 4 s.
     let jobs = jobs(30, |tag| stage.trace_job(800, tag));
     stage.enqueue(&jobs);
@@ -632,7 +632,7 @@ fn a_job_past_job_timeout_is_never_run_by_a_second_worker_while_the_first_lives(
         &stage,
         2,
         "job_timeout = \"1s\"\n",
-        "claim_idle = \"2001ms\"\n",
+        "claim_idle = \"6001ms\"\n",
     );
     stage.enqueue(&[("slow".into(), stage.trace_job(8000, "slow"))]);
     let deadline = Instant::now() + SOON;
