@@ -57,7 +57,8 @@ pub const NOTES: &str = "\
   exactly once, status ok, body = payload, nothing left pending. jobs/s = all jobs / (first
   XADD to last result read); latency = from the send of a job's XADD pipeline to the read of
   its result, so it includes waiting behind the whole burst (a throughput run, not a latency
-  one). The peer is `../shared/bench/redis_stream_peer.py` (redis-py, 2 forked consumers,
+  one); the one-at-a-time row is the latency of a lone job: 2,000 jobs, each XADDed once the
+  previous one's result was read (XREAD BLOCK), workers idle in their blocking read. The peer is `../shared/bench/redis_stream_peer.py` (redis-py, 2 forked consumers,
   batch 64, one pipelined MULTI/EXEC of results + XACK per batch; its own producer, same
   shape and timer) run right after, on the same server; the ratio is taken within the run.
   Server CPU per job = utime + stime of the redis-server process (`/proc/PID/stat`) over

@@ -176,7 +176,7 @@ pub fn redis_streams(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
     }
 
     let mut conn = server.conn()?;
-    // The group exists before the first XADD (the workers would create it at `$`).
+    // The group exists before the first XADD.
     let _: Value = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(STREAM)
@@ -194,6 +194,8 @@ pub fn redis_streams(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
         true,
     )?;
     produce(&mut conn, 2_000, server.pid())?; // warm up: both consumers connected
+    let mut single = one_at_a_time(&mut conn, if opts.quick { 200 } else { 2_000 })?;
+    single.sort_unstable();
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for run in 0..runs {
@@ -255,6 +257,16 @@ pub fn redis_streams(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
         ),
         target: String::new(),
     }];
+    let pct = |p: usize| single[(single.len() * p / 100).min(single.len().saturating_sub(1))];
+    rows.push(Row {
+        section: 'g',
+        what: format!(
+            "the same, one job at a time ({} jobs: XADD, then XREAD of its result)",
+            thousands(single.len() as f64)
+        ),
+        value: format!("p50 {}, p99 {}", ms(pct(50)), ms(pct(99))),
+        target: String::new(),
+    });
     let ceiling = |us: f64| format!("{} jobs/s", thousands(1e6 / us));
     if let Some(why) = peer_missing {
         rows.push(Row {
@@ -424,6 +436,54 @@ fn produce(conn: &mut Connection, jobs: usize, server: i32) -> Result<Measured, 
         latencies,
         server_us,
     })
+}
+
+/// `n` jobs one after the other, each XADDed once the previous one's result was read: the
+/// latency of a lone job through Redis and an idle worker (the burst's figures above measure
+/// the queue behind 200,000 entries instead).
+fn one_at_a_time(conn: &mut Connection, n: usize) -> Result<Vec<Duration>, String> {
+    let mut latencies = Vec::with_capacity(n);
+    let mut last = "0-0".to_string();
+    let mut payload = Vec::with_capacity(64);
+    for i in 0..n {
+        payload.clear();
+        echo_payload(i, &mut payload);
+        let sent = Instant::now();
+        let _: Value = redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("id")
+            .arg(i)
+            .arg("payload")
+            .arg(&payload[..])
+            .query(conn)
+            .map_err(|e| format!("XADD of job {i}: {e}"))?;
+        let reply: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(RESULTS)
+            .arg(&last)
+            .query(conn)
+            .map_err(|e| format!("XREAD {RESULTS}: {e}"))?;
+        let elapsed = sent.elapsed();
+        let Some((entry_id, fields)) = stream_entries(&reply)?.into_iter().next() else {
+            return Err(format!("no result for job {i} within {BLOCK:?}"));
+        };
+        let id = i.to_string();
+        if !fields.iter().any(|(k, v)| k == b"id" && v == id.as_bytes()) {
+            return Err(format!("result {entry_id} is not job {i}'s: {fields:?}"));
+        }
+        last = entry_id;
+        latencies.push(elapsed);
+    }
+    let _: Value = redis::cmd("DEL")
+        .arg(RESULTS)
+        .query(conn)
+        .map_err(|e| format!("DEL {RESULTS}: {e}"))?;
+    Ok(latencies)
 }
 
 /// One stream entry: its id and its fields.
