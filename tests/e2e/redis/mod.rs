@@ -5,6 +5,7 @@
 //! This module holds the private server and the helpers; the tests are in its submodules.
 
 mod consuming;
+mod abuse;
 mod hosts;
 mod submit;
 

@@ -1,0 +1,1 @@
+//! Redis pools under abuse: pauses, permissions, server errors, restarts with persistence, keys of the wrong type.
