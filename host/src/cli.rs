@@ -93,15 +93,15 @@ pub fn run(cli: Cli) -> CliResult {
 /// Connects to a redis pool's server (from this CLI process, never the master) and says
 /// whether it answers and whether the group exists. Not reaching it is a warning, not a config
 /// error: the workers wait for it with back-off.
-fn redis_check(redis: &crate::config::RedisConfig) -> String {
+fn redis_check(redis: &crate::config::RedisConfig) -> Result<String, String> {
     use crate::worker::redis as source;
     let mut conn = match source::open(redis) {
         Ok(conn) => conn,
         Err(e) => {
-            return format!(
+            return Ok(format!(
                 "warn redis {}: does not answer: {e} (workers will retry until it does)",
                 redis.shown_url
-            )
+            ))
         }
     };
     let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
@@ -117,7 +117,19 @@ fn redis_check(redis: &crate::config::RedisConfig) -> String {
         ),
         Err(e) => format!("cannot look at stream {}: {e}", redis.stream),
     };
-    format!("ok   redis {} answers; {group}", redis.shown_url)
+    // The workers settle entries with Lua scripts (a result and its XACK only while the entry
+    // is still theirs): a user that may not run them cannot serve this pool at all.
+    if let Err(e) = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg(0)
+        .query::<i64>(&mut conn)
+    {
+        return Err(format!(
+            "redis {}: the workers need to run Lua scripts (EVAL, EVALSHA, SCRIPT LOAD), and this server refuses: {e}",
+            redis.shown_url
+        ));
+    }
+    Ok(format!("ok   redis {} answers; {group}", redis.shown_url))
 }
 
 /// `jobhost check -c FILE`: one line per pool, exit 0; or the first error, exit 1.
@@ -163,7 +175,10 @@ fn check(path: &Path) -> CliResult {
             file.display(),
         );
         if let Some(redis) = &pool.redis {
-            println!("    {}", redis_check(redis));
+            println!(
+                "    {}",
+                redis_check(redis).map_err(|e| format!("pool {}: {e}", pool.name))?
+            );
         }
     }
     println!(

@@ -738,8 +738,8 @@ impl Master {
                     let boards: Vec<_> = of_pool().map(|w| w.slot.read()).collect();
                     busy = boards.iter().filter(|b| b.running.is_some()).count();
                     for b in &boards {
-                        done += b.jobs_done.saturating_sub(b.jobs_failed);
-                        failed += b.jobs_failed.min(b.jobs_done);
+                        done = done.saturating_add(b.jobs_done.saturating_sub(b.jobs_failed));
+                        failed = failed.saturating_add(b.jobs_failed.min(b.jobs_done));
                     }
                     redis_source(cfg, &boards)
                 });

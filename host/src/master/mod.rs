@@ -609,8 +609,13 @@ impl Master {
             let said = worker.leaving.map_or(0, |l| l.jobs_done);
             worker.jobs_done = board.jobs_done.max(said);
             let stats = &mut self.pools[worker.pool].stats;
-            stats.done += board.jobs_done.saturating_sub(board.jobs_failed);
-            stats.failed += board.jobs_failed.min(board.jobs_done);
+            // The worker's word: bounded, never an overflow.
+            stats.done = stats
+                .done
+                .saturating_add(board.jobs_done.saturating_sub(board.jobs_failed));
+            stats.failed = stats
+                .failed
+                .saturating_add(board.jobs_failed.min(board.jobs_done));
         }
         let ending = classify(
             status,

@@ -84,6 +84,9 @@ struct Entry {
     /// Delivered before (taken over, claimed, or read again from this consumer's history):
     /// it may be the entry that killed a worker, so it runs on its own.
     suspect: bool,
+    /// When, and on which of this worker's connections, it was read.
+    read_at: Instant,
+    conn: u64,
 }
 
 impl Entry {
@@ -150,6 +153,15 @@ pub struct RedisSource {
     /// When the stream's figures may be read again, and whether they changed since.
     next_figures: Instant,
     figures_stale: bool,
+    /// SETTLE's SHA on this connection.
+    settle_sha: Option<String>,
+    /// Which connection this is (counted from 1): entries read on an earlier one are settled
+    /// with their owner checked.
+    conn_gen: u64,
+    /// The scoreboard says "connected" (after the first step that went through).
+    said_connected: bool,
+    /// A sweep failed (no permission for scripts?): said once.
+    sweep_failed: bool,
 }
 
 /// A computed result not yet written.
@@ -193,6 +205,10 @@ impl RedisSource {
             failed: 0,
             next_figures: now,
             figures_stale: true,
+            settle_sha: None,
+            conn_gen: 0,
+            said_connected: false,
+            sweep_failed: false,
         }
     }
 
@@ -213,29 +229,17 @@ impl RedisSource {
                 self.cfg.stream
             );
         }
-        if let Some(outage) = self.outage.take() {
-            log::warn!(
-                "redis: reconnected to {} after {:.1?}",
-                self.cfg.shown_url,
-                outage.since.elapsed()
-            );
+        if self.outage.is_some() {
+            // After an outage every pending entry may look idle past claim_idle (Redis keeps
+            // delivery times across a restart): give their owners, reconnecting too, that long
+            // to go on with them before anyone claims them.
+            self.next_autoclaim = Instant::now() + self.cfg.claim_idle;
         }
-        self.slot.publish(|w| w.source(&SourceState::Connected));
         self.connected_once = true;
-        if !self.answers.is_empty() {
-            // The reply to their MULTI/EXEC may be what was lost: if it ran, their entries are
-            // acked (all or none: it is one transaction) and writing them again would answer
-            // them twice.
-            let first = &self.answers[0].entry.id;
-            if pending(&mut conn, &self.cfg, first, first, 1, Some(&self.consumer))?.is_empty() {
-                log::info!(
-                    "redis: {} result(s) were written before the connection broke",
-                    self.answers.len()
-                );
-                self.answers.clear();
-                self.first_answer_at = None;
-            }
-        }
+        self.settle_sha = None;
+        self.conn_gen += 1;
+        // Answers computed before the connection broke are written first; SETTLE skips those
+        // whose entries are no longer pending here (their write went through after all).
         self.conn = Some(conn);
         // What was delivered before is in this consumer's pending list: read it from there
         // (after the answers still to write, whose entries are skipped there).
@@ -245,7 +249,25 @@ impl RedisSource {
         Ok(())
     }
 
-    /// The connection failed: drop it, start (or go on with) the outage back-off.
+    /// A step went through: an outage, if there was one, is over.
+    fn working(&mut self) {
+        if let Some(outage) = self.outage.take() {
+            log::warn!(
+                "redis: reconnected to {} after {:.1?}",
+                self.cfg.shown_url,
+                outage.since.elapsed()
+            );
+            self.slot.publish(|w| w.source(&SourceState::Connected));
+        } else if !self.said_connected {
+            self.slot.publish(|w| w.source(&SourceState::Connected));
+        }
+        self.said_connected = true;
+    }
+
+    /// The connection failed: drop it, start (or go on with) the outage back-off. The outage
+    /// lasts until a step goes through, not merely until a connect does: a server that
+    /// accepts the connection and then refuses every command (an ACL, OOM, a read-only
+    /// replica) is backed off from and logged once too.
     fn lost(&mut self, fault: &RedisFault) {
         self.conn = None;
         let now = Instant::now();
@@ -284,23 +306,91 @@ impl RedisSource {
         !(young && self.ready.front().is_some_and(|e| !e.suspect))
     }
 
-    /// Writes every computed answer and its XACK in one MULTI/EXEC.
+    /// Writes every computed answer and its XACK in one script (see SETTLE).
     fn flush(&mut self) -> Fault<()> {
         if self.answers.is_empty() {
             return Ok(());
         }
         let conn = self.conn.as_mut().ok_or_else(gone)?;
-        let outcome = answer_all(conn, &self.cfg, &self.answers);
+        // Fresh entries, read on this connection less than claim_idle / 2 ago, cannot have
+        // been claimed by anyone (XAUTOCLAIM waits for claim_idle; a restarted Redis broke
+        // this connection): one MULTI/EXEC, the fast way. Any other entry may belong to
+        // someone else by now: the script settles only what is still ours.
+        let fresh = self.answers.iter().all(|a| {
+            !a.entry.suspect
+                && a.entry.conn == self.conn_gen
+                && a.entry.read_at.elapsed() < self.cfg.claim_idle / 2
+        });
+        if fresh {
+            let outcome = answer_all(conn, &self.cfg, &self.answers);
+            if let Err(e) = &outcome {
+                if e.no_group() {
+                    self.answers.clear();
+                    self.first_answer_at = None;
+                }
+            }
+            let refused = outcome?;
+            let answers = std::mem::take(&mut self.answers);
+            self.first_answer_at = None;
+            for (index, why) in refused {
+                let Some(a) = answers.get(index) else {
+                    continue;
+                };
+                // MULTI does not roll back: the entry is acked already; record where.
+                log::error!(
+                    "redis: cannot write the result of entry {} of {}: {why}",
+                    a.entry.id,
+                    self.cfg.stream
+                );
+                let reason = format!("cannot write its result: {why}");
+                let mut dead = redis::cmd("XADD");
+                dead.arg(&self.cfg.dead_letter)
+                    .arg("*")
+                    .arg("reason")
+                    .arg(&reason)
+                    .arg("stream")
+                    .arg(&self.cfg.stream)
+                    .arg("entry")
+                    .arg(&a.entry.id);
+                for (k, v) in &a.entry.fields {
+                    dead.arg(k.as_slice()).arg(v.as_slice());
+                }
+                if let Err(e) = dead.query::<Value>(conn) {
+                    log::error!("redis: cannot dead-letter entry {}: {e}", a.entry.id);
+                }
+            }
+            return Ok(());
+        }
+        let items: Vec<Settle<'_>> = self
+            .answers
+            .iter()
+            .map(|a| Settle {
+                entry: &a.entry,
+                result: Some((a.ok, &a.body)),
+                dead: None,
+            })
+            .collect();
+        let outcome = settle(
+            conn,
+            &self.cfg,
+            &self.consumer,
+            Some(&mut self.settle_sha),
+            &items,
+        );
+        drop(items);
         match outcome {
-            Ok(refused) => {
-                // A result Redis would not store (its reply_to is not a stream): the entry is
-                // acked all the same, so say so where a person looks.
+            Ok(unsettled) => {
                 let answers = std::mem::take(&mut self.answers);
                 self.first_answer_at = None;
-                for (index, why) in refused {
-                    if let Some(a) = answers.get(index) {
-                        let reason = format!("cannot write its result: {why}");
-                        dead_letter(conn, &self.cfg, &a.entry, &reason, false)?;
+                for (index, why) in unsettled {
+                    let Some(a) = answers.get(index) else {
+                        continue;
+                    };
+                    report_unsettled(&self.cfg, &a.entry, &why);
+                    if let Unsettled::Refused(e) = why {
+                        // Where a person looks, and acked only once it is there.
+                        let reason = format!("cannot write its result: {e}");
+                        dead_letter(conn, &self.cfg, &self.consumer, &a.entry, &reason, false)?;
                     }
                 }
                 Ok(())
@@ -359,8 +449,20 @@ impl RedisSource {
         if now >= self.next_autoclaim && !self.own_history {
             self.next_autoclaim = now + self.cfg.claim_idle / 2;
             let conn = self.conn.as_mut().ok_or_else(gone)?;
-            sweep(conn, &self.cfg, &self.consumer)?;
             let claimed = autoclaim(conn, &self.cfg, &self.consumer, self.max_attempts)?;
+            // Tidying only: a sweep that fails (a user without scripting) claims nothing less.
+            match sweep(conn, &self.cfg, &self.consumer) {
+                Ok(()) => self.sweep_failed = false,
+                Err(e) if e.no_group() => return Err(e),
+                Err(e) => {
+                    if !std::mem::replace(&mut self.sweep_failed, true) {
+                        log::warn!(
+                            "redis: cannot remove dead consumers from group {}: {e}",
+                            self.cfg.group
+                        );
+                    }
+                }
+            }
             if !claimed.is_empty() {
                 self.ready.extend(claimed);
                 return Ok(again());
@@ -417,6 +519,9 @@ impl RedisSource {
             return Err(redis::RedisError::from(e.clone()).into());
         }
         let mut entries = read_reply(value)?;
+        for entry in &mut entries {
+            entry.conn = self.conn_gen;
+        }
         if !self.own_history {
             return Ok(entries);
         }
@@ -477,6 +582,7 @@ impl RedisSource {
             return dead_letter(
                 conn,
                 &self.cfg,
+                &self.consumer,
                 &entry,
                 "the entry has no payload field",
                 false,
@@ -522,29 +628,41 @@ impl RedisSource {
         self.flush()?;
         let conn = self.conn.as_mut().ok_or_else(gone)?;
         if !self.ready.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+            let keys = vec![self.cfg.stream.as_bytes().to_vec()];
+            let mut args = vec![
+                self.cfg.group.as_bytes().to_vec(),
+                self.consumer.as_bytes().to_vec(),
+            ];
             for entry in &self.ready {
-                let again = pipe.cmd("XADD").arg(&self.cfg.stream).arg("*");
-                if entry.field("id").is_none() {
+                let keep_id = entry.field("id").is_none();
+                args.push(entry.id.as_bytes().to_vec());
+                args.push(
+                    (entry.fields.len() + usize::from(keep_id))
+                        .to_string()
+                        .into_bytes(),
+                );
+                if keep_id {
                     // The submitter knows it by its first id: keep it.
-                    again.arg("id").arg(&entry.id);
+                    args.push(b"id".to_vec());
+                    args.push(entry.id.as_bytes().to_vec());
                 }
                 for (k, v) in &entry.fields {
-                    again.arg(k.as_slice()).arg(v.as_slice());
+                    args.push(k.clone());
+                    args.push(v.clone());
                 }
-                again.ignore();
             }
-            pipe.cmd("XACK")
-                .arg(&self.cfg.stream)
-                .arg(&self.cfg.group)
-                .arg(self.ready.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
-                .ignore();
-            pipe.query::<()>(conn)?;
+            let handed: i64 = match script(conn, None, HAND_BACK, &keys, &args)? {
+                Value::Int(n) => n,
+                other => {
+                    return Err(RedisFault::Reply(
+                        "the hand-back script",
+                        format!("{other:?}"),
+                    ))
+                }
+            };
             log::info!(
-                "redis: handed {} entr{} read but not started back to {}",
-                self.ready.len(),
-                if self.ready.len() == 1 { "y" } else { "ies" },
+                "redis: handed {handed} entr{} read but not started back to {}",
+                if handed == 1 { "y" } else { "ies" },
                 self.cfg.stream
             );
             self.ready.clear();
@@ -680,6 +798,8 @@ fn parse_entry(v: &Value) -> Option<Entry> {
         id,
         fields,
         suspect: false,
+        read_at: Instant::now(),
+        conn: 0,
     })
 }
 
@@ -728,21 +848,6 @@ fn add_result(pipe: &mut redis::Pipeline, target: &[u8], entry: &Entry, ok: bool
         .arg(body);
 }
 
-/// The entry's `reply_ttl`: how long its reply stream is kept after this result (ms).
-fn reply_ttl(entry: &Entry) -> Option<u64> {
-    let ttl: u64 = std::str::from_utf8(entry.field("reply_ttl")?)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(ttl.clamp(*REPLY_TTL.start(), *REPLY_TTL.end()))
-}
-
-fn exec(conn: &mut Connection, pipe: &redis::Pipeline) -> Fault<()> {
-    pipe.query::<()>(conn)?;
-    Ok(())
-}
-
 /// The results of `answers` and their XACKs, in one MULTI/EXEC. Returns the answers whose
 /// result Redis refused (a `reply_to` that is not a stream), with its error: those entries
 /// are acked all the same (MULTI does not roll back).
@@ -787,11 +892,256 @@ fn answer_all(
         .collect())
 }
 
-/// Moves an entry to the dead-letter stream with `reason` and acks it, in one MULTI/EXEC;
-/// `answer_failed`: its submitter is told too (it was a job that ran out of attempts).
+/// Hands entries read but not started back to the stream: each one still pending to this
+/// consumer is added again (same fields) and the original acked, atomically. KEYS: stream.
+/// ARGV: group, consumer, then per entry: id, field count, fields. Returns how many.
+const HAND_BACK: &str = r#"
+local group, me = ARGV[1], ARGV[2]
+local handed = 0
+local i = 3
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  local first = i + 2
+  i = first + 2 * n
+  if #redis.call('XPENDING', KEYS[1], group, id, id, 1, me) > 0 then
+    local args = {'XADD', KEYS[1], '*'}
+    for j = first, first + 2 * n - 1 do table.insert(args, ARGV[j]) end
+    redis.call(unpack(args))
+    redis.call('XACK', KEYS[1], group, id)
+    handed = handed + 1
+  end
+end
+return handed
+"#;
+
+/// The entry's `reply_ttl`: how long its reply stream is kept after this result (ms).
+fn reply_ttl(entry: &Entry) -> Option<u64> {
+    let ttl: u64 = std::str::from_utf8(entry.field("reply_ttl")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ttl.clamp(*REPLY_TTL.start(), *REPLY_TTL.end()))
+}
+
+/// Writes results, dead letters and XACKs for entries still pending to this consumer, in one
+/// script (atomic, as MULTI/EXEC is, but it can look before it writes). An entry that is no
+/// longer this consumer's — claimed by another after an outage longer than claim_idle — is
+/// left alone: its new owner answers it, and answering it here too would answer it twice. A
+/// result Redis refuses (its reply_to is not a stream) or a dead letter it refuses (the
+/// dead-letter key is not a stream) leaves the entry pending rather than acked and lost.
+///
+/// KEYS: stream, dead-letter stream, reply streams. ARGV: group, consumer, the lowest and the
+/// highest id, how many of this consumer's pending entries to look at between them, then per
+/// entry:
+/// id, reply stream (index into KEYS; 0: none), status, body, result id, reply_ttl (0: none),
+/// dead-letter reason ('': not dead), field count, the entry's fields (for a dead letter).
+/// Returns `{id, what, error}` for each entry not settled.
+const SETTLE: &str = r#"
+local group, me = ARGV[1], ARGV[2]
+local mine = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[3], ARGV[4], tonumber(ARGV[5]), me)) do
+  mine[p[1]] = true
+end
+local out, acks, ttls = {}, {'XACK', KEYS[1], group}, {}
+local i = 6
+while i <= #ARGV do
+  local id, target, status, body, rid = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local ttl, reason, n = tonumber(ARGV[i + 5]), ARGV[i + 6], tonumber(ARGV[i + 7])
+  local first = i + 8
+  i = first + 2 * n
+  if not mine[id] then
+    table.insert(out, {id, 'gone', ''})
+  else
+    local ok = true
+    if target > 0 then
+      local r = redis.pcall('XADD', KEYS[target], '*', 'id', rid, 'status', status, 'body', body)
+      if type(r) == 'table' and r.err then
+        ok = false
+        table.insert(out, {id, 'refused', r.err})
+      elseif ttl > 0 then
+        ttls[target] = math.max(ttls[target] or 0, ttl)
+      end
+    end
+    if ok and reason ~= '' then
+      local args = {'XADD', KEYS[2], '*', 'reason', reason, 'stream', KEYS[1], 'entry', id}
+      for j = first, first + 2 * n - 1 do table.insert(args, ARGV[j]) end
+      local r = redis.pcall(unpack(args))
+      if type(r) == 'table' and r.err then
+        ok = false
+        table.insert(out, {id, 'dead', r.err})
+      end
+    end
+    if ok then table.insert(acks, id) end
+  end
+end
+if #acks > 3 then redis.call(unpack(acks)) end
+for target, ttl in pairs(ttls) do redis.pcall('PEXPIRE', KEYS[target], ttl) end
+return out
+"#;
+
+/// One entry to settle: its result (to its reply stream, if it has one) and/or its move to
+/// the dead-letter stream with a reason.
+struct Settle<'a> {
+    entry: &'a Entry,
+    result: Option<(bool, &'a [u8])>,
+    dead: Option<&'a str>,
+}
+
+/// An entry the script did not settle, and why.
+#[derive(Debug)]
+enum Unsettled {
+    /// No longer pending to this consumer: someone else owns it now.
+    Gone,
+    /// Its result could not be written (the error): it stays pending.
+    Refused(String),
+    /// Its dead letter could not be written (the error): it stays pending.
+    DeadRefused(String),
+}
+
+/// Runs SETTLE over `items`; returns, by index, those not settled. `sha`: the script's cached
+/// SHA on this connection (loaded when missing or when Redis forgot it); `None` sends the
+/// script itself (for the rare callers).
+fn settle(
+    conn: &mut Connection,
+    cfg: &RedisConfig,
+    me: &str,
+    sha: Option<&mut Option<String>>,
+    items: &[Settle<'_>],
+) -> Fault<Vec<(usize, Unsettled)>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut keys: Vec<Vec<u8>> = vec![
+        cfg.stream.as_bytes().to_vec(),
+        cfg.dead_letter.as_bytes().to_vec(),
+    ];
+    let ids = || items.iter().map(|i| i.entry.id.as_str());
+    let (Some(lo), Some(hi)) = (
+        ids().min_by_key(|id| stream_id_key(id)),
+        ids().max_by_key(|id| stream_id_key(id)),
+    ) else {
+        return Ok(Vec::new());
+    };
+    // This consumer holds the entries settled, those read and not run, and perhaps a few
+    // left unsettled before: all of them lie within this bound.
+    let look_at = 2 * items.len() + cfg.batch + 64;
+    let mut args: Vec<Vec<u8>> = vec![
+        cfg.group.as_bytes().to_vec(),
+        me.as_bytes().to_vec(),
+        lo.as_bytes().to_vec(),
+        hi.as_bytes().to_vec(),
+        look_at.to_string().into_bytes(),
+    ];
+    for item in items {
+        let e = item.entry;
+        let target = match (item.result, reply_target(cfg, e)) {
+            (Some(_), Some(t)) => match keys.iter().skip(2).position(|k| *k == t) {
+                Some(at) => at + 3,
+                None => {
+                    keys.push(t);
+                    keys.len()
+                }
+            },
+            _ => 0,
+        };
+        let (ok, body) = item.result.unwrap_or((false, b""));
+        let ttl = e.field("reply_to").and(reply_ttl(e)).unwrap_or(0);
+        args.push(e.id.as_bytes().to_vec());
+        args.push(target.to_string().into_bytes());
+        args.push(if ok {
+            b"ok".to_vec()
+        } else {
+            b"failed".to_vec()
+        });
+        args.push(body.to_vec());
+        args.push(e.field("id").unwrap_or(e.id.as_bytes()).to_vec());
+        args.push(ttl.to_string().into_bytes());
+        match item.dead {
+            Some(reason) => {
+                args.push(reason.as_bytes().to_vec());
+                args.push(e.fields.len().to_string().into_bytes());
+                for (k, v) in &e.fields {
+                    args.push(k.clone());
+                    args.push(v.clone());
+                }
+            }
+            None => {
+                args.push(Vec::new());
+                args.push(b"0".to_vec());
+            }
+        }
+    }
+    let reply = script(conn, sha, SETTLE, &keys, &args)?;
+    let Value::Array(rows) = reply else {
+        return Err(RedisFault::Reply("the settle script", format!("{reply:?}")));
+    };
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let Value::Array(parts) = row else {
+                return None;
+            };
+            let id = text(parts.first()?)?;
+            let what = text(parts.get(1)?)?;
+            let error = parts.get(2).and_then(text).unwrap_or_default();
+            let index = items.iter().position(|i| i.entry.id == id)?;
+            let why = match what.as_str() {
+                "gone" => Unsettled::Gone,
+                "refused" => Unsettled::Refused(error),
+                _ => Unsettled::DeadRefused(error),
+            };
+            Some((index, why))
+        })
+        .collect())
+}
+
+/// Runs a Lua script: EVALSHA with the cached SHA (loaded first when there is none, and again
+/// when Redis answers NOSCRIPT: it restarted or was flushed), or EVAL when there is no cache.
+fn script(
+    conn: &mut Connection,
+    sha: Option<&mut Option<String>>,
+    body: &str,
+    keys: &[Vec<u8>],
+    args: &[Vec<u8>],
+) -> Fault<Value> {
+    let call = |conn: &mut Connection, how: &str, what: &str| -> redis::RedisResult<Value> {
+        redis::cmd(how)
+            .arg(what)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args)
+            .query(conn)
+    };
+    let Some(sha) = sha else {
+        return Ok(call(conn, "EVAL", body)?);
+    };
+    for _ in 0..2 {
+        if sha.is_none() {
+            let loaded: String = redis::cmd("SCRIPT").arg("LOAD").arg(body).query(conn)?;
+            *sha = Some(loaded);
+        }
+        let Some(digest) = sha.as_deref() else {
+            continue;
+        };
+        match call(conn, "EVALSHA", digest) {
+            Err(e) if e.code() == Some("NOSCRIPT") => *sha = None,
+            other => return Ok(other?),
+        }
+    }
+    Err(RedisFault::Reply(
+        "EVALSHA",
+        "the script is not kept (NOSCRIPT)".into(),
+    ))
+}
+
+/// Moves an entry to the dead-letter stream with `reason` and acks it, in one script;
+/// `answer_failed`: its submitter is told too (it was a job that ran out of attempts). A dead
+/// letter Redis refuses leaves the entry pending (said in the log) rather than lost.
 fn dead_letter(
     conn: &mut Connection,
     cfg: &RedisConfig,
+    me: &str,
     entry: &Entry,
     reason: &str,
     answer_failed: bool,
@@ -802,31 +1152,36 @@ fn dead_letter(
         cfg.stream,
         cfg.dead_letter
     );
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    if answer_failed {
-        if let Some(target) = reply_target(cfg, entry) {
-            add_result(&mut pipe, &target, entry, false, reason.as_bytes());
-            pipe.ignore();
-        }
+    let item = Settle {
+        entry,
+        result: answer_failed.then_some((false, reason.as_bytes())),
+        dead: Some(reason),
+    };
+    for (_, why) in settle(conn, cfg, me, None, &[item])? {
+        report_unsettled(cfg, entry, &why);
     }
-    let dead = pipe.cmd("XADD").arg(&cfg.dead_letter).arg("*");
-    dead.arg("reason")
-        .arg(reason)
-        .arg("stream")
-        .arg(&cfg.stream)
-        .arg("entry")
-        .arg(&entry.id);
-    for (k, v) in &entry.fields {
-        dead.arg(k.as_slice()).arg(v.as_slice());
+    Ok(())
+}
+
+fn report_unsettled(cfg: &RedisConfig, entry: &Entry, why: &Unsettled) {
+    match why {
+        Unsettled::Gone => log::info!(
+            "redis: entry {} of {} is no longer pending here (answered before the connection broke, or claimed by another consumer): not answered again",
+            entry.id,
+            cfg.stream
+        ),
+        Unsettled::Refused(e) => log::error!(
+            "redis: cannot write the result of entry {} of {}: {e}",
+            entry.id,
+            cfg.stream
+        ),
+        Unsettled::DeadRefused(e) => log::error!(
+            "redis: cannot dead-letter entry {} of {} to {}: {e}; it stays pending",
+            entry.id,
+            cfg.stream,
+            cfg.dead_letter
+        ),
     }
-    dead.ignore();
-    pipe.cmd("XACK")
-        .arg(&cfg.stream)
-        .arg(&cfg.group)
-        .arg(&entry.id)
-        .ignore();
-    exec(conn, &pipe)
 }
 
 /// XPENDING's extended form for `consumer` (or everyone): `(id, deliveries)`.
@@ -889,7 +1244,7 @@ fn take_over(
     }
     // Only the entry it was running used up an attempt (XCLAIM counts one more delivery);
     // the others are claimed with their count as it was (RETRYCOUNT), grouped by count.
-    let blamed = |id: &str| dead.running.as_deref().is_none_or(|r| r == id);
+    let blamed = |id: &str| dead.running.as_deref() == Some(id);
     let mut counts: Vec<i64> = rows
         .iter()
         .filter(|(id, _)| !blamed(id))
@@ -952,7 +1307,7 @@ fn take_over(
             run.push(entry);
         } else if deliveries >= i64::from(max_attempts) {
             let reason = format!("{}, attempt {deliveries} of {max_attempts}", dead.why);
-            dead_letter(conn, cfg, &entry, &reason, true)?;
+            dead_letter(conn, cfg, me, &entry, &reason, true)?;
         } else {
             log::info!(
                 "redis: retrying entry {} of {} ({}, attempt {deliveries} of {max_attempts})",
@@ -1078,7 +1433,7 @@ fn autoclaim(
                     "its consumer stopped answering (idle past claim_idle {:?}), attempt {deliveries} of {max_attempts}",
                     cfg.claim_idle
                 );
-                dead_letter(conn, cfg, &entry, &reason, true)?;
+                dead_letter(conn, cfg, me, &entry, &reason, true)?;
             } else {
                 log::info!(
                     "redis: claimed entry {} idle past claim_idle {:?}",
@@ -1125,7 +1480,10 @@ impl JobSource for RedisSource {
             }
         }
         match self.step(plugin) {
-            Ok(next) => Ok(next),
+            Ok(next) => {
+                self.working();
+                Ok(next)
+            }
             Err(fault) => {
                 self.fault(&fault);
                 Ok(again())
@@ -1139,6 +1497,23 @@ impl JobSource for RedisSource {
 
     fn channel(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
+    }
+
+    /// Short of memory, the worker takes no entry until it recovers, which may take longer
+    /// than claim_idle: what it computed is written and what it read is handed back now, so
+    /// nothing waits on it (or is claimed and run twice meanwhile).
+    fn hold(&mut self, paused: bool) -> io::Result<()> {
+        if paused && !(self.answers.is_empty() && self.ready.is_empty()) {
+            if let Err(fault) = self.hand_back() {
+                log::warn!(
+                    "redis: could not hand back {} entr{} while holding back: {fault}",
+                    self.ready.len(),
+                    if self.ready.len() == 1 { "y" } else { "ies" }
+                );
+                self.fault(&fault);
+            }
+        }
+        Ok(())
     }
 
     fn retire(&mut self) {

@@ -4,8 +4,8 @@
 //!
 //! This module holds the private server and the helpers; the tests are in its submodules.
 
-mod consuming;
 mod abuse;
+mod consuming;
 mod hosts;
 mod submit;
 
