@@ -406,6 +406,8 @@ fn a_redis_user_that_may_not_run_scripts_is_refused_by_check_and_backed_off_by_w
         "{lost} lines 'redis: cannot reach' in 5 s:\n{}",
         master.log_text()
     );
+    // The permission is still missing: still disconnected, not "connected" between tries.
+    wait_for_disconnected_with(&master, "noperm");
     assert_eq!(master.workers(), workers, "{}", master.log_text());
     assert!(
         !master.log_text().contains("jh-secret"),
@@ -536,8 +538,18 @@ fn redis_restarted_with_persistence_under_load_answers_each_entry_once_and_never
     for (_, master) in &hosts {
         master.wait_for_log("redis: cannot reach", SOON);
     }
+    // Down long enough for the workers' back-off to grow, short enough that no entry a live
+    // worker holds gets idle past claim_idle (back-off 0.1 + 0.2 + … + 1.6 s < 6 s).
+    std::thread::sleep(Duration::from_secs(1));
     let redis = start_persistent(redis);
-    assert!(redis.xlen("r") < n, "the restart came after the work");
+    // It came back with what it had: the stream, and the results written before.
+    assert_eq!(redis.xlen("jobs"), n, "the stream did not persist");
+    let after = redis.xlen("r");
+    assert!(
+        after >= before,
+        "{after} results after the restart, {before} before"
+    );
+    assert!(after < n, "the restart came after the work");
     wait_until(&format!("{n} results, nothing pending"), RUN, || {
         redis.xlen("r") >= n && pending(&redis) == 0
     });
