@@ -247,7 +247,7 @@ fn a_kill_while_a_result_is_being_written_uses_up_no_attempt() {
     let worker = master.wait_for_workers(1)[0];
     wait_for_consumers(&redis, 1);
     redis.cli(&[
-        "XADD", "jobs", "*", "payload", "800", "id", "slow", "reply_to", "r",
+        "XADD", "jobs", "*", "payload", "1500", "id", "slow", "reply_to", "r",
     ]);
     wait_until("the job running", SOON, || in_sleep_job(worker));
     // Writes wait while the job runs on; its result (MULTI … EXEC) then blocks on the server.
