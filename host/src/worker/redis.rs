@@ -235,8 +235,14 @@ impl RedisSource {
             // to go on with them before anyone claims them.
             self.next_autoclaim = Instant::now() + self.cfg.claim_idle;
         }
+        // Loaded now, not at the first retry: a user that may not run scripts cannot settle
+        // retries safely, so such a server is an outage with its reason, from the start.
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SETTLE)
+            .query(&mut conn)?;
+        self.settle_sha = Some(sha);
         self.connected_once = true;
-        self.settle_sha = None;
         self.conn_gen += 1;
         // Answers computed before the connection broke are written first; SETTLE skips those
         // whose entries are no longer pending here (their write went through after all).
