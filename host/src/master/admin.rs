@@ -19,7 +19,8 @@ use std::time::{Instant, SystemTime};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
-use super::{Master, MasterError, Phase, KIND_SHIFT};
+use super::token::Token;
+use super::{Master, MasterError, Phase};
 use crate::admin::{
     self, Command, LineBuffer, LineError, PoolSnapshot, Snapshot, Target, WorkerSnapshot,
     WrongTokens,
@@ -30,10 +31,6 @@ use crate::config::PoolMode;
 const MAX_LINE: usize = 4096;
 /// An admin client that does not read its replies is dropped past this much output.
 const MAX_ADMIN_OUT: usize = 4 << 20;
-
-pub(super) const KIND_ADMIN: u64 = 3;
-pub(super) const TOKEN_ADMIN_UNIX: u64 = 2;
-pub(super) const TOKEN_ADMIN_TCP: u64 = 3;
 
 pub(super) enum AdminStream {
     Unix(UnixStream),
@@ -248,8 +245,14 @@ impl AdminListeners {
     /// Takes the listeners out of epoll (paused) or puts them back.
     fn watch(&self, epoll: &nix::sys::epoll::Epoll, on: bool) {
         let listeners = [
-            (Some(self.unix.as_fd()), TOKEN_ADMIN_UNIX),
-            (self.tcp.as_ref().map(|l| l.as_fd()), TOKEN_ADMIN_TCP),
+            (
+                Some(self.unix.as_fd()),
+                Token::AdminListener { tcp: false }.encode(),
+            ),
+            (
+                self.tcp.as_ref().map(|l| l.as_fd()),
+                Token::AdminListener { tcp: true }.encode(),
+            ),
         ];
         for (fd, token) in listeners {
             let Some(fd) = fd else { continue };
@@ -308,7 +311,7 @@ impl Master {
             }
             let id = self.next_client_id;
             self.next_client_id += 1;
-            let token = (KIND_ADMIN << KIND_SHIFT) | id;
+            let token = Token::Admin(id).encode();
             if self
                 .epoll()
                 .add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
@@ -682,7 +685,7 @@ impl Master {
         }
         if flags != conn.interest {
             conn.interest = flags;
-            let mut event = EpollEvent::new(flags, (KIND_ADMIN << KIND_SHIFT) | id);
+            let mut event = EpollEvent::new(flags, Token::Admin(id).encode());
             if let Some(epoll) = &self.epoll {
                 let _ = epoll.modify(conn.stream.fd(), &mut event);
             }

@@ -22,6 +22,7 @@
 mod admin;
 mod pool;
 mod reload;
+mod token;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
@@ -45,6 +46,7 @@ use crate::signals::{self, SignalPipe};
 use crate::worker::{self, Limit, WorkerExit};
 use pool::{Pool, SpawnPace};
 pub use pool::{PoolState, PoolStats};
+use token::Token;
 
 /// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
@@ -64,13 +66,6 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 /// fork failing: a full fd table, the process limit), start none for this long. Not a crash
 /// of the pool: its plugin did nothing wrong.
 const SPAWN_PAUSE: Duration = Duration::from_secs(1);
-
-// epoll tokens: kind in the top bits, an id below.
-const TOKEN_SIGNALS: u64 = 0;
-const TOKEN_LISTENER: u64 = 1;
-const KIND_SHIFT: u32 = 60;
-const KIND_CLIENT: u64 = 1;
-const KIND_WORKER: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -375,26 +370,32 @@ impl Master {
         epoll
             .add(
                 signals.fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNALS),
+                EpollEvent::new(EpollFlags::EPOLLIN, Token::Signals.encode()),
             )
             .map_err(os("epoll"))?;
         epoll
             .add(
                 listener.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+                EpollEvent::new(EpollFlags::EPOLLIN, Token::Listener.encode()),
             )
             .map_err(os("epoll"))?;
         epoll
             .add(
                 admin.unix.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, admin::TOKEN_ADMIN_UNIX),
+                EpollEvent::new(
+                    EpollFlags::EPOLLIN,
+                    Token::AdminListener { tcp: false }.encode(),
+                ),
             )
             .map_err(os("epoll"))?;
         if let Some(tcp) = &admin.tcp {
             epoll
                 .add(
                     tcp.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, admin::TOKEN_ADMIN_TCP),
+                    EpollEvent::new(
+                        EpollFlags::EPOLLIN,
+                        Token::AdminListener { tcp: true }.encode(),
+                    ),
                 )
                 .map_err(os("epoll"))?;
         }
@@ -449,7 +450,9 @@ impl Master {
             }
             let n = self.wait(&mut events)?;
             self.reap();
-            let woken = events[..n].iter().any(|e| e.data() == TOKEN_SIGNALS);
+            let woken = events[..n]
+                .iter()
+                .any(|e| Token::decode(e.data()) == Some(Token::Signals));
             self.handle_signals(woken);
             for event in &events[..n] {
                 self.handle_io(event.data(), event.events());
@@ -985,16 +988,17 @@ impl Master {
     // ---- io --------------------------------------------------------------------------------
 
     fn handle_io(&mut self, token: u64, flags: EpollFlags) {
-        match (token >> KIND_SHIFT, token) {
-            (_, TOKEN_SIGNALS) => {} // handled in handle_signals
-            (_, TOKEN_LISTENER) => self.accept(),
-            (_, admin::TOKEN_ADMIN_UNIX) => self.admin_accept(false),
-            (_, admin::TOKEN_ADMIN_TCP) => self.admin_accept(true),
-            (KIND_CLIENT, _) => self.client_event(token & !(0xf << KIND_SHIFT), flags),
-            (admin::KIND_ADMIN, _) => self.admin_event(token & !(0xf << KIND_SHIFT), flags),
-            (reload::KIND_PROBE, _) => self.probe_event(token & !(0xf << KIND_SHIFT)),
-            (KIND_WORKER, _) => {
-                let id = token & !(0xf << KIND_SHIFT);
+        let Some(token) = Token::decode(token) else {
+            return;
+        };
+        match token {
+            Token::Signals => {} // handled in handle_signals
+            Token::Listener => self.accept(),
+            Token::AdminListener { tcp } => self.admin_accept(tcp),
+            Token::Client(id) => self.client_event(id, flags),
+            Token::Admin(id) => self.admin_event(id, flags),
+            Token::Probe(id) => self.probe_event(id),
+            Token::Worker(id) => {
                 if flags
                     .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
                 {
@@ -1004,7 +1008,6 @@ impl Master {
                     self.dirty_workers.push(id);
                 }
             }
-            _ => {}
         }
     }
 
@@ -1028,7 +1031,7 @@ impl Master {
                             continue;
                         }
                     };
-                    let token = (KIND_CLIENT << KIND_SHIFT) | id;
+                    let token = Token::Client(id).encode();
                     if let Err(e) = self.epoll().add(
                         conn.stream.as_fd(),
                         EpollEvent::new(EpollFlags::EPOLLIN, token),
@@ -1062,7 +1065,7 @@ impl Master {
             if let (Some(listener), Some(epoll)) = (&self.listener, &self.epoll) {
                 let _ = epoll.add(
                     listener.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+                    EpollEvent::new(EpollFlags::EPOLLIN, Token::Listener.encode()),
                 );
             }
         }
@@ -1550,7 +1553,7 @@ impl Master {
                         context: "socketpair".into(),
                         source,
                     })?;
-                let token = (KIND_WORKER << KIND_SHIFT) | id;
+                let token = Token::Worker(id).encode();
                 self.epoll()
                     .add(channel.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
                     .map_err(os("epoll"))?;
@@ -1775,7 +1778,7 @@ impl Master {
             } else {
                 EpollFlags::EPOLLIN
             };
-            let mut event = EpollEvent::new(flags, (KIND_WORKER << KIND_SHIFT) | id);
+            let mut event = EpollEvent::new(flags, Token::Worker(id).encode());
             if let Some(epoll) = &self.epoll {
                 let _ = epoll.modify(w.channel.as_fd(), &mut event);
             }
@@ -1802,7 +1805,7 @@ impl Master {
             if wants_write {
                 flags |= EpollFlags::EPOLLOUT;
             }
-            let mut event = EpollEvent::new(flags, (KIND_CLIENT << KIND_SHIFT) | id);
+            let mut event = EpollEvent::new(flags, Token::Client(id).encode());
             if let Some(epoll) = &self.epoll {
                 let _ = epoll.modify(conn.stream.as_fd(), &mut event);
             }

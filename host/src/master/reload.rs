@@ -25,7 +25,6 @@ use crate::config::{Config, PoolConfig, PoolMode};
 use crate::plugins::{self, Loaded, ProbeRun, Staged};
 
 /// epoll token kind of a probe child's report pipe; the id is its index in [`Reloading`].
-pub(super) const KIND_PROBE: u64 = 4;
 
 /// A reload between its start and its outcome: the new config read, the pools' builds staged,
 /// and probe children running `init` for each new or changed pool. The master keeps serving
@@ -126,7 +125,7 @@ impl Master {
             )
             .map_err(|e| format!("pool {}: {}", prep.cfg.name, prep.staged.rename(e)))
             .and_then(|run| {
-                let token = (KIND_PROBE << super::KIND_SHIFT) | probes.len() as u64;
+                let token = super::token::Token::Probe(probes.len() as u64).encode();
                 let watched = self
                     .epoll()
                     .add(run.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token));
