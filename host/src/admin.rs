@@ -98,7 +98,7 @@ const COMMANDS: &[(&str, &str)] = &[
     ("status [json]", "the master, its pools and their counters"),
     (
         "workers [json]",
-        "every worker: pid, pool, generation, state, job, memory",
+        "every worker: pid, pool, generation, state, job, own memory",
     ),
     ("scale POOL N", "run N workers in POOL (0 to 1024)"),
     (
@@ -316,7 +316,16 @@ pub struct PoolSnapshot {
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub jobs_retried: u64,
-    pub restarts: u64,
+    /// Workers that died unasked: killed by a signal nobody sent them for a reason, exited
+    /// without a matching LEAVING, failed `worker_start`, or broke the protocol.
+    pub crashes: u64,
+    /// Workers killed because their job ran past `job_timeout`.
+    pub timeouts: u64,
+    /// Workers that left at `max_jobs`, `max_lifetime` or `max_rss`.
+    pub recycled: u64,
+    /// Workers that left because they were asked to (scale-down, TTOU, restart, reload,
+    /// `stop`, shutdown) or because their loop-mode plugin said Stop.
+    pub stopped: u64,
     /// `ok`, `backing-off`, `failing`, `stopped`, or `removed` (by a reload; draining its queue).
     pub state: String,
     /// Where its jobs come from, for a pool fed by an engine (Redis).
@@ -358,8 +367,12 @@ pub struct WorkerSnapshot {
     /// How long the current job has been running, when there is one.
     pub job_age_secs: Option<f64>,
     pub jobs_done: u64,
-    /// Resident memory, when it could be read.
+    /// Resident memory, when it could be read (shared pages included).
     pub rss_bytes: Option<u64>,
+    /// Its own memory: the pages no other process maps (`Private_Clean + Private_Dirty`), the
+    /// figure `max_rss` is compared with. Measured for `workers` only (it walks the worker's
+    /// page tables), so `null` in `status json`, and when it could not be read.
+    pub own_bytes: Option<u64>,
     /// When it was forked, RFC 3339.
     pub started: String,
     pub age_secs: f64,
@@ -410,7 +423,7 @@ pub fn render_status(s: &Snapshot, json: bool) -> String {
         ("DONE", Right),
         ("FAILED", Right),
         ("RETRIED", Right),
-        ("RESTARTS", Right),
+        ("CRASHES", Right),
         ("PLUGIN", Left),
     ];
     let rows = s
@@ -427,7 +440,7 @@ pub fn render_status(s: &Snapshot, json: bool) -> String {
                 p.jobs_done.to_string(),
                 p.jobs_failed.to_string(),
                 p.jobs_retried.to_string(),
-                p.restarts.to_string(),
+                p.crashes.to_string(),
                 format!("{} {}", p.plugin, p.plugin_version),
             ]
         })
@@ -488,7 +501,7 @@ pub fn render_workers(s: &Snapshot, json: bool) -> String {
         ("STATE", Left),
         ("JOB-AGE", Right),
         ("JOBS", Right),
-        ("RSS", Right),
+        ("OWN", Right),
         ("STARTED", Left),
         ("AGE", Right),
     ];
@@ -503,7 +516,7 @@ pub fn render_workers(s: &Snapshot, json: bool) -> String {
                 w.state.clone(),
                 w.job_age_secs.map_or_else(|| "-".to_owned(), job_age),
                 w.jobs_done.to_string(),
-                w.rss_bytes.map_or_else(|| "-".to_owned(), size),
+                w.own_bytes.map_or_else(|| "-".to_owned(), size),
                 w.started.clone(),
                 duration(w.age_secs),
             ]
@@ -1247,7 +1260,10 @@ mod tests {
                     jobs_done: 123456,
                     jobs_failed: 7,
                     jobs_retried: 3,
-                    restarts: 1,
+                    crashes: 1,
+                    timeouts: 2,
+                    recycled: 40,
+                    stopped: 6,
                     state: "ok".to_owned(),
                     source: None,
                 },
@@ -1264,7 +1280,10 @@ mod tests {
                     jobs_done: 0,
                     jobs_failed: 0,
                     jobs_retried: 0,
-                    restarts: 12,
+                    crashes: 12,
+                    timeouts: 0,
+                    recycled: 0,
+                    stopped: 3,
                     state: "backing-off".to_owned(),
                     source: None,
                 },
@@ -1277,7 +1296,8 @@ mod tests {
                     state: "busy".to_owned(),
                     job_age_secs: Some(1.23),
                     jobs_done: 61000,
-                    rss_bytes: Some(12_900_000),
+                    rss_bytes: Some(112_900_000),
+                    own_bytes: Some(12_900_000),
                     started: "2026-11-23T01:00:00Z".to_owned(),
                     age_secs: 302.0,
                 },
@@ -1289,6 +1309,7 @@ mod tests {
                     job_age_secs: None,
                     jobs_done: 5,
                     rss_bytes: None,
+                    own_bytes: None,
                     started: "2026-11-22T23:00:00Z".to_owned(),
                     age_secs: 7322.0,
                 },
@@ -1341,7 +1362,7 @@ mod tests {
             cells(lines[5]),
             [
                 "POOL", "STATE", "WORKERS", "BUSY", "QUEUED", "RUNNING", "DONE", "FAILED",
-                "RETRIED", "RESTARTS", "PLUGIN"
+                "RETRIED", "CRASHES", "PLUGIN"
             ]
         );
         assert_eq!(
@@ -1500,12 +1521,21 @@ mod tests {
             ("jobs_done", serde_json::json!(0)),
             ("jobs_failed", serde_json::json!(0)),
             ("jobs_retried", serde_json::json!(0)),
-            ("restarts", serde_json::json!(12)),
+            ("crashes", serde_json::json!(12)),
+            ("timeouts", serde_json::json!(0)),
+            ("recycled", serde_json::json!(0)),
+            ("stopped", serde_json::json!(3)),
             ("state", serde_json::json!("backing-off")),
         ] {
             assert_eq!(p[key], want, "{key}");
         }
         assert_eq!(v["pools"][0]["jobs_done"], 123456);
+        let p = &v["pools"][0];
+        assert_eq!(
+            [&p["crashes"], &p["timeouts"], &p["recycled"], &p["stopped"]],
+            [1, 2, 40, 6]
+        );
+        assert!(p.get("restarts").is_none(), "gone: it counted every exit");
         assert_eq!(v["workers"].as_array().unwrap().len(), 2);
 
         // No reload yet, odd text, non-finite numbers: still one line of valid JSON.
@@ -1530,7 +1560,7 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert_eq!(
             cells(lines[0]),
-            ["PID", "POOL", "GEN", "STATE", "JOB-AGE", "JOBS", "RSS", "STARTED", "AGE"]
+            ["PID", "POOL", "GEN", "STATE", "JOB-AGE", "JOBS", "OWN", "STARTED", "AGE"]
         );
         assert_eq!(
             cells(lines[1]),
@@ -1570,7 +1600,7 @@ mod tests {
         s.workers.clear();
         assert_eq!(
             render_workers(&s, false),
-            "PID  POOL  GEN  STATE  JOB-AGE  JOBS  RSS  STARTED  AGE\nOK\n"
+            "PID  POOL  GEN  STATE  JOB-AGE  JOBS  OWN  STARTED  AGE\nOK\n"
         );
     }
 
@@ -1589,11 +1619,13 @@ mod tests {
         assert_eq!(w["state"], "busy");
         assert_eq!(w["job_age_secs"], 1.23);
         assert_eq!(w["jobs_done"], 61000);
-        assert_eq!(w["rss_bytes"], 12_900_000);
+        assert_eq!(w["rss_bytes"], 112_900_000);
+        assert_eq!(w["own_bytes"], 12_900_000);
         assert_eq!(w["started"], "2026-11-23T01:00:00Z");
         assert_eq!(w["age_secs"], 302.0);
         assert!(v["workers"][1]["job_age_secs"].is_null());
         assert!(v["workers"][1]["rss_bytes"].is_null());
+        assert!(v["workers"][1]["own_bytes"].is_null());
     }
 
     #[test]

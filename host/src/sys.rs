@@ -1,5 +1,6 @@
-//! Facts about processes and the machine, read from /proc: a process's RSS and PSS, the
-//! system's available memory. Owns parsing those files; it never changes anything.
+//! Facts about processes and the machine, read from /proc: a process's RSS, PSS and own
+//! (private) memory, the system's available memory. Owns parsing those files; it never
+//! changes anything.
 
 use std::fs;
 use std::io;
@@ -39,14 +40,20 @@ pub fn pss_of(pid: Pid) -> io::Result<u64> {
     kib_field(&text, "Pss:").ok_or_else(|| bad("smaps_rollup"))
 }
 
-/// This process's own memory in bytes: the pages no other process maps (`Private_Clean` +
-/// `Private_Dirty` of `/proc/self/smaps_rollup`, the "USS"). Pages a worker still shares
+/// A process's own memory in bytes: the pages no other process maps (`Private_Clean` +
+/// `Private_Dirty` of `/proc/PID/smaps_rollup`, the "USS"). Pages a worker still shares
 /// copy-on-write with the master — a preloaded table — do not count until it writes them.
-pub fn own_private() -> io::Result<u64> {
-    let text = fs::read_to_string("/proc/self/smaps_rollup")?;
-    let clean = kib_field(&text, "Private_Clean:").ok_or_else(|| bad("smaps_rollup"))?;
-    let dirty = kib_field(&text, "Private_Dirty:").ok_or_else(|| bad("smaps_rollup"))?;
-    Ok(clean + dirty)
+/// This is the figure `max_rss` is compared with (by the worker, of itself) and what
+/// `workers` shows (read by the master). Reading it walks the process's page tables: slow
+/// for a process that maps a large table, so it is read on demand, never on a hot path.
+pub fn own_of(pid: Pid) -> io::Result<u64> {
+    own_from_smaps_rollup(&fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?)
+}
+
+fn own_from_smaps_rollup(text: &str) -> io::Result<u64> {
+    let clean = kib_field(text, "Private_Clean:").ok_or_else(|| bad("smaps_rollup"))?;
+    let dirty = kib_field(text, "Private_Dirty:").ok_or_else(|| bad("smaps_rollup"))?;
+    Ok(clean.saturating_add(dirty))
 }
 
 /// The system's `MemAvailable` in bytes.
@@ -57,7 +64,7 @@ pub fn mem_available() -> io::Result<u64> {
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -69,9 +76,44 @@ mod tests {
         let rss = rss_of(Pid::this()).unwrap();
         assert!(rss > 1 << 20, "rss {rss}");
         assert!(pss_of(Pid::this()).unwrap() > 0);
-        let own = own_private().unwrap();
+        let own = own_of(Pid::this()).unwrap();
         assert!(own > 0 && own <= rss, "private {own} of rss {rss}");
         assert!(mem_available().unwrap() > 0);
         assert_eq!(kib_field("Pss:   12 kB\n", "Pss:"), Some(12 * 1024));
+        assert_eq!(kib_field("Pss:   huge kB\n", "Pss:"), None);
+        assert_eq!(kib_field(&format!("Pss: {} kB\n", u64::MAX), "Pss:"), None);
+    }
+
+    #[test]
+    fn own_memory_is_the_private_pages() {
+        let rollup = "55d0c0a00000-7ffd1f5ff000 ---p 00000000 00:00 0                  [rollup]\n\
+            Rss:              204800 kB\n\
+            Pss:              110000 kB\n\
+            Shared_Clean:     102400 kB\n\
+            Shared_Dirty:       8192 kB\n\
+            Private_Clean:      1024 kB\n\
+            Private_Dirty:     65536 kB\n\
+            Referenced:       204800 kB\n";
+        assert_eq!(
+            own_from_smaps_rollup(rollup).unwrap(),
+            (1024 + 65536) * 1024
+        );
+        let err = own_from_smaps_rollup("Rss: 4 kB\nPrivate_Clean: 4 kB\n").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(own_from_smaps_rollup("").is_err());
+    }
+
+    #[test]
+    fn another_process_can_be_measured_and_a_gone_one_cannot() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let own = own_of(pid).unwrap();
+        assert!(own > 0 && own <= rss_of(pid).unwrap(), "own {own}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(own_of(pid).is_err(), "reaped: no /proc entry");
     }
 }

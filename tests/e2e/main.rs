@@ -18,6 +18,7 @@ mod redis;
 mod reload;
 mod resources;
 mod shutdown;
+mod status_counts;
 mod submit_command;
 mod supervision;
 mod trust;

@@ -493,8 +493,10 @@ impl Master {
         match command {
             Command::Help => admin::help(),
             Command::Auth { .. } => "OK\n".into(),
-            Command::Status { json } => admin::render_status(&self.snapshot(), json),
-            Command::Workers { json } => admin::render_workers(&self.snapshot(), json),
+            Command::Status { json } => {
+                admin::render_status(&self.snapshot(Memory::Resident), json)
+            }
+            Command::Workers { json } => admin::render_workers(&self.snapshot(Memory::Own), json),
             Command::Scale { pool, workers } => self.admin_scale(&pool, workers),
             Command::Restart { target } => self.admin_restart(target),
             Command::Stop { pool } => self.admin_stop(&pool),
@@ -721,8 +723,9 @@ impl Master {
         }
     }
 
-    /// A consistent view of the master for `status` and `workers`.
-    pub(super) fn snapshot(&self) -> Snapshot {
+    /// A consistent view of the master for `status` and `workers`; `memory` says how much of
+    /// each worker's memory to measure.
+    pub(super) fn snapshot(&self, memory: Memory) -> Snapshot {
         let now = Instant::now();
         let wall = SystemTime::now();
         let rfc3339 = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
@@ -764,7 +767,10 @@ impl Master {
                     jobs_done: done,
                     jobs_failed: failed,
                     jobs_retried: pool.stats.retried,
-                    restarts: pool.stats.restarts,
+                    crashes: pool.stats.crashes,
+                    timeouts: pool.stats.timeouts,
+                    recycled: pool.stats.recycled,
+                    stopped: pool.stats.stopped,
                     state: pool.state(now).as_str().into(),
                     source,
                 }
@@ -803,6 +809,10 @@ impl Master {
                         .map(|t| now.saturating_duration_since(t).as_secs_f64()),
                     jobs_done: board.map_or(w.jobs_done, |b| b.jobs_done),
                     rss_bytes: crate::sys::rss_of(w.pid).ok(),
+                    own_bytes: match memory {
+                        Memory::Resident => None,
+                        Memory::Own => crate::sys::own_of(w.pid).ok(),
+                    },
                     started: rfc3339(wall.checked_sub(age).unwrap_or(wall)),
                     age_secs: age.as_secs_f64(),
                 }
@@ -821,6 +831,16 @@ impl Master {
             workers,
         }
     }
+}
+
+/// How much of each worker's memory a [`Master::snapshot`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Memory {
+    /// The RSS only (`/proc/PID/statm`, a few µs): for `status`, which may be asked often.
+    Resident,
+    /// The RSS and its own memory (`/proc/PID/smaps_rollup`, a walk of its page tables): for
+    /// `workers`.
+    Own,
 }
 
 /// A redis pool's source as its workers' slots tell it.

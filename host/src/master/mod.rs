@@ -44,8 +44,8 @@ use crate::scoreboard::Slot;
 use crate::server::{self, Connection, ReadOutcome};
 use crate::signals::{self, SignalPipe};
 use crate::worker::{self, Limit, WorkerExit};
+pub use pool::{ExitKind, PoolState, PoolStats};
 use pool::{Pool, SpawnPace};
-pub use pool::{PoolState, PoolStats};
 use token::Token;
 
 /// After SIGTERM for a job timeout, how long a worker has before SIGKILL.
@@ -110,11 +110,19 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// How `status` counts it.
+    fn kind(&self) -> ExitKind {
+        match self {
+            Ending::Crashed { .. } | Ending::BootFailed => ExitKind::Crash,
+            Ending::KilledOnTimeout(_) => ExitKind::Timeout,
+            Ending::Recycled(_) => ExitKind::Recycle,
+            Ending::Stopped | Ending::PluginStopped => ExitKind::Stop,
+        }
+    }
+
+    /// Counts against the pool's back-off and the job's attempts: a crash or a timeout.
     fn is_crash(&self) -> bool {
-        matches!(
-            self,
-            Ending::Crashed { .. } | Ending::BootFailed | Ending::KilledOnTimeout(_)
-        )
+        matches!(self.kind(), ExitKind::Crash | ExitKind::Timeout)
     }
 
     fn describe(&self) -> String {
@@ -743,9 +751,7 @@ impl Master {
             }
             _ => {}
         }
-        if matches!(self.phase, Phase::Running) && !pool.stopped {
-            pool.stats.restarts += 1;
-        }
+        pool.stats.count_exit(ending.kind());
         self.delete_unused_copies();
     }
 
@@ -2042,6 +2048,103 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A worker as the master knows it, with no process behind it.
+    fn worker(jobs_done: u64) -> Worker {
+        let (channel, _peer) = UnixStream::pair().unwrap();
+        Worker {
+            id: 1,
+            pid: Pid::from_raw(4242),
+            pool: 0,
+            generation: 1,
+            hash: crate::plugins::ContentHash::of(b""),
+            channel,
+            reader: FrameReader::new(1 << 20),
+            out: VecDeque::new(),
+            out_pos: 0,
+            wants_write: false,
+            in_flight: VecDeque::new(),
+            head_started: None,
+            holding: false,
+            started: Instant::now(),
+            jobs_done,
+            kill: None,
+            leaving: None,
+            violation: None,
+            overdue: None,
+            inherited: Vec::new(),
+            slot: Slot::new().unwrap(),
+        }
+    }
+
+    fn kill_of(reason: KillReason, asked: bool, sigkill_sent: bool) -> Option<Kill> {
+        Some(Kill {
+            reason,
+            sigkill_at: Instant::now(),
+            sigkill_sent,
+            asked,
+        })
+    }
+
+    #[test]
+    fn every_ending_counts_as_a_crash_a_timeout_a_recycle_or_a_stop() {
+        let jobs = pool("max_jobs = 10\nmax_rss = \"1GiB\"\njob_timeout = \"5s\"\n");
+        let looping = pool("mode = \"loop\"\n");
+        let pid = Pid::from_raw(4242);
+        let exited = |code| WaitStatus::Exited(pid, code);
+        let signaled = |signal| WaitStatus::Signaled(pid, signal, false);
+        let stop = |sigkill| kill_of(KillReason::Stop, true, sigkill);
+        let timeout = kill_of(KillReason::Timeout, true, true);
+        let leaving = |code, done| Some(said(code, done));
+        type Case<'a> = (
+            &'a str,
+            Option<Kill>,
+            Option<Leaving>,
+            Option<&'a str>,
+            u64,
+            WaitStatus,
+            &'a PoolConfig,
+            ExitKind,
+        );
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            // Asked to go: scale-down, TTOU, restart, reload, stop POOL, shutdown.
+            ("stopped between jobs", stop(false), leaving(0, 3), None, 3, exited(0), &jobs, ExitKind::Stop),
+            ("SIGKILLed past the grace", stop(true), None, None, 3, signaled(Signal::SIGKILL), &jobs, ExitKind::Stop),
+            ("shutdown now", stop(true), None, None, 0, signaled(Signal::SIGKILL), &jobs, ExitKind::Stop),
+            ("loop plugin said Stop", None, leaving(203, 0), None, 0, exited(203), &looping, ExitKind::Stop),
+            ("an outside SIGTERM, taken between jobs", None, leaving(0, 2), None, 2, exited(0), &jobs, ExitKind::Stop),
+            // Limits.
+            ("max_jobs", None, leaving(200, 10), None, 10, exited(200), &jobs, ExitKind::Recycle),
+            ("max_rss", None, leaving(202, 3), None, 3, exited(202), &jobs, ExitKind::Recycle),
+            // Past job_timeout, however it then ended.
+            ("timed out, SIGKILLed", timeout, None, None, 1, signaled(Signal::SIGKILL), &jobs, ExitKind::Timeout),
+            ("timed out, left on SIGTERM", kill_of(KillReason::Timeout, true, false), leaving(0, 1), None, 1, exited(0), &jobs, ExitKind::Timeout),
+            // Crashes.
+            ("kill -9 from outside", None, None, None, 5, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
+            ("SIGSEGV", None, None, None, 5, signaled(Signal::SIGSEGV), &jobs, ExitKind::Crash),
+            ("SIGSEGV while draining", stop(false), None, None, 5, signaled(Signal::SIGSEGV), &jobs, ExitKind::Crash),
+            ("exit without LEAVING", None, None, None, 5, exited(0), &jobs, ExitKind::Crash),
+            ("exit unlike its LEAVING", None, leaving(0, 5), None, 5, exited(1), &jobs, ExitKind::Crash),
+            ("a claim that does not add up", None, leaving(200, 3), None, 3, exited(200), &jobs, ExitKind::Crash),
+            ("worker_start failed", None, leaving(204, 0), None, 0, exited(204), &jobs, ExitKind::Crash),
+            ("said LEAVING, then stayed", kill_of(KillReason::Stop, false, true), leaving(0, 2), None, 2, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
+            ("broke the protocol", stop(true), None, Some("an OUTCOME for job 9"), 2, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
+        ];
+        for (what, kill, leaving, violation, done, status, cfg, want) in cases {
+            let mut w = worker(done);
+            w.kill = kill;
+            w.leaving = leaving;
+            w.violation = violation.map(str::to_owned);
+            let ending = classify(status, &w, cfg, HOUR);
+            assert_eq!(ending.kind(), want, "{what}: {}", ending.describe());
+            assert_eq!(
+                ending.is_crash(),
+                matches!(want, ExitKind::Crash | ExitKind::Timeout),
+                "{what}"
+            );
+        }
+    }
 
     #[test]
     fn a_stated_reason_is_taken_only_when_it_squares_with_what_the_master_knows() {

@@ -48,13 +48,45 @@ impl PoolState {
     }
 }
 
+/// How a worker's exit counts in `status`: whether something went wrong, and what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Died unasked: killed by a signal nobody sent it for a reason, an exit without a
+    /// matching LEAVING, a failed `worker_start`, a protocol violation.
+    Crash,
+    /// Killed because its job ran past `job_timeout`.
+    Timeout,
+    /// Left at a limit: `max_jobs`, `max_lifetime`, `max_rss`.
+    Recycle,
+    /// Left because it was asked to (scale-down, TTOU, restart, reload, `stop POOL`,
+    /// shutdown) or because its loop-mode plugin said Stop.
+    Stop,
+}
+
 /// Counters shown by `status`.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
-    pub restarts: u64,
+    /// Worker exits, by [`ExitKind`].
+    pub crashes: u64,
+    pub timeouts: u64,
+    pub recycled: u64,
+    pub stopped: u64,
+}
+
+impl PoolStats {
+    /// Counts one worker's exit.
+    pub fn count_exit(&mut self, kind: ExitKind) {
+        let counter = match kind {
+            ExitKind::Crash => &mut self.crashes,
+            ExitKind::Timeout => &mut self.timeouts,
+            ExitKind::Recycle => &mut self.recycled,
+            ExitKind::Stop => &mut self.stopped,
+        };
+        *counter = counter.saturating_add(1);
+    }
 }
 
 pub struct Pool {
@@ -333,6 +365,33 @@ mod tests {
         assert_eq!(b.may_spawn(t1), Some(SpawnPace::All), "no delay left");
         b.forgive(t0, t1); // twice: nothing to take back
         assert_eq!(b.state(t1), PoolState::Ok);
+    }
+
+    #[test]
+    fn each_kind_of_exit_has_its_own_counter() {
+        let mut stats = PoolStats::default();
+        for kind in [
+            ExitKind::Crash,
+            ExitKind::Stop,
+            ExitKind::Stop,
+            ExitKind::Recycle,
+            ExitKind::Timeout,
+            ExitKind::Stop,
+            ExitKind::Crash,
+        ] {
+            stats.count_exit(kind);
+        }
+        let want = PoolStats {
+            crashes: 2,
+            timeouts: 1,
+            recycled: 1,
+            stopped: 3,
+            ..PoolStats::default()
+        };
+        assert_eq!(stats, want);
+        stats.crashes = u64::MAX;
+        stats.count_exit(ExitKind::Crash);
+        assert_eq!(stats.crashes, u64::MAX, "saturates");
     }
 
     #[test]

@@ -396,7 +396,7 @@ impl Limits {
                 let rss = crate::sys::rss_of(nix::unistd::Pid::this()).unwrap_or(0);
                 if rss > max && now >= self.next_own_check {
                     self.next_own_check = now + RSS_CHECK_EVERY;
-                    self.last_own = crate::sys::own_private().unwrap_or(0);
+                    self.last_own = crate::sys::own_of(nix::unistd::Pid::this()).unwrap_or(0);
                     if self.last_own > max {
                         return Some(Limit::MaxRss);
                     }
