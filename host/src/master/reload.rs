@@ -24,8 +24,6 @@ use crate::admin::ReloadReport;
 use crate::config::{Config, PoolConfig, PoolMode};
 use crate::plugins::{self, Loaded, ProbeRun, Staged};
 
-/// epoll token kind of a probe child's report pipe; the id is its index in [`Reloading`].
-
 /// A reload between its start and its outcome: the new config read, the pools' builds staged,
 /// and probe children running `init` for each new or changed pool. The master keeps serving
 /// meanwhile — a plugin that hangs in `init` costs its probe, not the master's loop.
