@@ -1,7 +1,6 @@
 //! Redis pools under abuse: pauses, permissions, server errors, restarts with persistence, keys of the wrong type.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use redis::Value;
 
-use super::{counts, have_redis, pool, text, Redis};
+use super::{counts, have_redis, pool, spans, text, Redis};
 
 /// A deadline for a whole run of jobs with an outage in it (back-off included).
 const RUN: Duration = Duration::from_secs(60);
@@ -452,45 +451,6 @@ fn a_repeated_server_error_backs_off_and_work_resumes_once_it_is_gone() {
         master.admin("status").contains("group jobhost: connected")
     });
     assert_eq!(master.workers(), workers, "{}", master.log_text());
-}
-
-/// One job as the trace file tells it: tag, pid, start and end (CLOCK_MONOTONIC ns).
-struct Span {
-    tag: String,
-    pid: i32,
-    start: u128,
-    end: Option<u128>,
-}
-
-fn spans(trace: &Path) -> Vec<Span> {
-    let text = std::fs::read_to_string(trace).unwrap_or_default();
-    let mut spans: Vec<Span> = Vec::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split(' ').collect();
-        let [what, tag, pid, ns] = words[..] else {
-            panic!("a trace line: {line:?}");
-        };
-        let pid: i32 = pid.parse().expect("a pid");
-        let ns: u128 = ns.parse().expect("a time");
-        match what {
-            "start" => spans.push(Span {
-                tag: tag.to_string(),
-                pid,
-                start: ns,
-                end: None,
-            }),
-            "end" => {
-                let span = spans
-                    .iter_mut()
-                    .rev()
-                    .find(|s| s.tag == tag && s.pid == pid && s.end.is_none())
-                    .unwrap_or_else(|| panic!("an end without a start: {line:?}"));
-                span.end = Some(ns);
-            }
-            _ => panic!("a trace line: {line:?}"),
-        }
-    }
-    spans
 }
 
 #[test]

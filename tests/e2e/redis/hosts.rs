@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use redis::Value;
 
-use super::{counts, have_redis, pool, text, Redis};
+use super::{counts, have_redis, pool, text, Redis, Span};
 
 /// The stream every entry here asks its result to go to (`reply_to`).
 const RESULTS: &str = "r";
@@ -187,34 +187,7 @@ impl Stage {
 
     /// The trace file's jobs.
     fn spans(&self) -> Vec<Span> {
-        let text = std::fs::read_to_string(&self.trace).unwrap_or_default();
-        let mut spans: Vec<Span> = Vec::new();
-        for line in text.lines() {
-            let words: Vec<&str> = line.split(' ').collect();
-            let [what, tag, pid, ns] = words[..] else {
-                panic!("a trace line: {line:?}");
-            };
-            let pid: i32 = pid.parse().expect("a pid");
-            let ns: u128 = ns.parse().expect("a time");
-            match what {
-                "start" => spans.push(Span {
-                    tag: tag.to_string(),
-                    pid,
-                    start: ns,
-                    end: None,
-                }),
-                "end" => {
-                    let span = spans
-                        .iter_mut()
-                        .rev()
-                        .find(|s| s.tag == tag && s.pid == pid && s.end.is_none())
-                        .unwrap_or_else(|| panic!("an end without a start: {line:?}"));
-                    span.end = Some(ns);
-                }
-                _ => panic!("a trace line: {line:?}"),
-            }
-        }
-        spans
+        super::spans(&self.trace)
     }
 
     /// Fails if two workers ever ran one entry at the same time, showing what the `hosts`
@@ -276,15 +249,6 @@ fn monotonic_ns() -> u128 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
-}
-
-/// One job as the trace file tells it.
-struct Span {
-    tag: String,
-    pid: i32,
-    start: u128,
-    /// `None`: its worker died in it.
-    end: Option<u128>,
 }
 
 /// One master of the pool `q` on the stage's stream, in its own folder.

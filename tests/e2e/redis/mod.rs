@@ -10,7 +10,7 @@ mod hosts;
 mod submit;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use jobhost_e2e::{config_with, wait_until, Env, SOON};
@@ -163,4 +163,45 @@ pub(crate) fn counts(entries: &[HashMap<String, String>]) -> HashMap<String, usi
         *counts.entry(e["id"].clone()).or_insert(0) += 1;
     }
     counts
+}
+
+/// One job as the faulty plugin's `trace` payload wrote it: tag, pid, start and end
+/// (CLOCK_MONOTONIC ns; no end: its worker died in it).
+pub(crate) struct Span {
+    pub(crate) tag: String,
+    pub(crate) pid: i32,
+    pub(crate) start: u128,
+    pub(crate) end: Option<u128>,
+}
+
+/// The jobs of a trace file, in the order they started.
+pub(crate) fn spans(trace: &Path) -> Vec<Span> {
+    let text = std::fs::read_to_string(trace).unwrap_or_default();
+    let mut spans: Vec<Span> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        let [what, tag, pid, ns] = words[..] else {
+            panic!("a trace line: {line:?}");
+        };
+        let pid: i32 = pid.parse().expect("a pid");
+        let ns: u128 = ns.parse().expect("a time");
+        match what {
+            "start" => spans.push(Span {
+                tag: tag.to_string(),
+                pid,
+                start: ns,
+                end: None,
+            }),
+            "end" => {
+                let span = spans
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.tag == tag && s.pid == pid && s.end.is_none())
+                    .unwrap_or_else(|| panic!("an end without a start: {line:?}"));
+                span.end = Some(ns);
+            }
+            _ => panic!("a trace line: {line:?}"),
+        }
+    }
+    spans
 }
