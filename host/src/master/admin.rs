@@ -116,6 +116,33 @@ pub enum TokenFileError {
     NotOneLine { path: PathBuf },
 }
 
+/// Why the master refused an admin line or command. Rendered as the `ERR …` line by
+/// [`AdminError::reply`] (through [`admin::err_reply`]), nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AdminError {
+    /// The line is not a command (the parser's reason).
+    #[error("{0}")]
+    Parse(String),
+    #[error("line over {0} bytes; closing")]
+    LineTooLong(usize),
+    #[error("not a text line; closing")]
+    NotText,
+    #[error("wrong token")]
+    WrongToken,
+    #[error("authenticate first: auth <token>")]
+    NotAuthenticated,
+    #[error("no pool {name:?} (pools: {})", pools.join(", "))]
+    NoPool { name: String, pools: Vec<String> },
+    #[error("the master is shutting down")]
+    ShuttingDown,
+}
+
+impl AdminError {
+    pub(super) fn reply(&self) -> String {
+        admin::err_reply(&self.to_string())
+    }
+}
+
 const MIN_TOKEN: usize = 16;
 const MAX_TOKEN_FILE: u64 = 64 << 10;
 
@@ -422,12 +449,11 @@ impl Master {
                 Ok(Some(line)) => line,
                 Ok(None) => break,
                 Err(e) => {
-                    let reason = match e {
-                        LineError::TooLong(max) => format!("line over {max} bytes; closing"),
-                        LineError::NotText => "not a text line; closing".to_string(),
+                    let refused = match e {
+                        LineError::TooLong(max) => AdminError::LineTooLong(max),
+                        LineError::NotText => AdminError::NotText,
                     };
-                    conn.out
-                        .extend_from_slice(format!("ERR {reason}\n").as_bytes());
+                    conn.out.extend_from_slice(refused.reply().as_bytes());
                     conn.closing = true;
                     break;
                 }
@@ -454,7 +480,7 @@ impl Master {
     fn admin_line(&mut self, id: u64, line: &str) -> String {
         let command = match admin::parse(line) {
             Ok(command) => command,
-            Err(reason) => return format!("ERR {reason}\n"),
+            Err(reason) => return AdminError::Parse(reason).reply(),
         };
         let authed = self.admins.get(&id).is_some_and(|c| c.authed);
         if !authed {
@@ -481,11 +507,11 @@ impl Master {
                         if let Some(conn) = self.admins.get_mut(&id) {
                             conn.closing = true;
                         }
-                        "ERR wrong token\n".into()
+                        AdminError::WrongToken.reply()
                     }
                 }
                 Command::Quit => self.admin_quit(id),
-                _ => "ERR authenticate first: auth <token>\n".into(),
+                _ => AdminError::NotAuthenticated.reply(),
             };
         }
         // The parsed command, not the raw line: its Debug hides an `auth` token.
@@ -529,18 +555,21 @@ impl Master {
         "OK\n".into()
     }
 
-    fn pool_named(&self, name: &str) -> Result<usize, String> {
+    fn pool_named(&self, name: &str) -> Result<usize, AdminError> {
         self.pool_index.get(name).copied().ok_or_else(|| {
-            let mut names: Vec<&str> = self.pool_index.keys().map(String::as_str).collect();
-            names.sort_unstable();
-            format!("ERR no pool {name:?} (pools: {})\n", names.join(", "))
+            let mut pools: Vec<String> = self.pool_index.keys().cloned().collect();
+            pools.sort_unstable();
+            AdminError::NoPool {
+                name: name.to_string(),
+                pools,
+            }
         })
     }
 
-    fn running_or_err(&self) -> Result<(), String> {
+    fn running_or_err(&self) -> Result<(), AdminError> {
         match self.phase {
             Phase::Running => Ok(()),
-            Phase::Stopping { .. } => Err("ERR the master is shutting down\n".into()),
+            Phase::Stopping { .. } => Err(AdminError::ShuttingDown),
         }
     }
 
@@ -548,7 +577,7 @@ impl Master {
     fn admin_scale(&mut self, name: &str, workers: usize) -> String {
         let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
             Ok(idx) => idx,
-            Err(e) => return e,
+            Err(e) => return e.reply(),
         };
         if self.pools[idx].config.mode == PoolMode::Loop && self.pools[idx].stopped && workers > 0 {
             self.pools[idx].stopped = false;
@@ -579,13 +608,13 @@ impl Master {
     /// replacements start at once (draining workers do not count), so jobs keep flowing.
     fn admin_restart(&mut self, target: Target) -> String {
         if let Err(e) = self.running_or_err() {
-            return e;
+            return e.reply();
         }
         let pools: Vec<usize> = match &target {
             Target::All => (0..self.pools.len()).collect(),
             Target::Pool(name) => match self.pool_named(name) {
                 Ok(idx) => vec![idx],
-                Err(e) => return e,
+                Err(e) => return e.reply(),
             },
         };
         let deadline = Instant::now() + self.config.host.graceful_timeout;
@@ -616,7 +645,7 @@ impl Master {
     fn admin_stop(&mut self, name: &str) -> String {
         let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
             Ok(idx) => idx,
-            Err(e) => return e,
+            Err(e) => return e.reply(),
         };
         self.pools[idx].stopped = true;
         let deadline = Instant::now() + self.config.host.graceful_timeout;
@@ -637,7 +666,7 @@ impl Master {
     fn admin_start(&mut self, name: &str) -> String {
         let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
             Ok(idx) => idx,
-            Err(e) => return e,
+            Err(e) => return e.reply(),
         };
         let pool = &mut self.pools[idx];
         pool.stopped = false;
@@ -888,6 +917,41 @@ fn redis_source(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn admin_errors_render_as_one_err_line() {
+        let cases = [
+            (
+                AdminError::NoPool {
+                    name: "nope\nOK".into(),
+                    pools: vec!["echo".into(), "hash".into()],
+                },
+                "ERR no pool \"nope\\nOK\" (pools: echo, hash)\n",
+            ),
+            (
+                AdminError::ShuttingDown,
+                "ERR the master is shutting down\n",
+            ),
+            (AdminError::WrongToken, "ERR wrong token\n"),
+            (
+                AdminError::NotAuthenticated,
+                "ERR authenticate first: auth <token>\n",
+            ),
+            (
+                AdminError::LineTooLong(4096),
+                "ERR line over 4096 bytes; closing\n",
+            ),
+            (AdminError::NotText, "ERR not a text line; closing\n"),
+            (
+                AdminError::Parse("unknown command \"x\"\r".into()),
+                "ERR unknown command \"x\"\\r\n",
+            ),
+        ];
+        for (error, want) in cases {
+            assert_eq!(error.reply(), want, "{error:?}");
+            assert!(crate::admin::is_final_line(want.trim_end_matches('\n')));
+        }
+    }
 
     fn token_file(dir: &Path, text: &[u8], mode: u32) -> PathBuf {
         let path = dir.join("admin.token");
