@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use redis::Value;
 
-use super::{counts, have_redis, pool, spans, text, Redis};
+use super::{assert_runs_never_overlap, counts, have_redis, pool, spans, text, Redis};
 
 /// A deadline for a whole run of jobs with an outage in it (back-off included).
 const RUN: Duration = Duration::from_secs(60);
@@ -560,30 +560,18 @@ fn redis_restarted_with_persistence_under_load_answers_each_entry_once_and_never
         "dead-lettered: {:?}",
         redis.entries("jobs:dead")
     );
-    let mut by_tag: HashMap<String, Vec<(u128, u128, i32)>> = HashMap::new();
-    for span in spans(&trace) {
-        let end = span.end.unwrap_or_else(|| {
-            panic!(
-                "job {} never ended in worker {}, which no one killed",
-                span.tag, span.pid
-            )
-        });
-        by_tag
-            .entry(span.tag)
-            .or_default()
-            .push((span.start, end, span.pid));
-    }
-    for (tag, mut runs) in by_tag {
-        runs.sort_unstable();
-        for pair in runs.windows(2) {
-            let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
-            assert!(
-                start >= end,
-                "entry {tag} ran in worker {second} while worker {first} still ran it; runs: {runs:?}\n{}",
-                logs()
-            );
-        }
-    }
+    assert_runs_never_overlap(
+        spans(&trace),
+        |span| {
+            span.end.unwrap_or_else(|| {
+                panic!(
+                    "job {} never ended in worker {}, which no one killed",
+                    span.tag, span.pid
+                )
+            })
+        },
+        logs,
+    );
     // The outage was waited out, not crashed through.
     for ((_, master), pids) in hosts.iter().zip(&workers) {
         assert_eq!(&master.workers(), pids, "{}", master.log_text());

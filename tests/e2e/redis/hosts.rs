@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use redis::Value;
 
-use super::{counts, have_redis, pool, text, Redis, Span};
+use super::{assert_runs_never_overlap, counts, have_redis, pool, text, Redis, Span};
 
 /// The stream every entry here asks its result to go to (`reply_to`).
 const RESULTS: &str = "r";
@@ -194,33 +194,17 @@ impl Stage {
     /// logged of takeovers. A job left unfinished may only be one of `dead`'s workers', which
     /// ran to `dead.at` at most.
     fn assert_no_entry_ran_twice_at_once(&self, dead: Option<&Dead>, hosts: &[&Host]) {
-        let mut by_tag: HashMap<String, Vec<(u128, u128, i32)>> = HashMap::new();
-        for span in self.spans() {
-            let end = match (span.end, dead) {
-                (Some(end), _) => end,
-                (None, Some(dead)) if dead.workers.contains(&span.pid) => dead.at.max(span.start),
-                (None, _) => panic!(
-                    "job {} never ended in worker {}, which no test killed",
-                    span.tag, span.pid
-                ),
-            };
-            by_tag
-                .entry(span.tag)
-                .or_default()
-                .push((span.start, end, span.pid));
-        }
-        for (tag, mut runs) in by_tag {
-            runs.sort_unstable();
-            for pair in runs.windows(2) {
-                let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
-                assert!(
-                    start >= end,
-                    "entry {tag} ran in worker {second} while worker {first} still ran it (for {:.0?} more); runs (start, end, pid): {runs:?}; takeovers:\n{}",
-                    Duration::from_nanos((end - start) as u64),
-                    takeovers(hosts)
-                );
-            }
-        }
+        let end_of = |span: &Span| match (span.end, dead) {
+            (Some(end), _) => end,
+            (None, Some(dead)) if dead.workers.contains(&span.pid) => dead.at.max(span.start),
+            (None, _) => panic!(
+                "job {} never ended in worker {}, which no test killed",
+                span.tag, span.pid
+            ),
+        };
+        assert_runs_never_overlap(self.spans(), end_of, || {
+            format!("takeovers:\n{}", takeovers(hosts))
+        });
     }
 }
 

@@ -205,3 +205,32 @@ pub(crate) fn spans(trace: &Path) -> Vec<Span> {
     }
     spans
 }
+
+/// Fails if two runs of one entry (spans of one tag) ever overlapped in time. `end_of` gives a
+/// span's end (it may decide for one that never ended); `context` is shown on failure.
+pub(crate) fn assert_runs_never_overlap(
+    spans: Vec<Span>,
+    end_of: impl Fn(&Span) -> u128,
+    context: impl Fn() -> String,
+) {
+    let mut by_tag: HashMap<String, Vec<(u128, u128, i32)>> = HashMap::new();
+    for span in spans {
+        let end = end_of(&span);
+        by_tag
+            .entry(span.tag)
+            .or_default()
+            .push((span.start, end, span.pid));
+    }
+    for (tag, mut runs) in by_tag {
+        runs.sort_unstable();
+        for pair in runs.windows(2) {
+            let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+            assert!(
+                start >= end,
+                "entry {tag} ran in worker {second} while worker {first} still ran it (for {:.0?} more); runs (start, end, pid): {runs:?}\n{}",
+                std::time::Duration::from_nanos((end - start) as u64),
+                context()
+            );
+        }
+    }
+}
