@@ -11,7 +11,7 @@
 //! ([`WrongTokens`], which is given the time, never reads a clock).
 //!
 //! It never does I/O, never holds or changes master state (the master builds a [`Snapshot`]
-//! for each `status`/`workers` and acts on each [`Command`] itself), and never lets a reply
+//! for each `status`/`workers` and hands each [`Command`] to its supervisor), and never lets a reply
 //! line other than the last one read as `OK` or `ERR ...`: text that comes from elsewhere
 //! (a reload message, a plugin's name) is rendered on one line with control characters
 //! escaped.
@@ -27,60 +27,68 @@ pub const MAX_LINE: usize = 4096;
 /// The most workers `scale` can ask for in one pool (the config's limit too).
 pub const MAX_WORKERS: usize = 1024;
 
-/// One admin command, as [`parse`] reads it.
+/// One admin line, as [`parse`] reads it: a question about the master, a matter of the
+/// session, or a [`Command`] for the master.
 ///
-/// `Debug` never shows an [`Command::Auth`] token, so logging a command cannot leak it.
+/// `Debug` never shows an [`Request::Auth`] token, so logging a request cannot leak it.
 #[derive(Clone, PartialEq, Eq)]
-pub enum Command {
+pub enum Request {
     /// `help`: list the commands.
     Help,
     /// `status [json]`: the master and its pools.
     Status { json: bool },
     /// `workers [json]`: every worker.
     Workers { json: bool },
-    /// `scale POOL N`: run `workers` workers in `pool` (0 to [`MAX_WORKERS`]).
-    Scale { pool: String, workers: usize },
-    /// `restart POOL|all`: replace the workers of one pool or of every pool.
-    Restart { target: Target },
-    /// `stop POOL`: stop a pool's workers and keep them stopped.
-    Stop { pool: String },
-    /// `start POOL`: start a stopped pool again.
-    Start { pool: String },
-    /// `reload`: reread the config and the plugins (like SIGHUP).
-    Reload,
-    /// `shutdown [graceful|now]`: stop the master; `now` does not wait for running jobs.
-    Shutdown { now: bool },
     /// `quit`: close this connection.
     Quit,
     /// `auth TOKEN`: the token the admin TCP listener asks for.
     Auth { token: String },
+    /// Something for the master to do.
+    Do(Command),
 }
 
-impl fmt::Debug for Command {
+impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Help => f.write_str("Help"),
-            Command::Status { json } => f.debug_struct("Status").field("json", json).finish(),
-            Command::Workers { json } => f.debug_struct("Workers").field("json", json).finish(),
-            Command::Scale { pool, workers } => f
-                .debug_struct("Scale")
-                .field("pool", pool)
-                .field("workers", workers)
-                .finish(),
-            Command::Restart { target } => {
-                f.debug_struct("Restart").field("target", target).finish()
-            }
-            Command::Stop { pool } => f.debug_struct("Stop").field("pool", pool).finish(),
-            Command::Start { pool } => f.debug_struct("Start").field("pool", pool).finish(),
-            Command::Reload => f.write_str("Reload"),
-            Command::Shutdown { now } => f.debug_struct("Shutdown").field("now", now).finish(),
-            Command::Quit => f.write_str("Quit"),
-            Command::Auth { .. } => f
+            Request::Help => f.write_str("Help"),
+            Request::Status { json } => f.debug_struct("Status").field("json", json).finish(),
+            Request::Workers { json } => f.debug_struct("Workers").field("json", json).finish(),
+            Request::Quit => f.write_str("Quit"),
+            Request::Auth { .. } => f
                 .debug_struct("Auth")
                 .field("token", &format_args!("<redacted>"))
                 .finish(),
+            Request::Do(command) => command.fmt(f),
         }
     }
+}
+
+/// What the master is told to do — by an admin line or by a signal: one vocabulary for both,
+/// as nginx's `signals[]` table serves both its signal handlers and `nginx -s`. The master's
+/// supervisor decides what each means; the signal table is in `master/mod.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `shutdown [graceful]`, SIGTERM, SIGINT: stop after running jobs end. `escalate`
+    /// (SIGINT): a second one means "now" (Ctrl-C twice).
+    Stop { escalate: bool },
+    /// `shutdown now`, SIGQUIT: stop now, without waiting for running jobs.
+    StopNow,
+    /// `scale POOL N`: run `workers` workers in `pool` (0 to [`MAX_WORKERS`]).
+    Scale { pool: String, workers: usize },
+    /// SIGTTIN, `times` of them: one worker more in every pool each.
+    AddWorkers(u32),
+    /// SIGTTOU, `times` of them: one worker fewer in every pool each.
+    RemoveWorkers(u32),
+    /// `restart POOL|all`: replace the workers of one pool or of every pool.
+    Restart { target: Target },
+    /// `stop POOL`: stop a pool's workers and keep them stopped.
+    StopPool { pool: String },
+    /// `start POOL`: start a stopped pool again.
+    StartPool { pool: String },
+    /// `reload`, SIGHUP: reread the config and the plugins.
+    Reload,
+    /// `reopen`, SIGUSR1: reopen the log file (logrotate), in the master and every worker.
+    ReopenLogs,
 }
 
 /// What `restart` applies to.
@@ -112,6 +120,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ("start POOL", "start a stopped POOL again"),
     ("reload", "reread the config and the plugins (like SIGHUP)"),
     (
+        "reopen",
+        "reopen the log file, in the master and every worker (like SIGUSR1)",
+    ),
+    (
         "shutdown [graceful|now]",
         "stop the master: after running jobs end (default), or now",
     ),
@@ -129,7 +141,7 @@ const COMMANDS: &[(&str, &str)] = &[
 /// ones are ignored. `auth` takes the rest of the line as the token (spaces and tabs around
 /// it trimmed). An error is the text to send after `ERR `, e.g. `usage: scale POOL N`; it
 /// never contains the token.
-pub fn parse(line: &str) -> Result<Command, String> {
+pub fn parse(line: &str) -> Result<Request, String> {
     const SEPARATORS: [char; 2] = [' ', '\t'];
     let trimmed = line.trim_start_matches(SEPARATORS);
     let mut words = trimmed.split(SEPARATORS).filter(|w| !w.is_empty());
@@ -140,57 +152,63 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let usage = |form: &str| Err(format!("usage: {form}"));
     match name.to_ascii_lowercase().as_str() {
         "help" => match args[..] {
-            [] => Ok(Command::Help),
+            [] => Ok(Request::Help),
             _ => usage("help"),
         },
         "status" => match json_flag(&args) {
-            Some(json) => Ok(Command::Status { json }),
+            Some(json) => Ok(Request::Status { json }),
             None => usage("status [json]"),
         },
         "workers" => match json_flag(&args) {
-            Some(json) => Ok(Command::Workers { json }),
+            Some(json) => Ok(Request::Workers { json }),
             None => usage("workers [json]"),
         },
         "scale" => match args[..] {
-            [pool, n] => Ok(Command::Scale {
+            [pool, n] => Ok(Request::Do(Command::Scale {
                 pool: pool.to_owned(),
                 workers: parse_count(n)?,
-            }),
+            })),
             _ => usage("scale POOL N"),
         },
         "restart" => match args[..] {
-            [target] if target.eq_ignore_ascii_case("all") => Ok(Command::Restart {
+            [target] if target.eq_ignore_ascii_case("all") => Ok(Request::Do(Command::Restart {
                 target: Target::All,
-            }),
-            [pool] => Ok(Command::Restart {
+            })),
+            [pool] => Ok(Request::Do(Command::Restart {
                 target: Target::Pool(pool.to_owned()),
-            }),
+            })),
             _ => usage("restart POOL|all"),
         },
         "stop" => match args[..] {
-            [pool] => Ok(Command::Stop {
+            [pool] => Ok(Request::Do(Command::StopPool {
                 pool: pool.to_owned(),
-            }),
+            })),
             _ => usage("stop POOL"),
         },
         "start" => match args[..] {
-            [pool] => Ok(Command::Start {
+            [pool] => Ok(Request::Do(Command::StartPool {
                 pool: pool.to_owned(),
-            }),
+            })),
             _ => usage("start POOL"),
         },
         "reload" => match args[..] {
-            [] => Ok(Command::Reload),
+            [] => Ok(Request::Do(Command::Reload)),
             _ => usage("reload"),
         },
+        "reopen" => match args[..] {
+            [] => Ok(Request::Do(Command::ReopenLogs)),
+            _ => usage("reopen"),
+        },
         "shutdown" => match args[..] {
-            [] => Ok(Command::Shutdown { now: false }),
-            [how] if how.eq_ignore_ascii_case("graceful") => Ok(Command::Shutdown { now: false }),
-            [how] if how.eq_ignore_ascii_case("now") => Ok(Command::Shutdown { now: true }),
+            [] => Ok(Request::Do(Command::Stop { escalate: false })),
+            [how] if how.eq_ignore_ascii_case("graceful") => {
+                Ok(Request::Do(Command::Stop { escalate: false }))
+            }
+            [how] if how.eq_ignore_ascii_case("now") => Ok(Request::Do(Command::StopNow)),
             _ => usage("shutdown [graceful|now]"),
         },
         "quit" => match args[..] {
-            [] => Ok(Command::Quit),
+            [] => Ok(Request::Quit),
             _ => usage("quit"),
         },
         "auth" => {
@@ -202,7 +220,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
             if token.is_empty() {
                 usage("auth TOKEN")
             } else {
-                Ok(Command::Auth {
+                Ok(Request::Auth {
                     token: token.to_owned(),
                 })
             }
@@ -291,7 +309,7 @@ pub struct Snapshot {
 }
 
 /// How the last reload went.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReloadReport {
     /// When it happened, RFC 3339.
     pub at: String,
@@ -606,7 +624,7 @@ fn table(out: &mut String, columns: &[(&str, Align)], rows: Vec<Vec<String>>) {
 }
 
 /// `text` with every control character escaped (`\n`, `\u{1b}`...), so it stays on one line.
-fn one_line(text: &str) -> String {
+pub fn one_line(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_owned();
     }
@@ -883,75 +901,85 @@ mod tests {
 
     #[test]
     fn parse_every_command() {
-        let cases: Vec<(&str, Command)> = vec![
-            ("help", Command::Help),
-            ("status", Command::Status { json: false }),
-            ("status json", Command::Status { json: true }),
-            ("STATUS JSON", Command::Status { json: true }),
-            ("workers", Command::Workers { json: false }),
-            ("Workers Json", Command::Workers { json: true }),
+        let cases: Vec<(&str, Request)> = vec![
+            ("help", Request::Help),
+            ("status", Request::Status { json: false }),
+            ("status json", Request::Status { json: true }),
+            ("STATUS JSON", Request::Status { json: true }),
+            ("workers", Request::Workers { json: false }),
+            ("Workers Json", Request::Workers { json: true }),
             (
                 "scale echo 3",
-                Command::Scale {
+                Request::Do(Command::Scale {
                     pool: pool("echo"),
                     workers: 3,
-                },
+                }),
             ),
             (
                 "scale echo 0",
-                Command::Scale {
+                Request::Do(Command::Scale {
                     pool: pool("echo"),
                     workers: 0,
-                },
+                }),
             ),
             (
                 "scale Echo 1024",
-                Command::Scale {
+                Request::Do(Command::Scale {
                     pool: pool("Echo"),
                     workers: 1024,
-                },
+                }),
             ),
             (
                 "scale echo 007",
-                Command::Scale {
+                Request::Do(Command::Scale {
                     pool: pool("echo"),
                     workers: 7,
-                },
+                }),
             ),
             (
                 "restart echo",
-                Command::Restart {
+                Request::Do(Command::Restart {
                     target: Target::Pool(pool("echo")),
-                },
+                }),
             ),
             (
                 "restart all",
-                Command::Restart {
+                Request::Do(Command::Restart {
                     target: Target::All,
-                },
+                }),
             ),
             (
                 "RESTART ALL",
-                Command::Restart {
+                Request::Do(Command::Restart {
                     target: Target::All,
-                },
+                }),
             ),
-            ("stop hash", Command::Stop { pool: pool("hash") }),
-            ("start hash", Command::Start { pool: pool("hash") }),
-            ("reload", Command::Reload),
-            ("shutdown", Command::Shutdown { now: false }),
-            ("shutdown graceful", Command::Shutdown { now: false }),
-            ("shutdown NOW", Command::Shutdown { now: true }),
-            ("quit", Command::Quit),
+            (
+                "stop hash",
+                Request::Do(Command::StopPool { pool: pool("hash") }),
+            ),
+            (
+                "start hash",
+                Request::Do(Command::StartPool { pool: pool("hash") }),
+            ),
+            ("reload", Request::Do(Command::Reload)),
+            ("reopen", Request::Do(Command::ReopenLogs)),
+            ("shutdown", Request::Do(Command::Stop { escalate: false })),
+            (
+                "shutdown graceful",
+                Request::Do(Command::Stop { escalate: false }),
+            ),
+            ("shutdown NOW", Request::Do(Command::StopNow)),
+            ("quit", Request::Quit),
             (
                 "auth s3cret",
-                Command::Auth {
+                Request::Auth {
                     token: "s3cret".to_owned(),
                 },
             ),
             (
                 "AUTH \t two words \t",
-                Command::Auth {
+                Request::Auth {
                     token: "two words".to_owned(),
                 },
             ),
@@ -965,12 +993,12 @@ mod tests {
     fn parse_separators() {
         assert_eq!(
             parse("  \tscale\t\techo   2 \t"),
-            Ok(Command::Scale {
+            Ok(Request::Do(Command::Scale {
                 pool: pool("echo"),
                 workers: 2
-            })
+            }))
         );
-        assert_eq!(parse(" help "), Ok(Command::Help));
+        assert_eq!(parse(" help "), Ok(Request::Help));
     }
 
     #[test]
@@ -1019,6 +1047,7 @@ mod tests {
             ("start", "usage: start POOL"),
             ("start a b", "usage: start POOL"),
             ("reload now", "usage: reload"),
+            ("reopen logs", "usage: reopen"),
             ("shutdown later", "usage: shutdown [graceful|now]"),
             ("shutdown now now", "usage: shutdown [graceful|now]"),
             ("quit now", "usage: quit"),
@@ -1052,7 +1081,7 @@ mod tests {
             format!("{:?}", parse("scale echo 2").unwrap()),
             r#"Scale { pool: "echo", workers: 2 }"#
         );
-        assert_eq!(format!("{:?}", Command::Help), "Help");
+        assert_eq!(format!("{:?}", Request::Help), "Help");
     }
 
     #[test]

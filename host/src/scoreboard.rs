@@ -12,8 +12,29 @@
 //! garbage, never undefined behaviour, and every field is validated when read: the worker is
 //! untrusted, like everything outside the master.
 //!
+//! Two words carry a handshake the other way, for a worker fed by the master: the master may
+//! **take back** jobs it sent a worker that the worker has not started (to give them to an
+//! idle worker: a job stuck behind a long one, or in a stopped worker, runs elsewhere), and
+//! a job must then never run twice. Each JOB frame the master writes on a worker's socketpair
+//! has a sequence number, `seq` = 1, 2, 3… in the order written (the worker counts the frames
+//! it reads; the master removes from its output only frames of which no byte was written, a
+//! suffix, so the two counts stay in step).
+//!
+//! - `CLAIM`: the highest seq that is started or taken back, as far as the worker knows; bit
+//!   63 (`FENCE`) set by the master = "I took back what follows, up to `RECALL_TO`".
+//! - `RECALL_TO`: the highest seq the last recall covers. Written by the master only while
+//!   `CLAIM` is unfenced, read by the worker only while it is fenced, so it never changes
+//!   under a worker that reads it.
+//!
+//! The worker, before running frame `n`, moves `CLAIM` to `n` by compare-and-swap
+//! ([`Slot::claim`]); the master fences by compare-and-swap ([`Slot::recall`]). Exactly one of
+//! the two swaps wins, so a job is either started (`n <= started_through`, the master leaves it
+//! with the worker) or taken back (the worker sees the fence and skips it), never both and
+//! never neither. The worker clears the fence when it next claims, which is when it learns.
+//!
 //! Owns the layout and the two sides' access to it; never blocks, never allocates in the
-//! worker's write path, and never trusts what it reads.
+//! worker's write path, and never trusts what it reads: the master's side of the handshake
+//! never panics, never loops without bound, and clamps what it reads.
 
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
@@ -46,6 +67,19 @@ const REASON: usize = RUNNING + RUNNING_WORDS;
 /// The reason for a lost connection: up to 240 bytes.
 const REASON_WORDS: usize = 30;
 const _: () = assert!(REASON + REASON_WORDS <= RUNNING_SINCE && RUNNING_SINCE < WORDS);
+/// The taking-back handshake (see the module doc): the highest seq started or taken back, and
+/// [`FENCE`].
+const CLAIM: usize = 44;
+/// The highest seq the master's last recall covers.
+const RECALL_TO: usize = 45;
+const _: () = assert!(REASON + REASON_WORDS <= CLAIM && RECALL_TO < RUNNING_SINCE);
+
+/// Bit 63 of `CLAIM`: the master took jobs back and the worker has not seen it yet.
+pub const FENCE: u64 = 1 << 63;
+/// How often [`Slot::recall`] tries its swap against a worker that keeps claiming: an honest
+/// worker claims once per job, so a second try nearly always wins; a worker that writes the
+/// word all the time must not hold the master.
+const RECALL_TRIES: usize = 16;
 
 pub const MAX_RUNNING: usize = RUNNING_WORDS * 8;
 pub const MAX_REASON: usize = REASON_WORDS * 8;
@@ -86,10 +120,63 @@ pub struct Report {
     pub figures: Option<StreamFigures>,
 }
 
+/// What the worker may do with the JOB frame it just read ([`Slot::claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// It is this worker's: run it and report its outcome.
+    Run,
+    /// The master took it back: skip it, without an outcome.
+    Recalled,
+}
+
+/// What a [`Slot::recall`] took back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recall {
+    /// Every job with a seq above `started_through` (and up to the `written_through` given) is
+    /// the master's again: the worker will never run it. The ones at or below it are started
+    /// (or were taken back by an earlier recall).
+    Done { started_through: u64 },
+    /// An earlier recall is not yet seen by the worker (it has not claimed since): nothing
+    /// written since may be taken back now. Frames never written may, as always.
+    Pending,
+    /// The worker claimed again and again while the master tried: nothing was taken back.
+    Busy,
+}
+
+/// The worker's side of the handshake: counts the JOB frames it reads (the n-th has seq n)
+/// and remembers how far the master took back.
+#[derive(Debug, Default)]
+pub struct Claimer {
+    read: u64,
+    skip_to: u64,
+}
+
+impl Claimer {
+    pub fn new() -> Claimer {
+        Claimer::default()
+    }
+
+    /// The next JOB frame of the stream was read: whether to run it.
+    pub fn next_frame(&mut self, slot: &Slot) -> Claim {
+        self.read = self.read.saturating_add(1);
+        slot.claim(self.read, &mut self.skip_to)
+    }
+
+    /// JOB frames read so far (the seq of the last one).
+    pub fn frames_read(&self) -> u64 {
+        self.read
+    }
+}
+
 /// One worker's slot (see the module doc). Dropping it unmaps it.
 pub struct Slot {
     words: NonNull<AtomicU64>,
 }
+
+// SAFETY: a slot is a pointer to atomics that live as long as the slot itself; any thread may
+// use them through `&Slot` (which the master's tests of the handshake do; the processes share
+// it the same way).
+unsafe impl Sync for Slot {}
 
 impl Slot {
     /// Maps a fresh, zeroed slot (in the master, before the fork).
@@ -148,6 +235,79 @@ impl Slot {
             }
         }
         decode(&copy)
+    }
+
+    /// The worker's side, before it runs the JOB frame with seq `seq`: [`Claim::Run`] once
+    /// `CLAIM` says `seq` (so a recall from now on leaves it to this worker), or
+    /// [`Claim::Recalled`] if the master took it back. `skip_to` is the worker's own memory of
+    /// the highest seq taken back ([`Claimer`] keeps it).
+    pub fn claim(&self, seq: u64, skip_to: &mut u64) -> Claim {
+        let seq = seq.min(!FENCE);
+        if seq <= *skip_to {
+            return Claim::Recalled;
+        }
+        let claim = self.word(CLAIM);
+        // It turns again only after a swap failed because the master fenced meanwhile (once
+        // per recall, never while fenced) or after clearing a fence: a turn or two for each
+        // recall the master makes meanwhile.
+        loop {
+            let w = claim.load(Ordering::Acquire);
+            if w & FENCE != 0 {
+                // Acquire on CLAIM made the master's RECALL_TO, stored before it fenced, visible.
+                let through = self.word(RECALL_TO).load(Ordering::Acquire) & !FENCE;
+                *skip_to = (*skip_to).max(through);
+                // Unfenced, the word again means "everything up to here is started or taken
+                // back", so the next recall's `started_through` covers what this one took. If
+                // the swap fails the word changed: the next turn looks again.
+                let _ = claim.compare_exchange(
+                    w,
+                    through.max(w & !FENCE),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if seq <= *skip_to {
+                    return Claim::Recalled;
+                }
+            } else if claim
+                .compare_exchange(w, seq, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Claim::Run;
+            }
+        }
+    }
+
+    /// The master's side: takes back the jobs of this worker that it has not started.
+    /// `written_through` is the highest seq of which any byte was written to the worker (a
+    /// frame written in part is taken back too: the worker will read it whole and skip it).
+    /// The master is the only one that recalls on a slot. What it reads is the worker's word,
+    /// so it is clamped: `started_through` never exceeds `written_through`.
+    pub fn recall(&self, written_through: u64) -> Recall {
+        let through = written_through.min(!FENCE);
+        let claim = self.word(CLAIM);
+        for _ in 0..RECALL_TRIES {
+            self.word(RECALL_TO).store(through, Ordering::Release);
+            let w = claim.load(Ordering::Acquire);
+            if w & FENCE != 0 {
+                // RECALL_TO must not change now: the worker may be reading it this very
+                // moment, and a higher value would make it skip frames the master (told
+                // Pending) still counts as the worker's — jobs nobody would run.
+                return Recall::Pending;
+            }
+            // Unfenced: the worker reads RECALL_TO only after it sees a fence, so it is not
+            // reading it now; the Release of the swap below publishes it with the fence.
+            self.word(RECALL_TO).store(through, Ordering::Release);
+            if claim
+                .compare_exchange(w, w | FENCE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Recall::Done {
+                    started_through: w.min(through),
+                };
+            }
+            // The worker claimed meanwhile: look again.
+        }
+        Recall::Busy
     }
 }
 
@@ -360,6 +520,224 @@ mod tests {
         assert!(!flags());
         slot.keep_from_later_children().unwrap();
         assert!(flags());
+    }
+
+    /// The worker claims frames `seqs` (the next ones it reads); what it may do with each.
+    fn claim_all(slot: &Slot, claimer: &mut Claimer, frames: u64) -> Vec<Claim> {
+        (0..frames).map(|_| claimer.next_frame(slot)).collect()
+    }
+
+    use Claim::{Recalled, Run};
+
+    #[test]
+    fn a_recall_before_the_worker_claims_takes_back_everything_written() {
+        let slot = Slot::new().unwrap();
+        let mut worker = Claimer::new();
+        // Frames 1..=3 written, none read yet.
+        assert_eq!(slot.recall(3), Recall::Done { started_through: 0 });
+        assert_eq!(claim_all(&slot, &mut worker, 3), [Recalled; 3]);
+        // What the master sends next (jobs taken back elsewhere, or new ones) runs.
+        assert_eq!(claim_all(&slot, &mut worker, 2), [Run, Run]);
+        assert_eq!(worker.frames_read(), 5);
+        // A second recall, once the worker cleared the fence, sees seq 5 as started.
+        assert_eq!(slot.recall(7), Recall::Done { started_through: 5 });
+        assert_eq!(claim_all(&slot, &mut worker, 3), [Recalled, Recalled, Run]);
+    }
+
+    #[test]
+    fn a_job_claimed_before_the_recall_stays_with_the_worker() {
+        let slot = Slot::new().unwrap();
+        let mut worker = Claimer::new();
+        assert_eq!(claim_all(&slot, &mut worker, 2), [Run, Run]);
+        assert_eq!(slot.recall(4), Recall::Done { started_through: 2 });
+        assert_eq!(claim_all(&slot, &mut worker, 3), [Recalled, Recalled, Run]);
+    }
+
+    #[test]
+    fn a_second_recall_before_the_worker_saw_the_first_takes_nothing_written() {
+        let slot = Slot::new().unwrap();
+        let mut worker = Claimer::new();
+        assert_eq!(claim_all(&slot, &mut worker, 1), [Run]); // a long job, say
+        assert_eq!(slot.recall(3), Recall::Done { started_through: 1 });
+        // The master wrote frames 4 and 5 since; the worker is still in job 1.
+        assert_eq!(slot.recall(5), Recall::Pending);
+        assert_eq!(slot.recall(5), Recall::Pending);
+        // 2 and 3 were taken back; 4 and 5 were not, so the worker must run them: had the
+        // pending recall raised RECALL_TO, they would be skipped and nobody would run them.
+        assert_eq!(
+            claim_all(&slot, &mut worker, 4),
+            [Recalled, Recalled, Run, Run]
+        );
+        assert_eq!(slot.recall(6), Recall::Done { started_through: 5 });
+    }
+
+    #[test]
+    fn a_worker_holding_back_has_all_its_unstarted_jobs_taken_back() {
+        // A HOLD worker (short of memory) claims nothing: everything after its last started
+        // job goes back, the one it finished stays its own (its outcome is in, or coming).
+        let slot = Slot::new().unwrap();
+        let mut worker = Claimer::new();
+        assert_eq!(claim_all(&slot, &mut worker, 1), [Run]);
+        assert_eq!(slot.recall(4), Recall::Done { started_through: 1 });
+        assert_eq!(claim_all(&slot, &mut worker, 3), [Recalled; 3]);
+    }
+
+    #[test]
+    fn garbage_in_the_claim_words_never_panics_nor_claims_more_than_was_written() {
+        let slot = Slot::new().unwrap();
+        for garbage in [u64::MAX, FENCE, FENCE | 7] {
+            slot.word(CLAIM).store(garbage, Ordering::Relaxed);
+            assert_eq!(slot.recall(3), Recall::Pending);
+        }
+        for garbage in [FENCE - 1, 1 << 40, 12] {
+            slot.word(CLAIM).store(garbage, Ordering::Relaxed);
+            assert_eq!(slot.recall(3), Recall::Done { started_through: 3 });
+        }
+        // Seqs past the fence bit are clamped below it, on both sides.
+        slot.word(CLAIM).store(0, Ordering::Relaxed);
+        assert_eq!(slot.recall(u64::MAX), Recall::Done { started_through: 0 });
+        let mut skip_to = 0;
+        assert_eq!(slot.claim(u64::MAX, &mut skip_to), Recalled);
+        assert_eq!(skip_to, !FENCE);
+        // A worker whose words are garbage: it skips what the garbage says, and returns.
+        let slot = Slot::new().unwrap();
+        slot.word(CLAIM).store(u64::MAX, Ordering::Relaxed);
+        slot.word(RECALL_TO).store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(Claimer::new().next_frame(&slot), Recalled);
+    }
+
+    /// A small deterministic generator (xorshift64*): no dependency for a test's dice.
+    struct Dice(u64);
+
+    impl Dice {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+        }
+    }
+
+    /// Two workers (threads) claim the frames they receive as they arrive, while a master
+    /// (this thread) recalls at random moments and sends what it took back again, with new
+    /// seqs, to whichever worker holds fewest. Every job runs exactly once, every answer comes
+    /// from the worker the master says holds it, and in order.
+    #[test]
+    fn racing_recalls_run_every_job_exactly_once() {
+        use std::collections::VecDeque;
+        use std::sync::mpsc;
+        use std::time::{Duration, Instant};
+
+        const JOBS: usize = 20000;
+        const PREFETCH: usize = 8;
+        enum Frame {
+            Job { seq: u64, key: usize },
+            Close,
+        }
+        let slots = [Slot::new().unwrap(), Slot::new().unwrap()];
+        let runs: Vec<AtomicU64> = (0..JOBS).map(|_| AtomicU64::new(0)).collect();
+        let (outcome_tx, outcomes) = mpsc::channel::<(usize, usize)>();
+        let mut counts = [0u64; 3]; // Done, Pending, Busy
+        let mut taken_back = 0usize;
+        std::thread::scope(|scope| {
+            let mut channels = Vec::new();
+            for (me, slot) in slots.iter().enumerate() {
+                let (tx, rx) = mpsc::channel::<Frame>();
+                channels.push(tx);
+                let outcome_tx = outcome_tx.clone();
+                let runs = &runs;
+                scope.spawn(move || {
+                    let mut claimer = Claimer::new();
+                    let mut dice = Dice(0x9e37_79b9 + me as u64);
+                    while let Ok(Frame::Job { seq, key }) = rx.recv() {
+                        let claim = claimer.next_frame(slot);
+                        assert_eq!(claimer.frames_read(), seq, "frame numbering in step");
+                        if claim == Run {
+                            runs[key].fetch_add(1, Ordering::Relaxed);
+                            // A job of a few instructions to some microseconds.
+                            for _ in 0..dice.below(64) {
+                                std::hint::spin_loop();
+                            }
+                            if dice.below(8) == 0 {
+                                std::thread::yield_now();
+                            }
+                            let _ = outcome_tx.send((me, key));
+                        }
+                    }
+                });
+            }
+
+            // The master's books: jobs not sent, and per worker what it holds by seq.
+            let mut queue: VecDeque<usize> = (0..JOBS).collect();
+            let mut holds: [VecDeque<(u64, usize)>; 2] = Default::default();
+            let mut written = [0u64; 2];
+            let mut answered = 0;
+            let mut dice = Dice(0x2545_f491);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while answered < JOBS {
+                assert!(
+                    Instant::now() < deadline,
+                    "jobs never answered: {answered} of {JOBS}; held {:?}",
+                    holds
+                );
+                while let Some(&key) = queue.front() {
+                    let Some(to) = (0..2)
+                        .filter(|&w| holds[w].len() < PREFETCH)
+                        .min_by_key(|&w| holds[w].len())
+                    else {
+                        break;
+                    };
+                    queue.pop_front();
+                    written[to] += 1;
+                    holds[to].push_back((written[to], key));
+                    let seq = written[to];
+                    channels[to].send(Frame::Job { seq, key }).unwrap();
+                }
+                if dice.below(4) == 0 {
+                    let from = dice.below(2) as usize;
+                    match slots[from].recall(written[from]) {
+                        Recall::Done { started_through } => {
+                            counts[0] += 1;
+                            // Back to the front of the queue, in their order.
+                            while holds[from]
+                                .back()
+                                .is_some_and(|&(seq, _)| seq > started_through)
+                            {
+                                let (_, key) = holds[from].pop_back().unwrap();
+                                queue.push_front(key);
+                                taken_back += 1;
+                            }
+                        }
+                        Recall::Pending => counts[1] += 1,
+                        Recall::Busy => counts[2] += 1,
+                    }
+                }
+                let mut any = false;
+                while let Ok((from, key)) = outcomes.try_recv() {
+                    any = true;
+                    let front = holds[from].pop_front();
+                    assert_eq!(
+                        front.map(|(_, k)| k),
+                        Some(key),
+                        "worker {from} answered job {key}: the master says it holds {front:?} first"
+                    );
+                    answered += 1;
+                }
+                if !any {
+                    std::thread::yield_now();
+                }
+            }
+            for channel in &channels {
+                let _ = channel.send(Frame::Close);
+            }
+        });
+        let twice: Vec<usize> = (0..JOBS)
+            .filter(|&k| runs[k].load(Ordering::Relaxed) != 1)
+            .collect();
+        assert!(twice.is_empty(), "jobs not run exactly once: {twice:?}");
+        // The race was run: jobs were taken back, some while the worker had not seen a fence.
+        assert!(counts[0] > 0 && taken_back > 0, "{counts:?} {taken_back}");
+        eprintln!("recalls done/pending/busy {counts:?}; jobs taken back {taken_back}");
     }
 
     #[test]

@@ -19,11 +19,12 @@ use std::time::{Instant, SystemTime};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
+use super::supervisor::{CommandError, Event, Origin, Reply, SessionId};
 use super::token::Token;
-use super::{Master, MasterError, Phase};
+use super::{Master, MasterError};
 use crate::admin::{
-    self, Command, LineBuffer, LineError, PoolSnapshot, Snapshot, Target, WorkerSnapshot,
-    WrongTokens,
+    self, Command, LineBuffer, LineError, PoolSnapshot, ReloadReport, Request, Snapshot,
+    WorkerSnapshot, WrongTokens,
 };
 use crate::config::PoolMode;
 
@@ -68,6 +69,8 @@ pub(super) struct AdminConn {
     closing: bool,
     /// Waiting for the outcome of its `reload`: its next lines wait, unread.
     awaiting: bool,
+    /// It closed its end: close once its lines are handled and answered.
+    closing_after_lines: bool,
     interest: EpollFlags,
 }
 
@@ -131,10 +134,11 @@ pub(super) enum AdminError {
     WrongToken,
     #[error("authenticate first: auth <token>")]
     NotAuthenticated,
-    #[error("no pool {name:?} (pools: {})", pools.join(", "))]
-    NoPool { name: String, pools: Vec<String> },
-    #[error("the master is shutting down")]
-    ShuttingDown,
+    /// The supervisor refused the command.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("reload failed, nothing changed: {0}")]
+    ReloadFailed(String),
 }
 
 impl AdminError {
@@ -298,7 +302,9 @@ impl AdminListeners {
 impl Master {
     pub(super) fn admin_accept(&mut self, tcp: bool) {
         loop {
-            let Some(listeners) = &self.admin else { return };
+            let Some(listeners) = &self.io.admin else {
+                return;
+            };
             // (Its event may have come in the same wait as the failure that paused it.)
             if listeners.accept_paused_until.is_some() {
                 return;
@@ -336,14 +342,14 @@ impl Master {
             if nonblocking.is_err() {
                 continue;
             }
-            let id = self.next_client_id;
-            self.next_client_id += 1;
+            let id = self.io.next_admin_id;
+            self.io.next_admin_id += 1;
             let token = Token::Admin(id).encode();
-            if self
-                .epoll()
-                .add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
-                .is_err()
-            {
+            let watched = match &self.io.epoll {
+                Some(epoll) => epoll.add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)),
+                None => Err(nix::Error::EBADF),
+            };
+            if watched.is_err() {
                 continue;
             }
             let conn = AdminConn {
@@ -353,14 +359,15 @@ impl Master {
                 authed: !tcp,
                 closing: false,
                 awaiting: false,
+                closing_after_lines: false,
                 interest: EpollFlags::EPOLLIN,
             };
-            self.admins.insert(id, conn);
+            self.io.admins.insert(id, conn);
         }
     }
 
     fn pause_admin_accept(&mut self, error: &io::Error) {
-        let (Some(listeners), Some(epoll)) = (&mut self.admin, &self.epoll) else {
+        let (Some(listeners), Some(epoll)) = (&mut self.io.admin, &self.io.epoll) else {
             return;
         };
         log::error!(
@@ -374,7 +381,7 @@ impl Master {
     /// When the admin side next needs the loop to wake: the end of an accept pause, or a
     /// count of wrong tokens to log. (For the master loop's `next_deadline`.)
     pub(super) fn admin_deadline(&self) -> Option<Instant> {
-        let listeners = self.admin.as_ref()?;
+        let listeners = self.io.admin.as_ref()?;
         [
             listeners.accept_paused_until,
             listeners.wrong_tokens.next_deadline(),
@@ -387,7 +394,7 @@ impl Master {
     /// What is due at `now` on the admin side: resume accepting after a pause, log the wrong
     /// tokens counted in the last second. (Called with the master loop's other timeouts.)
     pub(super) fn admin_timers(&mut self, now: Instant) {
-        let (Some(listeners), Some(epoll)) = (&mut self.admin, &self.epoll) else {
+        let (Some(listeners), Some(epoll)) = (&mut self.io.admin, &self.io.epoll) else {
             return;
         };
         if listeners.accept_paused_until.is_some_and(|t| now >= t) {
@@ -400,7 +407,7 @@ impl Master {
     }
 
     pub(super) fn admin_event(&mut self, id: u64, flags: EpollFlags) {
-        let Some(conn) = self.admins.get_mut(&id) else {
+        let Some(conn) = self.io.admins.get_mut(&id) else {
             return;
         };
         if conn.awaiting {
@@ -418,12 +425,12 @@ impl Master {
             && !conn.closing
         {
             loop {
-                match conn.stream.read(&mut self.scratch[..MAX_LINE * 2]) {
+                match conn.stream.read(&mut self.io.scratch[..MAX_LINE * 2]) {
                     Ok(0) => {
                         closed = true;
                         break;
                     }
-                    Ok(n) => conn.lines.push(&self.scratch[..n]),
+                    Ok(n) => conn.lines.push(&self.io.scratch[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -437,9 +444,17 @@ impl Master {
                 }
             }
         }
-        // Handle every complete line, in order.
+        if closed {
+            conn.closing_after_lines = true;
+        }
+        self.admin_lines(id);
+    }
+
+    /// Handles every complete line the session sent, in order — up to a `reload`, whose
+    /// answer its next lines wait for — then writes the replies.
+    fn admin_lines(&mut self, id: u64) {
         loop {
-            let Some(conn) = self.admins.get_mut(&id) else {
+            let Some(conn) = self.io.admins.get_mut(&id) else {
                 return;
             };
             if conn.closing || conn.awaiting {
@@ -458,227 +473,108 @@ impl Master {
                     break;
                 }
             };
-            let reply = self.admin_line(id, &line);
-            if let Some(conn) = self.admins.get_mut(&id) {
-                conn.out.extend_from_slice(reply.as_bytes());
-            }
-            // A reload that completed at once queued this session to resume: leave the rest of
-            // its lines for the next pass.
-            if self.admin_resume.contains(&id) {
+            self.admin_line(id, &line);
+            // A reload answered at once queued this session to resume: leave the rest of its
+            // lines for the next pass, so that a session sending many gets one per pass.
+            if self.io.admin_resume.contains(&id) {
                 break;
             }
         }
-        if closed {
-            if let Some(conn) = self.admins.get_mut(&id) {
+        if let Some(conn) = self.io.admins.get_mut(&id) {
+            if conn.closing_after_lines && !conn.awaiting && !self.io.admin_resume.contains(&id) {
                 conn.closing = true;
             }
         }
         self.admin_flush(id);
     }
 
-    /// Runs one admin line; returns the whole reply, ending with `OK` or `ERR …`.
-    fn admin_line(&mut self, id: u64, line: &str) -> String {
-        let command = match admin::parse(line) {
-            Ok(command) => command,
-            Err(reason) => return AdminError::Parse(reason).reply(),
+    /// Runs one admin line. Questions and the session's own matters are answered here; a
+    /// command goes to the supervisor, whose reply comes back as an effect (at once, or — for
+    /// `reload` — when it is over).
+    fn admin_line(&mut self, id: u64, line: &str) {
+        let request = match admin::parse(line) {
+            Ok(request) => request,
+            Err(reason) => return self.admin_say(id, &AdminError::Parse(reason).reply()),
         };
-        let authed = self.admins.get(&id).is_some_and(|c| c.authed);
+        let authed = self.io.admins.get(&id).is_some_and(|c| c.authed);
         if !authed {
-            return match command {
-                Command::Auth { token } => {
-                    let expected = self
-                        .admin
-                        .as_ref()
-                        .and_then(|a| a.token.clone())
-                        .unwrap_or_default();
-                    if admin::token_matches(token.as_bytes(), &expected) {
-                        if let Some(conn) = self.admins.get_mut(&id) {
-                            conn.authed = true;
-                        }
-                        "OK\n".into()
-                    } else {
-                        if let Some(line) = self
-                            .admin
-                            .as_mut()
-                            .and_then(|a| a.wrong_tokens.record(Instant::now()))
-                        {
-                            log::warn!("admin: {line}");
-                        }
-                        if let Some(conn) = self.admins.get_mut(&id) {
-                            conn.closing = true;
-                        }
-                        AdminError::WrongToken.reply()
-                    }
-                }
-                Command::Quit => self.admin_quit(id),
+            let reply = match request {
+                Request::Auth { token } => self.admin_auth(id, &token),
+                Request::Quit => self.admin_quit(id),
                 _ => AdminError::NotAuthenticated.reply(),
             };
+            return self.admin_say(id, &reply);
         }
-        // The parsed command, not the raw line: its Debug hides an `auth` token.
-        log::info!("admin: {command:?}");
-        match command {
-            Command::Help => admin::help(),
-            Command::Auth { .. } => "OK\n".into(),
-            Command::Status { json } => {
+        // The parsed request, not the raw line: its Debug hides an `auth` token.
+        log::info!("admin: {request:?}");
+        let reply = match request {
+            Request::Help => admin::help(),
+            Request::Auth { .. } => "OK\n".into(),
+            Request::Status { json } => {
                 admin::render_status(&self.snapshot(Memory::Resident), json)
             }
-            Command::Workers { json } => admin::render_workers(&self.snapshot(Memory::Own), json),
-            Command::Scale { pool, workers } => self.admin_scale(&pool, workers),
-            Command::Restart { target } => self.admin_restart(target),
-            Command::Stop { pool } => self.admin_stop(&pool),
-            Command::Start { pool } => self.admin_start(&pool),
-            Command::Reload => {
-                // Answered when the reload is over (its probes run while the master serves);
-                // this session's next lines wait for that answer.
-                if let Some(conn) = self.admins.get_mut(&id) {
-                    conn.awaiting = true;
+            Request::Workers { json } => admin::render_workers(&self.snapshot(Memory::Own), json),
+            Request::Quit => self.admin_quit(id),
+            Request::Do(command) => {
+                if command == Command::Reload {
+                    // Answered when the reload is over (its probes run while the master
+                    // serves); this session's next lines wait for that answer.
+                    if let Some(conn) = self.io.admins.get_mut(&id) {
+                        conn.awaiting = true;
+                    }
                 }
-                self.request_reload(Some(id));
-                String::new()
+                return self.apply(Event::Command {
+                    command,
+                    from: Origin::Admin(SessionId(id)),
+                });
             }
-            Command::Shutdown { now } => {
-                if now {
-                    self.handle_quit();
-                } else {
-                    self.handle_stop(nix::sys::signal::Signal::SIGTERM);
-                }
-                "OK\n".into()
+        };
+        self.admin_say(id, &reply);
+    }
+
+    fn admin_auth(&mut self, id: u64, token: &str) -> String {
+        let expected = self
+            .io
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.clone())
+            .unwrap_or_default();
+        if admin::token_matches(token.as_bytes(), &expected) {
+            if let Some(conn) = self.io.admins.get_mut(&id) {
+                conn.authed = true;
             }
-            Command::Quit => self.admin_quit(id),
+            return "OK\n".into();
         }
+        if let Some(line) = self
+            .io
+            .admin
+            .as_mut()
+            .and_then(|a| a.wrong_tokens.record(Instant::now()))
+        {
+            log::warn!("admin: {line}");
+        }
+        if let Some(conn) = self.io.admins.get_mut(&id) {
+            conn.closing = true;
+        }
+        AdminError::WrongToken.reply()
     }
 
     fn admin_quit(&mut self, id: u64) -> String {
-        if let Some(conn) = self.admins.get_mut(&id) {
+        if let Some(conn) = self.io.admins.get_mut(&id) {
             conn.closing = true;
         }
         "OK\n".into()
     }
 
-    fn pool_named(&self, name: &str) -> Result<usize, AdminError> {
-        self.pool_index.get(name).copied().ok_or_else(|| {
-            let mut pools: Vec<String> = self.pool_index.keys().cloned().collect();
-            pools.sort_unstable();
-            AdminError::NoPool {
-                name: name.to_string(),
-                pools,
-            }
-        })
-    }
-
-    fn running_or_err(&self) -> Result<(), AdminError> {
-        match self.phase {
-            Phase::Running => Ok(()),
-            Phase::Stopping { .. } => Err(AdminError::ShuttingDown),
+    /// Queues a reply to the session.
+    fn admin_say(&mut self, id: u64, reply: &str) {
+        if let Some(conn) = self.io.admins.get_mut(&id) {
+            conn.out.extend_from_slice(reply.as_bytes());
         }
-    }
-
-    /// `scale POOL N`: want N workers; extra ones finish their job and leave, idle ones first.
-    fn admin_scale(&mut self, name: &str, workers: usize) -> String {
-        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
-            Ok(idx) => idx,
-            Err(e) => return e.reply(),
-        };
-        if self.pools[idx].config.mode == PoolMode::Loop && self.pools[idx].stopped && workers > 0 {
-            self.pools[idx].stopped = false;
-        }
-        let before = self.pools[idx].wanted;
-        self.pools[idx].wanted = workers;
-        self.trim_pool(idx);
-        format!("pool {name}: {before} -> {workers} workers\nOK\n")
-    }
-
-    /// Stops (gracefully) the workers of pool `idx` beyond its wanted count, idle ones first.
-    pub(super) fn trim_pool(&mut self, idx: usize) {
-        let mut live: Vec<(usize, std::cmp::Reverse<Instant>, u64)> = self
-            .workers
-            .values()
-            .filter(|w| w.pool == idx && !w.draining())
-            .map(|w| (w.in_flight.len(), std::cmp::Reverse(w.started), w.id))
-            .collect();
-        let extra = live.len().saturating_sub(self.pools[idx].wanted);
-        live.sort();
-        let deadline = Instant::now() + self.config.host.graceful_timeout;
-        for (_, _, id) in live.into_iter().take(extra) {
-            self.stop_worker(id, deadline);
-        }
-    }
-
-    /// `restart POOL|all`: every current worker finishes its job and is replaced; the
-    /// replacements start at once (draining workers do not count), so jobs keep flowing.
-    fn admin_restart(&mut self, target: Target) -> String {
-        if let Err(e) = self.running_or_err() {
-            return e.reply();
-        }
-        let pools: Vec<usize> = match &target {
-            Target::All => (0..self.pools.len()).collect(),
-            Target::Pool(name) => match self.pool_named(name) {
-                Ok(idx) => vec![idx],
-                Err(e) => return e.reply(),
-            },
-        };
-        let deadline = Instant::now() + self.config.host.graceful_timeout;
-        let mut replaced = 0;
-        for &idx in &pools {
-            let pool = &mut self.pools[idx];
-            pool.stopped = false;
-            pool.backoff.reset();
-            let ids: Vec<u64> = self
-                .workers
-                .values()
-                .filter(|w| w.pool == idx && !w.draining())
-                .map(|w| w.id)
-                .collect();
-            replaced += ids.len();
-            for id in ids {
-                self.stop_worker(id, deadline);
-            }
-        }
-        format!(
-            "restarting {replaced} worker(s) in {} pool(s)\nOK\n",
-            pools.len()
-        )
-    }
-
-    /// `stop POOL`: its workers finish their job and leave; none are started until `start`.
-    /// Its queue is kept (bounded by max_queue): the jobs run after `start`.
-    fn admin_stop(&mut self, name: &str) -> String {
-        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
-            Ok(idx) => idx,
-            Err(e) => return e.reply(),
-        };
-        self.pools[idx].stopped = true;
-        let deadline = Instant::now() + self.config.host.graceful_timeout;
-        let ids: Vec<u64> = self
-            .workers
-            .values()
-            .filter(|w| w.pool == idx)
-            .map(|w| w.id)
-            .collect();
-        let n = ids.len();
-        for id in ids {
-            self.stop_worker(id, deadline);
-        }
-        format!("pool {name}: stopping {n} worker(s)\nOK\n")
-    }
-
-    /// `start POOL`: undo `stop` (or a loop plugin's Stop, or a failing state).
-    fn admin_start(&mut self, name: &str) -> String {
-        let idx = match self.running_or_err().and_then(|()| self.pool_named(name)) {
-            Ok(idx) => idx,
-            Err(e) => return e.reply(),
-        };
-        let pool = &mut self.pools[idx];
-        pool.stopped = false;
-        pool.backoff.reset();
-        format!(
-            "pool {name}: starting, {} worker(s) wanted\nOK\n",
-            pool.wanted
-        )
     }
 
     pub(super) fn admin_flush(&mut self, id: u64) {
-        let Some(conn) = self.admins.get_mut(&id) else {
+        let Some(conn) = self.io.admins.get_mut(&id) else {
             return;
         };
         let mut written = 0;
@@ -717,36 +613,40 @@ impl Master {
         if flags != conn.interest {
             conn.interest = flags;
             let mut event = EpollEvent::new(flags, Token::Admin(id).encode());
-            if let Some(epoll) = &self.epoll {
+            if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.modify(conn.stream.fd(), &mut event);
             }
         }
     }
 
-    /// The deferred reply to a session's `reload`: send it, then go on with its next lines.
-    /// (Its next lines are taken up by [`Master::resume_admins`] on the loop, not from here:
-    /// a reload that completes at once would otherwise recurse once per buffered `reload`.)
+    /// `Effect::Reply`: the supervisor's answer to a session's command. One that waited (for
+    /// its `reload`) goes on with its next lines on the loop's next pass (`resume_admins`), not
+    /// from here: a reload that completes at once would otherwise recurse once per buffered
+    /// `reload`.
     pub(super) fn answer_admin(&mut self, id: u64, reply: &str) {
-        let Some(conn) = self.admins.get_mut(&id) else {
+        let Some(conn) = self.io.admins.get_mut(&id) else {
             return;
         };
         conn.out.extend_from_slice(reply.as_bytes());
-        conn.awaiting = false;
-        self.admin_resume.push(id);
+        if conn.awaiting {
+            conn.awaiting = false;
+            self.io.admin_resume.push(id);
+        }
+        self.admin_flush(id);
     }
 
-    /// Sessions answered since the last pass: send the answer, go on with their next lines —
-    /// up to their next `reload`, so that a session sending many of them gets one per pass of
-    /// the loop and jobs keep flowing in between.
+    /// Sessions answered since the last pass: go on with their lines — up to their next
+    /// `reload`, so that a session sending many of them gets one per pass of the loop and jobs
+    /// keep flowing in between.
     pub(super) fn resume_admins(&mut self) {
-        for id in std::mem::take(&mut self.admin_resume) {
-            self.admin_event(id, EpollFlags::empty());
+        for id in std::mem::take(&mut self.io.admin_resume) {
+            self.admin_lines(id);
         }
     }
 
     pub(super) fn drop_admin(&mut self, id: u64) {
-        if let Some(conn) = self.admins.remove(&id) {
-            if let Some(epoll) = &self.epoll {
+        if let Some(conn) = self.io.admins.remove(&id) {
+            if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.delete(conn.stream.fd());
             }
         }
@@ -758,19 +658,27 @@ impl Master {
         let now = Instant::now();
         let wall = SystemTime::now();
         let rfc3339 = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let board = |id| {
+            self.io
+                .procs
+                .get(&id)
+                .map(|p| p.slot.read())
+                .unwrap_or_default()
+        };
         let pools = self
-            .pools
+            .sup
+            .pools()
             .iter()
             .enumerate()
             .filter(|(_, pool)| !pool.gone())
             .map(|(idx, pool)| {
-                let of_pool = || self.workers.values().filter(move |w| w.pool == idx);
-                let running = of_pool().filter(|w| !w.draining()).count();
-                let mut busy = of_pool().filter(|w| !w.in_flight.is_empty()).count();
+                let of_pool = || self.sup.workers().filter(move |(_, w)| w.pool == idx);
+                let running = of_pool().filter(|(_, w)| w.life.serving()).count();
+                let mut busy = of_pool().filter(|(_, w)| w.busy()).count();
                 let (mut done, mut failed) = (pool.stats.done, pool.stats.failed);
                 let source = pool.config.redis.as_ref().map(|cfg| {
                     // Its workers say what they did and see on their scoreboard slots.
-                    let boards: Vec<_> = of_pool().map(|w| w.slot.read()).collect();
+                    let boards: Vec<_> = of_pool().map(|(id, _)| board(id)).collect();
                     busy = boards.iter().filter(|b| b.running.is_some()).count();
                     for b in &boards {
                         done = done.saturating_add(b.jobs_done.saturating_sub(b.jobs_failed));
@@ -806,31 +714,25 @@ impl Master {
             })
             .collect();
         let mut workers: Vec<WorkerSnapshot> = self
-            .workers
-            .values()
-            .map(|w| {
+            .sup
+            .workers()
+            .map(|(id, w)| {
                 let age = now.saturating_duration_since(w.started);
-                let board = self.pools[w.pool]
-                    .config
-                    .redis
-                    .is_some()
-                    .then(|| w.slot.read());
+                let pool = &self.sup.pools()[w.pool];
+                let board = pool.config.redis.is_some().then(|| board(id));
                 let busy = match &board {
                     Some(b) => b.running.is_some(),
-                    None => !w.in_flight.is_empty(),
+                    None => w.busy(),
                 };
                 WorkerSnapshot {
                     pid: w.pid.as_raw(),
-                    pool: self.pools[w.pool].config.name.clone(),
+                    pool: pool.config.name.clone(),
                     generation: w.generation,
-                    state: if w.draining() {
+                    // Timed out or killed, it is on its way out too.
+                    state: if w.life.draining() {
                         "draining"
-                    } else if w.holding {
-                        "holding"
-                    } else if busy {
-                        "busy"
                     } else {
-                        "idle"
+                        w.life.as_str(busy)
                     }
                     .into(),
                     job_age_secs: w
@@ -853,12 +755,41 @@ impl Master {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_secs: now.saturating_duration_since(self.started).as_secs_f64(),
             config: self.config.path.display().to_string(),
-            generation: self.generation,
+            generation: self.sup.generation(),
             generations_loaded: self.registry.loaded().count(),
-            last_reload: self.last_reload.clone(),
+            last_reload: self.sup.last_reload().cloned(),
             pools,
             workers,
         }
+    }
+}
+
+/// The text of the supervisor's reply to a command: what happened, then `OK` — or one
+/// `ERR …` line.
+pub(super) fn render_reply(reply: &Reply) -> String {
+    match reply {
+        Reply::Ok => "OK\n".into(),
+        Reply::Scaled { pool, from, to } => format!("pool {pool}: {from} -> {to} workers\nOK\n"),
+        Reply::Restarting { workers, pools } => {
+            format!("restarting {workers} worker(s) in {pools} pool(s)\nOK\n")
+        }
+        Reply::StoppingPool { pool, workers } => {
+            format!("pool {pool}: stopping {workers} worker(s)\nOK\n")
+        }
+        Reply::StartingPool { pool, wanted } => {
+            format!("pool {pool}: starting, {wanted} worker(s) wanted\nOK\n")
+        }
+        Reply::Reloaded(report) => reload_reply(report),
+        Reply::Refused(e) => AdminError::Command(e.clone()).reply(),
+    }
+}
+
+/// The reply to `reload`.
+fn reload_reply(report: &ReloadReport) -> String {
+    if report.ok {
+        format!("{}\nOK\n", admin::one_line(&report.message))
+    } else {
+        AdminError::ReloadFailed(report.message.clone()).reply()
     }
 }
 
@@ -922,15 +853,19 @@ mod tests {
     fn admin_errors_render_as_one_err_line() {
         let cases = [
             (
-                AdminError::NoPool {
+                AdminError::Command(CommandError::NoPool {
                     name: "nope\nOK".into(),
                     pools: vec!["echo".into(), "hash".into()],
-                },
+                }),
                 "ERR no pool \"nope\\nOK\" (pools: echo, hash)\n",
             ),
             (
-                AdminError::ShuttingDown,
+                AdminError::Command(CommandError::ShuttingDown),
                 "ERR the master is shutting down\n",
+            ),
+            (
+                AdminError::ReloadFailed("pool f: bad\nOK".into()),
+                "ERR reload failed, nothing changed: pool f: bad\\nOK\n",
             ),
             (AdminError::WrongToken, "ERR wrong token\n"),
             (

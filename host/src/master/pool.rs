@@ -5,8 +5,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use jobhost_plugin_api::PluginInstance;
-
 use crate::config::PoolConfig;
 
 /// The first delay after a crash; doubles with each crash in the window.
@@ -14,13 +12,21 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// The longest delay while backing off (before the pool counts as failing).
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
-/// Jobs a worker holds at least (the one it runs and the next ones ready to go, so it never
-/// waits for the master between jobs) ...
-const PREFETCH_MIN: usize = 4;
+/// Jobs a worker holds at least: the one it runs. Jobs of a few milliseconds or more are
+/// not sent ahead — one waiting behind a running job would wait longer than in the queue,
+/// where the first worker to finish takes it; the master's round trip between two such jobs
+/// costs a few percent at most ...
+const PREFETCH_MIN: usize = 1;
 /// ... and at most, for jobs so short that the master's round trip would dominate.
 const PREFETCH_MAX: usize = 64;
+/// While nothing is known of the pool's jobs: a few, in case they are short (a job that
+/// turns out long does not hold the others: they are taken back for an idle worker).
+const PREFETCH_UNKNOWN: usize = 4;
 /// A worker is sent about this much work ahead (by the pool's recent job durations).
 const PREFETCH_AHEAD: Duration = Duration::from_millis(2);
+/// A job that has run this long (at least; see [`JobTimes::patience`]) is taking longer than
+/// the pool's jobs usually do: the jobs queued behind it in its worker may be taken back.
+const PATIENCE_MIN: Duration = Duration::from_millis(2);
 
 /// What an operator sees for a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +104,9 @@ pub struct Pool {
     pub hash: crate::plugins::ContentHash,
     /// Removed from the config by a reload: takes no new jobs, drains its queue, then stops.
     pub retiring: bool,
-    /// The plugin instance `init`ed in the master; workers fork with a copy of it.
-    pub instance: Option<PluginInstance>,
+    /// Removed and drained: its plugin instance in the master is freed; only its counters
+    /// are left.
+    pub ended: bool,
     pub wanted: usize,
     pub queue: VecDeque<u64>,
     pub stats: PoolStats,
@@ -117,15 +124,15 @@ pub struct Pool {
 impl Pool {
     pub fn new(
         config: PoolConfig,
-        instance: PluginInstance,
-        info: &crate::plugins::Info,
+        plugin: String,
+        plugin_version: String,
         hash: crate::plugins::ContentHash,
     ) -> Pool {
         Pool {
             hash,
             retiring: false,
-            plugin: info.name.clone(),
-            plugin_version: info.version.clone(),
+            plugin,
+            plugin_version,
             wanted: config.workers,
             backoff: Backoff::new(
                 config.crash_limit,
@@ -133,7 +140,7 @@ impl Pool {
                 config.failing_retry,
             ),
             config,
-            instance: Some(instance),
+            ended: false,
             queue: VecDeque::new(),
             stats: PoolStats::default(),
             stopped: false,
@@ -145,7 +152,7 @@ impl Pool {
 
     /// Removed from the config and drained: nothing of it is left but its counters.
     pub fn gone(&self) -> bool {
-        self.retiring && self.instance.is_none()
+        self.retiring && self.ended
     }
 
     pub fn state(&self, now: Instant) -> PoolState {
@@ -176,18 +183,30 @@ impl JobTimes {
         });
     }
 
-    /// How many jobs one worker may hold: [`PREFETCH_MIN`], or more for short jobs — enough
-    /// for about [`PREFETCH_AHEAD`] of work, up to [`PREFETCH_MAX`]. Short jobs then cross the
-    /// socketpair in batches, and a worker does not idle while the master is off the CPU;
-    /// long jobs do not pile up behind one busy worker.
+    /// How many jobs one worker may hold: the one it runs, and as many more as make about
+    /// [`PREFETCH_AHEAD`] of work, up to [`PREFETCH_MAX`]. Short jobs then cross the socketpair
+    /// in batches, and a worker does not idle while the master is off the CPU; long jobs do
+    /// not pile up behind one busy worker. Nothing known yet: [`PREFETCH_UNKNOWN`].
     pub fn prefetch(&self) -> usize {
         let Some(avg) = self.nanos else {
-            return PREFETCH_MIN;
+            return PREFETCH_UNKNOWN;
         };
         let ahead = u64::try_from(PREFETCH_AHEAD.as_nanos()).unwrap_or(u64::MAX) / avg.max(1);
         usize::try_from(ahead)
             .unwrap_or(usize::MAX)
+            .saturating_add(1)
             .clamp(PREFETCH_MIN, PREFETCH_MAX)
+    }
+}
+
+impl JobTimes {
+    /// How long a worker's running job may take before the jobs it holds behind it are better
+    /// off with an idle worker: four times the pool's recent average, at least
+    /// [`PATIENCE_MIN`]. Short jobs never wait on this; a job far longer than usual (or a
+    /// stopped worker) does not hold the others.
+    pub fn patience(&self) -> Duration {
+        let avg = Duration::from_nanos(self.nanos.unwrap_or(0));
+        avg.saturating_mul(4).max(PATIENCE_MIN)
     }
 }
 
@@ -310,7 +329,7 @@ mod tests {
     #[test]
     fn short_jobs_are_sent_further_ahead_than_long_ones() {
         let mut t = JobTimes::default();
-        assert_eq!(t.prefetch(), PREFETCH_MIN, "nothing known yet");
+        assert_eq!(t.prefetch(), PREFETCH_UNKNOWN, "nothing known yet");
         for _ in 0..50 {
             t.note(Duration::from_micros(5));
         }
@@ -321,9 +340,31 @@ mod tests {
         let mid = t.prefetch();
         assert!((15..=25).contains(&mid), "about 2 ms of 100 µs jobs: {mid}");
         for _ in 0..50 {
+            t.note(Duration::from_millis(10));
+        }
+        assert_eq!(t.prefetch(), 1, "10 ms jobs: none sent ahead");
+        for _ in 0..50 {
             t.note(Duration::from_secs(3));
         }
         assert_eq!(t.prefetch(), PREFETCH_MIN);
+    }
+
+    #[test]
+    fn patience_is_a_few_times_the_usual_job_and_never_under_the_minimum() {
+        let mut t = JobTimes::default();
+        assert_eq!(t.patience(), PATIENCE_MIN, "nothing known yet");
+        for _ in 0..50 {
+            t.note(Duration::from_micros(5));
+        }
+        assert_eq!(t.patience(), PATIENCE_MIN);
+        for _ in 0..100 {
+            t.note(Duration::from_millis(10));
+        }
+        let p = t.patience();
+        assert!(
+            (Duration::from_millis(39)..=Duration::from_millis(40)).contains(&p),
+            "{p:?}"
+        );
     }
 
     #[test]

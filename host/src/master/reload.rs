@@ -1,28 +1,48 @@
-//! Hot reload (SIGHUP, `reload`): re-read the config, load new or changed plugin builds, and
-//! switch the pools over — all or nothing.
+//! Hot reload (SIGHUP, `reload`), the shell's half: phase 1, which prepares everything
+//! without touching what runs — parse the config, stage each pool's build, probe each new
+//! build in a child (loaded, checked, `init`ed: a crash or hang there cannot take the master
+//! down), then load the new builds here and `init` the instances of new or changed pools in
+//! the master (so their workers share what it builds). Any error ends the reload there:
+//! nothing changed, the old generation keeps serving, and the reason ([`ReloadError`]) is
+//! logged and shown by `status`.
 //!
-//! Phase 1 prepares everything without touching what runs: parse the config, load each pool's
-//! build (a new build is probed in a child: loaded, checked, `init`ed — a crash or hang there
-//! cannot take the master down), `init` the instances of new or changed pools in the master.
-//! Any error ends the reload there: nothing changed, the old generation keeps serving, and the
-//! reason is logged and shown by `status`. Phase 2 cannot fail: unchanged pools keep their
-//! workers; changed pools get the new instance, their old workers finish their job and leave
-//! while new-generation workers take over the queue; removed pools drain their queue and stop;
-//! added pools start. Private copies no worker uses any more are then deleted from disk (the
-//! code stays mapped in the master: abi_stable never unloads a library).
+//! Phase 2, which cannot fail, is the supervisor's (`Supervisor::apply_reload`): it gets a
+//! [`ReloadPlan`] — what each pool becomes — and switches the pools over. This module never
+//! decides anything about workers or jobs; it owns the probes (fds and child processes) and
+//! the plugin instances it hands over.
 
 use std::time::{Instant, SystemTime};
 
-use jobhost_plugin_api::PluginInstance;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use super::pool::Pool;
+use super::supervisor::{Build, Event, PlanEntry, ReloadPlan, Settings};
+use super::token::Token;
 use super::Master;
-use crate::admin::ReloadReport;
-use crate::config::{Config, PoolConfig, PoolMode};
-use crate::plugins::{self, Loaded, ProbeRun, Staged};
+use crate::config::{Config, ConfigError, PoolConfig, PoolMode};
+use crate::plugins::{self, PluginError, ProbeRun, Staged};
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{key} changed: that takes a restart of the master, not a reload")]
+    RestartOnly { key: &'static str },
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("pool {pool}: {source}")]
+    Pool {
+        pool: String,
+        #[source]
+        source: PluginError,
+    },
+    #[error("epoll: {0}")]
+    Epoll(nix::Error),
+    #[error("the master is shutting down")]
+    ShuttingDown,
+}
 
 /// A reload between its start and its outcome: the new config read, the pools' builds staged,
 /// and probe children running `init` for each new or changed pool. The master keeps serving
@@ -31,8 +51,6 @@ pub(super) struct Reloading {
     new: Config,
     pools: Vec<Prep>,
     probes: Vec<Probe>,
-    /// Admin sessions waiting for the outcome (SIGHUP waits for nobody).
-    waiters: Vec<u64>,
 }
 
 /// One pool of the new config on its way in.
@@ -50,61 +68,46 @@ struct Probe {
     run: Option<ProbeRun>,
     /// The pool (index in `Reloading::pools`) whose `init` it tries.
     pool: usize,
-    verdict: Option<Result<(), String>>,
+    verdict: Option<Result<(), PluginError>>,
 }
 
-/// What phase 1 decided for one pool of the new config.
-enum Plan {
-    /// Same build, same worker-side config: keep the workers, update the rest.
-    Keep(usize),
-    /// New build or new worker-side config: new instance, new workers.
-    Replace(usize, PluginInstance, Loaded),
-    Add(PluginInstance, Loaded),
+/// The wall-clock time, as `status` shows a reload's.
+fn wall_clock() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 impl Master {
-    /// SIGHUP or `reload`: starts a reload, or — while one runs — queues another, so the config
-    /// as it is now is what gets loaded. `waiter`: an admin session to answer with the outcome.
-    pub(super) fn request_reload(&mut self, waiter: Option<u64>) {
-        if self.reloading.is_some() {
-            let next = self.next_reload.get_or_insert_with(Vec::new);
-            next.extend(waiter);
-            return;
-        }
+    /// `Effect::PrepareReload`: phase 1a — read the config, stage each pool's build, start a
+    /// probe per new or changed pool. Nothing that runs is touched. Returns the outcome when
+    /// it is known at once (an error, or nothing to probe).
+    pub(super) fn begin_reload(&mut self) -> Option<Event<'static>> {
         log::info!("reloading {}", self.config.path.display());
-        crate::daemon::notify("RELOADING=1");
-        let waiters: Vec<u64> = waiter.into_iter().collect();
-        match self.begin_reload() {
+        match self.stage_reload() {
             Ok(reloading) => {
-                self.reloading = Some(Reloading {
-                    waiters,
-                    ..reloading
-                });
-                // Nothing to probe: it completes on this pass of the loop.
-                self.advance_reload();
+                self.io.reloading = Some(reloading);
+                // Nothing to probe: it completes now.
+                self.advance_reload()
             }
-            Err(reason) => self.reload_done(Err(reason), waiters),
+            Err(error) => Some(Event::ReloadFailed {
+                error,
+                at: wall_clock(),
+            }),
         }
     }
 
-    /// Phase 1a: read the config, stage each pool's build, start a probe per new or changed
-    /// pool. Nothing that runs is touched.
-    fn begin_reload(&mut self) -> Result<Reloading, String> {
-        if !matches!(self.phase, super::Phase::Running) {
-            return Err("the master is shutting down".into());
-        }
-        let new = Config::load(&self.config.path).map_err(|e| e.to_string())?;
+    fn stage_reload(&mut self) -> Result<Reloading, ReloadError> {
+        let new = Config::load(&self.config.path)?;
         self.check_restart_only(&new)?;
         let mut pools = Vec::new();
         for cfg in &new.pools {
             let file = cfg.plugin_path(&new.host);
             if !new.host.insecure_plugins_dir {
-                plugins::check_trusted(&new.host.plugins_dir, &file).map_err(|e| e.to_string())?;
+                plugins::check_trusted(&new.host.plugins_dir, &file)?;
             }
-            let staged = self.registry.stage(&file).map_err(|e| e.to_string())?;
-            let existing = self.pool_index.get(&cfg.name).copied();
+            let staged = self.registry.stage(&file)?;
+            let existing = self.sup.pool_named(&cfg.name);
             let keep = existing.is_some_and(|idx| {
-                let pool = &self.pools[idx];
+                let pool = &self.sup.pools()[idx];
                 pool.hash == staged.hash && same_for_workers(&pool.config, cfg)
             });
             pools.push(Prep {
@@ -121,17 +124,21 @@ impl Master {
                 &[prep.cfg.settings_toml()],
                 new.host.init_timeout,
             )
-            .map_err(|e| format!("pool {}: {}", prep.cfg.name, prep.staged.rename(e)))
+            .map_err(|e| ReloadError::Pool {
+                pool: prep.cfg.name.clone(),
+                source: prep.staged.rename(e),
+            })
             .and_then(|run| {
-                let token = super::token::Token::Probe(probes.len() as u64).encode();
-                let watched = self
-                    .epoll()
-                    .add(run.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token));
+                let token = Token::Probe(probes.len() as u64).encode();
+                let watched = match &self.io.epoll {
+                    Some(epoll) => epoll.add(run.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)),
+                    None => Err(nix::Error::EBADF),
+                };
                 match watched {
                     Ok(()) => Ok(run),
                     Err(e) => {
                         run.abandon();
-                        Err(format!("epoll: {e}"))
+                        Err(ReloadError::Epoll(e))
                     }
                 }
             });
@@ -141,18 +148,13 @@ impl Master {
                     pool: i,
                     verdict: None,
                 }),
-                Err(reason) => {
+                Err(error) => {
                     self.forget_probes(&mut probes);
-                    return Err(reason);
+                    return Err(error);
                 }
             }
         }
-        Ok(Reloading {
-            new,
-            pools,
-            probes,
-            waiters: Vec::new(),
-        })
+        Ok(Reloading { new, pools, probes })
     }
 
     /// Stops watching and kills the probes still running (the master reaps them, and ignores
@@ -160,7 +162,7 @@ impl Master {
     fn forget_probes(&self, probes: &mut [Probe]) {
         for probe in probes {
             if let Some(run) = probe.run.take() {
-                if let Some(epoll) = &self.epoll {
+                if let Some(epoll) = &self.io.epoll {
                     let _ = epoll.delete(run.fd());
                 }
                 run.abandon();
@@ -171,6 +173,7 @@ impl Master {
     /// A probe's pipe is readable.
     pub(super) fn probe_event(&mut self, index: u64) {
         let Some(probe) = self
+            .io
             .reloading
             .as_mut()
             .and_then(|r| r.probes.get_mut(index as usize))
@@ -179,7 +182,7 @@ impl Master {
         };
         if let Some(run) = &mut probe.run {
             if run.read_report() {
-                if let Some(epoll) = &self.epoll {
+                if let Some(epoll) = &self.io.epoll {
                     let _ = epoll.delete(run.fd());
                 }
             }
@@ -188,7 +191,7 @@ impl Master {
 
     /// The master reaped `pid`, which is not a worker: a probe's exit status. True if it was.
     pub(super) fn probe_reaped(&mut self, pid: Pid, status: WaitStatus) -> bool {
-        let Some(reloading) = &mut self.reloading else {
+        let Some(reloading) = &mut self.io.reloading else {
             return false;
         };
         for probe in &mut reloading.probes {
@@ -204,7 +207,8 @@ impl Master {
 
     /// The earliest probe deadline, for the loop's wait.
     pub(super) fn probe_deadline(&self) -> Option<Instant> {
-        self.reloading
+        self.io
+            .reloading
             .as_ref()?
             .probes
             .iter()
@@ -212,12 +216,10 @@ impl Master {
             .min()
     }
 
-    /// Collects the verdicts of finished (or overdue) probes; once every probe has one,
-    /// completes the reload. Called on every pass of the master's loop.
-    pub(super) fn advance_reload(&mut self) {
-        let Some(reloading) = &mut self.reloading else {
-            return;
-        };
+    /// Collects the verdicts of finished (or overdue) probes; once every probe has one (or
+    /// one failed), returns the outcome of phase 1. Called on every pass of the loop.
+    pub(super) fn advance_reload(&mut self) -> Option<Event<'static>> {
+        let reloading = self.io.reloading.as_mut()?;
         let now = Instant::now();
         for probe in &mut reloading.probes {
             let Some(run) = &probe.run else { continue };
@@ -228,92 +230,65 @@ impl Master {
             let Some(run) = probe.run.take() else {
                 continue;
             };
-            if let Some(epoll) = &self.epoll {
+            if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.delete(run.fd());
             }
             let prep = &reloading.pools[probe.pool];
             probe.verdict = Some(
                 run.finish(!done)
                     .map(|_| ())
-                    .map_err(|e| format!("pool {}: {}", prep.cfg.name, prep.staged.rename(e))),
+                    .map_err(|e| prep.staged.rename(e)),
             );
         }
         // The first failure decides; the other probes are not waited for.
         let failed = reloading
             .probes
             .iter()
-            .find_map(|p| p.verdict.as_ref().and_then(|v| v.clone().err()));
+            .position(|p| matches!(p.verdict, Some(Err(_))));
         let all_in = reloading.probes.iter().all(|p| p.verdict.is_some());
         if failed.is_none() && !all_in {
-            return;
+            return None;
         }
-        let Some(mut reloading) = self.reloading.take() else {
-            return;
-        };
-        let waiters = std::mem::take(&mut reloading.waiters);
+        let mut reloading = self.io.reloading.take()?;
         let outcome = match failed {
-            Some(reason) => {
+            Some(i) => {
                 self.forget_probes(&mut reloading.probes);
-                Err(reason)
-            }
-            None => self.complete_reload(reloading),
-        };
-        self.reload_done(outcome, waiters);
-        if let Some(next) = self.next_reload.take() {
-            // Asked again meanwhile: load the config as it is now.
-            self.request_reload(None);
-            if let Some(reloading) = &mut self.reloading {
-                reloading.waiters.extend(next);
-            } else if let Some(last) = &self.last_reload {
-                let reply = reload_reply(last);
-                for id in next {
-                    self.answer_admin(id, &reply);
+                let probe = &mut reloading.probes[i];
+                let pool = reloading.pools[probe.pool].cfg.name.clone();
+                match probe.verdict.take() {
+                    Some(Err(source)) => Err(ReloadError::Pool { pool, source }),
+                    _ => Err(ReloadError::ShuttingDown), // cannot be: it failed
                 }
             }
+            None => self.load_reload(reloading),
+        };
+        Some(match outcome {
+            Ok(plan) => Event::ReloadReady(plan),
+            Err(error) => Event::ReloadFailed {
+                error,
+                at: wall_clock(),
+            },
+        })
+    }
+
+    /// `Effect::AbandonReload` (a shutdown while a reload runs): its probes go.
+    pub(super) fn abandon_reload(&mut self) -> Event<'static> {
+        if let Some(mut reloading) = self.io.reloading.take() {
+            self.forget_probes(&mut reloading.probes);
+        }
+        Event::ReloadFailed {
+            error: ReloadError::ShuttingDown,
+            at: wall_clock(),
         }
     }
 
-    /// Records the outcome for `status`, logs it, tells systemd and the waiting sessions.
-    fn reload_done(&mut self, outcome: Result<String, String>, waiters: Vec<u64>) {
-        // Whether or not it worked, the master serves again (systemd waits for this) — if it
-        // had said it was ready in the first place.
-        if self.ready_notified {
-            crate::daemon::notify("READY=1");
-        }
-        let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let report = match outcome {
-            Ok(summary) => {
-                log::info!("reload ok (generation {}): {summary}", self.generation);
-                ReloadReport {
-                    at,
-                    ok: true,
-                    message: summary,
-                }
-            }
-            Err(reason) => {
-                log::error!("reload failed, nothing changed: {reason}");
-                ReloadReport {
-                    at,
-                    ok: false,
-                    message: reason,
-                }
-            }
-        };
-        let reply = reload_reply(&report);
-        self.last_reload = Some(report);
-        for id in waiters {
-            self.answer_admin(id, &reply);
-        }
-    }
-
-    /// Phase 1b and 2: every probe passed. Load the new builds here, `init` the new and changed
-    /// pools in the master (so their workers share what it builds), then switch over.
-    fn complete_reload(&mut self, reloading: Reloading) -> Result<String, String> {
-        if !matches!(self.phase, super::Phase::Running) {
-            return Err("the master is shutting down".into());
-        }
+    /// Phase 1b: every probe passed. Load the new builds here and `init` the new and changed
+    /// pools in the master; hand the instances over in the plan's order (the supervisor
+    /// appends added pools in the same order), and take the new config.
+    fn load_reload(&mut self, reloading: Reloading) -> Result<ReloadPlan, ReloadError> {
         let Reloading { new, pools, .. } = reloading;
-        let mut plans = Vec::new();
+        let mut entries = Vec::new();
+        let mut instances = Vec::new();
         for prep in pools {
             let Prep {
                 cfg,
@@ -322,123 +297,67 @@ impl Master {
                 keep,
             } = prep;
             if let (true, Some(idx)) = (keep, existing) {
-                plans.push((cfg, Plan::Keep(idx)));
+                entries.push(PlanEntry::Keep {
+                    pool: idx,
+                    config: cfg,
+                });
                 continue;
             }
-            let loaded = self
-                .registry
-                .commit(&staged)
-                .map_err(|e| format!("pool {}: {e}", cfg.name))?;
+            let in_pool = |source| ReloadError::Pool {
+                pool: cfg.name.clone(),
+                source,
+            };
+            let loaded = self.registry.commit(&staged).map_err(in_pool)?;
             loaded
                 .info
                 .check_mode(&staged.source, cfg.mode == PoolMode::Loop)
-                .map_err(|e| format!("pool {}: {e}", cfg.name))?;
+                .map_err(in_pool)?;
             let instance = loaded
                 .library
                 .instantiate(&staged.source, &cfg.settings_toml())
-                .map_err(|e| format!("pool {}: {e}", cfg.name))?;
-            let plan = match existing {
-                Some(idx) => Plan::Replace(idx, instance, loaded),
-                None => Plan::Add(instance, loaded),
+                .map_err(in_pool)?;
+            let build = Build {
+                plugin: loaded.info.name.clone(),
+                version: loaded.info.version.clone(),
+                hash: loaded.library.hash,
             };
-            plans.push((cfg, plan));
+            instances.push((existing, instance));
+            entries.push(match existing {
+                Some(idx) => PlanEntry::Replace {
+                    pool: idx,
+                    config: cfg,
+                    build,
+                },
+                None => PlanEntry::Add { config: cfg, build },
+            });
         }
-
-        // Phase 2: apply. Nothing here can fail.
-        self.generation += 1;
-        let generation = self.generation;
-        let (mut kept, mut replaced, mut added) = (Vec::new(), Vec::new(), Vec::new());
-        let mut still_here = Vec::new();
-        for (cfg, plan) in plans {
-            let name = cfg.name.clone();
-            match plan {
-                Plan::Keep(idx) => {
-                    let pool = &mut self.pools[idx];
-                    pool.wanted = cfg.workers;
-                    pool.config = cfg;
-                    self.trim_pool(idx);
-                    still_here.push(idx);
-                    kept.push(name);
-                }
-                Plan::Replace(idx, instance, loaded) => {
-                    let pool = &mut self.pools[idx];
-                    // The old instance is the master's copy; its workers have their own.
-                    drop(pool.instance.replace(instance));
-                    pool.hash = loaded.library.hash;
-                    pool.plugin = loaded.info.name.clone();
-                    pool.plugin_version = loaded.info.version.clone();
-                    pool.wanted = cfg.workers;
-                    pool.config = cfg;
-                    pool.stopped = false;
-                    pool.backoff.reset();
-                    self.retire_workers_of(idx, generation);
-                    still_here.push(idx);
-                    replaced.push(format!(
-                        "{name} ({} {})",
-                        loaded.info.name, loaded.info.version
-                    ));
-                }
-                Plan::Add(instance, loaded) => {
-                    self.pools
-                        .push(Pool::new(cfg, instance, &loaded.info, loaded.library.hash));
-                    let idx = self.pools.len() - 1;
-                    self.pool_index.insert(name.clone(), idx);
-                    still_here.push(idx);
-                    added.push(name);
-                }
-            }
-        }
-        // Pools no longer in the config: no new jobs; they drain their queue, then stop.
-        let mut removed = Vec::new();
-        for idx in 0..self.pools.len() {
-            if !still_here.contains(&idx) && !self.pools[idx].retiring {
-                self.pools[idx].retiring = true;
-                let name = self.pools[idx].config.name.clone();
-                if self.pools[idx].stopped {
-                    // Stopped by an operator: its queue will not run; answer it now.
-                    let reason = format!("pool {name} was removed from the config while stopped");
-                    while let Some(key) = self.pools[idx].queue.pop_front() {
-                        self.answer(key, crate::protocol::Status::Failed, reason.as_bytes());
+        // Nothing failed: from here on the reload happens.
+        for (existing, instance) in instances {
+            match existing {
+                // The old instance is the master's copy; its workers have their own.
+                Some(idx) => {
+                    if let Some(slot) = self.instances.get_mut(idx) {
+                        drop(slot.replace(instance));
                     }
                 }
-                removed.push(name);
+                None => self.instances.push(Some(instance)),
             }
         }
-        self.pool_index = still_here
-            .iter()
-            .map(|&i| (self.pools[i].config.name.clone(), i))
-            .collect();
         log::set_max_level(new.host.log_level);
-        self.config = new;
-        self.delete_unused_copies();
-        let list = |v: &[String]| {
-            if v.is_empty() {
-                "-".to_string()
-            } else {
-                v.join(", ")
-            }
+        let settings = Settings {
+            graceful_timeout: new.host.graceful_timeout,
+            max_payload: new.server.max_payload,
         };
-        Ok(format!(
-            "generation {generation}: kept {}; replaced {}; added {}; removed {}",
-            list(&kept),
-            list(&replaced),
-            list(&added),
-            list(&removed)
-        ))
-    }
-
-    /// A shutdown while a reload runs: its probes go, its waiters hear why.
-    pub(super) fn abandon_reload(&mut self) {
-        if let Some(mut reloading) = self.reloading.take() {
-            self.forget_probes(&mut reloading.probes);
-            let mut waiters = std::mem::take(&mut reloading.waiters);
-            waiters.extend(self.next_reload.take().unwrap_or_default());
-            self.reload_done(Err("the master is shutting down".into()), waiters);
-        }
+        self.config = new;
+        Ok(ReloadPlan {
+            settings,
+            pools: entries,
+            at: wall_clock(),
+        })
     }
 
     /// Settings that only a restart of the master can change.
-    fn check_restart_only(&self, new: &Config) -> Result<(), String> {
+    fn check_restart_only(&self, new: &Config) -> Result<(), ReloadError> {
         let old = &self.config;
         let changed = [
             ("server.socket", old.server.socket != new.server.socket),
@@ -477,91 +396,9 @@ impl Master {
             ("host.group", old.host.group != new.host.group),
         ];
         match changed.iter().find(|(_, c)| *c) {
-            Some((key, _)) => Err(format!(
-                "{key} changed: that takes a restart of the master, not a reload"
-            )),
+            Some((key, _)) => Err(ReloadError::RestartOnly { key }),
             None => Ok(()),
         }
-    }
-
-    /// Asks every worker of pool `idx` older than `generation` to finish its job and leave; the
-    /// pool's wanted count then forks new-generation workers at once.
-    fn retire_workers_of(&mut self, idx: usize, generation: u64) {
-        let deadline = std::time::Instant::now() + self.config.host.graceful_timeout;
-        let old: Vec<u64> = self
-            .workers
-            .values()
-            .filter(|w| w.pool == idx && w.generation < generation)
-            .map(|w| w.id)
-            .collect();
-        for id in old {
-            self.stop_worker(id, deadline);
-        }
-    }
-
-    /// Retiring pools: once nothing is queued or in flight, their workers go. Jobs that come
-    /// back to the queue afterwards (a worker died) bring a worker back to finish them.
-    pub(super) fn retire_pools(&mut self) {
-        for idx in 0..self.pools.len() {
-            let pool = &self.pools[idx];
-            if !pool.retiring {
-                continue;
-            }
-            let in_flight = self
-                .workers
-                .values()
-                .any(|w| w.pool == idx && !w.in_flight.is_empty());
-            let drained = pool.queue.is_empty() && !in_flight;
-            if drained && pool.wanted == 0 && pool.instance.is_some() {
-                if !self.workers.values().any(|w| w.pool == idx) {
-                    // Gone for good: free what its init built in the master (the build stays
-                    // mapped; its private copy is deleted once unused).
-                    log::info!(
-                        "pool {} (removed from the config) is gone",
-                        pool.config.name
-                    );
-                    self.pools[idx].instance = None;
-                }
-            } else if drained && pool.wanted > 0 {
-                log::info!(
-                    "pool {} (removed from the config) has drained; stopping its workers",
-                    pool.config.name
-                );
-                self.pools[idx].wanted = 0;
-                self.trim_pool(idx);
-            } else if !pool.queue.is_empty() && pool.wanted == 0 {
-                self.pools[idx].wanted = pool.config.workers.max(1);
-            }
-        }
-    }
-
-    /// Deletes the private copies of builds that no pool and no live worker uses.
-    pub(super) fn delete_unused_copies(&mut self) {
-        let mut in_use: Vec<_> = self
-            .pools
-            .iter()
-            .filter(|p| !p.retiring || p.wanted > 0)
-            .map(|p| p.hash)
-            .collect();
-        in_use.extend(self.workers.values().map(|w| w.hash));
-        for path in self.registry.delete_unused(&in_use) {
-            log::info!(
-                "deleted private plugin copy {} (no worker uses it; it stays mapped in the master)",
-                path.display()
-            );
-        }
-    }
-}
-
-/// The admin reply to `reload`.
-fn reload_reply(report: &ReloadReport) -> String {
-    if report.ok {
-        format!("{}\nOK\n", report.message)
-    } else {
-        crate::admin::err_reply(&format!(
-            "reload failed, nothing changed: {}",
-            report.message
-        ))
     }
 }
 

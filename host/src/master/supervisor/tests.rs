@@ -1,0 +1,3 @@
+//! The supervisor's decisions, driven with events and no processes at all.
+
+use super::*;
