@@ -65,6 +65,8 @@ use token::Token;
 /// How long a shutting-down master keeps trying to deliver the last results.
 const TEMP_NO_CLAIM: bool = true;
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// A worker whose socketpair closed and that is still alive this much later closed it itself.
+const HANGUP_GRACE: Duration = Duration::from_secs(1);
 /// After accept() fails for lack of file descriptors, stop accepting for this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(200);
 
@@ -100,8 +102,11 @@ struct Proc {
     slot: Slot,
     /// It broke the protocol: nothing more is read from it or written to it.
     forgotten: bool,
-    /// Its socketpair reached end of file: it is no longer watched (reap() finds it gone).
-    hung_up: bool,
+    /// Its socketpair reached end of file then: it is no longer watched. A worker that dies
+    /// is reaped at once; one still there after [`HANGUP_GRACE`] is reported (it closed its
+    /// channel and stayed: it could hold its jobs forever).
+    hung_up: Option<Instant>,
+    hangup_reported: bool,
 }
 
 /// Every descriptor and buffer of the master: what a forked worker drops in one move.
@@ -449,6 +454,7 @@ impl Master {
             self.io.accept_paused_until,
             self.admin_deadline(),
             self.probe_deadline(),
+            self.hangup_deadline(),
         ];
         let timeout = match deadlines.into_iter().flatten().min() {
             // Admin sessions to resume: look at new events, but do not sleep.
@@ -647,7 +653,8 @@ impl Master {
         }
     }
 
-    /// The shell's own timers: the accept pause, the admin interface's, a reload's probes.
+    /// The shell's own timers: the accept pause, the admin interface's, hung-up workers, a
+    /// reload's probes.
     fn timers(&mut self) {
         let now = Instant::now();
         if self.io.accept_paused_until.is_some_and(|t| now >= t) {
@@ -660,6 +667,21 @@ impl Master {
             }
         }
         self.admin_timers(now);
+        let hung_up: Vec<WorkerId> = self
+            .io
+            .procs
+            .iter_mut()
+            .filter(|(_, p)| {
+                !p.hangup_reported && p.hung_up.is_some_and(|t| now >= t + HANGUP_GRACE)
+            })
+            .map(|(id, p)| {
+                p.hangup_reported = true;
+                *id
+            })
+            .collect();
+        for id in hung_up {
+            self.apply(Event::Hangup(id));
+        }
         if let Some(outcome) = self.advance_reload() {
             self.apply(outcome);
         }
@@ -761,7 +783,7 @@ impl Master {
             return;
         }
         // Straight into the worker's frame buffer, up to what one wake-up may take.
-        let open = p.hung_up || p.channel.read(OUTCOME_READ_BUDGET);
+        let open = p.hung_up.is_some() || p.channel.read(OUTCOME_READ_BUDGET);
         loop {
             let Some(p) = self.io.procs.get_mut(&id) else {
                 return;
@@ -778,18 +800,27 @@ impl Master {
                 }
             }
         }
-        // The end of its channel: it is leaving or dying. Stop watching it (a closed socket is
-        // readable on every wait), unless it is reaped already.
+        // The end of its channel: it is dying (reap() will say how) or it closed it. Stop
+        // watching it: a closed socket is readable on every wait.
         let Some(p) = self.io.procs.get_mut(&id) else {
             return;
         };
-        if !open && !p.hung_up && self.io.by_pid.contains_key(&p.pid) {
-            p.hung_up = true;
+        if !open && p.hung_up.is_none() {
+            p.hung_up = Some(Instant::now());
             if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.delete(p.channel.stream().as_fd());
             }
-            self.apply(Event::Hangup(id));
         }
+    }
+
+    /// When a hung-up worker that is still there is to be reported.
+    fn hangup_deadline(&self) -> Option<Instant> {
+        self.io
+            .procs
+            .values()
+            .filter(|p| !p.hangup_reported)
+            .filter_map(|p| p.hung_up.map(|t| t + HANGUP_GRACE))
+            .min()
     }
 
     /// Before the timer pass judges deadlines: what the suspects have to say. Outcomes
@@ -910,7 +941,8 @@ impl Master {
                         channel: WorkerChannel::new(channel),
                         slot,
                         forgotten: false,
-                        hung_up: false,
+                        hung_up: None,
+                        hangup_reported: false,
                     },
                 );
                 Ok(child)

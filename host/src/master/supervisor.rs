@@ -99,7 +99,8 @@ pub enum Event<'a> {
         worker: WorkerId,
         said: WorkerSaid,
     },
-    /// Its socketpair reached end of file (it may still be running).
+    /// Its socketpair reached end of file a while ago, and it is still running: it closed its
+    /// end itself.
     Hangup(WorkerId),
     /// It sent bytes no honest worker sends (`what`).
     Broke {
