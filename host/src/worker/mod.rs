@@ -117,7 +117,8 @@ pub struct Assignment {
     pub identity: Option<crate::daemon::Identity>,
     /// A redis pool: ended workers whose pending entries this one takes over first.
     pub predecessors: Vec<redis::Predecessor>,
-    /// This worker's scoreboard slot (see [`crate::scoreboard`]).
+    /// This worker's scoreboard slot (see [`crate::scoreboard`]): a redis worker publishes
+    /// on it; a job-mode worker claims each job on it, so the master can take back the rest.
     pub slot: crate::scoreboard::Slot,
 }
 
@@ -224,7 +225,7 @@ fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPip
             assignment.predecessors,
             assignment.slot,
         )),
-        (None, PoolMode::Jobs) => Box::new(MasterSource::new(assignment.channel)),
+        (None, PoolMode::Jobs) => Box::new(MasterSource::new(assignment.channel, assignment.slot)),
         (None, PoolMode::Loop) => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
     };
     if let Err(message) = plugin.worker_start().into_result() {

@@ -1,6 +1,12 @@
 //! Where a worker's work comes from. The batch-runner loop asks a [`JobSource`] for the next
 //! unit of work; job mode reads jobs from the master, loop mode lets the plugin pull its own.
 //! A later source (an external engine consumed by each worker directly) is one more impl.
+//!
+//! In job mode the master sends a worker several jobs ahead, and may take back the ones it
+//! has not started (to give them to an idle worker). So before running each JOB frame the
+//! worker claims it on its scoreboard slot (see [`crate::scoreboard`]), and skips, without
+//! an outcome, one the master took back. It must never run a frame it did not claim, never
+//! answer a skipped one, and never sleep while a frame is buffered.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -12,6 +18,7 @@ use jobhost_plugin_api::{PluginInstance, Step};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::protocol::{self, Frame, FrameReader};
+use crate::scoreboard::{Claim, Claimer, Slot};
 
 /// What one step of a source produced.
 pub enum Next {
@@ -61,10 +68,14 @@ pub struct MasterSource {
     out: Vec<u8>,
     /// The master closed its end; serve what is buffered, then stop.
     closed: bool,
+    /// This worker's scoreboard slot, where it claims each job before running it.
+    slot: Slot,
+    /// Counts the JOB frames read and remembers what the master took back.
+    claimer: Claimer,
 }
 
 impl MasterSource {
-    pub fn new(channel: OwnedFd) -> MasterSource {
+    pub fn new(channel: OwnedFd, slot: Slot) -> MasterSource {
         let channel = UnixStream::from(channel);
         // Non-blocking reads let the loop ask "is there a job?" without sleeping in read(2).
         let _ = channel.set_nonblocking(true);
@@ -73,6 +84,8 @@ impl MasterSource {
             reader: FrameReader::new(MAX_JOB_FRAME),
             out: Vec::new(),
             closed: false,
+            slot,
+            claimer: Claimer::new(),
         }
     }
 
@@ -122,20 +135,33 @@ fn bad_frame(e: impl std::fmt::Display) -> io::Error {
 
 impl JobSource for MasterSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next> {
-        if !self.reader.has_frame().map_err(bad_frame)? && !self.closed {
-            self.closed = !self.fill()?;
-        }
-        let Some(frame) = self.reader.next().map_err(bad_frame)? else {
-            if self.closed {
-                return Ok(Next::Closed);
+        // Frames the master took back are skipped here, as many as there are: each was sent
+        // once, so this ends, and it returns Idle only once nothing is buffered or readable
+        // (poll then wakes it for the next byte; a buffered frame would not wake it).
+        let (key, payload) = loop {
+            if !self.reader.has_frame().map_err(bad_frame)? && !self.closed {
+                self.closed = !self.fill()?;
             }
-            // Busy again soon, most likely: keep a buffer the size of an ordinary burst.
-            self.reader.shrink_to(KEEP_BUFFER);
-            return Ok(Next::Idle(Wake { timeout: None }));
-        };
-        let (key, payload) = match protocol::decode(frame).map_err(bad_frame)? {
-            Frame::Job { key, payload } => (key, payload),
-            other => return Err(bad_frame(format!("unexpected {other}"))),
+            let Some(frame) = self.reader.next().map_err(bad_frame)? else {
+                if self.closed {
+                    return Ok(Next::Closed);
+                }
+                // Busy again soon, most likely: keep a buffer the size of an ordinary burst.
+                self.reader.shrink_to(KEEP_BUFFER);
+                return Ok(Next::Idle(Wake { timeout: None }));
+            };
+            let (key, payload) = match protocol::decode(frame).map_err(bad_frame)? {
+                Frame::Job { key, payload } => (key, payload),
+                other => return Err(bad_frame(format!("unexpected {other}"))),
+            };
+            // Every JOB frame counts, so the worker's numbering stays the master's.
+            match self.claimer.next_frame(&self.slot) {
+                Claim::Run => break (key, payload),
+                Claim::Recalled => log::debug!(
+                    "job {key} (frame {}) was taken back by the master; skipped",
+                    self.claimer.frames_read()
+                ),
+            }
         };
         match plugin.handle(RSlice::from_slice(payload)) {
             RResult::ROk(result) => protocol::put_outcome(&mut self.out, key, true, &result),
@@ -202,5 +228,132 @@ impl JobSource for LoopSource {
 
     fn channel(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+
+    use jobhost_plugin_api::abi_stable::sabi_trait::TD_Opaque;
+    use jobhost_plugin_api::abi_stable::std_types::{RString, RVec};
+    use jobhost_plugin_api::{PluginObject, PluginObject_TO};
+
+    use crate::scoreboard::Recall;
+
+    /// A job-mode plugin that answers each payload with itself and notes what it ran.
+    struct Recorder(Ran);
+
+    impl PluginObject for Recorder {
+        fn worker_start(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn worker_stop(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn handle(&mut self, payload: RSlice<'_, u8>) -> RResult<RVec<u8>, RString> {
+            self.0.lock().unwrap().push(payload.to_vec());
+            RResult::ROk(payload.to_vec().into())
+        }
+        fn run_once(&mut self) -> RResult<Step, RString> {
+            RResult::RErr("job mode only".into())
+        }
+    }
+
+    /// What the test plugin ran, payload by payload.
+    type Ran = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// A worker's source on one end of a socketpair, the master's end, and what the plugin
+    /// ran.
+    fn setup() -> (MasterSource, UnixStream, PluginInstance, Ran) {
+        let (master, worker) = UnixStream::pair().unwrap();
+        master.set_nonblocking(true).unwrap();
+        let ran = Ran::default();
+        let plugin = PluginObject_TO::from_value(Recorder(ran.clone()), TD_Opaque);
+        let source = MasterSource::new(OwnedFd::from(worker), Slot::new().unwrap());
+        (source, master, plugin, ran)
+    }
+
+    fn send_jobs(master: &mut UnixStream, keys: impl IntoIterator<Item = u64>) {
+        let mut bytes = Vec::new();
+        for key in keys {
+            protocol::put_job(&mut bytes, key, key.to_string().as_bytes());
+        }
+        master.write_all(&bytes).unwrap();
+    }
+
+    /// The keys of the outcomes the worker wrote so far.
+    fn outcomes(master: &mut UnixStream) -> Vec<u64> {
+        let mut reader = FrameReader::new(1 << 20);
+        let mut buf = [0u8; 4096];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => reader.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut keys = Vec::new();
+        while let Some(frame) = reader.next().unwrap() {
+            match protocol::decode(frame).unwrap() {
+                Frame::Outcome { key, ok: true, .. } => keys.push(key),
+                other => panic!("unexpected {other}"),
+            }
+        }
+        keys
+    }
+
+    fn ran(log: &Mutex<Vec<Vec<u8>>>) -> Vec<String> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn jobs_the_master_took_back_are_skipped_without_an_outcome() {
+        let (mut source, mut master, mut plugin, log) = setup();
+        send_jobs(&mut master, 1..=4);
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        assert_eq!(outcomes(&mut master), [1]);
+        // Frames 2..=4 are written, unread: all the master's again.
+        assert_eq!(source.slot.recall(4), Recall::Done { started_through: 1 });
+        // They go; 5 and 6 (jobs 2 and 3 sent again, say) run.
+        send_jobs(&mut master, [2, 3]);
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
+        assert_eq!(outcomes(&mut master), [2, 3]);
+        assert_eq!(ran(&log), ["1", "2", "3"]);
+    }
+
+    #[test]
+    fn many_skipped_frames_in_a_row_are_no_reason_to_sleep() {
+        // Frames left in the buffer do not wake poll: once it skipped what was taken back, the
+        // source must go on to the next frame, buffered or readable, and say Idle only when
+        // there is none.
+        let (mut source, mut master, mut plugin, log) = setup();
+        send_jobs(&mut master, 1..=500);
+        assert_eq!(source.slot.recall(500), Recall::Done { started_through: 0 });
+        send_jobs(&mut master, [7]);
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        assert_eq!(outcomes(&mut master), [7]);
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
+        assert_eq!(ran(&log), ["7"]);
+        // All taken back and nothing after: Idle, with nothing answered.
+        send_jobs(&mut master, 8..=20);
+        assert_eq!(
+            source.slot.recall(514),
+            Recall::Done {
+                started_through: 501
+            }
+        );
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
+        assert_eq!(outcomes(&mut master), Vec::<u64>::new());
+        assert_eq!(source.claimer.frames_read(), 514);
     }
 }
