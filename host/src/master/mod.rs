@@ -63,7 +63,6 @@ use supervisor::{ClientId, Effect, Event, Origin, Settings, Supervisor, WorkerId
 use token::Token;
 
 /// How long a shutting-down master keeps trying to deliver the last results.
-const TEMP_NO_CLAIM: bool = true;
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// A worker whose socketpair closed and that is still alive this much later closed it itself.
 const HANGUP_GRACE: Duration = Duration::from_secs(1);
@@ -856,11 +855,7 @@ impl Master {
         let p = self.io.procs.get_mut(&id)?;
         let (unwritten, written_through) = p.channel.take_unwritten();
         drop(unwritten); // the supervisor holds the jobs; these were only its frames
-        let started_through = match if TEMP_NO_CLAIM {
-            Recall::Busy
-        } else {
-            p.slot.recall(written_through)
-        } {
+        let started_through = match p.slot.recall(written_through) {
             Recall::Done { started_through } => started_through,
             // An earlier take-back it has not seen yet, or a worker too busy to catch: only
             // what was never written comes back.
