@@ -206,8 +206,13 @@ impl Connection {
 }
 
 /// Why a connection is being closed, for the log.
-pub fn describe_frame_error(e: &FrameError) -> String {
-    format!("malformed frame: {e}")
+/// Why the master closes a client's connection (its accepted jobs still run).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] FrameError),
+    #[error("unexpected frame from a client: {0}")]
+    Unexpected(String),
 }
 
 #[cfg(test)]

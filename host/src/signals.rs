@@ -169,42 +169,6 @@ pub fn ignore_sigpipe() -> nix::Result<()> {
     unsafe { sigaction(Signal::SIGPIPE, &ignore) }.map(drop)
 }
 
-/// Callbacks per signal, run only when [`Callbacks::dispatch`] is called — in a worker, at
-/// the safe point between two jobs. Several callbacks may be registered for one signal; they
-/// run in registration order, once per dispatch however often the signal came.
-pub struct Callbacks<S> {
-    entries: Vec<(Signal, Callback<S>)>,
-}
-
-/// A callback: the state, and how often the signal came since the last dispatch.
-type Callback<S> = Box<dyn FnMut(&mut S, u32)>;
-
-impl<S> Default for Callbacks<S> {
-    fn default() -> Self {
-        Callbacks {
-            entries: Vec::new(),
-        }
-    }
-}
-
-impl<S> Callbacks<S> {
-    /// Registers `callback(state, times_delivered)` for `signal`.
-    pub fn on(&mut self, signal: Signal, callback: impl FnMut(&mut S, u32) + 'static) {
-        self.entries.push((signal, Box::new(callback)));
-    }
-
-    /// Runs the callbacks of every delivered signal.
-    pub fn dispatch(&mut self, delivered: &Delivered, state: &mut S) {
-        for (signal, times) in delivered.iter() {
-            for (registered, callback) in &mut self.entries {
-                if *registered == signal {
-                    callback(state, times);
-                }
-            }
-        }
-    }
-}
-
 /// Sets `signals` to be ignored (a worker ignores HUP/TTIN/TTOU meant for the master).
 pub fn ignore(signals: &[Signal]) -> nix::Result<()> {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
@@ -213,22 +177,4 @@ pub fn ignore(signals: &[Signal]) -> nix::Result<()> {
         unsafe { sigaction(signal, &ignore) }?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn callbacks_run_in_order_and_only_for_their_signal() {
-        let mut callbacks: Callbacks<Vec<String>> = Callbacks::default();
-        callbacks.on(Signal::SIGTERM, |log, n| {
-            log.push(format!("first term x{n}"))
-        });
-        callbacks.on(Signal::SIGUSR1, |log, _| log.push("usr1".into()));
-        callbacks.on(Signal::SIGTERM, |log, _| log.push("second term".into()));
-        let mut log = Vec::new();
-        callbacks.dispatch(&Delivered(vec![(Signal::SIGTERM, 2)]), &mut log);
-        assert_eq!(log, ["first term x2", "second term"]);
-    }
 }

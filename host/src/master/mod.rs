@@ -4,23 +4,24 @@
 //! performs the [`Effect`]s it returns. It decides nothing about jobs or workers itself.
 //!
 //! ```text
-//! tick       Event::Tick once before the first wait: fork the workers
-//! loop {
-//!     wait      epoll: signal pipe, job socket, clients, admin, workers' socketpairs, probes;
-//!               until the earliest deadline (the supervisor's, accept pause, admin timers,
-//!               reload probes), or none when idle
-//!     reap      waitpid every dead worker: read what it left, then Event::Exited
-//!     signals   each signal → its Command (the table `command_for`) → Event::Command
-//!     io        accept; SUBMIT → Event::Submit; a worker's frames → Event::Said / Broke;
-//!               admin lines → Event::Command or a status reply; probes read
-//!     timers    accept pause over, admin timers, reload probes done → Event::ReloadReady/Failed
-//!     resume    admin sessions answered since: go on with their lines
-//!     refresh   workers the supervisor suspects (to_refresh): read their sockets and slots,
-//!               so that a deadline is judged on fresh facts
-//!     tick      Event::Tick: deadlines, drained pools, spawn (a new worker gets its jobs at
-//!               once), dispatch
-//!     flush     buffered frames to workers and clients
-//! } until the supervisor says it is finished
+//! tick        fork the workers (Event::Tick), then flush
+//! while the supervisor is not finished {
+//!     wait        epoll: signal pipe, job socket, clients, admin, workers' socketpairs and
+//!                 probes, until the earliest deadline (the supervisor's, the accept pause,
+//!                 admin timers, a reload's probes, a hung-up worker), or none when idle
+//!     reap        waitpid every dead worker: read what it left, then Event::Exited
+//!     signals     each signal → its Command (`command_for`) → Event::Command
+//!     io          accept; SUBMIT → Event::Submit; workers' frames → Event::Said / Broke;
+//!                 admin lines → a reply, or Event::Command; probes' reports
+//!     timers      accept pause over, admin timers, hung-up workers → Event::Hangup, a
+//!                 reload's probes done → Event::ReloadReady / ReloadFailed
+//!     resume      admin sessions answered since: go on with their lines
+//!     refresh     the workers the supervisor suspects (`to_refresh`): read their sockets and
+//!                 slots first, so that a deadline is judged on fresh facts
+//!     tick        Event::Tick: deadlines, drained pools, spawn (a new worker gets its jobs at
+//!                 once), dispatch and take-back
+//!     flush       buffered frames to workers and clients
+//! }
 //! ```
 //!
 //! The master never runs plugin job code (`handle`, `run_once`) and never forks from any thread
@@ -285,8 +286,8 @@ impl Master {
         })
     }
 
-    /// The loop (see the module doc). Returns when the master has stopped; every accepted job
-    /// has been answered.
+    /// The loop (see the module doc, which it matches line for line). Returns when the master
+    /// has stopped; every accepted job has been answered.
     pub fn run(&mut self) -> Result<(), MasterError> {
         let mut events = vec![EpollEvent::empty(); 256];
         self.apply(Event::Tick);
@@ -295,9 +296,7 @@ impl Master {
             let n = self.wait(&mut events)?;
             self.reap();
             self.take_signals(&events[..n]);
-            for event in &events[..n] {
-                self.handle_io(event.data(), event.events());
-            }
+            self.handle_io(&events[..n]);
             self.timers();
             self.resume_admins();
             self.refresh();
@@ -578,7 +577,13 @@ impl Master {
 
     // ---- io --------------------------------------------------------------------------------
 
-    fn handle_io(&mut self, token: u64, flags: EpollFlags) {
+    fn handle_io(&mut self, events: &[EpollEvent]) {
+        for event in events {
+            self.handle_event(event.data(), event.events());
+        }
+    }
+
+    fn handle_event(&mut self, token: u64, flags: EpollFlags) {
         let Some(token) = Token::decode(token) else {
             return;
         };
@@ -722,7 +727,7 @@ impl Master {
     }
 
     /// Hands every whole frame a client sent to the supervisor as a submit.
-    fn take_submits(&mut self, client: u64) -> Result<(), String> {
+    fn take_submits(&mut self, client: u64) -> Result<(), server::ClientError> {
         loop {
             let Some(conn) = self.io.clients.get_mut(&client) else {
                 return Ok(());
@@ -738,12 +743,12 @@ impl Master {
                     conn.reader.shrink();
                     return Ok(());
                 }
-                Err(e) => return Err(server::describe_frame_error(&e)),
+                Err(e) => return Err(e.into()),
             };
             let (id, pool, payload) = match protocol::decode(frame) {
                 Ok(Frame::Submit { id, pool, payload }) => (id, pool, payload),
-                Ok(other) => return Err(format!("unexpected frame from a client: {other}")),
-                Err(e) => return Err(server::describe_frame_error(&e)),
+                Ok(other) => return Err(server::ClientError::Unexpected(other.to_string())),
+                Err(e) => return Err(e.into()),
             };
             // Counted until it is answered (accepted or not): the client's back-pressure.
             conn.outstanding += payload.len();

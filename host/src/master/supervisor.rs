@@ -7,6 +7,7 @@
 //! Event::Command   a signal or an admin line, as one Command (stop, scale, reload, …)
 //! Event::Submit    a client's job          Event::ClientGone  its connection closed
 //! Event::Said      a worker's frame        Event::Broke       a frame no worker may send
+//! Event::Hangup    a worker that closed its socketpair and stayed
 //! Event::Exited    a reaped worker         Event::Spawned / SpawnFailed  a fork's outcome
 //! Event::Running   a redis worker's slot   Event::Recalled    jobs taken back from a worker
 //! Event::ReloadFailed / ReloadReady        phase 1 of a reload, done by the shell

@@ -29,7 +29,7 @@ use nix::unistd::Pid;
 
 use crate::config::{PoolConfig, PoolMode};
 use crate::protocol;
-use crate::signals::{self, Callbacks, SignalPipe};
+use crate::signals::{self, SignalPipe};
 use source::{JobSource, LoopSource, MasterSource, Next};
 
 /// Why a worker ended, as told by its exit status. The codes are documented in README.md.
@@ -122,7 +122,7 @@ pub struct Assignment {
     pub slot: crate::scoreboard::Slot,
 }
 
-/// The worker's own state, changed by signal callbacks between jobs.
+/// What the signals received since the last job ask of the worker.
 #[derive(Default)]
 struct State {
     stop: Option<Signal>,
@@ -250,11 +250,6 @@ fn batch_loop(
     signals: &SignalPipe,
     source: &mut dyn JobSource,
 ) -> (WorkerExit, u64) {
-    let mut callbacks: Callbacks<State> = Callbacks::default();
-    for stop in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
-        callbacks.on(stop, move |state, _| state.stop = Some(stop));
-    }
-    callbacks.on(Signal::SIGUSR1, |state, _| state.reopen_log = true);
     let mut state = State::default();
     let mut limits = Limits::new(pool);
     let mut memory = MemoryGate::new(pool.min_available_memory);
@@ -264,7 +259,14 @@ fn batch_loop(
     let mut holding = false;
 
     loop {
-        callbacks.dispatch(&signals.take(), &mut state);
+        // What came since the last job, and what each means: handled here, between two jobs.
+        for (signal, _) in signals.take().iter() {
+            match signal {
+                Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => state.stop = Some(signal),
+                Signal::SIGUSR1 => state.reopen_log = true,
+                _ => {}
+            }
+        }
         // Reopen first: a worker told to reopen and to stop at once logs its last line to the
         // new file.
         if std::mem::take(&mut state.reopen_log) {
