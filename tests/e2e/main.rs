@@ -14,6 +14,7 @@ mod memory_limits;
 mod no_spin;
 mod plugin_inspect;
 mod plugin_loading;
+mod prefetch;
 mod redis;
 mod reload;
 mod resources;
