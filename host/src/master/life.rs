@@ -50,8 +50,9 @@ pub enum KillCause {
     StayedAfterLeaving,
     /// Its job ran past job_timeout and it did not leave within the grace.
     Timeout { overdue: Option<u64> },
-    /// It broke the protocol: what it sent.
-    Violation(String),
+    /// It broke the protocol: what it sent; and the job that had passed its timeout, if one
+    /// had (still answered as timed out).
+    Violation { what: String, overdue: Option<u64> },
 }
 
 /// What a step of [`Life`] does to the process.
@@ -104,7 +105,9 @@ impl Life {
             Life::Serving { .. } => false,
             Life::Draining { asked, .. } => *asked,
             Life::TimedOut { .. } => true,
-            Life::Killed { cause } => matches!(cause, KillCause::Stop | KillCause::Timeout { .. }),
+            Life::Killed { cause } => {
+                matches!(cause, KillCause::Stop | KillCause::Timeout { .. })
+            }
         }
     }
 
@@ -113,7 +116,7 @@ impl Life {
         match self {
             Life::TimedOut { overdue, .. }
             | Life::Killed {
-                cause: KillCause::Timeout { overdue },
+                cause: KillCause::Timeout { overdue } | KillCause::Violation { overdue, .. },
             } => *overdue,
             _ => None,
         }
@@ -233,8 +236,9 @@ impl Life {
 
     /// It broke the protocol: killed; its exit is a crash.
     pub fn violated(&mut self, what: String) {
+        let overdue = self.overdue();
         *self = Life::Killed {
-            cause: KillCause::Violation(what),
+            cause: KillCause::Violation { what, overdue },
         };
     }
 
@@ -332,7 +336,7 @@ pub fn classify(
     lived: Duration,
 ) -> Ending {
     if let Life::Killed {
-        cause: KillCause::Violation(what),
+        cause: KillCause::Violation { what, .. },
     } = life
     {
         return Ending::Crashed {
@@ -563,6 +567,16 @@ mod tests {
         assert_eq!(timed.overdue(), Some(3), "a kill keeps the overdue job");
         assert!(timed.timed_out());
 
+        let mut late = Life::TimedOut {
+            overdue: Some(4),
+            sigkill_at: now,
+        };
+        late.violated("garbage".into());
+        assert_eq!(
+            late.overdue(),
+            Some(4),
+            "its timed-out job is still answered as such"
+        );
         let mut bad = Life::Serving { holding: false };
         bad.violated("garbage".into());
         assert_eq!(
@@ -623,7 +637,7 @@ mod tests {
             ("a claim that does not add up", serving.clone(), leaving(200, 3), 3, exited(200), &jobs, ExitKind::Crash),
             ("worker_start failed", serving.clone(), leaving(204, 0), 0, exited(204), &jobs, ExitKind::Crash),
             ("said LEAVING, then stayed", Life::Killed { cause: KillCause::StayedAfterLeaving }, leaving(0, 2), 2, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
-            ("broke the protocol", Life::Killed { cause: KillCause::Violation("an OUTCOME for job 9".into()) }, None, 2, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
+            ("broke the protocol", Life::Killed { cause: KillCause::Violation { what: "an OUTCOME for job 9".into(), overdue: None } }, None, 2, signaled(Signal::SIGKILL), &jobs, ExitKind::Crash),
         ];
         for (what, life, leaving, done, status, cfg, want) in cases {
             let ending = classify(status, &life, leaving, done, cfg, HOUR);

@@ -519,7 +519,9 @@ impl Supervisor {
             if let Some(t) = pool.backoff.next_spawn {
                 // No fork before the master's own pause ends, back-off or not.
                 let t = self.spawn_paused_until.map_or(t, |p| t.max(p));
-                if !pool.stopped && self.live_workers(idx) < pool.wanted {
+                // Nothing is forked while stopping: no waking for it either.
+                let running = matches!(self.phase, Phase::Running);
+                if running && !pool.stopped && self.live_workers(idx) < pool.wanted {
                     consider(t);
                 }
             }
@@ -991,7 +993,7 @@ impl Supervisor {
             return;
         };
         if let Life::Killed {
-            cause: life::KillCause::Violation(_),
+            cause: life::KillCause::Violation { .. },
         } = worker.life
         {
             return; // being killed for it: nothing more it says counts
@@ -1181,7 +1183,16 @@ impl Supervisor {
         // The retry goes first: it waited longest, and a fresh worker then meets a job that
         // crashed before (which tells poison from a crash loop) rather than an untried one.
         if let Some(key) = ran {
-            self.job_lost(key, &ending);
+            // A job past its timeout is a timed-out job, however its worker then ended.
+            let timed_out = Ending::KilledOnTimeout(
+                self.pools[pool_idx].config.job_timeout.unwrap_or_default(),
+            );
+            let why = if overdue == Some(key) {
+                &timed_out
+            } else {
+                &ending
+            };
+            self.job_lost(key, why);
         }
         if let (true, Some(at)) = (job_to_blame, earlier_blame) {
             // The crash it caused before, counted against the pool, was its doing too.
@@ -1559,8 +1570,14 @@ impl Supervisor {
         if !self.pools[idx].queue.is_empty() || self.pools[idx].config.redis.is_some() {
             return (None, None);
         }
+        let max_jobs = self.pools[idx].config.max_jobs;
         let idle = self.workers.values().any(|w| {
-            w.pool == idx && w.life.takes_jobs() && !w.busy() && !w.recalling && !w.stalled(now)
+            w.pool == idx
+                && w.life.takes_jobs()
+                && !w.busy()
+                && !w.recalling
+                && !w.stalled(now)
+                && max_jobs.is_none_or(|max| w.jobs_done < max)
         });
         if !idle {
             return (None, None);
@@ -1608,8 +1625,9 @@ impl Supervisor {
             return;
         };
         w.recalling = false;
-        // The worker's word (its claim) is bounded by what it was sent.
-        let started_through = started_through.min(written_through.max(w.last_seq));
+        // The worker's word (its claim) is bounded by what reached it: frames above
+        // `written_through` never did, and the shell took them back.
+        let started_through = started_through.min(written_through);
         let mut taken = Vec::new();
         while w.in_flight.back().is_some_and(|s| s.seq > started_through) {
             if let Some(sent) = w.in_flight.pop_back() {
@@ -1853,10 +1871,21 @@ impl Supervisor {
             return;
         }
         for idx in 0..self.pools.len() {
-            let pool = &self.pools[idx];
-            if !pool.retiring {
+            if !self.pools[idx].retiring {
                 continue;
             }
+            if self.pools[idx].stopped {
+                // Removed while stopped by an operator: its queue will not run (no `start`
+                // can name it now), including jobs its draining workers gave back.
+                let reason = format!(
+                    "pool {} was removed from the config while stopped",
+                    self.pools[idx].config.name
+                );
+                while let Some(key) = self.pools[idx].queue.pop_front() {
+                    self.answer(key, Status::Failed, reason.clone().into_bytes());
+                }
+            }
+            let pool = &self.pools[idx];
             let in_flight = self.workers.values().any(|w| w.pool == idx && w.busy());
             let drained = pool.queue.is_empty() && !in_flight;
             if drained && pool.wanted == 0 && !pool.ended {
