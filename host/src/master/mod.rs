@@ -35,7 +35,7 @@ mod reload;
 mod supervisor;
 mod token;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -313,12 +313,18 @@ impl Master {
     /// Hands `event` to the supervisor and performs what it decides — and what the outcome of
     /// those effects (a fork, a take-back, a reload's phase 1) decides in turn, in order.
     fn apply(&mut self, event: Event<'_>) {
-        let mut effects: VecDeque<Effect> = self.sup.on(event, Instant::now()).into();
-        while let Some(effect) = effects.pop_front() {
-            if let Some(follow_up) = self.perform(effect) {
-                effects.extend(self.sup.on(follow_up, Instant::now()));
+        let mut effects = self.sup.on(event, Instant::now());
+        let mut follow_ups = Vec::new();
+        while !effects.is_empty() {
+            for effect in effects.drain(..) {
+                if let Some(follow_up) = self.perform(effect) {
+                    follow_ups.extend(self.sup.on(follow_up, Instant::now()));
+                }
             }
+            // What came of them runs after everything asked before it, in order.
+            std::mem::swap(&mut effects, &mut follow_ups);
         }
+        self.sup.recycle(effects);
     }
 
     /// Performs one effect; returns what came of it when the supervisor must hear that.
@@ -752,7 +758,9 @@ impl Master {
             };
             // Counted until it is answered (accepted or not): the client's back-pressure.
             conn.outstanding += payload.len();
-            let effects = self.sup.on(
+            // (Not `apply`: the frame borrows the connection's buffer; a submit's effects are
+            // answers, which have no follow-ups.)
+            let mut effects = self.sup.on(
                 Event::Submit {
                     client: ClientId(client),
                     id,
@@ -761,11 +769,12 @@ impl Master {
                 },
                 Instant::now(),
             );
-            for effect in effects {
+            for effect in effects.drain(..) {
                 if let Some(follow_up) = self.perform(effect) {
                     self.apply(follow_up);
                 }
             }
+            self.sup.recycle(effects);
         }
     }
 

@@ -504,6 +504,15 @@ impl Supervisor {
         std::mem::take(&mut self.out)
     }
 
+    /// Hands back an effects buffer `on` returned, emptied, so the next event's effects reuse
+    /// its memory (an outcome a microsecond allocates nothing).
+    pub fn recycle(&mut self, mut buffer: Vec<Effect>) {
+        buffer.clear();
+        if self.out.capacity() < buffer.capacity() {
+            self.out = buffer;
+        }
+    }
+
     /// When the loop must look again at the latest, with nothing else happening; `None`: not
     /// until something happens (an idle master sleeps).
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {

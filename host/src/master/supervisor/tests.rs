@@ -20,6 +20,12 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// How long a job runs before the jobs behind it may be taken back, while nothing is known
+/// of the pool's jobs.
+fn patience() -> Duration {
+    super::super::pool::JobTimes::default().patience()
+}
+
 /// A pool's config: `name`, plugin `p`, then the TOML lines `extra`.
 fn config(name: &str, extra: &str) -> PoolConfig {
     let dir = tempfile::tempdir().unwrap();
@@ -1969,10 +1975,10 @@ fn head_of_line() -> (Sim, WorkerId, WorkerId) {
     assert!(s.tick().recalls().is_empty(), "within its patience");
     assert_eq!(
         s.next_deadline(),
-        Some(s.t(ms(2))),
+        Some(s.t(patience())),
         "when patience runs out"
     );
-    s.at(ms(2));
+    s.at(patience());
     assert_eq!(s.tick().recalls(), vec![w1]);
     assert!(s.w(w1).recalling);
     (s, w1, w2)
@@ -2015,6 +2021,7 @@ fn a_failed_fence_takes_back_only_never_written_jobs() {
     assert_eq!(s.held(w1), vec![1, 3]);
     assert_eq!(s.w(w1).last_seq, 2);
     s.finish(w1); // it speaks: no longer stalled
+    s.finish(w1); // and idle (its jobs took long: the pool now sends none ahead)
     s.submit(8);
     let out = s.tick();
     assert_eq!(out.sends(), vec![(w1, 8)]);
@@ -2034,10 +2041,10 @@ fn a_recalled_worker_gets_no_jobs_until_the_stall_passes() {
     assert_eq!(out.sends(), vec![(w2, 1), (w2, 3), (w2, 5)]);
     assert!(s.held(w1).is_empty());
     assert_eq!(s.w(w1).head_started, None);
-    s.at(ms(3));
+    s.at(patience() + ms(1));
     s.submit(7);
     assert_eq!(s.tick().sends(), vec![(w2, 7)], "not to the stalled one");
-    s.at(ms(2) + STALL_PAUSE);
+    s.at(patience() + STALL_PAUSE);
     s.submit(8);
     assert_eq!(s.tick().sends(), vec![(w1, 8)]);
 }
@@ -2051,7 +2058,7 @@ fn a_recalled_worker_that_speaks_gets_jobs_again() {
         started_through: 0,
         written_through: 3,
     });
-    s.at(ms(3));
+    s.at(patience() + ms(1));
     s.said(w1, WorkerSaid::Hold { paused: false });
     s.submit(7);
     assert_eq!(s.tick().sends(), vec![(w1, 7)]);
