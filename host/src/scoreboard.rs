@@ -149,6 +149,8 @@ pub enum Recall {
 pub struct Claimer {
     read: u64,
     skip_to: u64,
+    /// A take-back was seen and not yet told to the master.
+    saw_recall: bool,
 }
 
 impl Claimer {
@@ -159,7 +161,16 @@ impl Claimer {
     /// The next JOB frame of the stream was read: whether to run it.
     pub fn next_frame(&mut self, slot: &Slot) -> Claim {
         self.read = self.read.saturating_add(1);
-        slot.claim(self.read, &mut self.skip_to)
+        let before = self.skip_to;
+        let claim = slot.claim(self.read, &mut self.skip_to);
+        self.saw_recall |= self.skip_to > before;
+        claim
+    }
+
+    /// Whether a take-back was seen since the last call: the worker then tells the master it
+    /// is there and taking jobs (the master sends it none until it speaks).
+    pub fn take_saw_recall(&mut self) -> bool {
+        std::mem::take(&mut self.saw_recall)
     }
 
     /// JOB frames read so far (the seq of the last one).
@@ -277,6 +288,12 @@ impl Slot {
         }
     }
 
+    /// The master's side: the highest seq the worker claimed (its word: bounded by the
+    /// caller).
+    pub fn claimed(&self) -> u64 {
+        self.word(CLAIM).load(Ordering::Acquire) & !FENCE
+    }
+
     /// The master's side: takes back the jobs of this worker that it has not started.
     /// `written_through` is the highest seq of which any byte was written to the worker (a
     /// frame written in part is taken back too: the worker will read it whole and skip it).
@@ -292,6 +309,13 @@ impl Slot {
                 // moment, and a higher value would make it skip frames the master (told
                 // Pending) still counts as the worker's — jobs nobody would run.
                 return Recall::Pending;
+            }
+            if w >= through {
+                // It started everything written: nothing to take back, and no fence (a fence
+                // it would not see until its next job would make the next recall Pending).
+                return Recall::Done {
+                    started_through: through,
+                };
             }
             // Unfenced: the worker reads RECALL_TO only after it sees a fence, so it is not
             // reading it now; the Release of the swap below publishes it with the fence.
@@ -541,6 +565,19 @@ mod tests {
         // A second recall, once the worker cleared the fence, sees seq 5 as started.
         assert_eq!(slot.recall(7), Recall::Done { started_through: 5 });
         assert_eq!(claim_all(&slot, &mut worker, 3), [Recalled, Recalled, Run]);
+    }
+
+    #[test]
+    fn a_recall_with_nothing_unstarted_leaves_no_fence() {
+        let slot = Slot::new().unwrap();
+        let mut skip_to = 0;
+        assert_eq!(slot.claim(1, &mut skip_to), Claim::Run);
+        assert_eq!(slot.claim(2, &mut skip_to), Claim::Run);
+        assert_eq!(slot.recall(2), Recall::Done { started_through: 2 });
+        assert_eq!(slot.claimed(), 2);
+        // Not fenced: the next recall, with a frame more written, takes it at once.
+        assert_eq!(slot.recall(3), Recall::Done { started_through: 2 });
+        assert_eq!(slot.claim(3, &mut skip_to), Claim::Recalled);
     }
 
     #[test]

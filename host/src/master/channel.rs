@@ -88,6 +88,8 @@ pub struct WorkerChannel<S = UnixStream> {
     out_pos: usize,
     /// The highest seq of which any byte was written (0: none yet).
     started: u64,
+    /// The highest seq whose frame was written whole (0: none yet).
+    whole: u64,
     /// Output was discarded: nothing more is written (the stream may be cut mid-frame).
     closed: bool,
     /// The write interest last reported by [`WorkerChannel::write_interest_changed`].
@@ -108,6 +110,7 @@ impl<S: Read + Write> WorkerChannel<S> {
             out: VecDeque::new(),
             out_pos: 0,
             started: 0,
+            whole: 0,
             closed: false,
             wants_write: false,
             left: false,
@@ -139,6 +142,7 @@ impl<S: Read + Write> WorkerChannel<S> {
             out,
             out_pos,
             started,
+            whole,
             ..
         } = self;
         while !out.is_empty() {
@@ -177,6 +181,7 @@ impl<S: Read + Write> WorkerChannel<S> {
                 if written >= left {
                     written -= left;
                     *out_pos = 0;
+                    *whole = (*whole).max(front.job.seq);
                     out.pop_front();
                     frames += 1;
                 } else {
@@ -196,10 +201,7 @@ impl<S: Read + Write> WorkerChannel<S> {
     /// The highest seq whose frame was written whole (0: none yet): the jobs the worker can
     /// have read, and so run.
     pub fn written_whole(&self) -> u64 {
-        match self.out.front() {
-            Some(front) if self.out_pos > 0 => front.job.seq.saturating_sub(1),
-            _ => self.started,
-        }
+        self.whole
     }
 
     /// Whether EPOLLOUT interest must change: `Some(wants_write)` when it differs from what was

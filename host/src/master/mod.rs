@@ -129,6 +129,9 @@ struct Io {
     /// Held (locked) while the master runs; removed on a clean exit.
     pidfile: Option<crate::daemon::Pidfile>,
     accept_paused_until: Option<Instant>,
+    /// Jobs came in after this pass's Tick (a client let out of back-pressure): the next wait
+    /// only looks.
+    tick_again: bool,
     scratch: Vec<u8>,
     /// Connections and workers with output to write at the end of this pass.
     dirty_clients: Vec<u64>,
@@ -313,18 +316,25 @@ impl Master {
     /// Hands `event` to the supervisor and performs what it decides — and what the outcome of
     /// those effects (a fork, a take-back, a reload's phase 1) decides in turn, in order.
     fn apply(&mut self, event: Event<'_>) {
-        let mut effects = self.sup.on(event, Instant::now());
+        self.apply_at(event, Instant::now());
+    }
+
+    /// [`Master::apply`] with the time already read (one clock read for a batch of frames).
+    fn apply_at(&mut self, event: Event<'_>, now: Instant) {
+        let mut effects = self.sup.on(event, now);
         let mut follow_ups = Vec::new();
         while !effects.is_empty() {
             for effect in effects.drain(..) {
                 if let Some(follow_up) = self.perform(effect) {
-                    follow_ups.extend(self.sup.on(follow_up, Instant::now()));
+                    follow_ups.extend(self.sup.on(follow_up, now));
                 }
             }
             // What came of them runs after everything asked before it, in order.
             std::mem::swap(&mut effects, &mut follow_ups);
         }
+        // The larger of the two buffers serves the next event.
         self.sup.recycle(effects);
+        self.sup.recycle(follow_ups);
     }
 
     /// Performs one effect; returns what came of it when the supervisor must hear that.
@@ -461,8 +471,11 @@ impl Master {
             self.hangup_deadline(),
         ];
         let timeout = match deadlines.into_iter().flatten().min() {
-            // Admin sessions to resume: look at new events, but do not sleep.
-            _ if !self.io.admin_resume.is_empty() => EpollTimeout::ZERO,
+            // Admin sessions to resume, or jobs to dispatch: look at new events, but do not
+            // sleep.
+            _ if !self.io.admin_resume.is_empty() || std::mem::take(&mut self.io.tick_again) => {
+                EpollTimeout::ZERO
+            }
             None => EpollTimeout::NONE,
             Some(at) => {
                 let ms = at.saturating_duration_since(now).as_millis() + 1;
@@ -520,6 +533,7 @@ impl Master {
             status,
             board: p.slot.read(),
             written: p.channel.written_whole(),
+            claimed: p.slot.claimed(),
         });
     }
 
@@ -734,6 +748,7 @@ impl Master {
 
     /// Hands every whole frame a client sent to the supervisor as a submit.
     fn take_submits(&mut self, client: u64) -> Result<(), server::ClientError> {
+        let now = Instant::now();
         loop {
             let Some(conn) = self.io.clients.get_mut(&client) else {
                 return Ok(());
@@ -767,7 +782,7 @@ impl Master {
                     pool,
                     payload,
                 },
-                Instant::now(),
+                now,
             );
             for effect in effects.drain(..) {
                 if let Some(follow_up) = self.perform(effect) {
@@ -797,6 +812,8 @@ impl Master {
         }
         // Straight into the worker's frame buffer, up to what one wake-up may take.
         let open = p.hung_up.is_some() || p.channel.read(OUTCOME_READ_BUDGET);
+        // When these frames arrived, for all of them.
+        let now = Instant::now();
         loop {
             let Some(p) = self.io.procs.get_mut(&id) else {
                 return;
@@ -806,7 +823,7 @@ impl Master {
             }
             match p.channel.next_said() {
                 Ok(None) => break,
-                Ok(Some(said)) => self.apply(Event::Said { worker: id, said }),
+                Ok(Some(said)) => self.apply_at(Event::Said { worker: id, said }, now),
                 Err(e) => {
                     let what = e.to_string();
                     return self.apply(Event::Broke { worker: id, what });
@@ -1023,8 +1040,12 @@ impl Master {
         if p.forgotten {
             return;
         }
-        // A broken channel is a dead worker: reap() handles it.
-        let _ = p.channel.flush();
+        // A channel that cannot be written is a dead or hostile worker: nothing more goes to it
+        // (a socket that fails is still writable to epoll, and would wake us on every wait);
+        // reap() or its job's timeout handles the rest.
+        if p.channel.flush().is_err() {
+            p.channel.discard_output();
+        }
         if let Some(wants_write) = p.channel.write_interest_changed() {
             let flags = if wants_write {
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
@@ -1063,7 +1084,9 @@ impl Master {
                 let _ = epoll.modify(conn.stream.as_fd(), &mut event);
             }
             if !paused {
-                // Frames may have arrived while paused; take them now.
+                // Frames may have arrived while paused; take them now — and dispatch them on
+                // a pass that does not wait.
+                self.io.tick_again = true;
                 if let Err(reason) = self.take_submits(id) {
                     log::info!("closing client {id}: {reason}");
                     self.drop_client(id);

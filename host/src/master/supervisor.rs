@@ -54,9 +54,6 @@ const WATCH_MIN: Duration = Duration::from_millis(100);
 /// fork failing: a full fd table, the process limit), start none for this long. Not a crash
 /// of the pool: its plugin did nothing wrong.
 const SPAWN_PAUSE: Duration = Duration::from_secs(1);
-/// A worker jobs were taken back from is sent no more for this long, unless it speaks first:
-/// it may be stopped (SIGSTOP) or stuck, and would only hold them again.
-const STALL_PAUSE: Duration = Duration::from_secs(1);
 
 /// A worker, as the supervisor names it (the shell maps it to a pid and a socketpair).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -109,12 +106,14 @@ pub enum Event<'a> {
         what: String,
     },
     /// Reaped, after everything it wrote was read. `board`: its scoreboard slot; `written`:
-    /// the highest job seq whose frame it was sent whole.
+    /// the highest job seq whose frame it was sent whole; `claimed`: the highest it claimed
+    /// (started), as its slot says.
     Exited {
         worker: WorkerId,
         status: WaitStatus,
         board: Report,
         written: u64,
+        claimed: u64,
     },
     Spawned {
         worker: WorkerId,
@@ -333,8 +332,13 @@ pub struct Worker {
     leaving: Option<Leaving>,
     /// A redis pool: the ended workers it was given to take over (handed on if it dies too).
     inherited: Vec<Predecessor>,
-    /// Jobs were taken back from it: it is sent none until it speaks, or until then.
-    stalled_until: Option<Instant>,
+    /// Jobs were taken back from it: it is sent none until it speaks — it may be stopped
+    /// (SIGSTOP) or stuck, and would only hold them again. A worker that sees a take-back says
+    /// so (HOLD, not holding) when it next looks for a job.
+    stalled: bool,
+    /// Its head job (this seq) is known to be started (its claim said so): only the jobs
+    /// behind it may be taken back.
+    head_claimed: Option<u64>,
     /// A take-back was asked for and not yet reported.
     recalling: bool,
 }
@@ -357,8 +361,19 @@ impl Worker {
         Some(self.head_started? + timeout?)
     }
 
-    fn stalled(&self, now: Instant) -> bool {
-        self.stalled_until.is_some_and(|t| now < t)
+    fn stalled(&self) -> bool {
+        self.stalled
+    }
+
+    /// Jobs it holds that may not have started: behind its head, and its head too unless its
+    /// claim said it started.
+    fn maybe_unstarted(&self) -> usize {
+        let head = self.in_flight.front().map(|s| s.seq);
+        if head.is_some() && head == self.head_claimed {
+            self.queued() - 1
+        } else {
+            self.queued()
+        }
     }
 }
 
@@ -457,7 +472,8 @@ impl Supervisor {
                 status,
                 board,
                 written,
-            } => self.exited(worker, status, board, written, now),
+                claimed,
+            } => self.exited(worker, status, board, written.min(claimed), now),
             Event::Spawned {
                 worker,
                 pool,
@@ -1011,7 +1027,7 @@ impl Supervisor {
             return self.violation(id, "a frame after LEAVING".into());
         }
         // It speaks: it is not stopped.
-        worker.stalled_until = None;
+        worker.stalled = false;
         match said {
             WorkerSaid::Hold { paused } => {
                 // Short of memory, the worker starts no job: the one at the head of its queue
@@ -1101,12 +1117,13 @@ impl Supervisor {
 
     // ---- workers' ends ------------------------------------------------------------------------
 
+    /// `started`: the highest seq the worker can have started (sent whole, and claimed).
     fn exited(
         &mut self,
         id: WorkerId,
         status: WaitStatus,
         board: Report,
-        written: u64,
+        started: u64,
         now: Instant,
     ) {
         let Some(mut worker) = self.workers.remove(&id) else {
@@ -1160,11 +1177,11 @@ impl Supervisor {
             _ if overdue.is_some_and(|k| self.jobs.contains_key(&k)) => overdue,
             Ending::KilledOnTimeout(_) => None,
             Ending::BootFailed => None,
-            // The head ran if the worker had it whole.
+            // The head ran if the worker had it whole and claimed it.
             e if e.is_crash() => worker
                 .in_flight
                 .front()
-                .filter(|s| s.seq <= written)
+                .filter(|s| s.seq <= started)
                 .map(|s| s.key),
             _ => None,
         };
@@ -1390,7 +1407,8 @@ impl Supervisor {
                 jobs_done: 0,
                 leaving: None,
                 inherited: predecessors,
-                stalled_until: None,
+                stalled: false,
+                head_claimed: None,
                 recalling: false,
             },
         );
@@ -1526,27 +1544,41 @@ impl Supervisor {
     }
 
     fn dispatch_pool(&mut self, idx: usize, now: Instant) {
+        if self.pools[idx].queue.is_empty() {
+            return;
+        }
         let max_jobs = self.pools[idx].config.max_jobs;
         let prefetch = self.pools[idx].job_times.prefetch();
         let patience = self.pools[idx].job_times.patience();
-        while !self.pools[idx].queue.is_empty() {
-            let target = self
-                .workers
-                .iter()
-                .filter(|(_, w)| {
-                    w.pool == idx
-                        && w.life.takes_jobs()
-                        && !w.recalling
-                        && !w.stalled(now)
-                        && w.queued() < prefetch
-                        // Behind a job that takes long, a job waits less in the queue.
-                        && w.head_started.is_none_or(|t| now.saturating_duration_since(t) < patience)
-                })
-                // Never send a worker more jobs than it will run before max_jobs recycles it.
-                .filter(|(_, w)| max_jobs.is_none_or(|max| w.jobs_done + (w.queued() as u64) < max))
-                .min_by_key(|(id, w)| (w.queued(), **id))
-                .map(|(id, _)| *id);
-            let Some(target) = target else { break };
+        // The workers that may take jobs now, with how many more each may take: what it holds
+        // against the prefetch, and never more than it will run before max_jobs recycles it.
+        let mut room: Vec<(usize, WorkerId, usize)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.pool == idx
+                    && w.life.takes_jobs()
+                    && !w.recalling
+                    && !w.stalled()
+                    // Behind a job that takes long, a job waits less in the queue.
+                    && w.head_started.is_none_or(|t| now.saturating_duration_since(t) < patience)
+            })
+            .filter_map(|(id, w)| {
+                let by_prefetch = prefetch.saturating_sub(w.queued());
+                let by_max_jobs = max_jobs.map_or(usize::MAX, |max| {
+                    usize::try_from(max.saturating_sub(w.jobs_done + w.queued() as u64))
+                        .unwrap_or(usize::MAX)
+                });
+                let room = by_prefetch.min(by_max_jobs);
+                (room > 0).then_some((w.queued(), *id, room))
+            })
+            .collect();
+        while !room.is_empty() {
+            // The least loaded first (the lowest id among equals).
+            let Some(best) = (0..room.len()).min_by_key(|&i| (room[i].0, room[i].1)) else {
+                break;
+            };
+            let target = room[best].1;
             let Some(key) = self.pools[idx].queue.pop_front() else {
                 break;
             };
@@ -1569,6 +1601,11 @@ impl Supervisor {
                 key,
                 payload,
             });
+            room[best].0 += 1;
+            room[best].2 -= 1;
+            if room[best].2 == 0 {
+                room.swap_remove(best);
+            }
         }
     }
 
@@ -1585,7 +1622,7 @@ impl Supervisor {
                 && w.life.takes_jobs()
                 && !w.busy()
                 && !w.recalling
-                && !w.stalled(now)
+                && !w.stalled()
                 && max_jobs.is_none_or(|max| w.jobs_done < max)
         });
         if !idle {
@@ -1601,14 +1638,12 @@ impl Supervisor {
             {
                 continue;
             }
-            // Holding back, it starts nothing: all it holds may go. Else all but its head.
+            // Holding back, it starts nothing: all it holds may go, now. Else what may not have
+            // started (its claim decides), once its head has waited or run past patience.
             let (waiting, since) = if w.life.holding() {
                 (w.queued(), Some(now))
             } else {
-                (
-                    w.queued().saturating_sub(1),
-                    w.head_started.map(|t| t + patience),
-                )
+                (w.maybe_unstarted(), w.head_started.map(|t| t + patience))
             };
             let Some(due) = since else { continue };
             if waiting == 0 {
@@ -1646,6 +1681,8 @@ impl Supervisor {
         // Frames never written are gone from its socketpair: the next is numbered after the
         // last one it may have seen.
         w.last_seq = written_through.max(w.in_flight.back().map_or(0, |s| s.seq));
+        // What is left has started (its head, if anything): not asked for again.
+        w.head_claimed = w.in_flight.front().map(|s| s.seq);
         if taken.is_empty() {
             return;
         }
@@ -1653,7 +1690,7 @@ impl Supervisor {
             // Nothing it holds has started: it runs nothing.
             w.head_started = None;
         }
-        w.stalled_until = Some(now + STALL_PAUSE);
+        w.stalled = true;
         let text = format!(
             "worker {}: took back {} job(s) it had not started, for an idle worker",
             w.pid,

@@ -146,6 +146,11 @@ impl JobSource for MasterSource {
                 if self.closed {
                     return Ok(Next::Closed);
                 }
+                if self.claimer.take_saw_recall() {
+                    // It skipped what the master took back: say it is here and takes jobs.
+                    protocol::put_hold(&mut self.out, false);
+                    self.flush()?;
+                }
                 // Busy again soon, most likely: keep a buffer the size of an ordinary burst.
                 self.reader.shrink_to(KEEP_BUFFER);
                 return Ok(Next::Idle(Wake { timeout: None }));
@@ -156,7 +161,14 @@ impl JobSource for MasterSource {
             };
             // Every JOB frame counts, so the worker's numbering stays the master's.
             match self.claimer.next_frame(&self.slot) {
-                Claim::Run => break (key, payload),
+                Claim::Run => {
+                    if self.claimer.take_saw_recall() {
+                        // The master sends a worker it took jobs back from nothing until it
+                        // speaks: this says it is here and takes jobs (sent with the outcome).
+                        protocol::put_hold(&mut self.out, false);
+                    }
+                    break (key, payload);
+                }
                 Claim::Recalled => log::debug!(
                     "job {key} (frame {}) was taken back by the master; skipped",
                     self.claimer.frames_read()
@@ -284,7 +296,8 @@ mod tests {
         master.write_all(&bytes).unwrap();
     }
 
-    /// The keys of the outcomes the worker wrote so far.
+    /// The keys of the outcomes the worker wrote so far (a HOLD, not holding — what it says
+    /// after skipping what the master took back — shows as key 0).
     fn outcomes(master: &mut UnixStream) -> Vec<u64> {
         let mut reader = FrameReader::new(1 << 20);
         let mut buf = [0u8; 4096];
@@ -300,6 +313,7 @@ mod tests {
         while let Some(frame) = reader.next().unwrap() {
             match protocol::decode(frame).unwrap() {
                 Frame::Outcome { key, ok: true, .. } => keys.push(key),
+                Frame::Hold { paused: false } => keys.push(0),
                 other => panic!("unexpected {other}"),
             }
         }
@@ -327,8 +341,22 @@ mod tests {
         assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
         assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
         assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
-        assert_eq!(outcomes(&mut master), [2, 3]);
+        // It says it saw the take-back (a HOLD, not holding: 0), with the next outcome.
+        assert_eq!(outcomes(&mut master), [0, 2, 3]);
         assert_eq!(ran(&log), ["1", "2", "3"]);
+    }
+
+    #[test]
+    fn a_worker_that_skipped_everything_says_so_before_it_sleeps() {
+        let (mut source, mut master, mut plugin, log) = setup();
+        send_jobs(&mut master, 1..=3);
+        assert_eq!(source.slot.recall(3), Recall::Done { started_through: 0 });
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
+        assert_eq!(outcomes(&mut master), [0]);
+        assert!(ran(&log).is_empty());
+        // Nothing more to say while nothing happens.
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
+        assert_eq!(outcomes(&mut master), Vec::<u64>::new());
     }
 
     #[test]
@@ -341,10 +369,14 @@ mod tests {
         assert_eq!(source.slot.recall(500), Recall::Done { started_through: 0 });
         send_jobs(&mut master, [7]);
         assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
-        assert_eq!(outcomes(&mut master), [7]);
+        assert_eq!(
+            outcomes(&mut master),
+            [0, 7],
+            "once, however many it skipped"
+        );
         assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
         assert_eq!(ran(&log), ["7"]);
-        // All taken back and nothing after: Idle, with nothing answered.
+        // All taken back and nothing after: Idle, with no outcome — only that it saw it.
         send_jobs(&mut master, 8..=20);
         assert_eq!(
             source.slot.recall(514),
@@ -353,7 +385,7 @@ mod tests {
             }
         );
         assert!(matches!(source.next(&mut plugin), Ok(Next::Idle(_))));
-        assert_eq!(outcomes(&mut master), Vec::<u64>::new());
+        assert_eq!(outcomes(&mut master), [0]);
         assert_eq!(source.claimer.frames_read(), 514);
     }
 }

@@ -391,6 +391,7 @@ impl Sim {
             status,
             board: Report::default(),
             written,
+            claimed: written,
         })
     }
 
@@ -2029,9 +2030,9 @@ fn a_failed_fence_takes_back_only_never_written_jobs() {
 }
 
 /// A worker jobs were taken back from (all of them: it had started none) is sent nothing
-/// for STALL_PAUSE — it may be stopped — however idle it looks.
+/// until it speaks — it may be stopped — however idle it looks, and however long.
 #[test]
-fn a_recalled_worker_gets_no_jobs_until_the_stall_passes() {
+fn a_recalled_worker_gets_no_jobs_until_it_speaks() {
     let (mut s, w1, w2) = head_of_line();
     let out = s.on(Event::Recalled {
         worker: w1,
@@ -2044,12 +2045,21 @@ fn a_recalled_worker_gets_no_jobs_until_the_stall_passes() {
     s.at(patience() + ms(1));
     s.submit(7);
     assert_eq!(s.tick().sends(), vec![(w2, 7)], "not to the stalled one");
-    s.at(patience() + STALL_PAUSE);
+    s.at(Duration::from_secs(3600));
     s.submit(8);
-    assert_eq!(s.tick().sends(), vec![(w1, 8)]);
+    let out = s.tick();
+    assert!(
+        out.sends().iter().all(|(w, _)| *w != w1),
+        "an hour later, still not"
+    );
+    assert!(
+        out.recalls().is_empty(),
+        "a stalled worker is not idle: it asks for nothing"
+    );
 }
 
-/// ... or until it speaks.
+/// ... and is sent jobs again once it speaks (a worker that skips a taken-back frame says
+/// HOLD, not holding).
 #[test]
 fn a_recalled_worker_that_speaks_gets_jobs_again() {
     let (mut s, w1, _) = head_of_line();
