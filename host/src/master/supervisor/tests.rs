@@ -89,99 +89,77 @@ impl Out {
         self.ids[&key]
     }
 
+    /// What `f` picks out of the effects, in order.
+    fn pick<'a, T>(&'a self, f: impl Fn(&'a Effect) -> Option<T>) -> Vec<T> {
+        self.effects.iter().filter_map(f).collect()
+    }
+
     fn spawns(&self) -> Vec<(WorkerId, usize)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Spawn { worker, pool, .. } => Some((*worker, *pool)),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Spawn { worker, pool, .. } => Some((*worker, *pool)),
+            _ => None,
+        })
     }
 
     /// (worker, client id) of each job sent.
     fn sends(&self) -> Vec<(WorkerId, u64)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Send { worker, key, .. } => Some((*worker, self.id(*key))),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Send { worker, key, .. } => Some((*worker, self.id(*key))),
+            _ => None,
+        })
     }
 
     /// (worker, seq) of each job sent.
     fn seqs(&self) -> Vec<(WorkerId, u64)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Send { worker, seq, .. } => Some((*worker, *seq)),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Send { worker, seq, .. } => Some((*worker, *seq)),
+            _ => None,
+        })
     }
 
     fn signals(&self) -> Vec<(WorkerId, Signal)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Signal { worker, signal } => Some((*worker, *signal)),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Signal { worker, signal } => Some((*worker, *signal)),
+            _ => None,
+        })
     }
 
     /// (client id, status, body) of each answer.
     fn answers(&self) -> Vec<(u64, Status, String)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Answer {
-                    id, status, body, ..
-                } => Some((*id, *status, String::from_utf8_lossy(body).into_owned())),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Answer {
+                id, status, body, ..
+            } => Some((*id, *status, String::from_utf8_lossy(body).into_owned())),
+            _ => None,
+        })
     }
 
     fn recalls(&self) -> Vec<WorkerId> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Recall { worker } => Some(*worker),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Recall { worker } => Some(*worker),
+            _ => None,
+        })
     }
 
     fn replies(&self) -> Vec<(SessionId, Reply)> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Reply { session, reply } => Some((*session, reply.clone())),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Reply { session, reply } => Some((*session, reply.clone())),
+            _ => None,
+        })
     }
 
     fn notes(&self) -> Vec<&str> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Notify(text) => Some(text.as_str()),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Notify(text) => Some(text.as_str()),
+            _ => None,
+        })
     }
 
     fn logs(&self) -> Vec<&str> {
-        self.effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Log { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect()
+        self.pick(|e| match e {
+            Effect::Log { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
     }
 
     /// Some log line contains `text`.
