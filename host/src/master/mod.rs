@@ -1040,11 +1040,19 @@ impl Master {
         if p.forgotten {
             return;
         }
-        // A channel that cannot be written is a dead or hostile worker: nothing more goes to it
-        // (a socket that fails is still writable to epoll, and would wake us on every wait);
-        // reap() or its job's timeout handles the rest.
+        // A channel that cannot be written is a dying or hostile worker: nothing more goes to
+        // it (a socket that fails is still writable to epoll, and would wake us on every
+        // wait). It is treated as hung up: reaped if it is dying, else reported after
+        // HANGUP_GRACE, and then given no job and killed if it stays.
         if p.channel.flush().is_err() {
             p.channel.discard_output();
+            if p.hung_up.is_none() {
+                p.hung_up = Some(Instant::now());
+                if let Some(epoll) = &self.io.epoll {
+                    let _ = epoll.delete(p.channel.stream().as_fd());
+                }
+            }
+            return;
         }
         if let Some(wants_write) = p.channel.write_interest_changed() {
             let flags = if wants_write {

@@ -332,10 +332,12 @@ pub struct Worker {
     leaving: Option<Leaving>,
     /// A redis pool: the ended workers it was given to take over (handed on if it dies too).
     inherited: Vec<Predecessor>,
-    /// Jobs were taken back from it: it is sent none until it speaks — it may be stopped
-    /// (SIGSTOP) or stuck, and would only hold them again. A worker that sees a take-back says
-    /// so (HOLD, not holding) when it next looks for a job.
+    /// Jobs were taken back from it past its claim (a fence it has not seen yet): it is sent
+    /// none until it says it has (HOLD, not holding, which it sends when it next looks for a
+    /// job) — it may be stopped (SIGSTOP) or stuck, and would only hold them again.
     stalled: bool,
+    /// The last take-back took nothing: none is asked again until it says something.
+    recall_futile: bool,
     /// Its head job (this seq) is known to be started (its claim said so): only the jobs
     /// behind it may be taken back.
     head_claimed: Option<u64>,
@@ -388,6 +390,9 @@ struct Job {
     /// The crash back-off entry its last crash added to its pool (a fresh worker died running
     /// it): taken back if it crashes another worker, which makes it the job's fault.
     blamed_crash: Option<Instant>,
+    /// Taken back once as a worker's head that had not started (perhaps still on its way
+    /// there): never again as a head, so it cannot bounce between workers.
+    taken_as_head: bool,
 }
 
 /// A reload between its request and its outcome.
@@ -997,6 +1002,7 @@ impl Supervisor {
                         payload: Rc::from(payload),
                         failures: 0,
                         blamed_crash: None,
+                        taken_as_head: false,
                     },
                 );
                 self.pools[idx].queue.push_back(key);
@@ -1026,8 +1032,8 @@ impl Supervisor {
         if worker.leaving.is_some() {
             return self.violation(id, "a frame after LEAVING".into());
         }
-        // It speaks: it is not stopped.
-        worker.stalled = false;
+        // It speaks: a take-back may be worth asking again.
+        worker.recall_futile = false;
         match said {
             WorkerSaid::Hold { paused } => {
                 // Short of memory, the worker starts no job: the one at the head of its queue
@@ -1035,6 +1041,10 @@ impl Supervisor {
                 // must not restart a job's clock.
                 if let Life::Serving { holding } = &mut worker.life {
                     *holding = paused;
+                }
+                if !paused {
+                    // Taking jobs: it has seen any take-back (it looked for a job since).
+                    worker.stalled = false;
                 }
                 if paused {
                     worker.head_started = None;
@@ -1408,6 +1418,7 @@ impl Supervisor {
                 leaving: None,
                 inherited: predecessors,
                 stalled: false,
+                recall_futile: false,
                 head_claimed: None,
                 recalling: false,
             },
@@ -1634,14 +1645,22 @@ impl Supervisor {
         for (id, w) in &self.workers {
             if w.pool != idx
                 || w.recalling
+                || w.recall_futile
                 || !matches!(w.life, Life::Serving { .. } | Life::Draining { .. })
             {
                 continue;
             }
             // Holding back, it starts nothing: all it holds may go, now. Else what may not have
             // started (its claim decides), once its head has waited or run past patience.
+            let head_once_taken = w
+                .in_flight
+                .front()
+                .and_then(|s| self.jobs.get(&s.key))
+                .is_some_and(|j| j.taken_as_head);
             let (waiting, since) = if w.life.holding() {
                 (w.queued(), Some(now))
+            } else if head_once_taken {
+                (w.queued() - 1, w.head_started.map(|t| t + patience))
             } else {
                 (w.maybe_unstarted(), w.head_started.map(|t| t + patience))
             };
@@ -1668,7 +1687,6 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        w.recalling = false;
         // The worker's word (its claim) is bounded by what reached it: frames above
         // `written_through` never did, and the shell took them back.
         let started_through = started_through.min(written_through);
@@ -1682,26 +1700,46 @@ impl Supervisor {
         // last one it may have seen.
         w.last_seq = written_through.max(w.in_flight.back().map_or(0, |s| s.seq));
         // What is left has started (its head, if anything): not asked for again.
-        w.head_claimed = w.in_flight.front().map(|s| s.seq);
+        let old_head = w.in_flight.front().map(|s| s.seq);
+        w.head_claimed = old_head;
         if taken.is_empty() {
+            w.recall_futile = true;
+            w.recalling = false;
             return;
         }
         if w.in_flight.is_empty() {
             // Nothing it holds has started: it runs nothing.
             w.head_started = None;
         }
-        w.stalled = true;
+        // Fenced (frames it was written are taken back): it is sent nothing until it has seen
+        // that. Only never-written frames taken: it has shown nothing wrong.
+        if started_through < written_through {
+            w.stalled = true;
+        }
         let text = format!(
             "worker {}: took back {} job(s) it had not started, for an idle worker",
             w.pid,
             taken.len()
         );
+        // The job it had at its head, if taken: never again as a head (it may only have been
+        // slow to arrive — a large payload — and must not bounce between workers).
+        if old_head.is_none() {
+            if let Some(&head) = taken.last() {
+                if let Some(job) = self.jobs.get_mut(&head) {
+                    job.taken_as_head = true;
+                }
+            }
+        }
         // In their order, at the front: they waited longest.
         for key in taken {
             self.requeue_front(key);
         }
         self.log(log::Level::Debug, text);
+        // To the others first: it is still `recalling` here, so not a candidate.
         self.dispatch(now);
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.recalling = false;
+        }
     }
 
     // ---- reload -------------------------------------------------------------------------------

@@ -2302,3 +2302,112 @@ fn every_accepted_job_is_answered_exactly_once() {
         assert!(s.sup.jobs.is_empty(), "seed {seed}: jobs left");
     }
 }
+
+// ---- review of b1c0e7d: failing tests -----------------------------------------------------------
+
+/// REVIEW: a head whose frame takes longer than the pool's patience to reach its worker (a
+/// large payload, a busy machine) is taken back, sent to the idle worker, taken back from
+/// that one at its patience, and so on: it never runs. Before b1c0e7d the head was never
+/// taken back.
+#[test]
+fn a_slow_to_arrive_head_is_not_bounced_between_two_workers_forever() {
+    let mut s = Sim::new(vec![pool("p", "workers = 2\n")]);
+    let ws = s.start();
+    let (w1, w2) = (ws[0], ws[1]);
+    s.submit(1);
+    assert_eq!(s.tick().sends(), vec![(w1, 1)]);
+    let mut holder = w1;
+    let mut other = w2;
+    let mut bounces = 0;
+    for round in 1..=5u32 {
+        s.at(patience() * round);
+        // The holder has not claimed (still reading the frame): the head looks unstarted.
+        if s.tick().recalls() != vec![holder] {
+            break;
+        }
+        bounces += 1;
+        let written = s.w(holder).last_seq;
+        let out = s.on(Event::Recalled {
+            worker: holder,
+            started_through: written - 1, // fenced before the worker read the frame whole
+            written_through: written,
+        });
+        assert_eq!(out.sends(), vec![(other, 1)]);
+        // The first holder reads the rest of the frame, skips it, says it is there.
+        s.said(holder, WorkerSaid::Hold { paused: false });
+        std::mem::swap(&mut holder, &mut other);
+    }
+    assert!(
+        bounces <= 1,
+        "job 1 was taken back {bounces} times in a row and never ran"
+    );
+}
+
+/// REVIEW: a holding worker whose take-back comes back Pending (a fence of an earlier
+/// take-back it has not seen: it spoke — an outcome — then held before reading the next
+/// frame) keeps its jobs, and is asked again on every pass of the loop for as long as it
+/// holds: a Recall effect per Tick, and jobs stuck while a worker idles.
+#[test]
+fn a_pending_take_back_from_a_holding_worker_is_not_asked_every_tick() {
+    let mut s = Sim::new(vec![pool("p", "workers = 2\n")]);
+    let ws = s.start();
+    let (w1, w2) = (ws[0], ws[1]);
+    for id in 1..=4 {
+        s.submit(id);
+    }
+    assert_eq!(s.tick().sends(), vec![(w1, 1), (w2, 2), (w1, 3), (w2, 4)]);
+    s.said(w1, WorkerSaid::Hold { paused: true });
+    s.finish(w2);
+    s.finish(w2);
+    let mut recalls = 0;
+    for pass in 0..10u64 {
+        s.at(ms(pass));
+        if s.tick().recalls() == vec![w1] {
+            recalls += 1;
+            // Pending: only never-written frames come back (none here).
+            s.on(Event::Recalled {
+                worker: w1,
+                started_through: 2,
+                written_through: 2,
+            });
+        }
+    }
+    assert_eq!(s.held(w1), vec![1, 3], "still held (Pending)");
+    assert!(recalls <= 1, "{recalls} Recall effects in 10 passes");
+}
+
+/// REVIEW: a take-back that needed no fence (the worker had claimed all that was written;
+/// only never-written frames came back — e.g. a channel closed by a write error) stalls the
+/// worker; with nothing left in flight, and no fence to see, it never speaks again: a
+/// healthy, idle worker that is never sent anything, and never replaced.
+#[test]
+fn a_take_back_without_a_fence_does_not_stall_an_emptied_worker_forever() {
+    let mut s = Sim::new(vec![pool("p", "workers = 2\n")]);
+    let ws = s.start();
+    let (w1, w2) = (ws[0], ws[1]);
+    for id in 1..=2 {
+        s.submit(id);
+    }
+    assert_eq!(s.tick().sends(), vec![(w1, 1), (w2, 2)]);
+    s.finish(w2);
+    s.at(patience());
+    assert_eq!(s.tick().recalls(), vec![w1]);
+    // Frame 1 was never written: Done without a fence; it comes back.
+    let out = s.on(Event::Recalled {
+        worker: w1,
+        started_through: 0,
+        written_through: 0,
+    });
+    assert_eq!(out.sends(), vec![(w2, 1)]);
+    assert!(s.held(w1).is_empty());
+    s.finish(w2);
+    s.at(secs(3600));
+    s.submit(3);
+    s.submit(4);
+    let out = s.tick();
+    assert!(
+        out.sends().iter().any(|(w, _)| *w == w1),
+        "w1 (idle, no fence to see, nothing to answer) is never sent a job again: {:?}",
+        out.sends()
+    );
+}
