@@ -77,25 +77,46 @@ pub fn bind(
     }
     // Create the socket with no permissions for anyone, give it to its group, then open it up
     // to `mode`: there is no moment at which it is more open than configured, nor open to
-    // the wrong group.
+    // the wrong group. It is made under a temporary name and renamed into place once it
+    // listens, so that whoever sees the file can connect (bind and listen are two steps).
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{file_name}.{}.new", std::process::id()));
+    match fs::symlink_metadata(&temporary) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(&temporary).map_err(io)?,
+        Ok(_) => {
+            return Err(BindError::NotASocket {
+                path: temporary.clone(),
+            })
+        }
+        Err(_) => {}
+    }
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o777));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&temporary);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(io)?;
-    if let Some(group) = group {
-        // The path, not the fd: fchown on a socket changes the socket, not its file. lchown:
-        // what we just bound is no symlink, and a swapped-in one is not followed.
-        std::os::unix::fs::lchown(path, None, Some(group.gid)).map_err(|source| {
-            let _ = fs::remove_file(path);
-            BindError::Group {
-                path: path.to_owned(),
-                group: group.name.clone(),
-                gid: group.gid,
-                source,
-            }
-        })?;
+    let placed = (|| {
+        if let Some(group) = group {
+            // The path, not the fd: fchown on a socket changes the socket, not its file.
+            // lchown: what we just bound is no symlink, and a swapped-in one is not followed.
+            std::os::unix::fs::lchown(&temporary, None, Some(group.gid)).map_err(|source| {
+                BindError::Group {
+                    path: path.to_owned(),
+                    group: group.name.clone(),
+                    gid: group.gid,
+                    source,
+                }
+            })?;
+        }
+        fs::set_permissions(&temporary, fs::Permissions::from_mode(mode)).map_err(io)?;
+        fs::rename(&temporary, path).map_err(io)
+    })();
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&temporary);
+        return Err(e);
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)?;
     listener.set_nonblocking(true).map_err(io)?;
     Ok(listener)
 }
