@@ -728,13 +728,7 @@ impl Master {
                     pid: w.pid.as_raw(),
                     pool: pool.config.name.clone(),
                     generation: w.generation,
-                    // Timed out or killed, it is on its way out too.
-                    state: if w.life.draining() {
-                        "draining"
-                    } else {
-                        w.life.as_str(busy)
-                    }
-                    .into(),
+                    state: w.life.as_str(busy).into(),
                     job_age_secs: w
                         .head_started
                         .map(|t| now.saturating_duration_since(t).as_secs_f64()),

@@ -94,11 +94,6 @@ impl Life {
         matches!(self, Life::Serving { holding: true })
     }
 
-    /// Takes no more jobs, ever: leaving, told to leave, or killed.
-    pub fn draining(&self) -> bool {
-        !self.serving()
-    }
-
     /// The master asked it to go, or took it down for its job's timeout.
     pub fn asked(&self) -> bool {
         match self {
@@ -242,15 +237,14 @@ impl Life {
         };
     }
 
-    /// As `workers` shows it; `busy`: it runs a job.
+    /// As `workers` shows it; `busy`: it runs a job. Timed out or killed, a worker is on its
+    /// way out too: "draining".
     pub fn as_str(&self, busy: bool) -> &'static str {
         match self {
             Life::Serving { holding: true } => "holding",
             Life::Serving { holding: false } if busy => "busy",
             Life::Serving { holding: false } => "idle",
-            Life::Draining { .. } => "draining",
-            Life::TimedOut { .. } => "timed-out",
-            Life::Killed { .. } => "killed",
+            Life::Draining { .. } | Life::TimedOut { .. } | Life::Killed { .. } => "draining",
         }
     }
 }
@@ -543,7 +537,7 @@ mod tests {
                 sigkill_at: now + SEC
             }
         );
-        assert!(life.asked() && life.draining() && !life.takes_jobs());
+        assert!(life.asked() && !life.serving() && !life.takes_jobs());
 
         let mut leaving = Life::Serving { holding: true };
         leaving.leaving(now);

@@ -1884,7 +1884,7 @@ fn a_hangup_drains_the_worker_and_kills_it_if_it_stays() {
     s.at(secs(1));
     s.on(Event::Hangup(w1));
     assert_eq!(s.sup.live_workers(0), 0);
-    assert!(s.w(w1).life.draining());
+    assert!(!s.w(w1).life.serving());
     assert_eq!(s.tick().spawns().len(), 1);
     s.at(secs(1) + KILL_GRACE);
     assert_eq!(s.tick().signals(), vec![(w1, Signal::SIGKILL)]);
