@@ -23,13 +23,14 @@
 //! A job it accepted is answered exactly once: with its result, or failed with the reason once
 //! its attempts are used up or the master shuts down.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+use rustc_hash::FxHashMap;
 
 use super::life::{self, Ending, Leaving, Life, Stepped, KILL_GRACE};
 use super::pool::{Pool, SpawnPace};
@@ -407,10 +408,11 @@ struct Reloading {
 pub struct Supervisor {
     settings: Settings,
     pools: Vec<Pool>,
-    pool_index: HashMap<String, usize>,
+    pool_index: FxHashMap<String, usize>,
     workers: BTreeMap<WorkerId, Worker>,
     next_worker: u64,
-    jobs: HashMap<u64, Job>,
+    /// Keyed by the master's own sequence (no client picks a key): a fast, unkeyed hash.
+    jobs: FxHashMap<u64, Job>,
     next_job_key: u64,
     phase: Phase,
     generation: u64,
@@ -424,6 +426,8 @@ pub struct Supervisor {
     /// such worker lives.
     next_watch: Option<Instant>,
     out: Vec<Effect>,
+    /// `dispatch_pool`'s workers with room for jobs (kept between calls).
+    room: Vec<(usize, WorkerId, usize)>,
 }
 
 impl Supervisor {
@@ -439,7 +443,7 @@ impl Supervisor {
             pool_index,
             workers: BTreeMap::new(),
             next_worker: 1,
-            jobs: HashMap::new(),
+            jobs: FxHashMap::default(),
             next_job_key: 1,
             phase: Phase::Running,
             generation: 1,
@@ -449,6 +453,7 @@ impl Supervisor {
             spawn_paused_until: None,
             next_watch: None,
             out: Vec::new(),
+            room: Vec::new(),
         }
     }
 
@@ -1563,27 +1568,29 @@ impl Supervisor {
         let patience = self.pools[idx].job_times.patience();
         // The workers that may take jobs now, with how many more each may take: what it holds
         // against the prefetch, and never more than it will run before max_jobs recycles it.
-        let mut room: Vec<(usize, WorkerId, usize)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| {
-                w.pool == idx
+        // (Into a kept buffer: this runs on every pass with jobs queued.)
+        let mut room = std::mem::take(&mut self.room);
+        room.extend(
+            self.workers
+                .iter()
+                .filter(|(_, w)| {
+                    w.pool == idx
                     && w.life.takes_jobs()
                     && !w.recalling
                     && !w.stalled()
                     // Behind a job that takes long, a job waits less in the queue.
                     && w.head_started.is_none_or(|t| now.saturating_duration_since(t) < patience)
-            })
-            .filter_map(|(id, w)| {
-                let by_prefetch = prefetch.saturating_sub(w.queued());
-                let by_max_jobs = max_jobs.map_or(usize::MAX, |max| {
-                    usize::try_from(max.saturating_sub(w.jobs_done + w.queued() as u64))
-                        .unwrap_or(usize::MAX)
-                });
-                let room = by_prefetch.min(by_max_jobs);
-                (room > 0).then_some((w.queued(), *id, room))
-            })
-            .collect();
+                })
+                .filter_map(|(id, w)| {
+                    let by_prefetch = prefetch.saturating_sub(w.queued());
+                    let by_max_jobs = max_jobs.map_or(usize::MAX, |max| {
+                        usize::try_from(max.saturating_sub(w.jobs_done + w.queued() as u64))
+                            .unwrap_or(usize::MAX)
+                    });
+                    let room = by_prefetch.min(by_max_jobs);
+                    (room > 0).then_some((w.queued(), *id, room))
+                }),
+        );
         while !room.is_empty() {
             // The least loaded first (the lowest id among equals).
             let Some(best) = (0..room.len()).min_by_key(|&i| (room[i].0, room[i].1)) else {
@@ -1618,6 +1625,8 @@ impl Supervisor {
                 room.swap_remove(best);
             }
         }
+        room.clear();
+        self.room = room;
     }
 
     /// Pool `idx`: the worker to take jobs back from now, if any (a worker of the pool is idle,

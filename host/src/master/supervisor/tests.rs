@@ -6,6 +6,7 @@
 //! assertions. Each test pins one decision, named by its title.
 
 use super::*;
+use std::collections::HashMap;
 use crate::config::Config;
 use crate::master::pool::PoolState;
 use crate::worker::WorkerExit;
