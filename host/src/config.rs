@@ -157,6 +157,9 @@ pub struct PoolConfig {
     /// `source = "redis"`: the `[pool.redis]` table. `None`: the pool is fed from the job
     /// socket (`source = "socket"`, the default).
     pub redis: Option<RedisConfig>,
+    /// `source = "gearman"`: the `[pool.gearman]` table. Each worker is a Gearman worker of
+    /// every server in it.
+    pub gearman: Option<GearmanConfig>,
     /// 1-based line of this pool's `name`, for later error messages.
     pub line: usize,
 }
@@ -184,6 +187,55 @@ pub struct RedisConfig {
     /// Entries per XREADGROUP (default 1, 1..=1000).
     pub batch: usize,
 }
+
+/// `[pool.gearman]`: the gearmand servers a `source = "gearman"` pool's workers serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GearmanConfig {
+    /// `host:port` (port 4730 when left out), as written; resolved by each worker when it
+    /// connects, so a name that resolves later (a server not up yet) is retried, not refused.
+    pub servers: Vec<GearmanServer>,
+    /// The function registered with CAN_DO (default: the pool's name).
+    pub function: String,
+    /// Each worker's client id is `<client_id>:<pool>:<pid>` (default: the host name).
+    pub client_id: Option<String>,
+    /// Sent as CAN_DO_TIMEOUT: gearmand itself fails a job that runs longer (whole seconds).
+    pub timeout: Option<u32>,
+    /// What a plugin error is sent as.
+    pub failure: GearmanFailure,
+}
+
+/// One `servers` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GearmanServer {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for GearmanServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `[pool.gearman] failure`: clients tell the two apart, and not all of them handle both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GearmanFailure {
+    /// `"fail"` (the default): WORK_FAIL, which every client understands; the plugin's
+    /// message is only logged.
+    Fail,
+    /// `"exception"`: WORK_EXCEPTION with the plugin's message (gearmand passes it on to
+    /// clients that asked for exceptions, and turns it into a failure for the others).
+    Exception,
+}
+
+/// The Gearman protocol's default port.
+pub const GEARMAN_PORT: u16 = 4730;
+/// At most this many servers per pool (a worker holds a connection to each).
+pub const MAX_GEARMAN_SERVERS: usize = 32;
 
 /// The margin `claim_idle` must leave beyond `batch × job_timeout`: the master notices a redis
 /// job past its time within a second (it watches the workers' scoreboards), and SIGKILLs its
@@ -288,7 +340,32 @@ pub fn admin_socket_lenient(path: &Path) -> PathBuf {
     runtime.join(get("admin", "socket").unwrap_or_else(|| "admin.sock".into()))
 }
 
+/// An engine a pool's workers take their jobs from themselves (none: the master feeds them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Redis,
+    Gearman,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Redis => "redis",
+            Engine::Gearman => "gearman",
+        }
+    }
+}
+
 impl PoolConfig {
+    /// The engine its workers take jobs from; `None`: jobs come through the master.
+    pub fn engine(&self) -> Option<Engine> {
+        match (&self.redis, &self.gearman) {
+            (Some(_), _) => Some(Engine::Redis),
+            (None, Some(_)) => Some(Engine::Gearman),
+            (None, None) => None,
+        }
+    }
+
     /// `plugins_dir/lib<plugin>.so`.
     pub fn plugin_path(&self, host: &HostConfig) -> PathBuf {
         host.plugins_dir.join(format!("lib{}.so", self.plugin))
@@ -518,6 +595,7 @@ struct RawPool {
     settings: Option<Spanned<toml::Table>>,
     source: Option<Spanned<RawSource>>,
     redis: Option<Spanned<RawRedis>>,
+    gearman: Option<Spanned<RawGearman>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -525,6 +603,24 @@ struct RawPool {
 enum RawSource {
     Socket,
     Redis,
+    Gearman,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table ([pool.gearman])")]
+struct RawGearman {
+    servers: Option<Spanned<Vec<Spanned<String>>>>,
+    function: Option<Spanned<String>>,
+    client_id: Option<Spanned<String>>,
+    timeout: Option<Spanned<Dur>>,
+    failure: Option<RawFailure>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawFailure {
+    Fail,
+    Exception,
 }
 
 #[derive(Deserialize)]
@@ -1289,29 +1385,55 @@ fn build_pool(
     };
     let job_timeout = nonzero(p.job_timeout.map_or(Duration::from_secs(60), |d| d.0));
     let source = p.source.as_ref().map(|s| (*s.get_ref(), s.span()));
-    let redis = match (source, p.redis) {
-        (None | Some((RawSource::Socket, _)), None) => None,
-        (None | Some((RawSource::Socket, _)), Some(r)) => {
+    let external = |what: &str, from: &str| {
+        if mode == PoolMode::Loop {
+            Some(format!(
+                "a {what} pool takes its work from {from}; mode = \"loop\" cannot go with it"
+            ))
+        } else {
+            None
+        }
+    };
+    let (redis, gearman) = match (source, p.redis, p.gearman) {
+        (_, Some(r), Some(_)) => {
+            return Err(src.error(
+                r.span(),
+                key("redis"),
+                "a pool has one source: [pool.redis] and [pool.gearman] cannot both be there",
+            ))
+        }
+        (None | Some((RawSource::Socket, _)), None, None) => (None, None),
+        (None | Some((RawSource::Socket, _)) | Some((RawSource::Gearman, _)), Some(r), None) => {
             return Err(src.error(
                 r.span(),
                 key("redis"),
                 "a [pool.redis] table needs source = \"redis\" in its pool",
             ))
         }
-        (Some((RawSource::Redis, span)), None) => {
+        (None | Some((RawSource::Socket, _)) | Some((RawSource::Redis, _)), None, Some(g)) => {
+            return Err(src.error(
+                g.span(),
+                key("gearman"),
+                "a [pool.gearman] table needs source = \"gearman\" in its pool",
+            ))
+        }
+        (Some((RawSource::Redis, span)), None, None) => {
             return Err(src.error(
                 span,
                 key("source"),
                 "source = \"redis\" needs a [pool.redis] table with at least url and stream",
             ))
         }
-        (Some((RawSource::Redis, span)), Some(r)) => {
-            if mode == PoolMode::Loop {
-                return Err(src.error(
-                    span,
-                    key("source"),
-                    "a redis pool takes its work from the stream; mode = \"loop\" cannot go with it",
-                ));
+        (Some((RawSource::Gearman, span)), None, None) => {
+            return Err(src.error(
+                span,
+                key("source"),
+                "source = \"gearman\" needs a [pool.gearman] table with at least servers",
+            ))
+        }
+        (Some((RawSource::Redis, span)), Some(r), None) => {
+            if let Some(message) = external("redis", "the stream") {
+                return Err(src.error(span, key("source"), message));
             }
             let Some(job_timeout) = job_timeout else {
                 return Err(src.error(
@@ -1320,7 +1442,13 @@ fn build_pool(
                     "a redis pool needs a job_timeout (not 0): without one, no claim_idle is long enough to tell a dead consumer from a slow one",
                 ));
             };
-            Some(build_redis(src, i, r, job_timeout, base)?)
+            (Some(build_redis(src, i, r, job_timeout, base)?), None)
+        }
+        (Some((RawSource::Gearman, span)), None, Some(g)) => {
+            if let Some(message) = external("gearman", "gearmand") {
+                return Err(src.error(span, key("source"), message));
+            }
+            (None, Some(build_gearman(src, i, g, p.name.get_ref())?))
         }
     };
 
@@ -1342,6 +1470,7 @@ fn build_pool(
         failing_retry: p.failing_retry.map_or(Duration::from_secs(30), |d| d.0),
         settings,
         redis,
+        gearman,
         line,
     })
 }
@@ -1511,6 +1640,145 @@ fn build_redis(
         dead_letter,
         results,
         batch,
+    })
+}
+
+/// A name sent to gearmand (a function, a client id): printable, no spaces (gearmand's text
+/// admin protocol, which `gearadmin` reads, separates fields with spaces and tabs).
+fn gearman_name(src: &Source, v: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let name = v.get_ref();
+    if name.is_empty() {
+        return Err(src.error(v.span(), key, "must not be empty"));
+    }
+    if name.len() > 255 {
+        return Err(src.error(v.span(), key, format!("is {} bytes long; at most 255", name.len())));
+    }
+    if let Some(bad) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(src.error(
+            v.span(),
+            key,
+            format!("{name:?}: {bad:?} is not allowed in a Gearman name"),
+        ));
+    }
+    Ok(())
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`.
+fn gearman_server(text: &str) -> Result<GearmanServer, String> {
+    let bad = || format!("{text:?} is not a server address: use HOST, HOST:PORT or [IPv6]:PORT");
+    if text.contains("://") {
+        return Err(bad());
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+        }
+    } else if text.matches(':').count() > 1 {
+        return Err(format!("{text:?}: write an IPv6 address in brackets, as [{text}]:PORT"));
+    } else {
+        match text.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')))
+    {
+        return Err(bad());
+    }
+    let port = match port {
+        None => GEARMAN_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(format!("{text:?}: the port must be a number from 1 to 65535")),
+        },
+    };
+    Ok(GearmanServer {
+        host: host.to_string(),
+        port,
+    })
+}
+
+fn build_gearman(
+    src: &Source,
+    i: usize,
+    g: Spanned<RawGearman>,
+    pool: &str,
+) -> Result<GearmanConfig, ConfigError> {
+    let key = |k: &str| format!("pool[{i}].gearman.{k}");
+    let table_span = g.span();
+    let g = g.into_inner();
+    let Some(list) = g.servers else {
+        return Err(src.error(table_span, key("servers"), "required key is missing"));
+    };
+    let list_span = list.span();
+    let list = list.into_inner();
+    if list.is_empty() {
+        return Err(src.error(list_span, key("servers"), "must name at least one server"));
+    }
+    if list.len() > MAX_GEARMAN_SERVERS {
+        return Err(src.error(
+            list_span,
+            key("servers"),
+            format!("{} servers; at most {MAX_GEARMAN_SERVERS}", list.len()),
+        ));
+    }
+    let mut servers: Vec<GearmanServer> = Vec::with_capacity(list.len());
+    for v in &list {
+        let server = gearman_server(v.get_ref())
+            .map_err(|message| src.error(v.span(), key("servers"), message))?;
+        if servers.contains(&server) {
+            return Err(src.error(
+                v.span(),
+                key("servers"),
+                format!("{server} is listed twice"),
+            ));
+        }
+        servers.push(server);
+    }
+    let function = match g.function {
+        None => pool.to_string(),
+        Some(v) => {
+            gearman_name(src, &v, &key("function"))?;
+            v.into_inner()
+        }
+    };
+    let client_id = match g.client_id {
+        None => None,
+        Some(v) => {
+            gearman_name(src, &v, &key("client_id"))?;
+            Some(v.into_inner())
+        }
+    };
+    let timeout = match g.timeout {
+        None => None,
+        Some(v) => {
+            let d = v.get_ref().0;
+            let whole = d.as_secs();
+            if d.subsec_nanos() != 0 || whole == 0 || whole > u64::from(u32::MAX) {
+                return Err(src.error(
+                    v.span(),
+                    key("timeout"),
+                    format!("gearmand takes whole seconds, at least 1: got {d:?}"),
+                ));
+            }
+            Some(whole as u32)
+        }
+    };
+    let failure = match g.failure {
+        None | Some(RawFailure::Fail) => GearmanFailure::Fail,
+        Some(RawFailure::Exception) => GearmanFailure::Exception,
+    };
+    Ok(GearmanConfig {
+        servers,
+        function,
+        client_id,
+        timeout,
+        failure,
     })
 }
 
@@ -1942,7 +2210,7 @@ max_jobs = 0
     fn unknown_key_in_a_pool() {
         let env = Env::new();
         let text = format!("{POOL}\n[[pool]]\nname = \"h\"\nplugin = \"hash\"\n  workrs = 2\n");
-        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis (did you mean workers?)");
+        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis, gearman (did you mean workers?)");
         assert_eq!(e.key(), Some("pool[1].workrs"));
         // The message from the brief's e2e test: line 8, column 1.
         let host = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";
@@ -2480,6 +2748,140 @@ max_jobs = 0
         );
     }
 
+    const GEARMAN: &str =
+        "[[pool]]\nname = \"resize\"\nplugin = \"echo\"\nsource = \"gearman\"\n[pool.gearman]\n";
+
+    #[test]
+    fn gearman_pool_defaults_and_every_key() {
+        let env = Env::new();
+        let c = env.ok(&format!("{GEARMAN}servers = [\"127.0.0.1\"]\n"));
+        let g = c.pools[0].gearman.clone().expect("a gearman pool");
+        assert_eq!(c.pools[0].redis, None);
+        assert_eq!(
+            g,
+            GearmanConfig {
+                servers: vec![GearmanServer {
+                    host: "127.0.0.1".into(),
+                    port: 4730
+                }],
+                function: "resize".into(),
+                client_id: None,
+                timeout: None,
+                failure: GearmanFailure::Fail,
+            }
+        );
+        let c = env.ok(&format!(
+            "{GEARMAN}servers = [\"10.0.0.1:4731\", \"gm.example.com\", \"[::1]:4732\", \"[fe80::1]\"]\nfunction = \"img.resize\"\nclient_id = \"web1\"\ntimeout = \"30s\"\nfailure = \"exception\"\n"
+        ));
+        let g = c.pools[0].gearman.clone().expect("a gearman pool");
+        let shown: Vec<String> = g.servers.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["10.0.0.1:4731", "gm.example.com:4730", "[::1]:4732", "[fe80::1]:4730"]
+        );
+        assert_eq!(g.function, "img.resize");
+        assert_eq!(g.client_id.as_deref(), Some("web1"));
+        assert_eq!(g.timeout, Some(30));
+        assert_eq!(g.failure, GearmanFailure::Exception);
+    }
+
+    #[test]
+    fn gearman_pool_errors_name_line_and_key() {
+        let env = Env::new();
+        let e = env.err(GEARMAN, 5, "pool[0].gearman.servers: required key is missing");
+        assert_eq!(e.key(), Some("pool[0].gearman.servers"));
+        env.err(
+            &format!("{GEARMAN}servers = []\n"),
+            6,
+            "pool[0].gearman.servers: must name at least one server",
+        );
+        for (bad, needle) in [
+            ("a:b:c", "write an IPv6 address in brackets"),
+            ("h:0", "the port must be a number from 1 to 65535"),
+            ("h:99999", "the port must be a number"),
+            ("h:", "the port must be a number"),
+            (":4730", "is not a server address"),
+            ("[::1", "is not a server address"),
+            ("[::1]x", "is not a server address"),
+            ("h st", "is not a server address"),
+            ("gearman://h", "is not a server address"),
+        ] {
+            env.err(
+                &format!("{GEARMAN}servers = [\"ok\", \"{bad}\"]\n"),
+                6,
+                &format!("pool[0].gearman.servers: {bad:?}"),
+            );
+            env.err(&format!("{GEARMAN}servers = [\"{bad}\"]\n"), 6, needle);
+        }
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\", \"h:4730\"]\n"),
+            6,
+            "pool[0].gearman.servers: h:4730 is listed twice",
+        );
+        let many: Vec<String> = (0..33).map(|i| format!("\"h{i}\"")).collect();
+        env.err(
+            &format!("{GEARMAN}servers = [{}]\n", many.join(", ")),
+            6,
+            "33 servers; at most 32",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = \"h\"\n"),
+            6,
+            "pool[0].gearman.servers",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\nfunction = \"a b\"\n"),
+            7,
+            "pool[0].gearman.function: \"a b\": ' ' is not allowed in a Gearman name",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\nfunction = \"\"\n"),
+            7,
+            "pool[0].gearman.function: must not be empty",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\nclient_id = \"x\\ty\"\n"),
+            7,
+            "pool[0].gearman.client_id",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\ntimeout = \"1.5s\"\n"),
+            7,
+            "pool[0].gearman.timeout: gearmand takes whole seconds, at least 1: got 1.5s",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\ntimeout = \"0s\"\n"),
+            7,
+            "pool[0].gearman.timeout",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\nfailure = \"warn\"\n"),
+            7,
+            "pool[0].gearman.failure",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\nbogus = 1\n"),
+            7,
+            "pool[0].gearman.bogus: unknown key",
+        );
+        // Pairings.
+        env.err(
+            &format!("{POOL}[pool.gearman]\nservers = [\"h\"]\n"),
+            4,
+            "pool[0].gearman: a [pool.gearman] table needs source = \"gearman\"",
+        );
+        env.err(
+            &format!("{GEARMAN}servers = [\"h\"]\n[pool.redis]\nurl = \"/r\"\nstream = \"s\"\n"),
+            7,
+            "pool[0].redis: a pool has one source",
+        );
+        env.err(
+            "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nmode = \"loop\"\nsource = \"gearman\"\n[pool.gearman]\nservers = [\"h\"]\n",
+            5,
+            "pool[0].source: a gearman pool takes its work from gearmand; mode = \"loop\" cannot go with it",
+        );
+    }
+
     #[test]
     fn redis_pool_errors_name_line_and_key() {
         let env = Env::new();
@@ -2551,7 +2953,7 @@ max_jobs = 0
         env.err(
             "[[pool]]\nname = \"q\"\nplugin = \"echo\"\nsource = \"gearman\"\n",
             4,
-            "pool[0].source",
+            "pool[0].source: source = \"gearman\" needs a [pool.gearman] table",
         );
         env.err(
             &format!("{POOL}[pool.redis]\nurl = \"/r\"\nstream = \"s\"\n"),

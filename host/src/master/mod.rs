@@ -871,7 +871,7 @@ impl Master {
             let redis = self
                 .sup
                 .worker(id)
-                .is_some_and(|w| self.sup.pools()[w.pool].config.redis.is_some());
+                .is_some_and(|w| self.sup.pools()[w.pool].config.engine().is_some());
             let Some(p) = self.io.procs.get(&id) else {
                 continue;
             };

@@ -9,7 +9,7 @@
 //! Event::Said      a worker's frame        Event::Broke       a frame no worker may send
 //! Event::Hangup    a worker that closed its socketpair and stayed
 //! Event::Exited    a reaped worker         Event::Spawned / SpawnFailed  a fork's outcome
-//! Event::Running   a redis worker's slot   Event::Recalled    jobs taken back from a worker
+//! Event::Running   an engine-fed worker's slot Event::Recalled    jobs taken back from a worker
 //! Event::ReloadFailed / ReloadReady        phase 1 of a reload, done by the shell
 //! Event::Tick      once per pass of the loop: deadlines, retired pools, spawns, dispatch
 //! ```
@@ -46,7 +46,7 @@ use crate::worker::Limit;
 #[cfg(test)]
 mod tests;
 
-/// How often the master reads redis workers' scoreboards to time their jobs (at most; a
+/// How often the master reads engine-fed workers' scoreboards to time their jobs (at most; a
 /// quarter of the pool's job_timeout when that is shorter). `config::CLAIM_IDLE_MARGIN` allows
 /// for it and for KILL_GRACE.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -127,7 +127,7 @@ pub enum Event<'a> {
         predecessors: Vec<Predecessor>,
         error: String,
     },
-    /// A redis worker's slot says its job runs since then (or none runs).
+    /// A engine-fed worker's slot says its job runs since then (or none runs).
     Running {
         worker: WorkerId,
         since: Option<Instant>,
@@ -422,7 +422,7 @@ pub struct Supervisor {
     ready_notified: bool,
     /// No worker is forked before this (the master itself was short of fds or processes).
     spawn_paused_until: Option<Instant>,
-    /// When to read the redis workers' scoreboards again, to time their jobs; `None` while no
+    /// When to read the engine-fed workers' scoreboards again, to time their jobs; `None` while no
     /// such worker lives.
     next_watch: Option<Instant>,
     out: Vec<Effect>,
@@ -587,8 +587,8 @@ impl Supervisor {
 
     /// Workers whose facts the shell must read before the next `Tick` judges their deadlines:
     /// those whose job looks past its timeout (outcomes may be waiting on their socket, or a
-    /// redis worker's slot may say its job ended), and — when it is time to look — every
-    /// redis worker with a job_timeout (its jobs never pass through the master).
+    /// engine-fed worker's slot may say its job ended), and — when it is time to look — every
+    /// engine-fed worker with a job_timeout (its jobs never pass through the master).
     pub fn to_refresh(&self, now: Instant) -> Vec<WorkerId> {
         let watch = self.next_watch.is_some_and(|t| now >= t);
         self.workers
@@ -597,7 +597,7 @@ impl Supervisor {
                 let pool = &self.pools[w.pool].config;
                 let overdue = matches!(w.life, Life::Serving { .. } | Life::Draining { .. })
                     && w.job_due(pool.job_timeout).is_some_and(|due| now >= due);
-                overdue || (watch && pool.redis.is_some() && pool.job_timeout.is_some())
+                overdue || (watch && pool.engine().is_some() && pool.job_timeout.is_some())
             })
             .map(|(id, _)| *id)
             .collect()
@@ -982,6 +982,9 @@ impl Supervisor {
             Some(&idx) if self.pools[idx].config.redis.is_some() => Err(format!(
                 "pool {pool:?} is fed from Redis: use `jobhost submit -c CONFIG {pool}`, or XADD to its stream"
             )),
+            Some(&idx) if self.pools[idx].config.gearman.is_some() => Err(format!(
+                "pool {pool:?} is fed by gearmand: submit to its function with a Gearman client (e.g. `gearman -f FUNCTION`)"
+            )),
             Some(_) if payload.len() as u64 > self.settings.max_payload => Err(format!(
                 "payload too large ({} bytes, max_payload is {})",
                 payload.len(),
@@ -1146,8 +1149,8 @@ impl Supervisor {
         };
         let pool_idx = worker.pool;
         let redis = self.pools[pool_idx].config.redis.is_some();
-        if redis {
-            // A redis worker's entries never pass through the master: only it can count them.
+        if self.pools[pool_idx].config.engine().is_some() {
+            // An engine's jobs never pass through the master: only the worker can count them.
             let said = worker.leaving.map_or(0, |l| l.jobs_done);
             worker.jobs_done = board.jobs_done.max(said);
             let stats = &mut self.pools[pool_idx].stats;
@@ -1403,7 +1406,7 @@ impl Supervisor {
             p.hash,
             format!("worker {pid} started for pool {}", p.config.name),
         );
-        if p.config.redis.is_some() && self.next_watch.is_none() {
+        if p.config.engine().is_some() && self.next_watch.is_none() {
             self.next_watch = Some(now + WATCH_MIN);
         }
         self.log(log::Level::Debug, text);
@@ -1512,14 +1515,14 @@ impl Supervisor {
         }
     }
 
-    /// How often to read the redis workers' slots: `WATCH_EVERY`, or a quarter of the
+    /// How often to read the engine-fed workers' slots: `WATCH_EVERY`, or a quarter of the
     /// shortest job_timeout among them; `None` with no such worker.
     fn watch_interval(&self) -> Option<Duration> {
         self.workers
             .values()
             .filter_map(|w| {
                 let pool = &self.pools[w.pool].config;
-                pool.redis.as_ref()?;
+                pool.engine()?;
                 Some((pool.job_timeout? / 4).clamp(WATCH_MIN, WATCH_EVERY))
             })
             .min()
@@ -1633,7 +1636,7 @@ impl Supervisor {
     /// the queue is empty, and another holds jobs it has not started behind a job running past
     /// the pool's patience, or while it holds back); and otherwise when that may next be so.
     fn recall_due(&self, idx: usize, now: Instant) -> (Option<WorkerId>, Option<Instant>) {
-        if !self.pools[idx].queue.is_empty() || self.pools[idx].config.redis.is_some() {
+        if !self.pools[idx].queue.is_empty() || self.pools[idx].config.engine().is_some() {
             return (None, None);
         }
         let max_jobs = self.pools[idx].config.max_jobs;
