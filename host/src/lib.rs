@@ -17,6 +17,7 @@
 //! - [`sys`]: RSS, PSS and available memory from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
 //! - [`redis_client`]: the submitting side of a Redis-fed pool (used by `submit`).
+//! - [`gearman`]: the worker side of the Gearman protocol.
 //! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
 //! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
@@ -30,6 +31,7 @@ pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod gearman;
 pub mod logging;
 pub mod master;
 pub mod plugins;

@@ -1,0 +1,3 @@
+//! The worker side of the Gearman protocol.
+
+pub mod packet;
