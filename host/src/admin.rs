@@ -354,12 +354,18 @@ pub struct PoolSnapshot {
 /// A pool's engine as its workers see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceSnapshot {
-    /// `redis`.
+    /// `redis` or `gearman`.
     pub kind: String,
-    /// The server (any password hidden).
+    /// The server (any password hidden), or the servers, comma-separated.
     pub address: String,
-    pub stream: String,
-    pub group: String,
+    /// Redis: the stream and the consumer group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Gearman: the function the workers registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
     /// `connected`, `disconnected`, `partly disconnected`, or `connecting` (no worker has
     /// reached it yet).
     pub state: String,
@@ -474,14 +480,21 @@ pub fn render_status(s: &Snapshot, json: bool) -> String {
         for (p, src) in sources {
             let _ = write!(
                 out,
-                "  {}: {} {} stream {} group {}: {}",
+                "  {}: {} {}",
                 one_line(&p.name),
                 src.kind,
-                one_line(&src.address),
-                one_line(&src.stream),
-                one_line(&src.group),
-                src.state
+                one_line(&src.address)
             );
+            for (label, value) in [
+                ("stream", &src.stream),
+                ("group", &src.group),
+                ("function", &src.function),
+            ] {
+                if let Some(value) = value {
+                    let _ = write!(out, " {label} {}", one_line(value));
+                }
+            }
+            let _ = write!(out, ": {}", src.state);
             if let Some(reason) = &src.reason {
                 let _ = write!(out, " ({})", one_line(reason));
             }
@@ -1490,8 +1503,9 @@ mod tests {
         s.pools[0].source = Some(SourceSnapshot {
             kind: "redis".into(),
             address: "redis://:***@10.0.0.5:6379/0".into(),
-            stream: "jobs".into(),
-            group: "jobhost".into(),
+            stream: Some("jobs".into()),
+            group: Some("jobhost".into()),
+            function: None,
             state: "connected".into(),
             reason: None,
             workers_connected: 2,

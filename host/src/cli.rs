@@ -180,6 +180,16 @@ fn check(path: &Path) -> CliResult {
                 redis_check(redis).map_err(|e| format!("pool {}: {e}", pool.name))?
             );
         }
+        if let Some(gearman) = &pool.gearman {
+            // A server that does not answer is a warning: the workers retry it with back-off.
+            let timeout = std::time::Duration::from_secs(3);
+            for answer in crate::worker::gearman::check_servers(gearman, timeout) {
+                match answer {
+                    Ok(line) => println!("    ok   {line}; function {}", gearman.function),
+                    Err(line) => println!("    warn {line} (workers will retry until it answers)"),
+                }
+            }
+        }
     }
     println!(
         "{}: {} pool(s), config ok",

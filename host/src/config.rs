@@ -198,8 +198,9 @@ pub struct GearmanConfig {
     pub function: String,
     /// Each worker's client id is `<client_id>:<pool>:<pid>` (default: the host name).
     pub client_id: Option<String>,
-    /// Sent as CAN_DO_TIMEOUT: gearmand itself fails a job that runs longer (whole seconds).
-    pub timeout: Option<u32>,
+    /// Sent as CAN_DO_TIMEOUT: gearmand itself takes back a job that runs longer and gives it
+    /// to another worker (at least 1 s, in whole milliseconds: gearmand 1.1.20's unit).
+    pub timeout: Option<Duration>,
     /// What a plugin error is sent as.
     pub failure: GearmanFailure,
 }
@@ -1651,7 +1652,11 @@ fn gearman_name(src: &Source, v: &Spanned<String>, key: &str) -> Result<(), Conf
         return Err(src.error(v.span(), key, "must not be empty"));
     }
     if name.len() > 255 {
-        return Err(src.error(v.span(), key, format!("is {} bytes long; at most 255", name.len())));
+        return Err(src.error(
+            v.span(),
+            key,
+            format!("is {} bytes long; at most 255", name.len()),
+        ));
     }
     if let Some(bad) = name.chars().find(|c| c.is_whitespace() || c.is_control()) {
         return Err(src.error(
@@ -1676,7 +1681,9 @@ fn gearman_server(text: &str) -> Result<GearmanServer, String> {
             _ => (host, Some(after.strip_prefix(':').ok_or_else(bad)?)),
         }
     } else if text.matches(':').count() > 1 {
-        return Err(format!("{text:?}: write an IPv6 address in brackets, as [{text}]:PORT"));
+        return Err(format!(
+            "{text:?}: write an IPv6 address in brackets, as [{text}]:PORT"
+        ));
     } else {
         match text.split_once(':') {
             Some((host, port)) => (host, Some(port)),
@@ -1694,7 +1701,11 @@ fn gearman_server(text: &str) -> Result<GearmanServer, String> {
         None => GEARMAN_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(port) if port > 0 => port,
-            _ => return Err(format!("{text:?}: the port must be a number from 1 to 65535")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: the port must be a number from 1 to 65535"
+                ))
+            }
         },
     };
     Ok(GearmanServer {
@@ -1758,15 +1769,20 @@ fn build_gearman(
         None => None,
         Some(v) => {
             let d = v.get_ref().0;
-            let whole = d.as_secs();
-            if d.subsec_nanos() != 0 || whole == 0 || whole > u64::from(u32::MAX) {
+            // gearmand 1.1.20 reads CAN_DO_TIMEOUT as milliseconds and raises 1..=999 to 1 s.
+            if d < Duration::from_secs(1)
+                || d.subsec_nanos() % 1_000_000 != 0
+                || d.as_millis() > u128::from(u32::MAX)
+            {
                 return Err(src.error(
                     v.span(),
                     key("timeout"),
-                    format!("gearmand takes whole seconds, at least 1: got {d:?}"),
+                    format!(
+                        "must be at least 1s and under 49 days, in whole milliseconds: got {d:?}"
+                    ),
                 ));
             }
-            Some(whole as u32)
+            Some(d)
         }
     };
     let failure = match g.failure {
@@ -2777,18 +2793,27 @@ max_jobs = 0
         let shown: Vec<String> = g.servers.iter().map(|s| s.to_string()).collect();
         assert_eq!(
             shown,
-            ["10.0.0.1:4731", "gm.example.com:4730", "[::1]:4732", "[fe80::1]:4730"]
+            [
+                "10.0.0.1:4731",
+                "gm.example.com:4730",
+                "[::1]:4732",
+                "[fe80::1]:4730"
+            ]
         );
         assert_eq!(g.function, "img.resize");
         assert_eq!(g.client_id.as_deref(), Some("web1"));
-        assert_eq!(g.timeout, Some(30));
+        assert_eq!(g.timeout, Some(Duration::from_secs(30)));
         assert_eq!(g.failure, GearmanFailure::Exception);
     }
 
     #[test]
     fn gearman_pool_errors_name_line_and_key() {
         let env = Env::new();
-        let e = env.err(GEARMAN, 5, "pool[0].gearman.servers: required key is missing");
+        let e = env.err(
+            GEARMAN,
+            5,
+            "pool[0].gearman.servers: required key is missing",
+        );
         assert_eq!(e.key(), Some("pool[0].gearman.servers"));
         env.err(
             &format!("{GEARMAN}servers = []\n"),
@@ -2845,9 +2870,9 @@ max_jobs = 0
             "pool[0].gearman.client_id",
         );
         env.err(
-            &format!("{GEARMAN}servers = [\"h\"]\ntimeout = \"1.5s\"\n"),
+            &format!("{GEARMAN}servers = [\"h\"]\ntimeout = \"0.5s\"\n"),
             7,
-            "pool[0].gearman.timeout: gearmand takes whole seconds, at least 1: got 1.5s",
+            "pool[0].gearman.timeout: must be at least 1s and under 49 days, in whole milliseconds: got 500ms",
         );
         env.err(
             &format!("{GEARMAN}servers = [\"h\"]\ntimeout = \"0s\"\n"),

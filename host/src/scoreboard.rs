@@ -113,7 +113,7 @@ pub struct Report {
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub source: SourceState,
-    /// The stream entry being run, if any (a well-formed stream id, else `None`).
+    /// The stream entry or Gearman job being run, if any (printable ASCII, else `None`).
     pub running: Option<String>,
     /// When it started (CLOCK_MONOTONIC milliseconds, as the worker says).
     pub running_since_ms: u64,
@@ -427,9 +427,10 @@ fn decode(copy: &[u64; WORDS]) -> Report {
     let header = copy[HEADER];
     let running_len = ((header >> 8) & 0xff) as usize;
     let reason_len = ((header >> 16) & 0xffff) as usize;
+    // A stream id or a Gearman job handle: printable ASCII, else nothing (the worker's word).
     let running = String::from_utf8(get_bytes(copy, RUNNING, RUNNING_WORDS, running_len))
         .ok()
-        .filter(|id| is_stream_id(id));
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic()));
     let source = match header & 0xff {
         1 => SourceState::Connected,
         2 => SourceState::Disconnected {
@@ -516,7 +517,15 @@ mod tests {
         assert_eq!(r.running, None);
         assert!(matches!(r.source, SourceState::Unknown));
         slot.publish(|w| w.running(Some(b"not an id")));
+        assert_eq!(slot.read().running, None, "a space is not printable here");
+        slot.publish(|w| w.running(Some(b"H:\x01:1")));
         assert_eq!(slot.read().running, None);
+        slot.publish(|w| w.running(Some(b"H:gm1:42")));
+        assert_eq!(
+            slot.read().running.as_deref(),
+            Some("H:gm1:42"),
+            "a Gearman handle"
+        );
         let long = "x".repeat(1000);
         slot.publish(|w| w.source(&SourceState::Disconnected { reason: long }));
         match slot.read().source {

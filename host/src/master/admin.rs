@@ -676,7 +676,7 @@ impl Master {
                 let running = of_pool().filter(|(_, w)| w.life.serving()).count();
                 let mut busy = of_pool().filter(|(_, w)| w.busy()).count();
                 let (mut done, mut failed) = (pool.stats.done, pool.stats.failed);
-                let source = pool.config.redis.as_ref().map(|cfg| {
+                let source = pool.config.engine().map(|_| {
                     // Its workers say what they did and see on their scoreboard slots.
                     let boards: Vec<_> = of_pool().map(|(id, _)| board(id)).collect();
                     busy = boards.iter().filter(|b| b.running.is_some()).count();
@@ -684,7 +684,7 @@ impl Master {
                         done = done.saturating_add(b.jobs_done.saturating_sub(b.jobs_failed));
                         failed = failed.saturating_add(b.jobs_failed.min(b.jobs_done));
                     }
-                    redis_source(cfg, &boards)
+                    engine_source(&pool.config, &boards)
                 });
                 PoolSnapshot {
                     name: pool.config.name.clone(),
@@ -719,7 +719,7 @@ impl Master {
             .map(|(id, w)| {
                 let age = now.saturating_duration_since(w.started);
                 let pool = &self.sup.pools()[w.pool];
-                let board = pool.config.redis.is_some().then(|| board(id));
+                let board = pool.config.engine().is_some().then(|| board(id));
                 let busy = match &board {
                     Some(b) => b.running.is_some(),
                     None => w.busy(),
@@ -797,9 +797,9 @@ pub(super) enum Memory {
     Own,
 }
 
-/// A redis pool's source as its workers' slots tell it.
-fn redis_source(
-    cfg: &crate::config::RedisConfig,
+/// An engine-fed pool's source as its workers' slots tell it.
+fn engine_source(
+    pool: &crate::config::PoolConfig,
     boards: &[crate::scoreboard::Report],
 ) -> crate::admin::SourceSnapshot {
     use crate::scoreboard::SourceState;
@@ -823,11 +823,33 @@ fn redis_source(
         .filter_map(|b| b.figures)
         .filter(|f| f.at_ms <= now_ms)
         .max_by_key(|f| f.at_ms);
+    let (kind, address, stream, group, function) = match (&pool.redis, &pool.gearman) {
+        (Some(cfg), _) => (
+            "redis",
+            cfg.shown_url.clone(),
+            Some(cfg.stream.clone()),
+            Some(cfg.group.clone()),
+            None,
+        ),
+        (None, Some(cfg)) => (
+            "gearman",
+            cfg.servers
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            None,
+            None,
+            Some(cfg.function.clone()),
+        ),
+        (None, None) => ("none", String::new(), None, None, None),
+    };
     crate::admin::SourceSnapshot {
-        kind: "redis".into(),
-        address: cfg.shown_url.clone(),
-        stream: cfg.stream.clone(),
-        group: cfg.group.clone(),
+        kind: kind.into(),
+        address,
+        stream,
+        group,
+        function,
         state: state.into(),
         reason,
         workers_connected: connected,

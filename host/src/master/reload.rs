@@ -414,6 +414,7 @@ fn same_for_workers(a: &PoolConfig, b: &PoolConfig) -> bool {
         && a.max_rss == b.max_rss
         && a.min_available_memory == b.min_available_memory
         && a.redis == b.redis
+        && a.gearman == b.gearman
         && (a.redis.is_none()
             || (a.job_timeout == b.job_timeout && a.max_attempts == b.max_attempts))
 }

@@ -1257,8 +1257,11 @@ impl Supervisor {
             pool.predecessors.push(Predecessor {
                 consumer: crate::worker::redis::consumer_name(&name, worker.pid.as_raw() as u32),
                 why: ending.job_reason(),
-                // What it was running then: only that entry used up an attempt.
-                running: board.running,
+                // What it was running then: only that entry used up an attempt (the
+                // worker's word: a stream id or nothing).
+                running: board
+                    .running
+                    .filter(|id| crate::scoreboard::is_stream_id(id)),
             });
         }
         match &ending {

@@ -16,6 +16,8 @@
 //! `_exit`), never touches the master's sockets (the master closed them in the child before
 //! calling [`run`]), and talks to the master only through its own socketpair.
 
+pub mod gearman;
+mod job;
 pub mod redis;
 mod source;
 
@@ -218,6 +220,12 @@ fn setup(assignment: &Assignment) -> Result<SignalPipe, String> {
 fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPipe) -> WorkerExit {
     let pool = &assignment.pool;
     let mut source: Box<dyn JobSource> = match (&pool.redis, pool.mode) {
+        (None, _) if pool.gearman.is_some() => Box::new(gearman::GearmanSource::new(
+            assignment.channel,
+            pool,
+            pool.gearman.clone().unwrap_or_else(|| unreachable!()),
+            assignment.slot,
+        )),
         (Some(cfg), _) => Box::new(redis::RedisSource::new(
             assignment.channel,
             pool,
@@ -295,7 +303,7 @@ fn batch_loop(
             }
         }
         if low {
-            wait(signals, None, Some(Duration::from_secs(1)));
+            wait(signals, Vec::new(), Some(Duration::from_secs(1)));
             continue;
         }
         let job_started = Instant::now();
@@ -309,7 +317,9 @@ fn batch_loop(
                     .into_iter()
                     .flatten()
                     .min();
-                wait(signals, source.wake_fd(), timeout);
+                let mut fds = Vec::new();
+                source.wake_fds(&mut fds);
+                wait(signals, fds, timeout);
             }
             Ok(Next::Stop) => {
                 log::info!("the plugin said stop after {jobs_done} jobs");
@@ -327,16 +337,10 @@ fn batch_loop(
     }
 }
 
-/// Sleeps until a signal, the source's fd is readable, or the timeout (None = no timeout).
-fn wait(
-    signals: &SignalPipe,
-    source: Option<std::os::fd::BorrowedFd<'_>>,
-    timeout: Option<Duration>,
-) {
-    let mut fds = vec![PollFd::new(signals.fd(), PollFlags::POLLIN)];
-    if let Some(fd) = source {
-        fds.push(PollFd::new(fd, PollFlags::POLLIN));
-    }
+/// Sleeps until a signal, one of the source's `fds` is ready, or the timeout (None = no
+/// timeout).
+fn wait<'a>(signals: &'a SignalPipe, mut fds: Vec<PollFd<'a>>, timeout: Option<Duration>) {
+    fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
     let timeout = match timeout {
         None => PollTimeout::NONE,
         Some(t) => {

@@ -68,12 +68,7 @@ const REPLY_TTL: std::ops::RangeInclusive<u64> = 1_000..=30 * 24 * 3_600_000;
 
 /// The consumer name of worker `pid` of `pool` on this host.
 pub fn consumer_name(pool: &str, pid: u32) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{host}:{pool}:{pid}")
+    format!("{}:{pool}:{pid}", crate::sys::hostname())
 }
 
 /// One stream entry: its id and its fields, as sent (binary-safe).

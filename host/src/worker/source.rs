@@ -41,6 +41,13 @@ pub trait JobSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next>;
     /// An fd whose readability means "work may be there" (job mode's channel).
     fn wake_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Every fd whose readiness means "something to do" (several servers' connections):
+    /// `wake_fd`'s, readable, unless a source says more.
+    fn wake_fds<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) {
+        if let Some(fd) = self.wake_fd() {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
+    }
     /// The worker's socketpair with the master (for its LEAVING frame).
     fn channel(&self) -> BorrowedFd<'_>;
     /// The worker holds back (the system is short of memory) or takes work again: job mode

@@ -6,10 +6,10 @@
 //! assertions. Each test pins one decision, named by its title.
 
 use super::*;
-use std::collections::HashMap;
 use crate::config::Config;
 use crate::master::pool::PoolState;
 use crate::worker::WorkerExit;
+use std::collections::HashMap;
 
 const GRACE: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,837 @@
+//! gearmand as a worker's job source: each worker of a `source = "gearman"` pool is a Gearman
+//! worker connected to every server of `[pool.gearman] servers`, registered for the pool's
+//! function, woken by whichever server has work. The packets are [`crate::gearman::packet`]'s;
+//! this module owns the connections and the worker's side of the conversation:
+//!
+//! ```text
+//! connect ─► SET_CLIENT_ID, CAN_DO[_TIMEOUT], ECHO_REQ ─► ECHO_RES: the server answers
+//! GRAB_JOB_UNIQ ─► NO_JOB ─► PRE_SLEEP ─► … NOOP ─► GRAB_JOB_UNIQ ─► JOB_ASSIGN_UNIQ
+//! run the plugin (WORK_STATUS / WORK_DATA as it reports) ─► WORK_COMPLETE | WORK_FAIL | WORK_EXCEPTION
+//! ```
+//!
+//! - **One job at a time.** At most one GRAB is outstanding over all servers, so a worker
+//!   never holds a job it has not started (a job held is a job gearmand cannot give to an
+//!   idle worker). Servers that may have work (just connected, woke us with NOOP, or gave us
+//!   the last job) are grabbed from in turn. gearmand 1.1.20 re-arms a sleeper's NOOP only
+//!   after a GRAB, so every NOOP is followed by a GRAB, and a worker sleeps on a server only
+//!   after its NO_JOB.
+//! - **A server that never answers does not hold the others up.** A server is grabbed from
+//!   only once it answered the ECHO sent right after connecting; a GRAB or ECHO unanswered
+//!   for [`REPLY_TIMEOUT`] closes that connection; an idle connection is ECHOed every
+//!   [`PING_EVERY`], so a half-open one (a server that vanished) is noticed. Connecting is
+//!   non-blocking, so a server that drops SYNs costs nothing either.
+//! - **Failures.** A lost or refused connection is retried with capped exponential back-off
+//!   (100 ms → 5 s), logged once when the outage starts and once when it ends; the worker's
+//!   scoreboard slot says which servers are down and why, for `status`. A bad packet closes
+//!   that connection (and is reconnected), never the worker loop. A worker that dies with a
+//!   job drops its connection: gearmand gives the job to another worker.
+//! - **Results.** A plugin error is WORK_FAIL (body: the handle only; a trailing NUL makes
+//!   libgearman clients hang) or WORK_EXCEPTION with the message (`failure = "exception"`).
+//!
+//! Never connects in the master (only in the worker, after fork); never buffers more than
+//! one packet of [`MAX_BODY`] per server; never blocks on one server longer than
+//! [`REPLY_TIMEOUT`] (writing a result to a server that stopped reading ends that connection).
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use jobhost_plugin_api::PluginInstance;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
+
+use super::job::{self, Report};
+use super::source::{JobSource, Next, Wake};
+use crate::config::{GearmanConfig, GearmanFailure, GearmanServer, PoolConfig};
+use crate::gearman::packet::{Decoder, Fill, FromServer, PacketError, ToServer};
+use crate::scoreboard::{Slot, SourceState, MAX_RUNNING};
+
+/// The largest packet body taken from a server: a workload of up to 1 GiB with its handle,
+/// function and unique id. gearmand's own limit is the protocol's (4 GiB).
+pub const MAX_BODY: usize = (1 << 30) + (64 << 10);
+/// The longest a server may take to answer a GRAB or an ECHO, or to take a packet we write.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection is ECHOed this often.
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// A connect still under way after this long is given up (and retried).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Progress sent more often than this is coalesced (the latest wins; the last one before the
+/// result is always sent).
+const STATUS_EVERY: Duration = Duration::from_millis(50);
+/// What the liveness ECHO carries.
+const PING: &[u8] = b"jobhost";
+
+/// Why a connection to a server ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("cannot resolve: {0}")]
+    Resolve(io::Error),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Os(#[from] nix::Error),
+    #[error("connecting timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("bad packet from the server: {0}")]
+    Packet(#[from] PacketError),
+    #[error("unexpected {0} from the server")]
+    Unexpected(&'static str),
+    #[error("no answer to {what} within {REPLY_TIMEOUT:?}")]
+    NoAnswer { what: &'static str },
+    #[error("the server takes no more data (a write blocked for {REPLY_TIMEOUT:?})")]
+    WriteTimeout,
+}
+
+/// Where a connection is in its conversation with the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No connection; the next try is at `retry_at`.
+    Down { retry_at: Instant },
+    /// A non-blocking connect is under way since `since`.
+    Connecting { since: Instant },
+    /// Registered; the ECHO sent after registering is not answered yet.
+    Greeting { since: Instant },
+    /// Answering, nothing asked: GRAB when it may have work.
+    Ready,
+    /// A GRAB is out (the one of all servers), since then.
+    Grabbing { since: Instant },
+    /// PRE_SLEEP sent after NO_JOB: a NOOP will say when a job comes.
+    Sleeping,
+}
+
+struct Outage {
+    since: Instant,
+    delay: Duration,
+    reason: String,
+}
+
+/// One server.
+struct Conn {
+    server: GearmanServer,
+    stream: Option<TcpStream>,
+    decoder: Decoder,
+    state: State,
+    /// It said NOOP, just connected, or gave us the last job: GRAB it when it is our turn.
+    may_have_work: bool,
+    /// An ECHO is out since then (a liveness check of an idle connection).
+    ping_since: Option<Instant>,
+    /// When we last heard from it.
+    heard: Instant,
+    outage: Option<Outage>,
+    /// Packets being written (kept only while a write would block).
+    out: Vec<u8>,
+}
+
+impl Conn {
+    fn new(server: GearmanServer, now: Instant) -> Conn {
+        Conn {
+            server,
+            stream: None,
+            decoder: Decoder::new(MAX_BODY),
+            state: State::Down { retry_at: now },
+            may_have_work: false,
+            ping_since: None,
+            heard: now,
+            outage: None,
+            out: Vec::new(),
+        }
+    }
+
+    fn up(&self) -> bool {
+        matches!(
+            self.state,
+            State::Ready | State::Grabbing { .. } | State::Sleeping
+        )
+    }
+
+    /// Writes `packet` now, waiting at most [`REPLY_TIMEOUT`] for the server to take it.
+    fn send(&mut self, packet: ToServer<'_>) -> Result<(), ConnError> {
+        self.out.clear();
+        let tail = packet.encode_head(&mut self.out);
+        let stream = self.stream.as_ref().ok_or(ConnError::Closed)?;
+        write_all(stream, &[&self.out, tail])?;
+        self.out.clear();
+        if self.out.capacity() > 64 << 10 {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+/// Writes every byte of `parts` to a non-blocking socket, polling while it is full, for at
+/// most [`REPLY_TIMEOUT`] without progress.
+fn write_all(mut stream: &TcpStream, parts: &[&[u8]]) -> Result<(), ConnError> {
+    for part in parts {
+        let mut at = 0;
+        let mut deadline = Instant::now() + REPLY_TIMEOUT;
+        while at < part.len() {
+            match stream.write(&part[at..]) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => {
+                    at += n;
+                    deadline = Instant::now() + REPLY_TIMEOUT;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ConnError::WriteTimeout);
+                    }
+                    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+                    let ms = left.as_millis().clamp(1, 60_000) as i32;
+                    let _ = poll(
+                        &mut fds,
+                        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first address of `server` (a literal, or a name resolved now).
+fn resolve(server: &GearmanServer) -> Result<SocketAddr, ConnError> {
+    (server.host.as_str(), server.port)
+        .to_socket_addrs()
+        .map_err(ConnError::Resolve)?
+        .next()
+        .ok_or_else(|| {
+            ConnError::Resolve(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no address for this name",
+            ))
+        })
+}
+
+/// Starts a non-blocking connect to `addr`: the socket, once writable, tells how it went.
+fn start_connect(addr: SocketAddr) -> Result<TcpStream, ConnError> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let connect = |fd: &OwnedFd| match addr {
+        SocketAddr::V4(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    // A server that vanishes without a FIN is noticed by the ECHOs; keepalive helps the
+    // kernel notice too while a long job runs.
+    let _ = socket::setsockopt(&fd, sockopt::KeepAlive, &true);
+    match connect(&fd) {
+        Ok(()) | Err(nix::Error::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// The worker's source: every server of the pool, one job at a time.
+pub struct GearmanSource {
+    channel: OwnedFd,
+    slot: Slot,
+    cfg: GearmanConfig,
+    client_id: String,
+    conns: Vec<Conn>,
+    /// Where the next GRAB round starts (servers take turns).
+    turn: usize,
+    ran: u64,
+    failed: u64,
+    /// What the slot last said of the servers (published when it changes).
+    said: Option<SourceState>,
+    /// Holding back (short of memory): no GRAB.
+    paused: bool,
+}
+
+impl GearmanSource {
+    pub fn new(
+        channel: OwnedFd,
+        pool: &PoolConfig,
+        cfg: GearmanConfig,
+        slot: Slot,
+    ) -> GearmanSource {
+        let now = Instant::now();
+        let prefix = cfg.client_id.clone().unwrap_or_else(crate::sys::hostname);
+        let client_id = format!("{prefix}:{}:{}", pool.name, std::process::id());
+        let conns = cfg
+            .servers
+            .iter()
+            .map(|s| Conn::new(s.clone(), now))
+            .collect();
+        GearmanSource {
+            channel,
+            slot,
+            cfg,
+            client_id,
+            conns,
+            turn: 0,
+            ran: 0,
+            failed: 0,
+            said: None,
+            paused: false,
+        }
+    }
+
+    /// Connection `i` failed: close it, back off, log once per outage.
+    fn lost(&mut self, i: usize, error: &ConnError, now: Instant) {
+        let conn = &mut self.conns[i];
+        let was_grabbing = matches!(conn.state, State::Grabbing { .. });
+        conn.stream = None;
+        conn.decoder = Decoder::new(MAX_BODY);
+        conn.may_have_work = false;
+        conn.ping_since = None;
+        let reason = error.to_string();
+        let delay = match &mut conn.outage {
+            None => {
+                log::warn!(
+                    "gearman {}: {reason}; reconnecting (logged once per outage)",
+                    conn.server
+                );
+                conn.outage = Some(Outage {
+                    since: now,
+                    delay: BACKOFF_FIRST,
+                    reason,
+                });
+                BACKOFF_FIRST
+            }
+            Some(outage) => {
+                log::debug!("gearman {}: still down: {reason}", conn.server);
+                outage.delay = (outage.delay * 2).min(BACKOFF_CAP);
+                outage.reason = reason;
+                outage.delay
+            }
+        };
+        conn.state = State::Down {
+            retry_at: now + delay,
+        };
+        if was_grabbing {
+            self.grab_next(now);
+        }
+        self.publish_state();
+    }
+
+    /// Connection `i` answered (its first ECHO): an outage, if there was one, is over.
+    fn answered(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if let Some(outage) = conn.outage.take() {
+            log::warn!(
+                "gearman {}: connected again after {:.1?}",
+                conn.server,
+                outage.since.elapsed()
+            );
+        } else {
+            log::debug!("gearman {}: connected", conn.server);
+        }
+        conn.state = State::Ready;
+        conn.may_have_work = true;
+        self.publish_state();
+    }
+
+    /// What `status` shows: connected when every server answers, else which do not and why.
+    fn publish_state(&mut self) {
+        let down: Vec<String> = self
+            .conns
+            .iter()
+            .filter(|c| !c.up())
+            .map(|c| match &c.outage {
+                Some(o) => format!("{}: {}", c.server, o.reason),
+                None => format!("{}: connecting", c.server),
+            })
+            .collect();
+        let state = if down.is_empty() {
+            SourceState::Connected
+        } else {
+            SourceState::Disconnected {
+                reason: format!(
+                    "{} of {} servers up; {}",
+                    self.conns.len() - down.len(),
+                    self.conns.len(),
+                    down.join("; ")
+                ),
+            }
+        };
+        if self.said.as_ref() != Some(&state) {
+            self.slot.publish(|w| w.source(&state));
+            self.said = Some(state);
+        }
+    }
+
+    /// Starts or finishes connects, and sends the ECHOs that are due.
+    fn tend(&mut self, now: Instant) {
+        for i in 0..self.conns.len() {
+            let step = self.tend_one(i, now);
+            if let Err(e) = step {
+                self.lost(i, &e, now);
+            }
+        }
+    }
+
+    fn tend_one(&mut self, i: usize, now: Instant) -> Result<(), ConnError> {
+        let conn = &mut self.conns[i];
+        match conn.state {
+            State::Down { retry_at } if now >= retry_at => {
+                let addr = resolve(&conn.server)?;
+                conn.stream = Some(start_connect(addr)?);
+                conn.state = State::Connecting { since: now };
+                self.finish_connect(i, now)
+            }
+            State::Connecting { since } => {
+                if now.saturating_duration_since(since) >= CONNECT_TIMEOUT {
+                    return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT));
+                }
+                self.finish_connect(i, now)
+            }
+            State::Greeting { since } | State::Grabbing { since }
+                if now.saturating_duration_since(since) >= REPLY_TIMEOUT =>
+            {
+                Err(ConnError::NoAnswer {
+                    what: if matches!(conn.state, State::Greeting { .. }) {
+                        "ECHO_REQ"
+                    } else {
+                        "GRAB_JOB_UNIQ"
+                    },
+                })
+            }
+            State::Ready | State::Sleeping => {
+                match conn.ping_since {
+                    Some(since) if now.saturating_duration_since(since) >= REPLY_TIMEOUT => {
+                        return Err(ConnError::NoAnswer { what: "ECHO_REQ" })
+                    }
+                    None if now.saturating_duration_since(conn.heard) >= PING_EVERY => {
+                        conn.send(ToServer::EchoReq(PING))?;
+                        conn.ping_since = Some(now);
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A connect under way: if it is done, register.
+    fn finish_connect(&mut self, i: usize, now: Instant) -> Result<(), ConnError> {
+        let conn = &mut self.conns[i];
+        let Some(stream) = &conn.stream else {
+            return Err(ConnError::Closed);
+        };
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+        if poll(&mut fds, PollTimeout::ZERO)? == 0 {
+            return Ok(()); // still under way
+        }
+        if let Some(error) = stream.take_error()? {
+            return Err(error.into());
+        }
+        conn.heard = now;
+        conn.send(ToServer::SetClientId(self.client_id.as_bytes()))?;
+        let function = self.cfg.function.as_bytes();
+        match self.cfg.timeout {
+            // gearmand 1.1.20 reads CAN_DO_TIMEOUT's value as milliseconds (1..=999 as 1000).
+            Some(timeout) => conn.send(ToServer::CanDoTimeout {
+                function,
+                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            })?,
+            None => conn.send(ToServer::CanDo(function))?,
+        }
+        conn.send(ToServer::EchoReq(PING))?;
+        conn.state = State::Greeting { since: now };
+        Ok(())
+    }
+
+    /// Sends the one GRAB, to the next server that may have work (in turn), unless one is out.
+    fn grab_next(&mut self, now: Instant) {
+        if self.paused
+            || self
+                .conns
+                .iter()
+                .any(|c| matches!(c.state, State::Grabbing { .. }))
+        {
+            return;
+        }
+        let n = self.conns.len();
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            let conn = &mut self.conns[i];
+            if !(conn.may_have_work && matches!(conn.state, State::Ready | State::Sleeping)) {
+                continue;
+            }
+            conn.may_have_work = false;
+            match conn.send(ToServer::GrabJobUniq) {
+                Ok(()) => {
+                    conn.state = State::Grabbing { since: now };
+                    self.turn = (i + 1) % n;
+                    return;
+                }
+                Err(e) => self.lost(i, &e, now),
+            }
+        }
+    }
+
+    /// Reads what server `i` sent and acts on each packet; runs a job it assigned. Returns
+    /// whether a job ran.
+    fn read_one(
+        &mut self,
+        i: usize,
+        plugin: &mut PluginInstance,
+        now: Instant,
+    ) -> Result<bool, ConnError> {
+        loop {
+            let conn = &mut self.conns[i];
+            let Some(stream) = &conn.stream else {
+                return Ok(false);
+            };
+            // Packets already buffered first; then one read.
+            let packet = conn.decoder.next()?;
+            let Some(packet) = packet else {
+                match conn.decoder.read_from(&mut &*stream)? {
+                    Fill::Read(_) => continue,
+                    Fill::WouldBlock => {
+                        conn.decoder.shrink();
+                        return Ok(false);
+                    }
+                    Fill::Closed => return Err(ConnError::Closed),
+                }
+            };
+            conn.heard = now;
+            match packet {
+                FromServer::Noop => {
+                    conn.may_have_work = true;
+                    if conn.state == State::Sleeping {
+                        conn.state = State::Ready;
+                    }
+                }
+                FromServer::NoJob => {
+                    if !matches!(conn.state, State::Grabbing { .. }) {
+                        return Err(ConnError::Unexpected("NO_JOB"));
+                    }
+                    conn.send(ToServer::PreSleep)?;
+                    conn.state = State::Sleeping;
+                    self.grab_next(now);
+                }
+                FromServer::EchoRes(_) => {
+                    conn.ping_since = None;
+                    if matches!(conn.state, State::Greeting { .. }) {
+                        self.answered(i);
+                        self.grab_next(now);
+                    }
+                }
+                FromServer::Error { code, text } => {
+                    // JOB_NOT_FOUND: a result for a job gearmand took back (its
+                    // CAN_DO_TIMEOUT ran out) — it runs elsewhere; nothing to do here.
+                    log::warn!(
+                        "gearman {}: the server says {}: {}",
+                        conn.server,
+                        String::from_utf8_lossy(code),
+                        String::from_utf8_lossy(text)
+                    );
+                }
+                FromServer::OptionRes(_) => {}
+                FromServer::JobAssign {
+                    handle, workload, ..
+                } => {
+                    if !matches!(conn.state, State::Grabbing { .. }) {
+                        return Err(ConnError::Unexpected("JOB_ASSIGN"));
+                    }
+                    // The workload stays in the decoder's buffer (the plugin reads it in
+                    // place); the replies go out on the same socket.
+                    let stream = conn.stream.as_ref().ok_or(ConnError::Closed)?;
+                    let outcome = run_job(
+                        plugin,
+                        &self.slot,
+                        stream,
+                        &conn.server,
+                        handle,
+                        workload,
+                        self.cfg.failure,
+                    );
+                    self.ran += 1;
+                    let failed_job = !matches!(outcome, Ok(true));
+                    if failed_job {
+                        self.failed += 1;
+                    }
+                    let (ran, failed) = (self.ran, self.failed);
+                    self.slot.publish(|w| {
+                        w.running(None);
+                        w.jobs(ran, failed);
+                    });
+                    outcome?;
+                    let conn = &mut self.conns[i];
+                    conn.state = State::Ready;
+                    // It gave us work: it may have more (its turn comes again in order).
+                    conn.may_have_work = true;
+                    self.grab_next(Instant::now());
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one job and writes its outcome to the server. `Ok(true)`: the plugin succeeded;
+/// `Ok(false)`: it failed (and the server was told); `Err`: the connection failed.
+fn run_job(
+    plugin: &mut PluginInstance,
+    slot: &Slot,
+    stream: &TcpStream,
+    server: &GearmanServer,
+    handle: &[u8],
+    workload: &[u8],
+    failure: GearmanFailure,
+) -> Result<bool, ConnError> {
+    // The scoreboard shows a printable handle (the master times the job by it).
+    let shown: Vec<u8> = handle
+        .iter()
+        .take(MAX_RUNNING)
+        .map(|&b| if b.is_ascii_graphic() { b } else { b'?' })
+        .collect();
+    slot.publish(|w| w.running(Some(&shown)));
+    let mut head = Vec::with_capacity(64);
+    let mut broken: Option<ConnError> = None;
+    let mut last_status: Option<Instant> = None;
+    let mut pending_status: Option<(u32, u32)> = None;
+    let mut send = |packet: ToServer<'_>, broken: &mut Option<ConnError>| {
+        if broken.is_some() {
+            return;
+        }
+        head.clear();
+        let tail = packet.encode_head(&mut head);
+        if let Err(e) = write_all(stream, &[&head, tail]) {
+            *broken = Some(e);
+        }
+    };
+    let result = job::handle(plugin, workload, &mut |report| match report {
+        Report::Progress {
+            numerator,
+            denominator,
+        } => {
+            let status = scale(numerator, denominator);
+            let now = Instant::now();
+            if last_status.is_some_and(|t| now.saturating_duration_since(t) < STATUS_EVERY) {
+                pending_status = Some(status);
+                return;
+            }
+            last_status = Some(now);
+            pending_status = None;
+            send(
+                ToServer::WorkStatus {
+                    handle,
+                    numerator: status.0,
+                    denominator: status.1,
+                },
+                &mut broken,
+            );
+        }
+        Report::Data(data) => send(ToServer::WorkData { handle, data }, &mut broken),
+    });
+    if let Some((numerator, denominator)) = pending_status {
+        send(
+            ToServer::WorkStatus {
+                handle,
+                numerator,
+                denominator,
+            },
+            &mut broken,
+        );
+    }
+    let ok = result.is_ok();
+    match &result {
+        Ok(data) => send(ToServer::WorkComplete { handle, data }, &mut broken),
+        Err(message) => {
+            log::info!(
+                "gearman {server}: job {} failed: {message}",
+                String::from_utf8_lossy(&shown)
+            );
+            match failure {
+                GearmanFailure::Fail => send(ToServer::WorkFail { handle }, &mut broken),
+                GearmanFailure::Exception => send(
+                    ToServer::WorkException {
+                        handle,
+                        data: message.as_bytes(),
+                    },
+                    &mut broken,
+                ),
+            }
+        }
+    }
+    match broken {
+        Some(e) => Err(e),
+        None => Ok(ok),
+    }
+}
+
+/// A progress fraction in WORK_STATUS's 32-bit fields, scaled down together when too large.
+fn scale(numerator: u64, denominator: u64) -> (u32, u32) {
+    let top = numerator.max(denominator);
+    if top <= u64::from(u32::MAX) {
+        return (numerator as u32, denominator as u32);
+    }
+    let shift = 64 - top.leading_zeros() - 32;
+    ((numerator >> shift) as u32, (denominator >> shift) as u32)
+}
+
+impl JobSource for GearmanSource {
+    fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next> {
+        let now = Instant::now();
+        self.tend(now);
+        self.grab_next(now);
+        // Servers in turn, so one that keeps sending cannot starve the others.
+        let n = self.conns.len();
+        let start = self.turn;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.read_one(i, plugin, now) {
+                Ok(true) => return Ok(Next::Worked),
+                Ok(false) => {}
+                Err(e) => self.lost(i, &e, now),
+            }
+        }
+        self.grab_next(now);
+        Ok(Next::Idle(Wake {
+            timeout: self.next_timer(now),
+        }))
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn wake_fds<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) {
+        for conn in &self.conns {
+            if let Some(stream) = &conn.stream {
+                let flags = match conn.state {
+                    State::Connecting { .. } => PollFlags::POLLOUT,
+                    _ => PollFlags::POLLIN,
+                };
+                fds.push(PollFd::new(stream.as_fd(), flags));
+            }
+        }
+    }
+
+    fn channel(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+
+    fn hold(&mut self, paused: bool) -> io::Result<()> {
+        self.paused = paused;
+        Ok(())
+    }
+
+    fn retire(&mut self) {
+        // Nothing is held unstarted: closing the connections is all (gearmand forgets us).
+        for conn in &mut self.conns {
+            conn.stream = None;
+        }
+    }
+}
+
+impl GearmanSource {
+    /// How long the worker may sleep: until the next connect try, connect or answer
+    /// deadline, or ECHO.
+    fn next_timer(&self, now: Instant) -> Option<Duration> {
+        self.conns
+            .iter()
+            .filter_map(|c| match c.state {
+                State::Down { retry_at } => Some(retry_at),
+                State::Connecting { since } => Some(since + CONNECT_TIMEOUT),
+                State::Greeting { since } | State::Grabbing { since } => {
+                    Some(since + REPLY_TIMEOUT)
+                }
+                State::Ready | State::Sleeping => Some(match c.ping_since {
+                    Some(since) => since + REPLY_TIMEOUT,
+                    None => c.heard + PING_EVERY,
+                }),
+            })
+            .min()
+            .map(|t| {
+                t.saturating_duration_since(now)
+                    .max(Duration::from_millis(1))
+            })
+    }
+}
+
+/// Says whether each server answers an ECHO within `timeout` (for `jobhost check`, run from
+/// the CLI, never the master): one line per server.
+pub fn check_servers(cfg: &GearmanConfig, timeout: Duration) -> Vec<Result<String, String>> {
+    cfg.servers
+        .iter()
+        .map(|server| {
+            echo(server, timeout)
+                .map(|rtt| {
+                    format!(
+                        "gearman {server} answers ({:.1} ms)",
+                        rtt.as_secs_f64() * 1e3
+                    )
+                })
+                .map_err(|e| format!("gearman {server}: {e}"))
+        })
+        .collect()
+}
+
+/// One blocking ECHO round trip.
+fn echo(server: &GearmanServer, timeout: Duration) -> Result<Duration, ConnError> {
+    use std::io::Read;
+    let started = Instant::now();
+    let addr = resolve(server)?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut out = Vec::new();
+    ToServer::EchoReq(PING).encode(&mut out);
+    stream.write_all(&out)?;
+    let mut decoder = Decoder::new(1 << 16);
+    loop {
+        if let Some(packet) = decoder.next()? {
+            return match packet {
+                FromServer::EchoRes(data) if data == PING => Ok(started.elapsed()),
+                _ => Err(ConnError::Unexpected("answer to ECHO_REQ")),
+            };
+        }
+        let mut buf = [0u8; 4096];
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Err(ConnError::Closed),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ConnError::NoAnswer { what: "ECHO_REQ" })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if decoder.feed(&buf[..n]) < n {
+            return Err(ConnError::Unexpected("oversized answer to ECHO_REQ"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_fractions_fit_work_status() {
+        assert_eq!(scale(3, 4), (3, 4));
+        assert_eq!(scale(u64::from(u32::MAX), 1), (u32::MAX, 1));
+        let (n, d) = scale(1 << 40, 1 << 41);
+        assert_eq!(
+            (n, d),
+            (1 << 31, 1 << 32).min((u32::MAX, u32::MAX)).max((n, d))
+        );
+        assert_eq!(u64::from(d), u64::from(n) * 2);
+        let (n, d) = scale(u64::MAX, u64::MAX);
+        assert_eq!(n, d);
+    }
+}
