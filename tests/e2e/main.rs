@@ -7,6 +7,7 @@ mod bad_input;
 mod check_config;
 mod daemon;
 mod draining;
+mod gearman;
 mod hardening;
 mod job_server;
 mod loop_mode;
