@@ -63,6 +63,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const STATUS_EVERY: Duration = Duration::from_millis(50);
 /// What the liveness ECHO carries.
 const PING: &[u8] = b"jobhost";
+/// The most packets taken from one server per look: a server that floods (NOOPs, ERRORs)
+/// cannot keep the worker from its other servers and its signals.
+const PACKET_BUDGET: usize = 1024;
+/// ERROR packets are logged at most this often per server (with a count of the others).
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a connection to a server ended.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +130,9 @@ struct Conn {
     outage: Option<Outage>,
     /// Packets being written (kept only while a write would block).
     out: Vec<u8>,
+    /// When an ERROR from it was last logged, and how many came since.
+    error_logged: Option<Instant>,
+    errors_unlogged: u64,
 }
 
 impl Conn {
@@ -139,6 +147,8 @@ impl Conn {
             heard: now,
             outage: None,
             out: Vec::new(),
+            error_logged: None,
+            errors_unlogged: 0,
         }
     }
 
@@ -478,18 +488,17 @@ impl GearmanSource {
         }
     }
 
-    /// Reads what server `i` sent and acts on each packet; runs a job it assigned. Returns
-    /// whether a job ran.
+    /// Reads what server `i` sent and acts on each packet; runs a job it assigned.
     fn read_one(
         &mut self,
         i: usize,
         plugin: &mut PluginInstance,
         now: Instant,
-    ) -> Result<bool, ConnError> {
-        loop {
+    ) -> Result<Looked, ConnError> {
+        for _ in 0..PACKET_BUDGET {
             let conn = &mut self.conns[i];
             let Some(stream) = &conn.stream else {
-                return Ok(false);
+                return Ok(Looked::Drained);
             };
             // Packets already buffered first; then one read.
             let packet = conn.decoder.next()?;
@@ -498,7 +507,7 @@ impl GearmanSource {
                     Fill::Read(_) => continue,
                     Fill::WouldBlock => {
                         conn.decoder.shrink();
-                        return Ok(false);
+                        return Ok(Looked::Drained);
                     }
                     Fill::Closed => return Err(ConnError::Closed),
                 }
@@ -529,8 +538,20 @@ impl GearmanSource {
                 FromServer::Error { code, text } => {
                     // JOB_NOT_FOUND: a result for a job gearmand took back (its
                     // CAN_DO_TIMEOUT ran out) — it runs elsewhere; nothing to do here.
+                    if conn
+                        .error_logged
+                        .is_some_and(|t| now.saturating_duration_since(t) < ERROR_LOG_EVERY)
+                    {
+                        conn.errors_unlogged += 1;
+                        continue;
+                    }
+                    let more = match std::mem::take(&mut conn.errors_unlogged) {
+                        0 => String::new(),
+                        n => format!(" ({n} more errors since the last one logged)"),
+                    };
+                    conn.error_logged = Some(now);
                     log::warn!(
-                        "gearman {}: the server says {}: {}",
+                        "gearman {}: the server says {}: {}{more}",
                         conn.server,
                         String::from_utf8_lossy(code),
                         String::from_utf8_lossy(text)
@@ -571,11 +592,23 @@ impl GearmanSource {
                     // It gave us work: it may have more (its turn comes again in order).
                     conn.may_have_work = true;
                     self.grab_next(Instant::now());
-                    return Ok(true);
+                    return Ok(Looked::Ran);
                 }
             }
         }
+        Ok(Looked::MoreLater)
     }
+}
+
+/// What one look at a server did.
+enum Looked {
+    /// It assigned a job, which ran.
+    Ran,
+    /// Everything it sent is handled.
+    Drained,
+    /// It sent more than one look takes: look again soon (its bytes may all be buffered
+    /// here already, so its socket would not wake the worker).
+    MoreLater,
 }
 
 /// Runs one job and writes its outcome to the server. `Ok(true)`: the plugin succeeded;
@@ -688,17 +721,23 @@ impl JobSource for GearmanSource {
         // Servers in turn, so one that keeps sending cannot starve the others.
         let n = self.conns.len();
         let start = self.turn;
+        let mut more = false;
         for k in 0..n {
             let i = (start + k) % n;
             match self.read_one(i, plugin, now) {
-                Ok(true) => return Ok(Next::Worked),
-                Ok(false) => {}
+                Ok(Looked::Ran) => return Ok(Next::Worked),
+                Ok(Looked::Drained) => {}
+                Ok(Looked::MoreLater) => more = true,
                 Err(e) => self.lost(i, &e, now),
             }
         }
         self.grab_next(now);
         Ok(Next::Idle(Wake {
-            timeout: self.next_timer(now),
+            timeout: if more {
+                Some(Duration::from_millis(1))
+            } else {
+                self.next_timer(now)
+            },
         }))
     }
 

@@ -5,6 +5,7 @@
 //!
 //! This module holds the private server and the helpers; the tests are in its submodules.
 
+mod abuse;
 mod failures;
 mod serving;
 
