@@ -94,6 +94,10 @@ pub enum SourceState {
     Disconnected {
         reason: String,
     },
+    /// Some of its servers answer, others not (a Gearman pool with several servers).
+    Partial {
+        reason: String,
+    },
 }
 
 /// The stream's figures as the worker last read them (`XINFO GROUPS` and `XLEN`).
@@ -375,6 +379,7 @@ impl Writer<'_> {
             SourceState::Unknown => (0, b""),
             SourceState::Connected => (1, b""),
             SourceState::Disconnected { reason } => (2, reason.as_bytes()),
+            SourceState::Partial { reason } => (3, reason.as_bytes()),
         };
         let reason = &reason[..reason.len().min(MAX_REASON)];
         put_bytes(self.slot, REASON, REASON_WORDS, reason);
@@ -433,12 +438,18 @@ fn decode(copy: &[u64; WORDS]) -> Report {
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic()));
     let source = match header & 0xff {
         1 => SourceState::Connected,
-        2 => SourceState::Disconnected {
-            reason: String::from_utf8_lossy(&get_bytes(copy, REASON, REASON_WORDS, reason_len))
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect(),
-        },
+        code @ (2 | 3) => {
+            let reason: String =
+                String::from_utf8_lossy(&get_bytes(copy, REASON, REASON_WORDS, reason_len))
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .collect();
+            if code == 2 {
+                SourceState::Disconnected { reason }
+            } else {
+                SourceState::Partial { reason }
+            }
+        }
         _ => SourceState::Unknown,
     };
     let figures = (copy[STATS_AT] != 0).then(|| StreamFigures {
@@ -497,6 +508,18 @@ mod tests {
         assert_eq!(
             r.figures.map(|f| (f.length, f.pending, f.lag)),
             Some((10, 3, None))
+        );
+        slot.publish(|w| {
+            w.running(None);
+            w.source(&SourceState::Partial {
+                reason: "1 of 2 servers up".into(),
+            });
+        });
+        assert_eq!(
+            slot.read().source,
+            SourceState::Partial {
+                reason: "1 of 2 servers up".into()
+            }
         );
         slot.publish(|w| {
             w.running(None);

@@ -808,11 +808,16 @@ fn engine_source(
         .filter(|b| b.source == SourceState::Connected)
         .count();
     let reason = boards.iter().find_map(|b| match &b.source {
-        SourceState::Disconnected { reason } => Some(reason.clone()),
+        SourceState::Disconnected { reason } | SourceState::Partial { reason } => {
+            Some(reason.clone())
+        }
         _ => None,
     });
+    let partial = boards
+        .iter()
+        .any(|b| matches!(b.source, SourceState::Partial { .. }));
     let state = match (connected, &reason) {
-        (0, Some(_)) => "disconnected",
+        (0, Some(_)) if !partial => "disconnected",
         (_, Some(_)) => "partly disconnected",
         (0, None) => "connecting",
         _ => "connected",

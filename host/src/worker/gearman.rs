@@ -359,17 +359,12 @@ impl GearmanSource {
                 None => format!("{}: connecting", c.server),
             })
             .collect();
-        let state = if down.is_empty() {
-            SourceState::Connected
-        } else {
-            SourceState::Disconnected {
-                reason: format!(
-                    "{} of {} servers up; {}",
-                    self.conns.len() - down.len(),
-                    self.conns.len(),
-                    down.join("; ")
-                ),
-            }
+        let up = self.conns.len() - down.len();
+        let reason = format!("{up} of {} servers up; {}", self.conns.len(), down.join("; "));
+        let state = match (up, down.len()) {
+            (_, 0) => SourceState::Connected,
+            (0, _) => SourceState::Disconnected { reason },
+            _ => SourceState::Partial { reason },
         };
         if self.said.as_ref() != Some(&state) {
             self.slot.publish(|w| w.source(&state));
