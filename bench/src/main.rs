@@ -5,7 +5,8 @@
 //! [`jobhost::client::Client`]s in this process; the peer is Python's `multiprocessing.Pool`
 //! (`bench/mp_pool_peer.py`) run in the same invocation, and for section g (pools fed from
 //! Redis Streams) redis-py consumers (`../shared/bench/redis_stream_peer.py`) on the same
-//! private redis-server. Each figure is the median of
+//! private redis-server, and for section h (pools fed by gearmand) libgearman's C workers and
+//! client (`../shared/bench/gearman/`) on the same private gearmand. Each figure is the median of
 //! `--runs` runs; ratios (against the peer, against one worker) are taken within one run,
 //! because the machines this runs on are shared and noisy.
 //!
@@ -13,6 +14,7 @@
 //! of the sections it ran and keeps the others' rows as they were. It never changes jobhost's
 //! code or config defaults (each scenario writes its own config).
 
+mod gearman;
 mod master;
 mod scenarios;
 mod streams;
@@ -35,7 +37,7 @@ pub struct Opts {
     /// Runs per figure (the median is reported); default 3, or 1 with --quick.
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Only these sections (letters a–g, e.g. `--only af`); RESULTS.md keeps the other
+    /// Only these sections (letters a–h, e.g. `--only af`); RESULTS.md keeps the other
     /// sections' rows from its last run.
     #[arg(long)]
     pub only: Option<String>,
@@ -68,12 +70,12 @@ fn main() -> ExitCode {
 }
 
 /// The section letters, in the order they are run.
-const SECTIONS: &str = "afbcdeg";
+const SECTIONS: &str = "afbcdegh";
 
 fn run(opts: &Opts) -> Result<(), String> {
     if let Some(only) = &opts.only {
         if let Some(bad) = only.chars().find(|c| !SECTIONS.contains(*c)) {
-            return Err(format!("--only {only}: there is no section {bad:?} (a–g)"));
+            return Err(format!("--only {only}: there is no section {bad:?} (a–h)"));
         }
     }
     let runs = opts.runs.unwrap_or(if opts.quick { 1 } else { 3 }).max(1);
@@ -102,6 +104,9 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     if wanted('g') {
         rows.extend(streams::redis_streams(opts, runs)?);
+    }
+    if wanted('h') {
+        rows.extend(gearman::gearman(opts, runs)?);
     }
     let table = table(&rows);
     println!("{table}");

@@ -1,5 +1,5 @@
 //! The measurements, one function per section of the table (a–f; g, Redis, is in
-//! `streams.rs`), and the notes on how each figure is taken (a–g). Each starts its own
+//! `streams.rs`; h, Gearman, in `gearman.rs`), and the notes on how each figure is taken (a–h). Each starts its own
 //! master(s), drives them with real clients, and returns its rows; none asserts a target
 //! (these machines are too noisy for a time to be a pass/fail criterion) — the table shows
 //! the target next to the figure.
@@ -65,6 +65,34 @@ pub const NOTES: &str = "\
   the run / jobs; the ceiling is 1 s / that, the jobs/s a single-threaded Redis could serve
   at that cost. Skipped with a row saying why when redis-server, the peer script or the
   python `redis` package is missing.
+- **h** A private `gearmand` (`--threads=2`, on a free loopback port whose answer to the
+  admin `getpid` is checked to be that gearmand's pid; pid and log files in a temp folder)
+  shared by both sides in the same run. The peer is `../shared/bench/gearman/`, built by the
+  bench with `cc -O2 … -lgearman`: libgearman's C worker (function `noop`, answers WORK_DATA
+  \"ok\" and an empty WORK_COMPLETE) and C client. Each run: a jobhost master with pool
+  `noop` (plugin `echo`, 2 workers, `source = \"gearman\"`; it answers with one WORK_COMPLETE
+  holding the 15-byte payload), waited for until gearmand's `status` shows 2 workers of
+  `noop`; a warm-up (`client pipe 5000 PORT 200`), then `client pipe 100000 PORT 200`
+  (foreground tasks, 200 in flight) and `client seq 20000 PORT` (one blocking job at a time);
+  the master is stopped and gearmand shows 0 workers; then 2 C workers, the same warm-up
+  and the same two commands. jobs/s is the client's own figure (its clock, first submit to
+  last result; every job must be counted complete); the ratios are jobhost / peer within a
+  run, then the median. CPU per job = utime + stime (`/proc/PID/stat`) over the client's run
+  / jobs, of gearmand, of the workers (both together; jobhost's master is added to its
+  workers), and of the C client (`getrusage(RUSAGE_CHILDREN)`); the busy row is that CPU ×
+  jobs/s, next to the whole machine's from `/proc/stat` (other processes included: when it
+  reads about 200 and ours much less, something else shared the cores and the run is noisy).
+  Where the time goes: gearmand takes about half of all the CPU a job costs, on both sides,
+  and the same system calls per job either way (strace, once by hand: about 2 epoll_wait,
+  2 recvfrom, 1.6 sendto and 1.8 futex in `--threads=2`), so it does not notice which worker
+  it serves. The workers switch context about 1.2 times per job in `pipe` and 5.5 in `seq` (every
+  sleeping worker is woken for each job) on both sides, and 3 sendto per job (jobhost: its
+  WORK_COMPLETE written as head and payload, then GRAB_JOB_UNIQ; the C worker: WORK_DATA,
+  WORK_COMPLETE, GRAB_JOB_ALL). What jobhost's workers spend beyond the C ones is user-space
+  work (perf, once by hand): mostly zero-filling a fresh 64 KiB read buffer after every read
+  that drained the socket (the decoder gives its buffer back on each EAGAIN), then
+  clock_gettime. Skipped with a row saying why when gearmand, `cc`, libgearman's header or
+  library, or the peer's sources are missing.
 ";
 
 /// A load to push through one pool.

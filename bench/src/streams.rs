@@ -557,7 +557,7 @@ fn python_has_redis() -> bool {
 }
 
 /// CPU seconds (user + system) of this process's waited-for children, so far.
-fn children_cpu() -> f64 {
+pub(crate) fn children_cpu() -> f64 {
     getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
         let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
         t(u.user_time()) + t(u.system_time())
