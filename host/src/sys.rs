@@ -67,6 +67,16 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// This machine's host name (for names other hosts see: consumers, client ids); `localhost`
+/// when it cannot be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,14 +126,4 @@ mod tests {
         child.wait().unwrap();
         assert!(own_of(pid).is_err(), "reaped: no /proc entry");
     }
-}
-
-/// This machine's host name (for names other hosts see: consumers, client ids); `localhost`
-/// when it cannot be read.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }

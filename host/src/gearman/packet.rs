@@ -930,7 +930,9 @@ impl Decoder {
     /// Gives the buffer's memory back when nothing is buffered (after a large job, before a
     /// long wait).
     pub fn shrink(&mut self) {
-        if self.start == self.end {
+        // The ordinary buffer (one read's worth) stays: freeing it after every job would have
+        // the next read allocate and zero it again.
+        if self.start == self.end && self.buf.len() > 2 * READ_CHUNK {
             *self = Decoder::new(self.max_body);
         }
     }

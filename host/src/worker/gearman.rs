@@ -173,17 +173,23 @@ impl Conn {
     }
 }
 
-/// Writes every byte of `parts` to a non-blocking socket, polling while it is full, for at
-/// most [`REPLY_TIMEOUT`] without progress.
+/// Writes every byte of `parts` to a non-blocking socket (one writev for all of them when
+/// the socket takes them), polling while it is full, for at most [`REPLY_TIMEOUT`] without
+/// progress.
 fn write_all(mut stream: &TcpStream, parts: &[&[u8]]) -> Result<(), ConnError> {
-    for part in parts {
-        let mut at = 0;
-        let mut deadline = Instant::now() + REPLY_TIMEOUT;
-        while at < part.len() {
-            match stream.write(&part[at..]) {
+    let mut slices: Vec<io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| io::IoSlice::new(p))
+        .collect();
+    let mut left: &mut [io::IoSlice<'_>] = &mut slices;
+    let mut deadline = Instant::now() + REPLY_TIMEOUT;
+    {
+        while !left.is_empty() {
+            match stream.write_vectored(left) {
                 Ok(0) => return Err(ConnError::Closed),
                 Ok(n) => {
-                    at += n;
+                    io::IoSlice::advance_slices(&mut left, n);
                     deadline = Instant::now() + REPLY_TIMEOUT;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -490,6 +496,13 @@ impl GearmanSource {
         plugin: &mut PluginInstance,
         now: Instant,
     ) -> Result<Looked, ConnError> {
+        // Whether, after a job of this server, it is again its turn at once (no other server
+        // said it has work): then the next GRAB goes out with the result, in one write. (No
+        // other server changes this while one reads this one: only one GRAB is ever out.)
+        let grab_again = !self.paused
+            && self.conns.iter().enumerate().all(|(j, c)| {
+                j == i || !(c.may_have_work && matches!(c.state, State::Ready | State::Sleeping))
+            });
         for _ in 0..PACKET_BUDGET {
             let conn = &mut self.conns[i];
             let Some(stream) = &conn.stream else {
@@ -570,6 +583,7 @@ impl GearmanSource {
                         handle,
                         workload,
                         self.cfg.failure,
+                        grab_again,
                     );
                     self.ran += 1;
                     let failed_job = !matches!(outcome, Ok(true));
@@ -582,11 +596,16 @@ impl GearmanSource {
                         w.jobs(ran, failed);
                     });
                     outcome?;
+                    let now = Instant::now();
                     let conn = &mut self.conns[i];
-                    conn.state = State::Ready;
-                    // It gave us work: it may have more (its turn comes again in order).
-                    conn.may_have_work = true;
-                    self.grab_next(Instant::now());
+                    if grab_again {
+                        conn.state = State::Grabbing { since: now };
+                    } else {
+                        // It gave us work: it may have more (its turn comes again in order).
+                        conn.state = State::Ready;
+                        conn.may_have_work = true;
+                        self.grab_next(now);
+                    }
                     return Ok(Looked::Ran);
                 }
             }
@@ -616,6 +635,7 @@ fn run_job(
     handle: &[u8],
     workload: &[u8],
     failure: GearmanFailure,
+    then_grab: bool,
 ) -> Result<bool, ConnError> {
     // The scoreboard shows a printable handle (the master times the job by it).
     let shown: Vec<u8> = handle
@@ -672,30 +692,34 @@ fn run_job(
             &mut broken,
         );
     }
-    let ok = result.is_ok();
-    match &result {
-        Ok(data) => send(ToServer::WorkComplete { handle, data }, &mut broken),
+    if let Some(e) = broken {
+        return Err(e);
+    }
+    let outcome = match &result {
+        Ok(data) => ToServer::WorkComplete { handle, data },
         Err(message) => {
             log::info!(
                 "gearman {server}: job {} failed: {message}",
                 String::from_utf8_lossy(&shown)
             );
             match failure {
-                GearmanFailure::Fail => send(ToServer::WorkFail { handle }, &mut broken),
-                GearmanFailure::Exception => send(
-                    ToServer::WorkException {
-                        handle,
-                        data: message.as_bytes(),
-                    },
-                    &mut broken,
-                ),
+                GearmanFailure::Fail => ToServer::WorkFail { handle },
+                GearmanFailure::Exception => ToServer::WorkException {
+                    handle,
+                    data: message.as_bytes(),
+                },
             }
         }
+    };
+    // The outcome, and the next GRAB when it goes to the same server: one writev.
+    head.clear();
+    let tail = outcome.encode_head(&mut head);
+    let mut grab = Vec::new();
+    if then_grab {
+        ToServer::GrabJobUniq.encode(&mut grab);
     }
-    match broken {
-        Some(e) => Err(e),
-        None => Ok(ok),
-    }
+    write_all(stream, &[&head, tail, &grab])?;
+    Ok(result.is_ok())
 }
 
 /// A progress fraction in WORK_STATUS's 32-bit fields, scaled down together when too large.
@@ -775,16 +799,14 @@ impl GearmanSource {
     fn next_timer(&self, now: Instant) -> Option<Duration> {
         self.conns
             .iter()
-            .filter_map(|c| match c.state {
-                State::Down { retry_at } => Some(retry_at),
-                State::Connecting { since } => Some(since + CONNECT_TIMEOUT),
-                State::Greeting { since } | State::Grabbing { since } => {
-                    Some(since + REPLY_TIMEOUT)
-                }
-                State::Ready | State::Sleeping => Some(match c.ping_since {
+            .map(|c| match c.state {
+                State::Down { retry_at } => retry_at,
+                State::Connecting { since } => since + CONNECT_TIMEOUT,
+                State::Greeting { since } | State::Grabbing { since } => since + REPLY_TIMEOUT,
+                State::Ready | State::Sleeping => match c.ping_since {
                     Some(since) => since + REPLY_TIMEOUT,
                     None => c.heard + PING_EVERY,
-                }),
+                },
             })
             .min()
             .map(|t| {
