@@ -16,6 +16,7 @@
 //! `_exit`), never touches the master's sockets (the master closed them in the child before
 //! calling [`run`]), and talks to the master only through its own socketpair.
 
+pub mod job;
 pub mod redis;
 mod source;
 
