@@ -363,8 +363,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use jobhost_plugin_api::abi_stable::sabi_trait::TD_Opaque;
-    use jobhost_plugin_api::abi_stable::std_types::{RString, RVec};
-    use jobhost_plugin_api::{PluginObject, PluginObject_TO};
+    use jobhost_plugin_api::abi_stable::std_types::{RSlice, RString, RVec};
+    use jobhost_plugin_api::{JobContext, PluginObject, PluginObject_TO};
 
     use crate::scoreboard::Recall;
 
@@ -439,6 +439,97 @@ mod tests {
             .iter()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect()
+    }
+
+    /// Reports a burst of progress, a little data, then more data than a job may send.
+    struct Chatty;
+
+    impl PluginObject for Chatty {
+        fn worker_start(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn worker_stop(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn handle(&mut self, _: RSlice<'_, u8>) -> RResult<RVec<u8>, RString> {
+            RResult::RErr("handle_with is the one to call".into())
+        }
+        fn run_once(&mut self) -> RResult<Step, RString> {
+            RResult::RErr("job mode only".into())
+        }
+        fn handle_with(
+            &mut self,
+            _: RSlice<'_, u8>,
+            ctx: &mut JobContext<'_>,
+        ) -> RResult<RVec<u8>, RString> {
+            for i in 0..1000 {
+                ctx.progress(i, 1000);
+            }
+            ctx.data(b"a");
+            ctx.data(&vec![b'x'; protocol::MAX_JOB_DATA]);
+            ctx.data(b"dropped");
+            ctx.progress(1000, 1000);
+            RResult::ROk(b"done".to_vec().into())
+        }
+    }
+
+    #[test]
+    fn reports_are_framed_with_the_key_coalesced_and_bounded() {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let mut plugin = PluginObject_TO::from_value(Chatty, TD_Opaque);
+        let mut source = MasterSource::new(OwnedFd::from(worker), Slot::new().unwrap());
+        let mut master_w = master.try_clone().unwrap();
+        send_jobs(&mut master_w, [42]);
+        // The master's end is read on a thread: 16 MiB do not fit in a socket buffer.
+        let reader = std::thread::spawn(move || {
+            let mut master = master;
+            let mut reader = FrameReader::new(64 << 20);
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = master.read(&mut buf).unwrap();
+                assert!(n > 0, "the worker closed before its outcome");
+                reader.push(&buf[..n]);
+                while let Some(frame) = reader.next().unwrap() {
+                    let shown = match protocol::decode(frame).unwrap() {
+                        Frame::WorkProgress {
+                            key, numerator, ..
+                        } => format!("{key} progress {numerator}"),
+                        Frame::WorkData { key, data } => format!("{key} data {}", data.len()),
+                        Frame::Outcome { key, ok, body } => {
+                            let body = String::from_utf8_lossy(body).into_owned();
+                            frames.push(format!("{key} outcome {ok} {body}"));
+                            return frames;
+                        }
+                        other => panic!("unexpected {other}"),
+                    };
+                    frames.push(shown);
+                }
+            }
+        });
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        let frames = reader.join().unwrap();
+        let progress: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| f.strip_prefix("42 progress ")?.parse().ok())
+            .collect();
+        assert_eq!(progress.first(), Some(&0), "{frames:?}");
+        assert!(progress.len() < 20, "coalesced: {progress:?}");
+        assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+        let at = |f: &str| frames.iter().position(|x| x == f).unwrap();
+        // The progress held back goes before the data that follows it; the last one before
+        // the outcome.
+        assert_eq!(frames[at("42 data 1") - 1], "42 progress 999", "{frames:?}");
+        assert_eq!(
+            frames[at("42 data 1") + 1],
+            format!("42 data {}", protocol::MAX_JOB_DATA - 1),
+            "cut at the limit"
+        );
+        assert_eq!(
+            frames[frames.len() - 2..],
+            ["42 progress 1000".to_string(), "42 outcome true done".into()]
+        );
+        assert_eq!(frames.iter().filter(|f| f.contains(" data ")).count(), 2);
     }
 
     #[test]
