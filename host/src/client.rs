@@ -97,7 +97,10 @@ pub enum Received {
         denominator: u64,
     },
     /// Partial result bytes of the job `id`, in order.
-    Data { id: u64, data: Vec<u8> },
+    Data {
+        id: u64,
+        data: Vec<u8>,
+    },
     Result(JobResult),
 }
 
@@ -262,7 +265,13 @@ impl ClientSender {
         self.send_as(protocol::kind::SUBMIT_WATCH, id, pool, payload)
     }
 
-    fn send_as(&mut self, kind: u8, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
+    fn send_as(
+        &mut self,
+        kind: u8,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
         let frame_len = 1 + 8 + 2 + pool.len().min(usize::from(u16::MAX)) + payload.len();
         if u32::try_from(frame_len).is_err() {
             return Err(ClientError::Io(io::Error::new(

@@ -598,9 +598,15 @@ mod tests {
             // One byte short, one byte long, empty.
             let mut body = vec![k];
             body.extend_from_slice(&[0; 23]);
-            assert_eq!(decode(&body), Err(FrameError::Truncated { kind: k, len: 24 }));
+            assert_eq!(
+                decode(&body),
+                Err(FrameError::Truncated { kind: k, len: 24 })
+            );
             body.extend_from_slice(&[0; 2]);
-            assert_eq!(decode(&body), Err(FrameError::Truncated { kind: k, len: 26 }));
+            assert_eq!(
+                decode(&body),
+                Err(FrameError::Truncated { kind: k, len: 26 })
+            );
             assert_eq!(decode(&[k]), Err(FrameError::Truncated { kind: k, len: 1 }));
         }
         for k in [kind::WORK_DATA, kind::DATA] {

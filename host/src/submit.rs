@@ -371,7 +371,8 @@ fn one_job(
                 }
                 Received::Data { id: 0, data } if !out_closed => {
                     // Out of the bar's way, when both are on the terminal.
-                    let mut write = || write_data(&mut *out, &data, json).and_then(|()| out.flush());
+                    let mut write =
+                        || write_data(&mut *out, &data, json).and_then(|()| out.flush());
                     let written = match &bar {
                         Some(bar) => bar.suspend(write),
                         None => write(),

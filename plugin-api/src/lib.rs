@@ -213,11 +213,7 @@ pub trait Plugin: Sized + 'static {
     /// [`JobContext::data`]. What the host calls for every job (since plugin-api 0.1.1);
     /// defaults to [`Plugin::handle`], so implement one or the other. The context lives for
     /// this call only.
-    fn handle_with(
-        &mut self,
-        payload: &[u8],
-        ctx: &mut JobContext<'_>,
-    ) -> Result<Vec<u8>, String> {
+    fn handle_with(&mut self, payload: &[u8], ctx: &mut JobContext<'_>) -> Result<Vec<u8>, String> {
         let _ = ctx;
         self.handle(payload)
     }
@@ -306,7 +302,11 @@ impl std::fmt::Debug for JobContext<'_> {
     }
 }
 
-extern "C" fn progress_to<S: FnMut(JobReport<'_>)>(sink: *mut (), numerator: u64, denominator: u64) {
+extern "C" fn progress_to<S: FnMut(JobReport<'_>)>(
+    sink: *mut (),
+    numerator: u64,
+    denominator: u64,
+) {
     // SAFETY: `sink` was made from a `&'a mut S` in `JobContext::new` together with this very
     // instantiation, and the context (which cannot outlive 'a) is borrowed mutably for the call.
     let sink = unsafe { &mut *sink.cast::<S>() };
@@ -334,10 +334,14 @@ mod object {
     ///
     /// Method order is the vtable layout: append only, never reorder. The vtable is a prefix
     /// type: methods after `run_once` (the last of 0.1.0) may be missing from a plugin built
-    /// against an older 0.1.x. abi_stable panics when a missing method without a default body
-    /// is called; a method with a default body here gets an optional vtable field, and the
-    /// trait object runs that body when the plugin's vtable lacks the method. So every method
-    /// appended must have a default body that does what an old plugin would.
+    /// against an older 0.1.x. Two things follow, both abi_stable's:
+    /// - at load, its layout check refuses a library whose prefix type has *fewer* fields
+    ///   than the host's ("too many fields"): the host therefore checks such a plugin against
+    ///   plugin-api 0.1.0's own layout (see `load_in_process` in the host's `plugins.rs`);
+    /// - at a call, a missing method without a default body panics; one with a default body
+    ///   here gets an optional vtable field (`missing_field(option)`), and the trait object
+    ///   runs that body, on the host's side, when the plugin's vtable lacks the method.
+    /// So every method appended must have a default body that does what an old plugin would.
     #[sabi_trait]
     pub trait PluginObject {
         fn worker_start(&mut self) -> RResult<(), RString>;
@@ -561,7 +565,11 @@ mod tests {
         fn init(_: &Settings) -> Result<Self, String> {
             Ok(Reporter)
         }
-        fn handle_with(&mut self, payload: &[u8], ctx: &mut JobContext<'_>) -> Result<Vec<u8>, String> {
+        fn handle_with(
+            &mut self,
+            payload: &[u8],
+            ctx: &mut JobContext<'_>,
+        ) -> Result<Vec<u8>, String> {
             for i in 1..=3 {
                 ctx.progress(i, 3);
             }
@@ -613,7 +621,10 @@ mod tests {
         let err = obj
             .handle_with(RSlice::from_slice(b"panic"), &mut ctx)
             .unwrap_err();
-        assert!(err.as_str().starts_with("plugin panicked in handle at "), "{err}");
+        assert!(
+            err.as_str().starts_with("plugin panicked in handle at "),
+            "{err}"
+        );
         assert!(err.as_str().ends_with(": asked to panic"), "{err}");
         // Every report reached the sink, whose panics stayed on its side.
         let ok = obj.handle_with(RSlice::from_slice(b"x"), &mut ctx);

@@ -12,7 +12,10 @@ fn watch(client: &mut Client, id: u64) -> (Vec<(u64, u64)>, Vec<Vec<u8>>, JobRes
     let mut progress = Vec::new();
     let mut data = Vec::new();
     loop {
-        match client.recv_any().expect("the master answers within the client's timeout") {
+        match client
+            .recv_any()
+            .expect("the master answers within the client's timeout")
+        {
             Received::Progress {
                 id: of,
                 numerator,
@@ -57,7 +60,11 @@ fn a_long_job_reports_growing_progress_then_its_result() {
         "numerators grow: {progress:?}"
     );
     assert!(progress.iter().all(|p| p.1 == 600), "{progress:?}");
-    assert_eq!(progress.last(), Some(&(600, 600)), "the last one is always sent");
+    assert_eq!(
+        progress.last(),
+        Some(&(600, 600)),
+        "the last one is always sent"
+    );
 
     // The same job, not watched: its result only.
     client.send(8, "sleep", b"300").unwrap();
@@ -102,7 +109,11 @@ fn a_jobs_data_arrives_in_order_before_its_result() {
         .iter()
         .map(|l| l.parse().unwrap())
         .collect();
-    assert!(data.len() >= 2 && data.last() == Some(&300), "{:?}", run.stdout);
+    assert!(
+        data.len() >= 2 && data.last() == Some(&300),
+        "{:?}",
+        run.stdout
+    );
     assert!(run.stderr.is_empty(), "stderr is a pipe: {:?}", run.stderr);
 }
 
@@ -127,5 +138,9 @@ fn a_plugin_built_against_plugin_api_0_1_0_still_loads_and_answers_without_progr
     assert_eq!(client.call("old", b"plain").unwrap().text(), "old:plain");
     let log = master.log_text();
     assert!(!log.contains("panicked"), "{log}");
-    assert_eq!(master.workers().len(), 1, "its worker is still the one: {log}");
+    assert_eq!(
+        master.workers().len(),
+        1,
+        "its worker is still the one: {log}"
+    );
 }

@@ -190,7 +190,13 @@ impl<'a> Reports<'a> {
                 }
                 self.held = None;
                 self.last_progress = Some(now);
-                protocol::put_progress(self.out, kind::WORK_PROGRESS, self.key, numerator, denominator);
+                protocol::put_progress(
+                    self.out,
+                    kind::WORK_PROGRESS,
+                    self.key,
+                    numerator,
+                    denominator,
+                );
             }
             Report::Data(data) => {
                 self.put_held();
@@ -222,7 +228,13 @@ impl<'a> Reports<'a> {
     /// Queues the progress held back, if any (it goes out with what follows).
     fn put_held(&mut self) {
         if let Some((numerator, denominator)) = self.held.take() {
-            protocol::put_progress(self.out, kind::WORK_PROGRESS, self.key, numerator, denominator);
+            protocol::put_progress(
+                self.out,
+                kind::WORK_PROGRESS,
+                self.key,
+                numerator,
+                denominator,
+            );
         }
     }
 
@@ -492,9 +504,9 @@ mod tests {
                 reader.push(&buf[..n]);
                 while let Some(frame) = reader.next().unwrap() {
                     let shown = match protocol::decode(frame).unwrap() {
-                        Frame::WorkProgress {
-                            key, numerator, ..
-                        } => format!("{key} progress {numerator}"),
+                        Frame::WorkProgress { key, numerator, .. } => {
+                            format!("{key} progress {numerator}")
+                        }
                         Frame::WorkData { key, data } => format!("{key} data {}", data.len()),
                         Frame::Outcome { key, ok, body } => {
                             let body = String::from_utf8_lossy(body).into_owned();
@@ -527,7 +539,10 @@ mod tests {
         );
         assert_eq!(
             frames[frames.len() - 2..],
-            ["42 progress 1000".to_string(), "42 outcome true done".into()]
+            [
+                "42 progress 1000".to_string(),
+                "42 outcome true done".into()
+            ]
         );
         assert_eq!(frames.iter().filter(|f| f.contains(" data ")).count(), 2);
     }

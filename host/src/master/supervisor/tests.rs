@@ -6,10 +6,10 @@
 //! assertions. Each test pins one decision, named by its title.
 
 use super::*;
-use std::collections::HashMap;
 use crate::config::Config;
 use crate::master::pool::PoolState;
 use crate::worker::WorkerExit;
+use std::collections::HashMap;
 
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -1802,8 +1802,11 @@ fn progress(numerator: u64, denominator: u64) -> Reported {
 /// unwatched job's are dropped.
 #[test]
 fn reports_of_a_watched_job_reach_its_client_in_order_and_unwatched_ones_do_not() {
-    let mut s = Sim::new(vec![pool("p", "workers = 2
-")]);
+    let mut s = Sim::new(vec![pool(
+        "p",
+        "workers = 2
+",
+    )]);
     let ws = s.start();
     s.submit_watched(1);
     s.submit(2);
@@ -1828,7 +1831,10 @@ fn reports_of_a_watched_job_reach_its_client_in_order_and_unwatched_ones_do_not(
     );
     let out = s.report(ws[1], 2, progress(1, 2), 1);
     assert!(out.effects.is_empty(), "not watched: {:?}", out.effects);
-    assert_eq!(s.finish(ws[0]).answers(), vec![(1, Status::Ok, "r1".into())]);
+    assert_eq!(
+        s.finish(ws[0]).answers(),
+        vec![(1, Status::Ok, "r1".into())]
+    );
     // Its client gone, a watched job's reports go nowhere.
     s.submit_watched(3);
     assert_eq!(s.tick().sends(), vec![(ws[0], 3)]);
@@ -1841,8 +1847,11 @@ fn reports_of_a_watched_job_reach_its_client_in_order_and_unwatched_ones_do_not(
 /// killed, nothing reaches a client, and the job named is left alone.
 #[test]
 fn a_forged_report_is_a_violation_like_a_forged_outcome() {
-    let mut s = Sim::new(vec![pool("p", "workers = 2
-")]);
+    let mut s = Sim::new(vec![pool(
+        "p",
+        "workers = 2
+",
+    )]);
     let ws = s.start();
     s.submit_watched(1);
     s.submit_watched(2);
@@ -1851,7 +1860,10 @@ fn a_forged_report_is_a_violation_like_a_forged_outcome() {
     assert!(out.reports().is_empty());
     assert_eq!(out.signals(), vec![(ws[0], Signal::SIGKILL)]);
     assert!(out.logged("it sent a report for job 2, which it does not hold"));
-    assert!(s.report(ws[0], 1, progress(1, 2), 1).effects.is_empty(), "nothing it says counts");
+    assert!(
+        s.report(ws[0], 1, progress(1, 2), 1).effects.is_empty(),
+        "nothing it says counts"
+    );
     assert_eq!(
         s.finish(ws[1]).answers(),
         vec![(2, Status::Ok, "r2".to_string())]
