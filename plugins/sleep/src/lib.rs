@@ -120,7 +120,6 @@ mod tests {
             plugin().handle_with(b"250 data", &mut ctx).unwrap(),
             b"slept 250"
         );
-        drop(ctx);
         let progress: Vec<u64> = seen.iter().filter(|s| s.2.is_none()).map(|s| s.0).collect();
         assert_eq!(progress.first(), Some(&0));
         assert_eq!(progress.last(), Some(&250));
