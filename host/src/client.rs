@@ -1,5 +1,8 @@
 //! The blocking Rust client of the job socket, used by `jobhost submit`, the tests and the
-//! benchmarks: connect, send SUBMIT frames (buffered, pipelined), receive RESULT frames.
+//! benchmarks: connect, send SUBMIT frames (buffered, pipelined), receive RESULT frames —
+//! and, for jobs sent with [`Client::send_watched`] (SUBMIT_WATCH), their PROGRESS and DATA
+//! frames, as [`Received`] items from [`Client::recv_any`]. [`Client::recv`] and
+//! [`Client::call`] skip those: existing callers see results only.
 //!
 //! This module owns one client connection: its socket, its output buffer (written out when it
 //! passes [`FLUSH_ABOVE`], or on [`Client::flush`] / [`Client::recv`]), its [`FrameReader`]
@@ -80,6 +83,25 @@ impl JobResult {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+}
+
+/// Anything the master sends a client: a watched job's progress or partial data (before its
+/// result), or a job's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// The job `id` is `numerator` of `denominator` done (the plugin's units; 0 as denominator:
+    /// unknown). Coalesced by the master while the client does not read.
+    Progress {
+        id: u64,
+        numerator: u64,
+        denominator: u64,
+    },
+    /// Partial result bytes of the job `id`, in order.
+    Data {
+        id: u64,
+        data: Vec<u8>,
+    },
+    Result(JobResult),
 }
 
 /// Why a client call did not produce a result.
@@ -174,6 +196,20 @@ impl Client {
         self.sender.send(id, pool, payload)
     }
 
+    /// Like [`Client::send`], as SUBMIT_WATCH: the master also sends the job's progress and
+    /// partial data, which [`Client::recv_any`] returns ([`Client::recv`] skips them).
+    pub fn send_watched(&mut self, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
+        self.next_id = self.next_id.max(id.wrapping_add(1));
+        self.sender.send_watched(id, pool, payload)
+    }
+
+    /// Flushes, then returns the next thing the master sent: a result [`Client::call`] set
+    /// aside, else the next frame — a watched job's progress or data, or a result.
+    pub fn recv_any(&mut self) -> Result<Received, ClientError> {
+        self.sender.flush()?;
+        self.receiver.recv_any()
+    }
+
     /// Writes out every buffered submit.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.sender.flush()
@@ -188,7 +224,7 @@ impl Client {
 
     /// Submits one job with an id of its own (greater than any id sent before on this client)
     /// and waits for its result. Results of other jobs that arrive meanwhile are kept, in
-    /// order, for later [`Client::recv`] calls.
+    /// order, for later [`Client::recv`] calls (watched jobs' progress and data are dropped).
     pub fn call(&mut self, pool: &str, payload: &[u8]) -> Result<JobResult, ClientError> {
         let id = self.next_id;
         self.next_id = id.wrapping_add(1);
@@ -221,6 +257,21 @@ pub struct ClientSender {
 impl ClientSender {
     /// Buffers one SUBMIT frame; writes the buffer out when it passes [`FLUSH_ABOVE`].
     pub fn send(&mut self, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
+        self.send_as(protocol::kind::SUBMIT, id, pool, payload)
+    }
+
+    /// Buffers one SUBMIT_WATCH frame (see [`Client::send_watched`]).
+    pub fn send_watched(&mut self, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
+        self.send_as(protocol::kind::SUBMIT_WATCH, id, pool, payload)
+    }
+
+    fn send_as(
+        &mut self,
+        kind: u8,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
         let frame_len = 1 + 8 + 2 + pool.len().min(usize::from(u16::MAX)) + payload.len();
         if u32::try_from(frame_len).is_err() {
             return Err(ClientError::Io(io::Error::new(
@@ -232,14 +283,15 @@ impl ClientSender {
             )));
         }
         if payload.len() < LARGE_PAYLOAD {
-            protocol::put_submit(&mut self.out, id, pool, payload);
+            protocol::put_submit_head_as(&mut self.out, kind, id, pool, payload.len());
+            self.out.extend_from_slice(payload);
             if self.out.len() >= FLUSH_ABOVE {
                 self.flush()?;
             }
             return Ok(());
         }
         // A large payload goes out from where it is, after what is buffered: no copy.
-        protocol::put_submit_head(&mut self.out, id, pool, payload.len());
+        protocol::put_submit_head_as(&mut self.out, kind, id, pool, payload.len());
         let written = write_all_vectored(&self.stream, [&self.out[..], payload]);
         self.out.clear();
         written.map_err(ClientError::from)
@@ -295,11 +347,21 @@ pub struct ClientReceiver {
 }
 
 impl ClientReceiver {
-    /// The next result, blocking until one arrives. Does not flush anything: the sender must.
+    /// The next result, blocking until one arrives (progress and data on the way are
+    /// skipped). Does not flush anything: the sender must.
     pub fn recv(&mut self) -> Result<JobResult, ClientError> {
         match self.stash.pop_front() {
             Some(result) => Ok(result),
             None => self.read_result(),
+        }
+    }
+
+    /// The next thing the master sent (see [`Received`]), blocking until it arrives. Does not
+    /// flush anything: the sender must.
+    pub fn recv_any(&mut self) -> Result<Received, ClientError> {
+        match self.stash.pop_front() {
+            Some(result) => Ok(Received::Result(result)),
+            None => self.read_any(),
         }
     }
 
@@ -316,8 +378,17 @@ impl ClientReceiver {
         !self.stash.is_empty() || self.reader.has_frame().unwrap_or(true)
     }
 
-    /// The next RESULT frame from the socket (the stash aside).
+    /// The next RESULT frame from the socket (the stash aside), skipping progress and data.
     fn read_result(&mut self) -> Result<JobResult, ClientError> {
+        loop {
+            if let Received::Result(result) = self.read_any()? {
+                return Ok(result);
+            }
+        }
+    }
+
+    /// The next frame from the socket (the stash aside).
+    fn read_any(&mut self) -> Result<Received, ClientError> {
         loop {
             if let Some(frame) = self.reader.next()? {
                 let result = match protocol::decode(frame)? {
@@ -326,17 +397,38 @@ impl ClientReceiver {
                         status,
                         body: body.to_vec(),
                     },
+                    Frame::Progress {
+                        id,
+                        numerator,
+                        denominator,
+                    } => {
+                        return Ok(Received::Progress {
+                            id,
+                            numerator,
+                            denominator,
+                        })
+                    }
+                    Frame::Data { id, data } => {
+                        return Ok(Received::Data {
+                            id,
+                            data: data.to_vec(),
+                        })
+                    }
                     // Any other kind is one a client never expects.
                     Frame::Submit { .. } => return Err(unexpected(protocol::kind::SUBMIT)),
                     Frame::Job { .. } => return Err(unexpected(protocol::kind::JOB)),
                     Frame::Outcome { .. } => return Err(unexpected(protocol::kind::OUTCOME)),
                     Frame::Hold { .. } => return Err(unexpected(protocol::kind::HOLD)),
                     Frame::Leaving { .. } => return Err(unexpected(protocol::kind::LEAVING)),
+                    Frame::WorkProgress { .. } => {
+                        return Err(unexpected(protocol::kind::WORK_PROGRESS))
+                    }
+                    Frame::WorkData { .. } => return Err(unexpected(protocol::kind::WORK_DATA)),
                 };
                 if result.body.len() >= SHRINK_AFTER {
                     self.reader.shrink();
                 }
-                return Ok(result);
+                return Ok(Received::Result(result));
             }
             if self.scratch.is_empty() {
                 self.scratch = vec![0; READ_CHUNK];
@@ -398,7 +490,9 @@ pub(crate) mod fake {
             loop {
                 if let Some(frame) = self.reader.next().expect("good frame") {
                     match protocol::decode(frame).expect("decodes") {
-                        Frame::Submit { id, pool, payload } => {
+                        Frame::Submit {
+                            id, pool, payload, ..
+                        } => {
                             return Event::Job(Submit {
                                 id,
                                 pool: pool.to_string(),
@@ -524,6 +618,61 @@ mod tests {
             client.call("echo", &[0xff, b'a']).unwrap().text(),
             "\u{fffd}a"
         );
+        drop(client);
+        server.join();
+    }
+
+    #[test]
+    fn progress_and_data_reach_recv_any_and_recv_skips_them() {
+        let server = Server::start(|mut peer| {
+            while let Some(job) = peer.next_submit() {
+                let mut out = Vec::new();
+                protocol::put_progress(&mut out, protocol::kind::PROGRESS, job.id, 1, 2);
+                protocol::put_data(&mut out, protocol::kind::DATA, job.id, b"part");
+                protocol::put_progress(&mut out, protocol::kind::PROGRESS, job.id, 2, 2);
+                peer.write_raw(&out);
+                peer.answer_echo(&job);
+            }
+        });
+        let mut client = Client::connect(&server.path).unwrap();
+        client.send_watched(5, "echo", b"x").unwrap();
+        let mut got = Vec::new();
+        loop {
+            let item = client.recv_any().unwrap();
+            let done = matches!(item, Received::Result(_));
+            got.push(item);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                Received::Progress {
+                    id: 5,
+                    numerator: 1,
+                    denominator: 2
+                },
+                Received::Data {
+                    id: 5,
+                    data: b"part".to_vec()
+                },
+                Received::Progress {
+                    id: 5,
+                    numerator: 2,
+                    denominator: 2
+                },
+                Received::Result(JobResult {
+                    id: 5,
+                    status: Status::Ok,
+                    body: b"x".to_vec()
+                }),
+            ]
+        );
+        // Existing callers see results only.
+        assert_eq!(client.call("echo", b"y").unwrap().text(), "y");
+        client.send(9, "echo", b"z").unwrap();
+        assert_eq!(client.recv().unwrap().id, 9);
         drop(client);
         server.join();
     }

@@ -849,9 +849,31 @@ fn load_in_process(path: &Path) -> Result<PluginModRef, PluginError> {
         &with_slash
     };
     let header = lib_header_from_path(file).map_err(|e| classify(path, e))?;
-    header
-        .init_root_module::<PluginModRef>()
-        .map_err(|e| classify(path, e))
+    match header.init_root_module::<PluginModRef>() {
+        Ok(module) => Ok(module),
+        // abi_stable takes a prefix type with fewer fields than ours for a different layout:
+        // a plugin built against plugin-api 0.1.0 (whose `PluginObject` vtable ends at
+        // `run_once`) fails our check. It passes the check against 0.1.0's own layout.
+        Err(LibraryError::AbiInstability(report))
+            if header
+                .ensure_layout::<plugin_api_0_1_0::PluginModRef>()
+                .is_ok() =>
+        {
+            log::debug!(
+                "{} was built against plugin-api 0.1.0 (no handle_with): {}",
+                path.display(),
+                summarize_abi_error(&report.to_string())
+            );
+            // SAFETY: the root module's layout was just checked equal to plugin-api 0.1.0's.
+            // Ours (0.1.1) differs from it only by a method appended to the `PluginObject`
+            // vtable after its last prefix field (`run_once`); that method's accessor reads the
+            // plugin's own vtable metadata, finds it missing, and runs the default body
+            // (`handle`). Nothing else of 0.1.1 is in the root module's type graph.
+            unsafe { header.init_root_module_with_unchecked_layout::<PluginModRef>() }
+                .map_err(|e| classify(path, e))
+        }
+        Err(e) => Err(classify(path, e)),
+    }
 }
 
 /// Turns abi_stable's error into ours: the variant, and only the lines that say what is wrong.

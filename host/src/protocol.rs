@@ -1,5 +1,5 @@
-//! The binary frames jobhost speaks on its Unix sockets: clients ↔ master (submit / result)
-//! and master ↔ worker (job / outcome). `docs/PROTOCOL.md` is the user-facing description.
+//! The binary frames jobhost speaks on its Unix sockets: clients ↔ master (submit / result,
+//! and a watched job's progress / data) and master ↔ worker (job / outcome, progress / data). `docs/PROTOCOL.md` is the user-facing description.
 //!
 //! A frame is `u32 length (big-endian, of what follows) | u8 kind | body`. This module owns
 //! encoding, incremental decoding with a size limit, and nothing else: it never does I/O
@@ -29,7 +29,33 @@ pub mod kind {
     /// worker → master, its last frame: `u8 exit status it is about to exit with | u64 jobs
     /// it finished`. Why it leaves: an exit without this frame is a crash, whatever its status.
     pub const LEAVING: u8 = 6;
+    /// worker → master, while it runs the job `key`: `u64 key | u64 numerator | u64
+    /// denominator` (exactly 24 bytes). How far the plugin says it got (a denominator of 0:
+    /// unknown). The worker may coalesce them (at most one per [`super::PROGRESS_EVERY`], the
+    /// last one before the OUTCOME always sent).
+    pub const WORK_PROGRESS: u8 = 7;
+    /// worker → master, while it runs the job `key`: `u64 key | data` — partial result
+    /// bytes, in order, before the OUTCOME; at most [`super::MAX_JOB_DATA`] per job in all.
+    pub const WORK_DATA: u8 = 8;
+    /// master → client, for a job submitted with SUBMIT_WATCH: `u64 id | u64 numerator | u64
+    /// denominator` (exactly 24 bytes). Coalesced (latest wins) while the client does not read.
+    pub const PROGRESS: u8 = 9;
+    /// master → client, for a job submitted with SUBMIT_WATCH: `u64 id | data`, in order,
+    /// before the job's RESULT.
+    pub const DATA: u8 = 10;
+    /// client → master: a SUBMIT (same body) whose client wants the job's PROGRESS and DATA
+    /// frames. A plain SUBMIT gets none, so a client that knows only RESULT never sees them.
+    pub const SUBMIT_WATCH: u8 = 11;
 }
+
+/// The most partial data (WORK_DATA bytes) one job may send: the worker cuts what its plugin
+/// reports beyond it (and logs that once per job); the master takes a worker that sends more
+/// for a failing one.
+pub const MAX_JOB_DATA: usize = 16 << 20;
+
+/// A worker sends at most one WORK_PROGRESS per this long for a job (the latest wins), and
+/// always the last one before the job's OUTCOME.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How a job ended, as a client sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +112,8 @@ pub enum Frame<'a> {
         id: u64,
         pool: &'a str,
         payload: &'a [u8],
+        /// Sent as SUBMIT_WATCH: the client wants the job's PROGRESS and DATA frames.
+        watch: bool,
     },
     Result {
         id: u64,
@@ -110,13 +138,37 @@ pub enum Frame<'a> {
         /// How many outcomes it wrote before this frame.
         jobs_done: u64,
     },
+    WorkProgress {
+        key: u64,
+        numerator: u64,
+        denominator: u64,
+    },
+    WorkData {
+        key: u64,
+        data: &'a [u8],
+    },
+    Progress {
+        id: u64,
+        numerator: u64,
+        denominator: u64,
+    },
+    Data {
+        id: u64,
+        data: &'a [u8],
+    },
 }
 
 impl fmt::Display for Frame<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Frame::Submit { id, pool, payload } => {
-                write!(f, "submit #{id} to {pool} ({} bytes)", payload.len())
+            Frame::Submit {
+                id,
+                pool,
+                payload,
+                watch,
+            } => {
+                let what = if *watch { "submit (watched)" } else { "submit" };
+                write!(f, "{what} #{id} to {pool} ({} bytes)", payload.len())
             }
             Frame::Result { id, status, body } => {
                 write!(f, "result #{id} {} ({} bytes)", status.as_str(), body.len())
@@ -129,6 +181,20 @@ impl fmt::Display for Frame<'_> {
             Frame::Leaving { code, jobs_done } => {
                 write!(f, "leaving status={code} after {jobs_done} jobs")
             }
+            Frame::WorkProgress {
+                key,
+                numerator,
+                denominator,
+            } => write!(f, "progress of job {key}: {numerator}/{denominator}"),
+            Frame::WorkData { key, data } => {
+                write!(f, "data of job {key} ({} bytes)", data.len())
+            }
+            Frame::Progress {
+                id,
+                numerator,
+                denominator,
+            } => write!(f, "progress #{id} {numerator}/{denominator}"),
+            Frame::Data { id, data } => write!(f, "data #{id} ({} bytes)", data.len()),
         }
     }
 }
@@ -146,8 +212,13 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
         kind,
         len: frame.len(),
     };
+    // `u64 | u64 | u64`, nothing more: a progress frame.
+    let three = |body: &[u8]| match body.len() {
+        24 => Some((u64_at(body, 0)?, u64_at(body, 8)?, u64_at(body, 16)?)),
+        _ => None,
+    };
     match kind {
-        kind::SUBMIT => {
+        kind::SUBMIT | kind::SUBMIT_WATCH => {
             let id = u64_at(body, 0).ok_or_else(short)?;
             let pool_len = body
                 .get(8..10)
@@ -159,6 +230,7 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
                 id,
                 pool,
                 payload: &body[10 + pool_len..],
+                watch: kind == kind::SUBMIT_WATCH,
             })
         }
         kind::RESULT => {
@@ -204,6 +276,30 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
             }),
             _ => Err(short()),
         },
+        kind::WORK_PROGRESS => {
+            let (key, numerator, denominator) = three(body).ok_or_else(short)?;
+            Ok(Frame::WorkProgress {
+                key,
+                numerator,
+                denominator,
+            })
+        }
+        kind::PROGRESS => {
+            let (id, numerator, denominator) = three(body).ok_or_else(short)?;
+            Ok(Frame::Progress {
+                id,
+                numerator,
+                denominator,
+            })
+        }
+        kind::WORK_DATA => Ok(Frame::WorkData {
+            key: u64_at(body, 0).ok_or_else(short)?,
+            data: &body[8..],
+        }),
+        kind::DATA => Ok(Frame::Data {
+            id: u64_at(body, 0).ok_or_else(short)?,
+            data: &body[8..],
+        }),
         other => Err(FrameError::UnknownKind(other)),
     }
 }
@@ -224,8 +320,14 @@ pub fn put_submit(out: &mut Vec<u8>, id: u64, pool: &str, payload: &[u8]) {
 /// Appends a submit frame up to its payload, which the caller sends right after it (a large
 /// payload need not be copied into the buffer).
 pub fn put_submit_head(out: &mut Vec<u8>, id: u64, pool: &str, payload_len: usize) {
+    put_submit_head_as(out, kind::SUBMIT, id, pool, payload_len)
+}
+
+/// [`put_submit_head`] with the kind: SUBMIT, or SUBMIT_WATCH for a job whose progress and
+/// data the client wants.
+pub fn put_submit_head_as(out: &mut Vec<u8>, kind: u8, id: u64, pool: &str, payload_len: usize) {
     let pool = &pool.as_bytes()[..pool.len().min(u16::MAX as usize)];
-    put_header(out, kind::SUBMIT, 8 + 2 + pool.len() + payload_len);
+    put_header(out, kind, 8 + 2 + pool.len() + payload_len);
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&(pool.len() as u16).to_be_bytes());
     out.extend_from_slice(pool);
@@ -276,6 +378,21 @@ pub fn put_leaving(out: &mut Vec<u8>, code: u8, jobs_done: u64) {
     put_header(out, kind::LEAVING, 1 + 8);
     out.push(code);
     out.extend_from_slice(&jobs_done.to_be_bytes());
+}
+
+/// A progress frame: WORK_PROGRESS (`who` is the job's key) or PROGRESS (the client's id).
+pub fn put_progress(out: &mut Vec<u8>, kind: u8, who: u64, numerator: u64, denominator: u64) {
+    put_header(out, kind, 24);
+    out.extend_from_slice(&who.to_be_bytes());
+    out.extend_from_slice(&numerator.to_be_bytes());
+    out.extend_from_slice(&denominator.to_be_bytes());
+}
+
+/// A data frame: WORK_DATA (`who` is the job's key) or DATA (the client's id).
+pub fn put_data(out: &mut Vec<u8>, kind: u8, who: u64, data: &[u8]) {
+    put_header(out, kind, 8 + data.len());
+    out.extend_from_slice(&who.to_be_bytes());
+    out.extend_from_slice(data);
 }
 
 /// An incoming byte stream cut into frames, with a size limit checked on the length prefix —
@@ -430,6 +547,76 @@ mod tests {
 
     fn feed(reader: &mut FrameReader, bytes: &[u8]) {
         reader.push(bytes);
+    }
+
+    #[test]
+    fn progress_data_and_watched_submits_round_trip() {
+        let mut wire = Vec::new();
+        put_progress(&mut wire, kind::WORK_PROGRESS, 9, 3, 10);
+        put_data(&mut wire, kind::WORK_DATA, 9, b"part");
+        put_progress(&mut wire, kind::PROGRESS, 7, u64::MAX, 0);
+        put_data(&mut wire, kind::DATA, 7, b"");
+        put_submit_head_as(&mut wire, kind::SUBMIT_WATCH, 5, "sleep", 3);
+        wire.extend_from_slice(b"600");
+        let mut reader = FrameReader::new(1 << 20);
+        reader.push(&wire);
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().unwrap() {
+            got.push(decode(frame).unwrap().to_string());
+        }
+        assert_eq!(
+            got,
+            [
+                "progress of job 9: 3/10",
+                "data of job 9 (4 bytes)",
+                format!("progress #7 {}/0", u64::MAX).as_str(),
+                "data #7 (0 bytes)",
+                "submit (watched) #5 to sleep (3 bytes)",
+            ]
+        );
+        let mut one = Vec::new();
+        put_progress(&mut one, kind::PROGRESS, 1, 2, 3);
+        assert_eq!(
+            decode(&one[4..]).unwrap(),
+            Frame::Progress {
+                id: 1,
+                numerator: 2,
+                denominator: 3
+            }
+        );
+        let mut plain = Vec::new();
+        put_submit(&mut plain, 1, "p", b"x");
+        assert!(matches!(
+            decode(&plain[4..]).unwrap(),
+            Frame::Submit { watch: false, .. }
+        ));
+    }
+
+    #[test]
+    fn malformed_progress_and_data_frames_are_errors() {
+        for k in [kind::WORK_PROGRESS, kind::PROGRESS] {
+            // One byte short, one byte long, empty.
+            let mut body = vec![k];
+            body.extend_from_slice(&[0; 23]);
+            assert_eq!(
+                decode(&body),
+                Err(FrameError::Truncated { kind: k, len: 24 })
+            );
+            body.extend_from_slice(&[0; 2]);
+            assert_eq!(
+                decode(&body),
+                Err(FrameError::Truncated { kind: k, len: 26 })
+            );
+            assert_eq!(decode(&[k]), Err(FrameError::Truncated { kind: k, len: 1 }));
+        }
+        for k in [kind::WORK_DATA, kind::DATA] {
+            assert_eq!(
+                decode(&[k, 0, 0, 0, 0, 0, 0, 0]),
+                Err(FrameError::Truncated { kind: k, len: 8 })
+            );
+            assert!(decode(&[k, 0, 0, 0, 0, 0, 0, 0, 1]).is_ok());
+        }
+        assert_eq!(decode(&[12]), Err(FrameError::UnknownKind(12)));
     }
 
     #[test]

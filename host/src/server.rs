@@ -12,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use crate::config::SocketGroup;
-use crate::protocol::{FrameError, FrameReader};
+use crate::protocol::{self, kind, FrameError, FrameReader};
 
 /// Flow control: stop reading a client while what it has made the master hold — payloads of
 /// its accepted, unanswered jobs plus its unread results — passes this; resume under
@@ -20,6 +20,10 @@ use crate::protocol::{FrameError, FrameReader};
 /// memory does not grow with it. (One job over the budget is still taken: it is never stuck.)
 pub const PAUSE_ABOVE: usize = 16 << 20;
 pub const RESUME_BELOW: usize = 8 << 20;
+/// Above this much unwritten output, a client's PROGRESS frames wait (coalesced: the latest
+/// per job id wins) until its output drains; DATA and RESULT frames are never held back (they
+/// count against [`PAUSE_ABOVE`] like results).
+pub const PROGRESS_ABOVE: usize = 256 << 10;
 /// How much one connection may read per wake-up, so one busy client cannot starve others.
 const READ_BUDGET: usize = 1 << 20;
 
@@ -141,6 +145,9 @@ pub struct Connection {
     pub outstanding: usize,
     /// Whether epoll should report writability (output is pending).
     pub wants_write: bool,
+    /// PROGRESS frames held back while its output is over [`PROGRESS_ABOVE`]: (id, numerator,
+    /// denominator), one per id, the latest. Bounded by its unanswered watched jobs.
+    deferred_progress: Vec<(u64, u64, u64)>,
 }
 
 impl Connection {
@@ -154,6 +161,7 @@ impl Connection {
             paused: false,
             outstanding: 0,
             wants_write: false,
+            deferred_progress: Vec::new(),
         })
     }
 
@@ -183,6 +191,29 @@ impl Connection {
         &mut self.out
     }
 
+    /// Appends a PROGRESS frame for the job the client calls `id`, or, while its output is
+    /// over [`PROGRESS_ABOVE`], holds it back in place of the one held for that id.
+    pub fn put_progress(&mut self, id: u64, numerator: u64, denominator: u64) {
+        if self.pending_out() <= PROGRESS_ABOVE && self.deferred_progress.is_empty() {
+            protocol::put_progress(&mut self.out, kind::PROGRESS, id, numerator, denominator);
+            return;
+        }
+        match self.deferred_progress.iter_mut().find(|(i, _, _)| *i == id) {
+            Some(held) => *held = (id, numerator, denominator),
+            None => self.deferred_progress.push((id, numerator, denominator)),
+        }
+    }
+
+    /// The job `id` is answered: progress held back for it is moot.
+    pub fn forget_progress(&mut self, id: u64) {
+        self.deferred_progress.retain(|(i, _, _)| *i != id);
+    }
+
+    /// Progress frames held back (for tests and the log).
+    pub fn deferred_progress(&self) -> usize {
+        self.deferred_progress.len()
+    }
+
     pub fn pending_out(&self) -> usize {
         self.out.len() - self.out_pos
     }
@@ -201,8 +232,20 @@ impl Connection {
         }
     }
 
-    /// Writes what it can. Err = the peer is gone.
+    /// Writes what it can, then the progress held back once there is room for it. Err = the
+    /// peer is gone.
     pub fn flush(&mut self) -> io::Result<()> {
+        self.write_out()?;
+        if !self.deferred_progress.is_empty() && self.pending_out() <= PROGRESS_ABOVE {
+            for (id, numerator, denominator) in std::mem::take(&mut self.deferred_progress) {
+                protocol::put_progress(&mut self.out, kind::PROGRESS, id, numerator, denominator);
+            }
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
         while self.out_pos < self.out.len() {
             match self.stream.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -239,6 +282,50 @@ pub enum ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_waits_coalesced_while_the_client_does_not_read_and_follows_when_it_does() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(ours, 1 << 20).unwrap();
+        // Fill the socket, then more than PROGRESS_ABOVE of results the client does not read.
+        while conn.pending_out() <= PROGRESS_ABOVE {
+            protocol::put_result(conn.out(), 1, protocol::Status::Ok, &[0; 64 << 10]);
+            conn.flush().unwrap();
+        }
+        let held = conn.pending_out();
+        for n in 0..1000 {
+            conn.put_progress(7, n, 1000);
+            conn.put_progress(8, n, 1000);
+        }
+        assert_eq!(conn.deferred_progress(), 2, "one per job, the latest");
+        assert_eq!(conn.pending_out(), held, "nothing buffered for them");
+        conn.forget_progress(8);
+        // The client reads everything: the latest progress of job 7 follows.
+        theirs.set_nonblocking(true).unwrap();
+        let mut reader = FrameReader::new(1 << 20);
+        let mut buf = vec![0; 1 << 16];
+        let mut progress = Vec::new();
+        for _ in 0..10_000 {
+            conn.flush().unwrap();
+            match theirs.read(&mut buf) {
+                Ok(n) => reader.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if conn.pending_out() == 0 && conn.deferred_progress() == 0 {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+            while let Some(frame) = reader.next().unwrap() {
+                if let protocol::Frame::Progress { id, numerator, .. } =
+                    protocol::decode(frame).unwrap()
+                {
+                    progress.push((id, numerator));
+                }
+            }
+        }
+        assert_eq!(progress, [(7, 999)]);
+    }
     use std::os::unix::fs::MetadataExt;
 
     #[test]

@@ -5,8 +5,9 @@
 //! file: the master's `[server] socket`, or Redis directly when POOL is a `source = "redis"`
 //! pool of that file), the output forms (plain and `--json`), the streaming pipeline (a window
 //! of jobs in flight, a reorder buffer that prints results in input order as soon as they can
-//! be, flushing as it goes), the progress bar (only on a terminal) and the exit status (1 if
-//! any job failed or was rejected).
+//! be, flushing as it goes), the progress bars (only on a terminal: jobs done for a stream,
+//! the job's own progress for a single job), a single job's partial data (written to stdout
+//! before its result) and the exit status (1 if any job failed or was rejected).
 //!
 //! It never loads a plugin or starts a master, never retries a job, never buffers more than
 //! `--window` results, and never treats a closed stdout (`| head`) as an error. The wire
@@ -44,7 +45,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 use crate::cli::EXIT_ERROR;
-use crate::client::{Client, ClientError, ClientReceiver, ClientSender, JobResult};
+use crate::client::{Client, ClientError, ClientReceiver, ClientSender, JobResult, Received};
 use crate::config::Config;
 use crate::protocol::Status;
 use crate::redis_client::{RedisReceiver, RedisSender, RedisSubmit, RedisSubmitError};
@@ -88,7 +89,10 @@ numbered 0, 1, 2, ...; one result per line of stdout, in input order, each print
 it and all before it are in. Plain output prints a result as it is (`ERROR: <message>` for a
 failed job, `REJECTED: <reason>` for a rejected one), followed by a newline unless it already
 ends with one: a result that contains newlines spans several lines. --json is the safe form.
-A progress bar is drawn on stderr when it is a terminal.
+A progress bar is drawn on stderr when it is a terminal: jobs done for a stream; for one job,
+how far its plugin says it got (if it reports progress). One job's partial data, if its plugin
+hands out any, is written to stdout as it comes, in order, before its result (with --json,
+one {\"id\":0,\"data\":\"...\"} line each); nothing is added when stderr is not a terminal.
 With -c FILE and a pool that has source = \"redis\" there, the jobs go to the pool's stream
 directly (no master needed on this host); the results come back on a reply stream of this
 process's own, deleted at the end.
@@ -153,6 +157,7 @@ fn submit(transport: impl Transport, args: &SubmitArgs) -> Result<bool, Box<dyn 
             transport,
             payload.as_bytes(),
             args.json,
+            io::stderr().is_terminal().then(job_bar),
             &mut io::stdout().lock(),
             &mut io::stderr().lock(),
         ),
@@ -209,6 +214,11 @@ pub(crate) trait Transport {
 pub(crate) trait JobSender {
     /// Buffers job `id`; may write out what is buffered.
     fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError>;
+    /// Like `send`, asking for the job's progress and partial data where the transport can
+    /// carry them (the job socket; Redis cannot: a plain send).
+    fn send_watched(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+        self.send(id, payload)
+    }
     /// Writes out every buffered job.
     fn flush(&mut self) -> Result<(), TransportError>;
     /// Giving up: makes a [`JobReceiver::recv`] blocked on another thread return.
@@ -222,6 +232,10 @@ pub(crate) trait JobSender {
 pub(crate) trait JobReceiver {
     /// The next result, in completion order; blocks until one arrives.
     fn recv(&mut self) -> Result<JobResult, TransportError>;
+    /// The next result, or a watched job's progress or data; blocks until one arrives.
+    fn recv_any(&mut self) -> Result<Received, TransportError> {
+        self.recv().map(Received::Result)
+    }
     /// True when `recv` would return without waiting.
     fn has_buffered(&self) -> bool;
     /// Giving up: makes a [`JobSender`] blocked on another thread return.
@@ -258,6 +272,9 @@ impl JobSender for SocketSender {
     fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
         Ok(self.sender.send(id, &self.pool, payload)?)
     }
+    fn send_watched(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
+        Ok(self.sender.send_watched(id, &self.pool, payload)?)
+    }
     fn flush(&mut self) -> Result<(), TransportError> {
         Ok(self.sender.flush()?)
     }
@@ -273,6 +290,9 @@ impl JobSender for SocketSender {
 impl JobReceiver for ClientReceiver {
     fn recv(&mut self) -> Result<JobResult, TransportError> {
         Ok(ClientReceiver::recv(self)?)
+    }
+    fn recv_any(&mut self) -> Result<Received, TransportError> {
+        Ok(ClientReceiver::recv_any(self)?)
     }
     fn has_buffered(&self) -> bool {
         ClientReceiver::has_buffered(self)
@@ -319,27 +339,58 @@ impl JobReceiver for RedisReceiver {
     }
 }
 
-/// One job from the command line: the result to `out`, or the error to `err` (with `--json`,
-/// either to `out`). Returns whether it failed or was rejected.
+/// One job from the command line: its partial data, then its result to `out`, or the error
+/// to `err` (with `--json`, either to `out`); its progress on `bar` (a terminal's). Returns
+/// whether it failed or was rejected.
 fn one_job(
     transport: impl Transport,
     payload: &[u8],
     json: bool,
+    bar: Option<ProgressBar>,
     out: &mut impl Write,
     err: &mut impl Write,
 ) -> Result<bool, Box<dyn Error>> {
     let (mut sender, mut receiver) = transport.split();
-    let mut call = || -> Result<JobResult, TransportError> {
-        sender.send(0, payload)?;
+    // A closed stdout stops the data, not the job: its result (and exit status) still count.
+    let mut out_closed = false;
+    let mut call = || -> Result<JobResult, Box<dyn Error>> {
+        sender.send_watched(0, payload)?;
         sender.flush()?;
         loop {
-            let result = receiver.recv()?;
-            if result.id == 0 {
-                return Ok(result);
+            match receiver.recv_any()? {
+                Received::Result(result) if result.id == 0 => return Ok(result),
+                Received::Progress {
+                    id: 0,
+                    numerator,
+                    denominator,
+                } => {
+                    if let Some(bar) = &bar {
+                        bar.set_length(denominator.max(numerator));
+                        bar.set_position(numerator);
+                    }
+                }
+                Received::Data { id: 0, data } if !out_closed => {
+                    // Out of the bar's way, when both are on the terminal.
+                    let mut write =
+                        || write_data(&mut *out, &data, json).and_then(|()| out.flush());
+                    let written = match &bar {
+                        Some(bar) => bar.suspend(write),
+                        None => write(),
+                    };
+                    match written {
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => out_closed = true,
+                        Err(e) => return Err(format!("writing the job's data: {e}").into()),
+                        Ok(()) => {}
+                    }
+                }
+                _ => {}
             }
         }
     };
     let result = call();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
     let finished = sender.finish();
     let result = result?;
     finished?;
@@ -399,6 +450,35 @@ fn write_result(out: &mut impl Write, result: &JobResult, json: bool) -> io::Res
         out.write_all(b"\n")?;
     }
     Ok(())
+}
+
+/// One piece of a job's partial data: as it is (plain), or one JSON line.
+fn write_data(out: &mut impl Write, data: &[u8], json: bool) -> io::Result<()> {
+    if json {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            id: u64,
+            data: Cow<'a, str>,
+        }
+        let line = Line {
+            id: 0,
+            data: String::from_utf8_lossy(data),
+        };
+        serde_json::to_writer(&mut *out, &line).map_err(io::Error::from)?;
+        return out.write_all(b"\n");
+    }
+    out.write_all(data)
+}
+
+/// A single job's bar, fed by its PROGRESS frames (a spinner until the first one).
+fn job_bar() -> ProgressBar {
+    let style = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len}  {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bar = ProgressBar::new(0);
+    bar.set_style(style);
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
 }
 
 fn progress_bar() -> ProgressBar {
@@ -1239,7 +1319,7 @@ mod tests {
             let server = Server::start(fake::echo);
             let client = Client::connect(&server.path).unwrap();
             let (mut out, mut err) = (Vec::new(), Vec::new());
-            let failed = one_job(socket(client), payload, json, &mut out, &mut err).unwrap();
+            let failed = one_job(socket(client), payload, json, None, &mut out, &mut err).unwrap();
             server.join();
             (
                 failed,
@@ -1485,10 +1565,10 @@ mod tests {
         // One job from the command line.
         let (transport, finished) = memory(false);
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        assert!(!one_job(transport, b"x", false, &mut out, &mut err).unwrap());
+        assert!(!one_job(transport, b"x", false, None, &mut out, &mut err).unwrap());
         assert_eq!((out.as_slice(), finishes(&finished)), (&b"x\n"[..], 1));
         let (transport, finished) = memory(false);
-        assert!(one_job(transport, b"fail", false, &mut out, &mut err).is_err());
+        assert!(one_job(transport, b"fail", false, None, &mut out, &mut err).is_err());
         assert_eq!(finishes(&finished), 1, "also when the send failed");
     }
 

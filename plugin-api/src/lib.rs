@@ -5,8 +5,9 @@
 //! workers (so whatever `init` builds is shared copy-on-write by every worker) — after trying
 //! the same `init` in a throw-away probe process, so that a plugin that crashes or hangs there
 //! cannot take the master down; `init` must therefore not assume it runs only once — then in each
-//! worker calls [`Plugin::worker_start`], then [`Plugin::handle`] for every job (job mode) or
-//! [`Plugin::run_once`] in a loop (loop mode), and [`Plugin::worker_stop`] before the worker exits.
+//! worker calls [`Plugin::worker_start`], then [`Plugin::handle_with`] (which defaults to
+//! [`Plugin::handle`]) for every job (job mode) or [`Plugin::run_once`] in a loop (loop mode),
+//! and [`Plugin::worker_stop`] before the worker exits.
 //!
 //! # A complete plugin
 //!
@@ -59,6 +60,49 @@
 //! # }
 //! ```
 //!
+//! # Progress and partial data
+//!
+//! A long job can say how far it got, and hand out partial results before its final one:
+//! implement [`Plugin::handle_with`] instead of [`Plugin::handle`] and call
+//! [`JobContext::progress`] and [`JobContext::data`] on the context it is given. The host sends
+//! them on to whoever submitted the job (a progress bar in `jobhost submit`, WORK_STATUS /
+//! WORK_DATA for Gearman); a host may coalesce progress calls that come faster than it forwards
+//! them, and bounds the data of one job.
+//!
+//! ```
+//! use jobhost_plugin_api::{JobContext, Plugin, Settings};
+//!
+//! pub struct Count;
+//!
+//! impl Plugin for Count {
+//!     fn init(_: &Settings) -> Result<Self, String> {
+//!         Ok(Count)
+//!     }
+//!
+//!     fn handle_with(&mut self, payload: &[u8], ctx: &mut JobContext<'_>) -> Result<Vec<u8>, String> {
+//!         let lines: Vec<&[u8]> = payload.split(|b| *b == b'\n').collect();
+//!         for (i, line) in lines.iter().enumerate() {
+//!             ctx.data(line); // a partial result
+//!             ctx.progress(i as u64 + 1, lines.len() as u64);
+//!         }
+//!         Ok(format!("{} lines", lines.len()).into_bytes())
+//!     }
+//! }
+//! # fn main() {
+//! #     use jobhost_plugin_api::JobReport;
+//! #     let mut seen = Vec::new();
+//! #     let mut sink = |r: JobReport<'_>| seen.push(format!("{r:?}"));
+//! #     let mut ctx = JobContext::new(&mut sink);
+//! #     let mut plugin = Count::init(&Settings::from_toml("").unwrap()).unwrap();
+//! #     assert_eq!(plugin.handle_with(b"a\nb", &mut ctx).unwrap(), b"2 lines");
+//! #     assert_eq!(seen.len(), 4);
+//! #     assert_eq!(seen[3], "Progress { numerator: 2, denominator: 2 }");
+//! # }
+//! ```
+//!
+//! A plugin built against plugin-api 0.1.0 has no `handle_with`: the host runs its jobs through
+//! `handle`, and they report nothing.
+//!
 //! `cargo build --release` gives `target/release/libupper.so`; copy it into jobhost's plugins
 //! folder, add a `[[pool]]` with `plugin = "upper"` to the config and send the master `SIGHUP`.
 //!
@@ -74,6 +118,7 @@
 //! - The root module is a prefix type: fields are only ever appended, so a plugin built against
 //!   a newer 0.1.x of this crate still loads in an older 0.1 host.
 
+use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 pub use abi_stable;
@@ -163,6 +208,15 @@ pub trait Plugin: Sized + 'static {
         Err("this plugin does not take jobs (it provides loop mode only)".into())
     }
 
+    /// Job mode, with a way to report while the job runs: [`JobContext::progress`] and
+    /// [`JobContext::data`]. What the host calls for every job (since plugin-api 0.1.1);
+    /// defaults to [`Plugin::handle`], so implement one or the other. The context lives for
+    /// this call only.
+    fn handle_with(&mut self, payload: &[u8], ctx: &mut JobContext<'_>) -> Result<Vec<u8>, String> {
+        let _ = ctx;
+        self.handle(payload)
+    }
+
     /// Loop mode: do one unit of work you fetched yourself.
     /// An `Err` is logged and the worker sleeps `idle_sleep` before calling again.
     fn run_once(&mut self) -> Result<Step, String> {
@@ -191,6 +245,84 @@ pub struct HostContext {
     pub max_level: u8,
 }
 
+/// What a plugin reports while it handles a job, as the host's sink receives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobReport<'a> {
+    /// `numerator` of `denominator` done (the plugin's units; a denominator of 0 means unknown).
+    Progress { numerator: u64, denominator: u64 },
+    /// Partial result bytes, in order; the final result still comes from the call's return.
+    Data(&'a [u8]),
+}
+
+/// The job being handled, as [`Plugin::handle_with`] sees it: report progress and partial data
+/// through it. Lent for one call only (`&mut JobContext<'_>`): it can be neither kept (it
+/// borrows the host's sink for `'a`, and is not `Clone`), nor sent to another thread (not
+/// `Send`), so no report can arrive after the call returned.
+///
+/// Across the boundary it is an opaque pointer to the host's sink and two `extern "C"`
+/// functions that take it.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct JobContext<'a> {
+    /// The host's sink, erased; only `progress_fn` and `data_fn` know its type.
+    sink: *mut (),
+    progress_fn: extern "C" fn(sink: *mut (), numerator: u64, denominator: u64),
+    data_fn: extern "C" fn(sink: *mut (), bytes: RSlice<'_, u8>),
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+impl<'a> JobContext<'a> {
+    /// A context whose reports go to `sink`, for as long as it is borrowed. (The host builds
+    /// one per job; plugin tests may too.) A panic in `sink` is caught on this side of the
+    /// boundary and the report dropped.
+    pub fn new<S: FnMut(JobReport<'_>)>(sink: &'a mut S) -> JobContext<'a> {
+        JobContext {
+            sink: (sink as *mut S).cast(),
+            progress_fn: progress_to::<S>,
+            data_fn: data_to::<S>,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Reports that `numerator` of `denominator` is done (e.g. bytes, rows, milliseconds).
+    pub fn progress(&mut self, numerator: u64, denominator: u64) {
+        (self.progress_fn)(self.sink, numerator, denominator)
+    }
+
+    /// Hands out partial result bytes; the host forwards them in order, before the result.
+    pub fn data(&mut self, bytes: &[u8]) {
+        (self.data_fn)(self.sink, RSlice::from_slice(bytes))
+    }
+}
+
+impl std::fmt::Debug for JobContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobContext")
+    }
+}
+
+extern "C" fn progress_to<S: FnMut(JobReport<'_>)>(
+    sink: *mut (),
+    numerator: u64,
+    denominator: u64,
+) {
+    // SAFETY: `sink` was made from a `&'a mut S` in `JobContext::new` together with this very
+    // instantiation, and the context (which cannot outlive 'a) is borrowed mutably for the call.
+    let sink = unsafe { &mut *sink.cast::<S>() };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        sink(JobReport::Progress {
+            numerator,
+            denominator,
+        })
+    }));
+}
+
+extern "C" fn data_to<S: FnMut(JobReport<'_>)>(sink: *mut (), bytes: RSlice<'_, u8>) {
+    // SAFETY: as in `progress_to`.
+    let sink = unsafe { &mut *sink.cast::<S>() };
+    let _ = catch_unwind(AssertUnwindSafe(|| sink(JobReport::Data(bytes.as_slice()))));
+}
+
 mod object {
     // `#[sabi_trait]` generates impls that rustc's `non_local_definitions` lint dislikes; the
     // code is abi_stable's, so the lint is silenced for this module only.
@@ -199,7 +331,16 @@ mod object {
 
     /// The per-pool plugin instance as the host sees it, across the ABI boundary.
     ///
-    /// Method order is the vtable layout: append only, never reorder.
+    /// Method order is the vtable layout: append only, never reorder. The vtable is a prefix
+    /// type: methods after `run_once` (the last of 0.1.0) may be missing from a plugin built
+    /// against an older 0.1.x. Two things follow, both abi_stable's:
+    /// - at load, its layout check refuses a library whose prefix type has *fewer* fields
+    ///   than the host's ("too many fields"): the host therefore checks such a plugin against
+    ///   plugin-api 0.1.0's own layout (see `load_in_process` in the host's `plugins.rs`);
+    /// - at a call, a missing method without a default body panics; one with a default body
+    ///   here gets an optional vtable field (`missing_field(option)`), and the trait object
+    ///   runs that body, on the host's side, when the plugin's vtable lacks the method.
+    /// So every method appended must have a default body that does what an old plugin would.
     #[sabi_trait]
     pub trait PluginObject {
         fn worker_start(&mut self) -> RResult<(), RString>;
@@ -207,6 +348,15 @@ mod object {
         fn handle(&mut self, payload: RSlice<'_, u8>) -> RResult<RVec<u8>, RString>;
         #[sabi(last_prefix_field)]
         fn run_once(&mut self) -> RResult<Step, RString>;
+        /// Since 0.1.1: `handle` with a [`JobContext`]. A plugin built against 0.1.0 lacks it:
+        /// the default body, run on the host's side, calls its `handle` (no reports).
+        fn handle_with(
+            &mut self,
+            payload: RSlice<'_, u8>,
+            _ctx: &mut JobContext<'_>,
+        ) -> RResult<RVec<u8>, RString> {
+            self.handle(payload)
+        }
     }
 }
 pub use object::{PluginObject, PluginObject_TO};
@@ -255,6 +405,15 @@ impl<P: Plugin> PluginObject for Adapter<P> {
     }
     fn run_once(&mut self) -> RResult<Step, RString> {
         guard("run_once", || self.0.run_once())
+    }
+    fn handle_with(
+        &mut self,
+        payload: RSlice<'_, u8>,
+        ctx: &mut JobContext<'_>,
+    ) -> RResult<RVec<u8>, RString> {
+        guard("handle", || {
+            self.0.handle_with(payload.as_slice(), ctx).map(RVec::from)
+        })
     }
 }
 
@@ -396,6 +555,90 @@ mod tests {
             }
             Ok(payload.to_vec())
         }
+    }
+
+    /// Reports `payload` as three progress steps and one piece of data, then answers "done";
+    /// panics in handle_with on "panic".
+    struct Reporter;
+    impl Plugin for Reporter {
+        fn init(_: &Settings) -> Result<Self, String> {
+            Ok(Reporter)
+        }
+        fn handle_with(
+            &mut self,
+            payload: &[u8],
+            ctx: &mut JobContext<'_>,
+        ) -> Result<Vec<u8>, String> {
+            for i in 1..=3 {
+                ctx.progress(i, 3);
+            }
+            ctx.data(payload);
+            if payload == b"panic" {
+                panic!("asked to panic");
+            }
+            Ok(b"done".to_vec())
+        }
+    }
+
+    fn host() -> HostContext {
+        extern "C" fn sink(_: u8, _: RStr<'_>, _: RStr<'_>) {}
+        HostContext {
+            log: sink,
+            max_level: 3,
+        }
+    }
+
+    #[test]
+    fn handle_with_reports_in_order_through_the_boundary() {
+        let mut obj = __private::init::<Reporter>(RStr::from_str(""), host()).unwrap();
+        let mut seen = Vec::new();
+        let mut sink = |r: JobReport<'_>| {
+            seen.push(match r {
+                JobReport::Progress {
+                    numerator,
+                    denominator,
+                } => format!("{numerator}/{denominator}"),
+                JobReport::Data(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            })
+        };
+        let mut ctx = JobContext::new(&mut sink);
+        let result = obj.handle_with(RSlice::from_slice(b"part"), &mut ctx);
+        assert_eq!(result.unwrap().as_slice(), b"done");
+        assert_eq!(seen, ["1/3", "2/3", "3/3", "part"]);
+    }
+
+    #[test]
+    fn a_panic_in_handle_with_or_in_the_sink_is_caught() {
+        let mut obj = __private::init::<Reporter>(RStr::from_str(""), host()).unwrap();
+        let mut calls = 0;
+        let mut sink = |_: JobReport<'_>| {
+            calls += 1;
+            panic!("the host's sink panicked");
+        };
+        let mut ctx = JobContext::new(&mut sink);
+        let err = obj
+            .handle_with(RSlice::from_slice(b"panic"), &mut ctx)
+            .unwrap_err();
+        assert!(
+            err.as_str().starts_with("plugin panicked in handle at "),
+            "{err}"
+        );
+        assert!(err.as_str().ends_with(": asked to panic"), "{err}");
+        // Every report reached the sink, whose panics stayed on its side.
+        let ok = obj.handle_with(RSlice::from_slice(b"x"), &mut ctx);
+        assert_eq!(ok.unwrap().as_slice(), b"done");
+        assert_eq!(calls, 8);
+    }
+
+    #[test]
+    fn a_plugin_that_implements_only_handle_answers_handle_with_and_reports_nothing() {
+        let mut obj = __private::init::<Panicky>(RStr::from_str(""), host()).unwrap();
+        let mut reports = 0;
+        let mut sink = |_: JobReport<'_>| reports += 1;
+        let mut ctx = JobContext::new(&mut sink);
+        let result = obj.handle_with(RSlice::from_slice(b"hi"), &mut ctx);
+        assert_eq!(result.unwrap().as_slice(), b"hi");
+        assert_eq!(reports, 0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod no_spin;
 mod plugin_inspect;
 mod plugin_loading;
 mod prefetch;
+mod progress;
 mod redis;
 mod reload;
 mod resources;

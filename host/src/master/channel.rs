@@ -49,6 +49,15 @@ pub enum WorkerSaid {
     Hold { paused: bool },
     /// Its last frame: the exit status it is about to exit with and the jobs it finished.
     Leaving { code: u8, jobs_done: u64 },
+    /// While it runs job `key`: how far it got, or partial data (WORK_PROGRESS, WORK_DATA).
+    Reported { key: u64, report: Reported },
+}
+
+/// What a worker reports about the job it runs, before its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reported {
+    Progress { numerator: u64, denominator: u64 },
+    Data(Vec<u8>),
 }
 
 /// Why a worker's bytes are refused. Rendered as what the worker "sent", for the master's log
@@ -58,7 +67,8 @@ pub enum ChannelError {
     /// Bytes that are no frame: an unknown kind, a short body, a zero length.
     #[error("a malformed frame: {0}")]
     Malformed(#[from] FrameError),
-    /// A well-formed frame no worker sends (JOB, SUBMIT, RESULT); the frame as shown.
+    /// A well-formed frame no worker sends (JOB, SUBMIT, RESULT, a client's PROGRESS or DATA);
+    /// the frame as shown.
     #[error("an unexpected {0}")]
     Unexpected(String),
     /// Any frame after LEAVING, which is a worker's last.
@@ -252,7 +262,8 @@ impl<S: Read + Write> WorkerChannel<S> {
     }
 
     /// The next whole frame the worker sent, decoded and owned; `Ok(None)` when no whole frame
-    /// is buffered. A JOB, SUBMIT or RESULT frame is [`ChannelError::Unexpected`], bytes that
+    /// is buffered. A JOB, SUBMIT, RESULT, PROGRESS or DATA frame is
+    /// [`ChannelError::Unexpected`], bytes that
     /// are no frame [`ChannelError::Malformed`], any frame after LEAVING
     /// [`ChannelError::AfterLeaving`]; after an error, every call returns it again.
     pub fn next_said(&mut self) -> Result<Option<WorkerSaid>, ChannelError> {
@@ -285,7 +296,26 @@ impl<S: Read + Write> WorkerChannel<S> {
                 self.left = true;
                 WorkerSaid::Leaving { code, jobs_done }
             }
-            other @ (Frame::Job { .. } | Frame::Submit { .. } | Frame::Result { .. }) => {
+            Frame::WorkProgress {
+                key,
+                numerator,
+                denominator,
+            } => WorkerSaid::Reported {
+                key,
+                report: Reported::Progress {
+                    numerator,
+                    denominator,
+                },
+            },
+            Frame::WorkData { key, data } => WorkerSaid::Reported {
+                key,
+                report: Reported::Data(data.to_vec()),
+            },
+            other @ (Frame::Job { .. }
+            | Frame::Submit { .. }
+            | Frame::Result { .. }
+            | Frame::Progress { .. }
+            | Frame::Data { .. }) => {
                 return Err(ChannelError::Unexpected(other.to_string()));
             }
         }))
@@ -686,6 +716,8 @@ mod tests {
         put_outcome(&mut wire, 8, false, b"");
         let big = vec![0xa5; 300 << 10];
         put_outcome(&mut wire, 9, true, &big);
+        protocol::put_progress(&mut wire, kind::WORK_PROGRESS, 10, 1, 2);
+        protocol::put_data(&mut wire, kind::WORK_DATA, 10, b"part");
         put_leaving(&mut wire, 201, 3);
         let said = vec![
             WorkerSaid::Hold { paused: true },
@@ -704,6 +736,17 @@ mod tests {
                 key: 9,
                 ok: true,
                 body: big,
+            },
+            WorkerSaid::Reported {
+                key: 10,
+                report: Reported::Progress {
+                    numerator: 1,
+                    denominator: 2,
+                },
+            },
+            WorkerSaid::Reported {
+                key: 10,
+                report: Reported::Data(b"part".to_vec()),
             },
             WorkerSaid::Leaving {
                 code: 201,
@@ -821,6 +864,24 @@ mod tests {
         let mut wire = Vec::new();
         protocol::put_submit(&mut wire, 1, "pool", b"x");
         assert!(matches!(refusal(wire), ChannelError::Unexpected(_)));
+        // A client's progress and data are no worker's.
+        let mut wire = Vec::new();
+        protocol::put_progress(&mut wire, kind::PROGRESS, 1, 1, 2);
+        assert!(matches!(refusal(wire), ChannelError::Unexpected(_)));
+        let mut wire = Vec::new();
+        protocol::put_data(&mut wire, kind::DATA, 1, b"x");
+        assert!(matches!(refusal(wire), ChannelError::Unexpected(_)));
+    }
+
+    #[test]
+    fn a_malformed_progress_frame_is_refused() {
+        // 16 bytes of body instead of 24.
+        let mut wire = vec![0, 0, 0, 17, kind::WORK_PROGRESS];
+        wire.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            refusal(wire),
+            ChannelError::Malformed(FrameError::Truncated { .. })
+        ));
     }
 
     #[test]

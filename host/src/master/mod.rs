@@ -11,7 +11,8 @@
 //!                 admin timers, a reload's probes, a hung-up worker), or none when idle
 //!     reap        waitpid every dead worker: read what it left, then Event::Exited
 //!     signals     each signal → its Command (`command_for`) → Event::Command
-//!     io          accept; SUBMIT → Event::Submit; workers' frames → Event::Said / Broke;
+//!     io          accept; SUBMIT → Event::Submit; workers' frames → Event::Said / Broke,
+//!                 their progress and data → Event::Reported (with their claim word);
 //!                 admin lines → a reply, or Event::Command; probes' reports
 //!     timers      accept pause over, admin timers, hung-up workers → Event::Hangup, a
 //!                 reload's probes done → Event::ReloadReady / ReloadFailed
@@ -61,7 +62,9 @@ use crate::worker::{self, WorkerExit};
 use channel::{OutJob, WorkerChannel, OUTCOME_READ_BUDGET};
 use pool::Pool;
 pub use pool::{ExitKind, PoolState, PoolStats};
-use supervisor::{ClientId, Effect, Event, Origin, Settings, Supervisor, WorkerId};
+use supervisor::{
+    ClientId, Effect, Event, Origin, Reported, Settings, Supervisor, WorkerId, WorkerSaid,
+};
 use token::Token;
 
 /// How long a shutting-down master keeps trying to deliver the last results.
@@ -403,6 +406,23 @@ impl Master {
                 }
                 None
             }
+            Effect::Report { client, id, report } => {
+                // Progress waits, coalesced, while the client's output is over its budget;
+                // data is appended and counts against the client's back-pressure like results.
+                if let Some(conn) = self.io.clients.get_mut(&client.0) {
+                    match report {
+                        Reported::Progress {
+                            numerator,
+                            denominator,
+                        } => conn.put_progress(id, numerator, denominator),
+                        Reported::Data(data) => {
+                            protocol::put_data(conn.out(), protocol::kind::DATA, id, &data)
+                        }
+                    }
+                    self.io.dirty_clients.push(client.0);
+                }
+                None
+            }
             Effect::Answer {
                 client,
                 id,
@@ -412,6 +432,7 @@ impl Master {
             } => {
                 if let Some(conn) = self.io.clients.get_mut(&client.0) {
                     conn.outstanding = conn.outstanding.saturating_sub(payload_len);
+                    conn.forget_progress(id);
                     protocol::put_result(conn.out(), id, status, &body);
                     self.io.dirty_clients.push(client.0);
                 }
@@ -773,8 +794,13 @@ impl Master {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let (id, pool, payload) = match protocol::decode(frame) {
-                Ok(Frame::Submit { id, pool, payload }) => (id, pool, payload),
+            let (id, pool, payload, watch) = match protocol::decode(frame) {
+                Ok(Frame::Submit {
+                    id,
+                    pool,
+                    payload,
+                    watch,
+                }) => (id, pool, payload, watch),
                 Ok(other) => return Err(server::ClientError::Unexpected(other.to_string())),
                 Err(e) => return Err(e.into()),
             };
@@ -788,6 +814,7 @@ impl Master {
                     id,
                     pool,
                     payload,
+                    watch,
                 },
                 now,
             );
@@ -830,6 +857,20 @@ impl Master {
             }
             match p.channel.next_said() {
                 Ok(None) => break,
+                Ok(Some(WorkerSaid::Reported { key, report })) => {
+                    // It claims a job before it runs it: its claim word now says what it can
+                    // have started (bounded by what it was written whole).
+                    let started = p.channel.written_whole().min(p.slot.claimed());
+                    self.apply_at(
+                        Event::Reported {
+                            worker: id,
+                            key,
+                            report,
+                            started,
+                        },
+                        now,
+                    )
+                }
                 Ok(Some(said)) => self.apply_at(Event::Said { worker: id, said }, now),
                 Err(e) => {
                     let what = e.to_string();

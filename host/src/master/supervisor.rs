@@ -7,6 +7,7 @@
 //! Event::Command   a signal or an admin line, as one Command (stop, scale, reload, …)
 //! Event::Submit    a client's job          Event::ClientGone  its connection closed
 //! Event::Said      a worker's frame        Event::Broke       a frame no worker may send
+//! Event::Reported  a worker's progress or data for the job it runs (with its claim)
 //! Event::Hangup    a worker that closed its socketpair and stayed
 //! Event::Exited    a reaped worker         Event::Spawned / SpawnFailed  a fork's outcome
 //! Event::Running   an engine-fed worker's slot Event::Recalled    jobs taken back from a worker
@@ -77,7 +78,7 @@ pub enum Origin {
 }
 
 /// What a worker said, decoded from its frames by the shell.
-pub use super::channel::WorkerSaid;
+pub use super::channel::{Reported, WorkerSaid};
 
 /// Every input of the master.
 #[derive(Debug)]
@@ -86,17 +87,27 @@ pub enum Event<'a> {
         command: Command,
         from: Origin,
     },
-    /// A client's SUBMIT frame.
+    /// A client's SUBMIT frame (`watch`: SUBMIT_WATCH, it wants the job's reports).
     Submit {
         client: ClientId,
         id: u64,
         pool: &'a str,
         payload: &'a [u8],
+        watch: bool,
     },
     ClientGone(ClientId),
     Said {
         worker: WorkerId,
         said: WorkerSaid,
+    },
+    /// Its WORK_PROGRESS or WORK_DATA frame for job `key`; `started`: the highest job seq it
+    /// can have started (sent whole, and claimed on its slot), read when the frame was taken.
+    /// (A `WorkerSaid::Reported` that comes as `Event::Said` counts as started by no claim.)
+    Reported {
+        worker: WorkerId,
+        key: u64,
+        report: Reported,
+        started: u64,
     },
     /// Its socketpair reached end of file a while ago, and it is still running: it closed its
     /// end itself.
@@ -186,6 +197,13 @@ pub enum Effect {
     /// Nothing more is written to it (it is killed now; its jobs are answered).
     DiscardOutput {
         worker: WorkerId,
+    },
+    /// Forward a watched job's progress or data to its client (PROGRESS / DATA), before its
+    /// answer.
+    Report {
+        client: ClientId,
+        id: u64,
+        report: Reported,
     },
     /// A job's one answer; `payload_len` is what the client's back-pressure budget gets back.
     Answer {
@@ -344,6 +362,8 @@ pub struct Worker {
     head_claimed: Option<u64>,
     /// A take-back was asked for and not yet reported.
     recalling: bool,
+    /// WORK_DATA bytes it sent for its head job (reset when that job ends).
+    head_data: usize,
 }
 
 impl Worker {
@@ -394,6 +414,8 @@ struct Job {
     /// Taken back once as a worker's head that had not started (perhaps still on its way
     /// there): never again as a head, so it cannot bounce between workers.
     taken_as_head: bool,
+    /// Submitted with SUBMIT_WATCH: its progress and data go to its client.
+    watch: bool,
 }
 
 /// A reload between its request and its outcome.
@@ -466,7 +488,8 @@ impl Supervisor {
                 id,
                 pool,
                 payload,
-            } => self.submit(client, id, pool, payload),
+                watch,
+            } => self.submit(client, id, pool, payload, watch),
             Event::ClientGone(client) => {
                 // Its jobs still run (they were accepted); their results have nowhere to go.
                 for job in self.jobs.values_mut() {
@@ -475,7 +498,13 @@ impl Supervisor {
                     }
                 }
             }
-            Event::Said { worker, said } => self.said(worker, said, now),
+            Event::Said { worker, said } => self.said(worker, said, 0, now),
+            Event::Reported {
+                worker,
+                key,
+                report,
+                started,
+            } => self.said(worker, WorkerSaid::Reported { key, report }, started, now),
             Event::Broke { worker, what } => self.violation(worker, what),
             Event::Exited {
                 worker,
@@ -972,7 +1001,7 @@ impl Supervisor {
 
     // ---- jobs in ------------------------------------------------------------------------------
 
-    fn submit(&mut self, client: ClientId, id: u64, pool: &str, payload: &[u8]) {
+    fn submit(&mut self, client: ClientId, id: u64, pool: &str, payload: &[u8], watch: bool) {
         let verdict = match self.pool_index.get(pool) {
             _ if matches!(self.phase, Phase::Stopping { .. }) => Err("shutting down".to_string()),
             None => Err(format!("unknown pool {pool:?}")),
@@ -1011,6 +1040,7 @@ impl Supervisor {
                         failures: 0,
                         blamed_crash: None,
                         taken_as_head: false,
+                        watch,
                     },
                 );
                 self.pools[idx].queue.push_back(key);
@@ -1027,7 +1057,8 @@ impl Supervisor {
 
     // ---- workers' words -----------------------------------------------------------------------
 
-    fn said(&mut self, id: WorkerId, said: WorkerSaid, now: Instant) {
+    /// `started`: for a report, the highest seq it can have started (see `Event::Reported`).
+    fn said(&mut self, id: WorkerId, said: WorkerSaid, started: u64, now: Instant) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
@@ -1068,6 +1099,49 @@ impl Supervisor {
                 worker.life.leaving(now);
             }
             WorkerSaid::Outcome { key, ok, body } => self.outcome(id, key, ok, body, now),
+            WorkerSaid::Reported { key, report } => self.reported(id, key, report, started),
+        }
+    }
+
+    /// A worker's progress or data for job `key`: taken only for the job it runs — its head,
+    /// sent whole and claimed (it claims a job before it runs it) — and forwarded to the job's
+    /// client if that watches it. Anything else is forged, like an outcome for a job it does not
+    /// hold: the worker is killed, the job named left alone.
+    fn reported(&mut self, id: WorkerId, key: u64, report: Reported, started: u64) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.life.overdue() == Some(key) {
+            // Past its timeout, the job counts as timed out: nothing more of it goes out.
+            return;
+        }
+        let runs = worker
+            .in_flight
+            .front()
+            .is_some_and(|s| s.key == key && s.seq <= started);
+        if !runs {
+            let what = if worker.holds(key) {
+                format!("a report for job {key} before it started it")
+            } else {
+                format!("a report for job {key}, which it does not hold")
+            };
+            return self.violation(id, what);
+        }
+        if let Reported::Data(data) = &report {
+            worker.head_data = worker.head_data.saturating_add(data.len());
+            if worker.head_data > crate::protocol::MAX_JOB_DATA {
+                let what = format!(
+                    "more than {} bytes of data for job {key}",
+                    crate::protocol::MAX_JOB_DATA
+                );
+                return self.violation(id, what);
+            }
+        }
+        let Some(job) = self.jobs.get(&key) else {
+            return;
+        };
+        if let (true, Some((client, id))) = (job.watch, job.client) {
+            self.out.push(Effect::Report { client, id, report });
         }
     }
 
@@ -1084,6 +1158,7 @@ impl Supervisor {
             );
             worker.in_flight.retain(|s| s.key != key);
             worker.head_started = None;
+            worker.head_data = 0;
             return self.log(log::Level::Info, text);
         }
         if !worker.holds(key) {
@@ -1099,6 +1174,7 @@ impl Supervisor {
             return self.violation(id, what);
         }
         worker.in_flight.pop_front();
+        worker.head_data = 0;
         worker.jobs_done += 1;
         let pool = worker.pool;
         if let Some(started) = worker.head_started {
@@ -1431,6 +1507,7 @@ impl Supervisor {
                 stalled: false,
                 recall_futile: false,
                 head_claimed: None,
+                head_data: 0,
                 recalling: false,
             },
         );

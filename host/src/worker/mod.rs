@@ -17,7 +17,7 @@
 //! calling [`run`]), and talks to the master only through its own socketpair.
 
 pub mod gearman;
-mod job;
+pub mod job;
 pub mod redis;
 mod source;
 

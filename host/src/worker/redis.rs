@@ -34,7 +34,6 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use jobhost_plugin_api::abi_stable::std_types::{RResult, RSlice};
 use jobhost_plugin_api::PluginInstance;
 use redis::{Connection, Value};
 
@@ -591,9 +590,10 @@ impl RedisSource {
         };
         let started = Instant::now();
         self.slot.publish(|w| w.running(Some(entry.id.as_bytes())));
-        let (ok, body) = match plugin.handle(RSlice::from_slice(payload)) {
-            RResult::ROk(result) => (true, result.to_vec()),
-            RResult::RErr(message) => (false, message.as_bytes().to_vec()),
+        // A Redis result has no place for progress or partial data: they are dropped.
+        let (ok, body) = match super::job::handle(plugin, payload, &mut |_| {}) {
+            Ok(result) => (true, result),
+            Err(message) => (false, message.into_bytes()),
         };
         self.ran += 1;
         if !ok {

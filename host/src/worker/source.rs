@@ -7,17 +7,24 @@
 //! worker claims it on its scoreboard slot (see [`crate::scoreboard`]), and skips, without
 //! an outcome, one the master took back. It must never run a frame it did not claim, never
 //! answer a skipped one, and never sleep while a frame is buffered.
+//!
+//! While a job runs, what its plugin reports goes to the master as WORK_PROGRESS and
+//! WORK_DATA frames naming the job's key ([`Reports`]): at most one progress frame per
+//! [`protocol::PROGRESS_EVERY`] (the latest wins, and the last one is always sent before the
+//! OUTCOME), and at most [`protocol::MAX_JOB_DATA`] bytes of data per job (what is beyond is
+//! cut, logged once per job).
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use jobhost_plugin_api::abi_stable::std_types::{RResult, RSlice};
+use jobhost_plugin_api::abi_stable::std_types::RResult;
 use jobhost_plugin_api::{PluginInstance, Step};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::protocol::{self, Frame, FrameReader};
+use super::job::{self, Report};
+use crate::protocol::{self, kind, Frame, FrameReader};
 use crate::scoreboard::{Claim, Claimer, Slot};
 
 /// What one step of a source produced.
@@ -116,20 +123,137 @@ impl MasterSource {
 
     /// Writes all pending outcomes, waiting for room if the master is slow to read.
     fn flush(&mut self) -> io::Result<()> {
-        let mut written = 0;
-        while written < self.out.len() {
-            match self.channel.write(&self.out[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut fds = [PollFd::new(self.channel.as_fd(), PollFlags::POLLOUT)];
-                    let _ = poll(&mut fds, PollTimeout::NONE);
+        flush_to(&mut self.channel, &mut self.out)
+    }
+}
+
+/// Writes `out` whole to `channel` (waiting for room if the master is slow to read), then
+/// empties it.
+fn flush_to(channel: &mut UnixStream, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    while written < out.len() {
+        match channel.write(&out[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::NONE);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.clear();
+    Ok(())
+}
+
+/// One running job's reports on their way to the master: WORK_PROGRESS at most once per
+/// [`protocol::PROGRESS_EVERY`] (a newer one replaces one held back; the held one goes out
+/// before the next data frame and before the outcome), WORK_DATA in order up to
+/// [`protocol::MAX_JOB_DATA`] bytes in all.
+struct Reports<'a> {
+    channel: &'a mut UnixStream,
+    out: &'a mut Vec<u8>,
+    key: u64,
+    last_progress: Option<Instant>,
+    held: Option<(u64, u64)>,
+    data_left: usize,
+    /// Data was cut (and that logged).
+    cut: bool,
+    /// A write failed: nothing more is sent; the error is the job's caller's.
+    failed: Option<io::Error>,
+}
+
+impl<'a> Reports<'a> {
+    fn new(channel: &'a mut UnixStream, out: &'a mut Vec<u8>, key: u64) -> Reports<'a> {
+        Reports {
+            channel,
+            out,
+            key,
+            last_progress: None,
+            held: None,
+            data_left: protocol::MAX_JOB_DATA,
+            cut: false,
+            failed: None,
+        }
+    }
+
+    fn on(&mut self, report: Report<'_>) {
+        if self.failed.is_some() {
+            return;
+        }
+        match report {
+            Report::Progress {
+                numerator,
+                denominator,
+            } => {
+                let now = Instant::now();
+                let due = self
+                    .last_progress
+                    .is_none_or(|t| now.saturating_duration_since(t) >= protocol::PROGRESS_EVERY);
+                if !due {
+                    self.held = Some((numerator, denominator));
+                    return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                self.held = None;
+                self.last_progress = Some(now);
+                protocol::put_progress(
+                    self.out,
+                    kind::WORK_PROGRESS,
+                    self.key,
+                    numerator,
+                    denominator,
+                );
+            }
+            Report::Data(data) => {
+                self.put_held();
+                if data.len() > self.data_left {
+                    if !std::mem::replace(&mut self.cut, true) {
+                        log::warn!(
+                            "job {}: its plugin reported more than {} bytes of data; the rest is dropped",
+                            self.key,
+                            protocol::MAX_JOB_DATA
+                        );
+                    }
+                    let keep = self.data_left;
+                    self.data_left = 0;
+                    if keep == 0 {
+                        return;
+                    }
+                    protocol::put_data(self.out, kind::WORK_DATA, self.key, &data[..keep]);
+                } else {
+                    self.data_left -= data.len();
+                    protocol::put_data(self.out, kind::WORK_DATA, self.key, data);
+                }
             }
         }
-        self.out.clear();
-        Ok(())
+        if let Err(e) = flush_to(self.channel, self.out) {
+            self.failed = Some(e);
+        }
+    }
+
+    /// Queues the progress held back, if any (it goes out with what follows).
+    fn put_held(&mut self) {
+        if let Some((numerator, denominator)) = self.held.take() {
+            protocol::put_progress(
+                self.out,
+                kind::WORK_PROGRESS,
+                self.key,
+                numerator,
+                denominator,
+            );
+        }
+    }
+
+    /// The job ended: the progress held back goes before its outcome (queued, not written).
+    fn finish(mut self) -> io::Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => {
+                self.put_held();
+                Ok(())
+            }
+        }
     }
 }
 
@@ -182,11 +306,12 @@ impl JobSource for MasterSource {
                 ),
             }
         };
-        match plugin.handle(RSlice::from_slice(payload)) {
-            RResult::ROk(result) => protocol::put_outcome(&mut self.out, key, true, &result),
-            RResult::RErr(message) => {
-                protocol::put_outcome(&mut self.out, key, false, message.as_bytes())
-            }
+        let mut reports = Reports::new(&mut self.channel, &mut self.out, key);
+        let outcome = job::handle(plugin, payload, &mut |r| reports.on(r));
+        reports.finish()?;
+        match outcome {
+            Ok(result) => protocol::put_outcome(&mut self.out, key, true, &result),
+            Err(message) => protocol::put_outcome(&mut self.out, key, false, message.as_bytes()),
         }
         // Report at once: the master times jobs by their outcomes, and a client waits for it.
         self.flush()?;
@@ -257,8 +382,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use jobhost_plugin_api::abi_stable::sabi_trait::TD_Opaque;
-    use jobhost_plugin_api::abi_stable::std_types::{RString, RVec};
-    use jobhost_plugin_api::{PluginObject, PluginObject_TO};
+    use jobhost_plugin_api::abi_stable::std_types::{RSlice, RString, RVec};
+    use jobhost_plugin_api::{JobContext, PluginObject, PluginObject_TO};
 
     use crate::scoreboard::Recall;
 
@@ -333,6 +458,100 @@ mod tests {
             .iter()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect()
+    }
+
+    /// Reports a burst of progress, a little data, then more data than a job may send.
+    struct Chatty;
+
+    impl PluginObject for Chatty {
+        fn worker_start(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn worker_stop(&mut self) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn handle(&mut self, _: RSlice<'_, u8>) -> RResult<RVec<u8>, RString> {
+            RResult::RErr("handle_with is the one to call".into())
+        }
+        fn run_once(&mut self) -> RResult<Step, RString> {
+            RResult::RErr("job mode only".into())
+        }
+        fn handle_with(
+            &mut self,
+            _: RSlice<'_, u8>,
+            ctx: &mut JobContext<'_>,
+        ) -> RResult<RVec<u8>, RString> {
+            for i in 0..1000 {
+                ctx.progress(i, 1000);
+            }
+            ctx.data(b"a");
+            ctx.data(&vec![b'x'; protocol::MAX_JOB_DATA]);
+            ctx.data(b"dropped");
+            ctx.progress(1000, 1000);
+            RResult::ROk(b"done".to_vec().into())
+        }
+    }
+
+    #[test]
+    fn reports_are_framed_with_the_key_coalesced_and_bounded() {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let mut plugin = PluginObject_TO::from_value(Chatty, TD_Opaque);
+        let mut source = MasterSource::new(OwnedFd::from(worker), Slot::new().unwrap());
+        let mut master_w = master.try_clone().unwrap();
+        send_jobs(&mut master_w, [42]);
+        // The master's end is read on a thread: 16 MiB do not fit in a socket buffer.
+        let reader = std::thread::spawn(move || {
+            let mut master = master;
+            let mut reader = FrameReader::new(64 << 20);
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = master.read(&mut buf).unwrap();
+                assert!(n > 0, "the worker closed before its outcome");
+                reader.push(&buf[..n]);
+                while let Some(frame) = reader.next().unwrap() {
+                    let shown = match protocol::decode(frame).unwrap() {
+                        Frame::WorkProgress { key, numerator, .. } => {
+                            format!("{key} progress {numerator}")
+                        }
+                        Frame::WorkData { key, data } => format!("{key} data {}", data.len()),
+                        Frame::Outcome { key, ok, body } => {
+                            let body = String::from_utf8_lossy(body).into_owned();
+                            frames.push(format!("{key} outcome {ok} {body}"));
+                            return frames;
+                        }
+                        other => panic!("unexpected {other}"),
+                    };
+                    frames.push(shown);
+                }
+            }
+        });
+        assert!(matches!(source.next(&mut plugin), Ok(Next::Worked)));
+        let frames = reader.join().unwrap();
+        let progress: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| f.strip_prefix("42 progress ")?.parse().ok())
+            .collect();
+        assert_eq!(progress.first(), Some(&0), "{frames:?}");
+        assert!(progress.len() < 20, "coalesced: {progress:?}");
+        assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+        let at = |f: &str| frames.iter().position(|x| x == f).unwrap();
+        // The progress held back goes before the data that follows it; the last one before
+        // the outcome.
+        assert_eq!(frames[at("42 data 1") - 1], "42 progress 999", "{frames:?}");
+        assert_eq!(
+            frames[at("42 data 1") + 1],
+            format!("42 data {}", protocol::MAX_JOB_DATA - 1),
+            "cut at the limit"
+        );
+        assert_eq!(
+            frames[frames.len() - 2..],
+            [
+                "42 progress 1000".to_string(),
+                "42 outcome true done".into()
+            ]
+        );
+        assert_eq!(frames.iter().filter(|f| f.contains(" data ")).count(), 2);
     }
 
     #[test]

@@ -135,6 +135,14 @@ impl Out {
         })
     }
 
+    /// (client, client id, report) of each report forwarded.
+    fn reports(&self) -> Vec<(ClientId, u64, Reported)> {
+        self.pick(|e| match e {
+            Effect::Report { client, id, report } => Some((*client, *id, report.clone())),
+            _ => None,
+        })
+    }
+
     fn recalls(&self) -> Vec<WorkerId> {
         self.pick(|e| match e {
             Effect::Recall { worker } => Some(*worker),
@@ -302,12 +310,29 @@ impl Sim {
     }
 
     fn submit_to(&mut self, client: ClientId, id: u64, pool: &str, payload: &[u8]) -> Out {
+        self.submit_as(client, id, pool, payload, false)
+    }
+
+    /// A SUBMIT_WATCH of client id `id` to pool "p", from client 1.
+    fn submit_watched(&mut self, id: u64) -> Out {
+        self.submit_as(ClientId(1), id, "p", b"job", true)
+    }
+
+    fn submit_as(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+        watch: bool,
+    ) -> Out {
         let key = self.sup.next_job_key;
         let mut out = self.on(Event::Submit {
             client,
             id,
             pool,
             payload,
+            watch,
         });
         if self.sup.next_job_key > key {
             self.ids.insert(key, id);
@@ -344,6 +369,18 @@ impl Sim {
 
     fn said(&mut self, worker: WorkerId, said: WorkerSaid) -> Out {
         self.on(Event::Said { worker, said })
+    }
+
+    /// The worker reports on the job of client id `id`, having started jobs up to seq
+    /// `started` (its claim).
+    fn report(&mut self, worker: WorkerId, id: u64, report: Reported, started: u64) -> Out {
+        let key = self.key(id);
+        self.on(Event::Reported {
+            worker,
+            key,
+            report,
+            started,
+        })
     }
 
     /// The worker's outcome for the job of client id `id`.
@@ -1752,6 +1789,120 @@ fn an_outcome_for_another_workers_job_is_a_violation_and_leaves_that_job_alone()
     );
     s.killed(ws[0]);
     assert_eq!(s.queued(0), vec![1], "retried");
+}
+
+fn progress(numerator: u64, denominator: u64) -> Reported {
+    Reported::Progress {
+        numerator,
+        denominator,
+    }
+}
+
+/// A watched job's progress and data go to its client, in order, before its answer; an
+/// unwatched job's are dropped.
+#[test]
+fn reports_of_a_watched_job_reach_its_client_in_order_and_unwatched_ones_do_not() {
+    let mut s = Sim::new(vec![pool(
+        "p",
+        "workers = 2
+",
+    )]);
+    let ws = s.start();
+    s.submit_watched(1);
+    s.submit(2);
+    assert_eq!(s.tick().sends(), vec![(ws[0], 1), (ws[1], 2)]);
+    let mut reports = Vec::new();
+    for report in [
+        progress(1, 3),
+        Reported::Data(b"part".to_vec()),
+        progress(2, 3),
+    ] {
+        let out = s.report(ws[0], 1, report, 1);
+        assert!(out.signals().is_empty());
+        reports.extend(out.reports());
+    }
+    assert_eq!(
+        reports,
+        vec![
+            (ClientId(1), 1, progress(1, 3)),
+            (ClientId(1), 1, Reported::Data(b"part".to_vec())),
+            (ClientId(1), 1, progress(2, 3)),
+        ]
+    );
+    let out = s.report(ws[1], 2, progress(1, 2), 1);
+    assert!(out.effects.is_empty(), "not watched: {:?}", out.effects);
+    assert_eq!(
+        s.finish(ws[0]).answers(),
+        vec![(1, Status::Ok, "r1".into())]
+    );
+    // Its client gone, a watched job's reports go nowhere.
+    s.submit_watched(3);
+    assert_eq!(s.tick().sends(), vec![(ws[0], 3)]);
+    s.on(Event::ClientGone(ClientId(1)));
+    assert!(s.report(ws[0], 3, progress(1, 2), 2).effects.is_empty());
+}
+
+/// A report for a job the worker does not run (another's, one it holds but has not claimed,
+/// one behind its head) is forged, like an outcome for a job it does not hold: the worker is
+/// killed, nothing reaches a client, and the job named is left alone.
+#[test]
+fn a_forged_report_is_a_violation_like_a_forged_outcome() {
+    let mut s = Sim::new(vec![pool(
+        "p",
+        "workers = 2
+",
+    )]);
+    let ws = s.start();
+    s.submit_watched(1);
+    s.submit_watched(2);
+    assert_eq!(s.tick().sends(), vec![(ws[0], 1), (ws[1], 2)]);
+    let out = s.report(ws[0], 2, progress(1, 2), 1);
+    assert!(out.reports().is_empty());
+    assert_eq!(out.signals(), vec![(ws[0], Signal::SIGKILL)]);
+    assert!(out.logged("it sent a report for job 2, which it does not hold"));
+    assert!(
+        s.report(ws[0], 1, progress(1, 2), 1).effects.is_empty(),
+        "nothing it says counts"
+    );
+    assert_eq!(
+        s.finish(ws[1]).answers(),
+        vec![(2, Status::Ok, "r2".to_string())]
+    );
+    s.killed(ws[0]);
+    assert_eq!(s.queued(0), vec![1], "retried");
+
+    // Its own head, but not claimed (seq 1 not started): forged too.
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w = s.start()[0];
+    s.submit_watched(1);
+    s.tick();
+    let out = s.report(w, 1, progress(1, 2), 0);
+    assert!(out.reports().is_empty());
+    assert_eq!(out.signals(), vec![(w, Signal::SIGKILL)]);
+    assert!(out.logged("it sent a report for job 1 before it started it"));
+}
+
+/// A worker that sends more data for one job than a worker ever writes is killed; the limit
+/// counts per job run, so the next job starts afresh.
+#[test]
+fn data_past_the_per_job_limit_is_a_violation() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w = s.start()[0];
+    s.submit_watched(1);
+    s.submit_watched(2);
+    s.tick();
+    let half = crate::protocol::MAX_JOB_DATA / 2;
+    for _ in 0..2 {
+        let out = s.report(w, 1, Reported::Data(vec![0; half]), 1);
+        assert_eq!(out.reports().len(), 1);
+    }
+    s.finish(w);
+    let out = s.report(w, 2, Reported::Data(vec![0; half]), 2);
+    assert_eq!(out.reports().len(), 1, "a new job, a new allowance");
+    let out = s.report(w, 2, Reported::Data(vec![0; half + 1]), 2);
+    assert!(out.reports().is_empty());
+    assert_eq!(out.signals(), vec![(w, Signal::SIGKILL)]);
+    assert!(out.logged("more than 16777216 bytes of data for job"));
 }
 
 /// An outcome for a later job before the one it runs is a violation.
