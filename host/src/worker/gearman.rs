@@ -366,7 +366,11 @@ impl GearmanSource {
             })
             .collect();
         let up = self.conns.len() - down.len();
-        let reason = format!("{up} of {} servers up; {}", self.conns.len(), down.join("; "));
+        let reason = format!(
+            "{up} of {} servers up; {}",
+            self.conns.len(),
+            down.join("; ")
+        );
         let state = match (up, down.len()) {
             (_, 0) => SourceState::Connected,
             (0, _) => SourceState::Disconnected { reason },
@@ -575,16 +579,13 @@ impl GearmanSource {
                     // The workload stays in the decoder's buffer (the plugin reads it in
                     // place); the replies go out on the same socket.
                     let stream = conn.stream.as_ref().ok_or(ConnError::Closed)?;
-                    let outcome = run_job(
-                        plugin,
-                        &self.slot,
+                    let job = Assigned {
                         stream,
-                        &conn.server,
+                        server: &conn.server,
                         handle,
                         workload,
-                        self.cfg.failure,
-                        grab_again,
-                    );
+                    };
+                    let outcome = run_job(plugin, &self.slot, job, self.cfg.failure, grab_again);
                     self.ran += 1;
                     let failed_job = !matches!(outcome, Ok(true));
                     if failed_job {
@@ -625,18 +626,29 @@ enum Looked {
     MoreLater,
 }
 
+/// A job a server assigned, on that server's connection.
+struct Assigned<'a> {
+    stream: &'a TcpStream,
+    server: &'a GearmanServer,
+    handle: &'a [u8],
+    workload: &'a [u8],
+}
+
 /// Runs one job and writes its outcome to the server. `Ok(true)`: the plugin succeeded;
 /// `Ok(false)`: it failed (and the server was told); `Err`: the connection failed.
 fn run_job(
     plugin: &mut PluginInstance,
     slot: &Slot,
-    stream: &TcpStream,
-    server: &GearmanServer,
-    handle: &[u8],
-    workload: &[u8],
+    job: Assigned<'_>,
     failure: GearmanFailure,
     then_grab: bool,
 ) -> Result<bool, ConnError> {
+    let Assigned {
+        stream,
+        server,
+        handle,
+        workload,
+    } = job;
     // The scoreboard shows a printable handle (the master times the job by it).
     let shown: Vec<u8> = handle
         .iter()

@@ -61,9 +61,8 @@ fn abuse(n: usize, mut conn: TcpStream, stop: &AtomicBool) {
     let _ = conn.write_all(&out);
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-        match conn.read(&mut buf) {
-            Ok(0) => return,
-            _ => {}
+        if let Ok(0) = conn.read(&mut buf) {
+            return;
         }
     }
 }
