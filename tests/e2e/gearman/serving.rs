@@ -269,3 +269,39 @@ fn check_says_which_servers_answer() {
     out.assert_stdout_has(&format!("warn gearman {nobody}: "));
     out.assert_stdout_has("workers will retry until it answers");
 }
+
+#[test]
+fn a_plugins_progress_and_data_reach_the_client_as_work_status_and_work_data() {
+    if !have_gearman() {
+        return;
+    }
+    let env = Env::new();
+    env.install("sleep");
+    let gm = Gearmand::start(&env, "gm", &[]);
+    let master = env.start_master(&pool("sleep", 1, &[gm.address()], "", ""));
+    master.wait_for_workers(1);
+    gm.wait_for_workers("q", 1);
+    // The CLI prints each WORK_STATUS as "NN% Complete" (after the result, as it buffers).
+    let out = gm.cli(&["-f", "q", "600"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let percents: Vec<u32> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_suffix("% Complete"))
+        .filter_map(|p| p.trim_start_matches("slept 600").trim().parse().ok())
+        .collect();
+    assert!(percents.len() >= 3, "{:?}", out.stdout);
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+    assert_eq!(percents.last(), Some(&100), "{:?}", out.stdout);
+    assert!(out.stdout.starts_with("slept 600"), "{:?}", out.stdout);
+    // WORK_DATA chunks come before the result, which the CLI concatenates.
+    let out = gm.cli(&["-f", "q", "300 data"]);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    let (data, _) = out
+        .stdout
+        .split_once("slept 300")
+        .unwrap_or_else(|| panic!("{:?}", out.stdout));
+    let steps: Vec<u64> = data.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(steps.len() >= 2, "{data:?}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+}
