@@ -853,18 +853,15 @@ fn load_in_process(path: &Path) -> Result<PluginModRef, PluginError> {
         Ok(module) => Ok(module),
         // abi_stable takes a prefix type with fewer fields than ours for a different layout:
         // a plugin built against plugin-api 0.1.0 (whose `PluginObject` vtable ends at
-        // `run_once`) fails our check. It passes the check against 0.1.0's own layout.
-        Err(LibraryError::AbiInstability(report))
-            if header
-                .ensure_layout::<plugin_api_0_1_0::PluginModRef>()
-                .is_ok() =>
-        {
+        // `run_once`) fails our check. It has 0.1.0's own layout, exactly.
+        Err(LibraryError::AbiInstability(report)) if has_plugin_api_0_1_0_layout(header) => {
             log::debug!(
                 "{} was built against plugin-api 0.1.0 (no handle_with): {}",
                 path.display(),
                 summarize_abi_error(&report.to_string())
             );
-            // SAFETY: the root module's layout was just checked equal to plugin-api 0.1.0's.
+            // SAFETY: the root module's layout was just checked equal to plugin-api 0.1.0's
+            // (compatible with it both ways: no method more).
             // Ours (0.1.1) differs from it only by a method appended to the `PluginObject`
             // vtable after its last prefix field (`run_once`); that method's accessor reads the
             // plugin's own vtable metadata, finds it missing, and runs the default body
@@ -874,6 +871,26 @@ fn load_in_process(path: &Path) -> Result<PluginModRef, PluginError> {
         }
         Err(e) => Err(classify(path, e)),
     }
+}
+
+/// Whether the library's root module has plugin-api 0.1.0's layout, exactly — what makes it
+/// safe to load with our (0.1.1) types unchecked. abi_stable's check alone does not say so: it
+/// takes a prefix type with *more* fields than the caller's, so a library whose `PluginObject`
+/// has 0.1.0's four methods and then a fifth that is not 0.1.1's `handle_with` (a fork, a
+/// pre-release) passes it, and we would call that method as `handle_with`. The same check the
+/// other way round (the library's layout as the one expected) refuses any field beyond 0.1.0's.
+fn has_plugin_api_0_1_0_layout(header: &abi_stable::library::LibHeader) -> bool {
+    use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
+    use abi_stable::StableAbi;
+    let old = <plugin_api_0_1_0::PluginModRef as StableAbi>::LAYOUT;
+    // No layout in the library: nothing to compare (and our own check did not run either).
+    let Some(theirs) = header.layout() else {
+        return false;
+    };
+    header
+        .ensure_layout::<plugin_api_0_1_0::PluginModRef>()
+        .is_ok()
+        && check_layout_compatibility(theirs, old).is_ok()
 }
 
 /// Turns abi_stable's error into ours: the variant, and only the lines that say what is wrong.
@@ -936,12 +953,28 @@ fn summarize_abi_error(report: &str) -> String {
             .rposition(|l| *l == heading)
             .and_then(|i| lines.get(i + 1))
             .copied()
+            // A struct's layout (a vtable's) opens with a banner that says nothing.
+            .filter(|l| !l.starts_with("---"))
+    };
+    // A field that differs (a vtable's method): its name, and its signature if it has one.
+    let field = |heading: &str| {
+        let i = lines.iter().rposition(|l| *l == heading)?;
+        let name = lines.get(i + 1)?.strip_prefix("field_name:")?;
+        let block = lines[i + 1..]
+            .iter()
+            .take_while(|l| **l != "Found:" && !l.starts_with("Error:"));
+        Some(match block.skip_while(|l| **l != "fn pointer(s):").nth(1) {
+            Some(signature) => format!("{name}: {signature}"),
+            None => name.to_owned(),
+        })
     };
     let mut summary = verdicts.join(", ");
     if let (Some(expected), Some(found)) = (
         after("Layout of expected type:"),
         after("Layout of found type:"),
     ) {
+        summary.push_str(&format!("; expected `{expected}`, found `{found}`"));
+    } else if let (Some(expected), Some(found)) = (field("Expected:"), field("Found:")) {
         summary.push_str(&format!("; expected `{expected}`, found `{found}`"));
     }
     // Lines look like `package:'jobhost-plugin-api' version:'0.1.1'`, sometimes with more after.

@@ -290,6 +290,8 @@ impl<'a> JobContext<'a> {
     }
 
     /// Hands out partial result bytes; the host forwards them in order, before the result.
+    /// What is handed out is gone: if the job is run again (its worker died, or it timed out),
+    /// the client has the failed attempt's data already, and the new attempt's follows it.
     pub fn data(&mut self, bytes: &[u8]) {
         (self.data_fn)(self.sink, RSlice::from_slice(bytes))
     }

@@ -17,6 +17,7 @@ mod plugin_inspect;
 mod plugin_loading;
 mod prefetch;
 mod progress;
+mod progress_review;
 mod redis;
 mod reload;
 mod resources;

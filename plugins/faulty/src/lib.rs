@@ -23,6 +23,9 @@
 //! - `forge <FROM> <TO>`: writes OUTCOME frames ("FORGED") for job keys FROM..=TO on every
 //!   socket the process has — what a hostile plugin would do to answer other clients' jobs;
 //!   returns `forged`.
+//! - `forge-reports <FROM> <TO>`: the same with a WORK_PROGRESS (1 of 2) and a WORK_DATA
+//!   ("FORGED") frame for each key — what a hostile plugin would do to feed other clients'
+//!   watched jobs; returns `forged`.
 //! - `hang`: never returns.
 //! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
 //!   worker; returns `leaked <N> MiB`.
@@ -136,7 +139,8 @@ impl Plugin for Faulty {
                 log::warn!("faulty: exiting with status {code} as asked");
                 std::process::exit(code)
             }
-            (Some("forge"), Some(from), Some(to)) => forge(from, to),
+            (Some("forge"), Some(from), Some(to)) => forge(from, to, outcome_frame),
+            (Some("forge-reports"), Some(from), Some(to)) => forge(from, to, report_frames),
             (Some("hang"), None, _) => hang(),
             (Some("leak"), Some(mib), None) => self.leak(mib),
             (Some("pid"), ms, None) => {
@@ -215,9 +219,34 @@ fn monotonic_ns() -> u128 {
     now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128
 }
 
-/// Writes an OUTCOME frame (jobhost's wire format: `u32 length | u8 kind 4 | u64 key | u8 0 |
-/// body`) claiming "FORGED" for each key in FROM..=TO, on every socket in /proc/self/fd.
-fn forge(from: &str, to: &str) -> Result<Vec<u8>, String> {
+/// An OUTCOME frame (jobhost's wire format: `u32 length | u8 kind 4 | u64 key | u8 0 | body`)
+/// claiming "FORGED" for job `key`.
+fn outcome_frame(frames: &mut Vec<u8>, key: u64) {
+    let body = b"FORGED";
+    frames.extend_from_slice(&(1u32 + 8 + 1 + body.len() as u32).to_be_bytes());
+    frames.push(4);
+    frames.extend_from_slice(&key.to_be_bytes());
+    frames.push(0);
+    frames.extend_from_slice(body);
+}
+
+/// A WORK_PROGRESS frame (`u32 25 | u8 kind 7 | u64 key | u64 1 | u64 2`) and a WORK_DATA
+/// frame (`u32 length | u8 kind 8 | u64 key | "FORGED"`) for job `key`.
+fn report_frames(frames: &mut Vec<u8>, key: u64) {
+    frames.extend_from_slice(&25u32.to_be_bytes());
+    frames.push(7);
+    frames.extend_from_slice(&key.to_be_bytes());
+    frames.extend_from_slice(&1u64.to_be_bytes());
+    frames.extend_from_slice(&2u64.to_be_bytes());
+    let body = b"FORGED";
+    frames.extend_from_slice(&(1u32 + 8 + body.len() as u32).to_be_bytes());
+    frames.push(8);
+    frames.extend_from_slice(&key.to_be_bytes());
+    frames.extend_from_slice(body);
+}
+
+/// Writes `frame`'s frames for each key in FROM..=TO on every socket in /proc/self/fd.
+fn forge(from: &str, to: &str, frame: fn(&mut Vec<u8>, u64)) -> Result<Vec<u8>, String> {
     let parse = |s: &str| {
         s.parse::<u64>()
             .map_err(|_| format!("faulty: forge needs keys, got {s:?}"))
@@ -225,12 +254,7 @@ fn forge(from: &str, to: &str) -> Result<Vec<u8>, String> {
     let (from, to) = (parse(from)?, parse(to)?);
     let mut frames = Vec::new();
     for key in from..=to.min(from.saturating_add(100_000)) {
-        let body = b"FORGED";
-        frames.extend_from_slice(&(1u32 + 8 + 1 + body.len() as u32).to_be_bytes());
-        frames.push(4);
-        frames.extend_from_slice(&key.to_be_bytes());
-        frames.push(0);
-        frames.extend_from_slice(body);
+        frame(&mut frames, key);
     }
     let fds = std::fs::read_dir("/proc/self/fd").map_err(|e| format!("faulty: {e}"))?;
     for entry in fds.flatten() {
@@ -238,7 +262,7 @@ fn forge(from: &str, to: &str) -> Result<Vec<u8>, String> {
             .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
         let fd: Option<i32> = entry.file_name().to_str().and_then(|n| n.parse().ok());
         if let (true, Some(fd)) = (is_socket, fd) {
-            log::warn!("faulty: forging outcomes for jobs {from}..={to} on fd {fd} as asked");
+            log::warn!("faulty: forging frames for jobs {from}..={to} on fd {fd} as asked");
             // SAFETY: writing a buffer we own to a descriptor; errors are ignored on purpose.
             unsafe { libc::write(fd, frames.as_ptr().cast(), frames.len()) };
         }
