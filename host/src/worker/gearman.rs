@@ -9,22 +9,32 @@
 //! run the plugin (WORK_STATUS / WORK_DATA as it reports) ─► WORK_COMPLETE | WORK_FAIL | WORK_EXCEPTION
 //! ```
 //!
-//! - **One job at a time.** At most one GRAB is outstanding over all servers, so a worker
-//!   never holds a job it has not started (a job held is a job gearmand cannot give to an
-//!   idle worker). Servers that may have work (just connected, woke us with NOOP, or gave us
-//!   the last job) are grabbed from in turn. gearmand 1.1.20 re-arms a sleeper's NOOP only
-//!   after a GRAB, so every NOOP is followed by a GRAB, and a worker sleeps on a server only
-//!   after its NO_JOB.
+//! - **One job at a time.** At most one GRAB is outstanding over all servers that answer
+//!   (see the next point), so a worker never holds a job it has not started (a job held is a
+//!   job gearmand cannot give to an idle worker). Servers that may have work (just
+//!   connected, woke us with NOOP, or gave us the last job) are grabbed from in turn.
+//!   gearmand 1.1.20 re-arms a sleeper's NOOP only after a GRAB, so every NOOP is followed by
+//!   a GRAB, and a worker sleeps on a server only after its NO_JOB. A worker about to leave
+//!   for `max_jobs` or `max_lifetime` sends no GRAB after its last job: a job it took on its
+//!   way out would go back to gearmand as a dropped one (which `--job-retries` counts).
 //! - **A server that never answers does not hold the others up.** A server is grabbed from
-//!   only once it answered the ECHO sent right after connecting; a GRAB or ECHO unanswered
-//!   for [`REPLY_TIMEOUT`] closes that connection; an idle connection is ECHOed every
-//!   [`PING_EVERY`], so a half-open one (a server that vanished) is noticed. Connecting is
-//!   non-blocking, so a server that drops SYNs costs nothing either.
+//!   only once it answered the ECHO sent right after connecting; a GRAB has the worker to
+//!   itself for at most [`GRAB_PATIENCE`] (and not at all from a server in an outage, one
+//!   that has not answered a GRAB since it went down), after which the others are grabbed
+//!   from too; a GRAB or ECHO unanswered for [`REPLY_TIMEOUT`] closes that connection; an
+//!   idle connection is ECHOed every [`PING_EVERY`], so a half-open one (a server that
+//!   vanished) is noticed. Connecting is non-blocking, so a server that drops SYNs costs
+//!   nothing either. Those deadlines are checked only right after that server's socket was
+//!   read dry: an answer that came while a job ran (longer than the deadline) is an answer.
 //! - **Failures.** A lost or refused connection is retried with capped exponential back-off
-//!   (100 ms → 5 s), logged once when the outage starts and once when it ends; the worker's
-//!   scoreboard slot says which servers are down and why, for `status`. A bad packet closes
-//!   that connection (and is reconnected), never the worker loop. A worker that dies with a
-//!   job drops its connection: gearmand gives the job to another worker.
+//!   (100 ms → 5 s), logged once when the outage starts and once when it ends — when the
+//!   server answers a GRAB or a liveness ECHO again, not merely its greeting ECHO, so a
+//!   server that greets and then fails stays one outage with a growing back-off; the
+//!   worker's scoreboard slot says which servers are down and why, for `status`. A bad
+//!   packet closes that connection (and is reconnected), never the worker loop; so does a
+//!   JOB_ASSIGN of a function the worker did not register. A worker that dies with a job
+//!   drops its connection: gearmand gives the job to another worker. A job whose result
+//!   cannot be written (the server went away) counts as run and failed.
 //! - **Results.** A plugin error is WORK_FAIL (body: the handle only; a trailing NUL makes
 //!   libgearman clients hang) or WORK_EXCEPTION with the message (`failure = "exception"`).
 //!
@@ -54,6 +64,10 @@ pub const MAX_BODY: usize = (1 << 30) + (64 << 10);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle connection is ECHOed this often.
 pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a GRAB keeps the others from being grabbed: a server slower than this to answer
+/// one (a healthy gearmand takes well under a millisecond) no longer holds the worker to
+/// itself, at the price of perhaps two jobs assigned at once (the second runs next).
+pub const GRAB_PATIENCE: Duration = Duration::from_secs(1);
 /// A connect still under way after this long is given up (and retried).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -86,6 +100,8 @@ enum ConnError {
     Packet(#[from] PacketError),
     #[error("unexpected {0} from the server")]
     Unexpected(&'static str),
+    #[error("a JOB_ASSIGN for function {0:?}, which this worker did not register")]
+    OtherFunction(String),
     #[error("no answer to {what} within {REPLY_TIMEOUT:?}")]
     NoAnswer { what: &'static str },
     #[error("the server takes no more data (a write blocked for {REPLY_TIMEOUT:?})")]
@@ -157,6 +173,46 @@ impl Conn {
             self.state,
             State::Ready | State::Grabbing { .. } | State::Sleeping
         )
+    }
+
+    /// Its GRAB keeps the others from being grabbed: it is out, not for long, and the server
+    /// has answered one since it was last down.
+    fn holds_grab(&self, now: Instant) -> bool {
+        match self.state {
+            State::Grabbing { since } => {
+                self.outage.is_none() && now.saturating_duration_since(since) < GRAB_PATIENCE
+            }
+            _ => false,
+        }
+    }
+
+    /// Is to be grabbed from when its turn comes.
+    fn wants_grab(&self) -> bool {
+        self.may_have_work && matches!(self.state, State::Ready | State::Sleeping)
+    }
+
+    /// The deadline it missed, checked right after its socket was read dry (so that an
+    /// answer that came while a job ran is read before its lateness is judged).
+    fn overdue(&self, now: Instant) -> Option<ConnError> {
+        let late = |since: Instant, limit: Duration| now.saturating_duration_since(since) >= limit;
+        match self.state {
+            State::Connecting { since } if late(since, CONNECT_TIMEOUT) => {
+                Some(ConnError::ConnectTimeout(CONNECT_TIMEOUT))
+            }
+            State::Greeting { since } if late(since, REPLY_TIMEOUT) => {
+                Some(ConnError::NoAnswer { what: "ECHO_REQ" })
+            }
+            State::Grabbing { since } if late(since, REPLY_TIMEOUT) => Some(ConnError::NoAnswer {
+                what: "GRAB_JOB_UNIQ",
+            }),
+            State::Ready | State::Sleeping | State::Grabbing { .. } => match self.ping_since {
+                Some(since) if late(since, REPLY_TIMEOUT) => {
+                    Some(ConnError::NoAnswer { what: "ECHO_REQ" })
+                }
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Writes `packet` now, waiting at most [`REPLY_TIMEOUT`] for the server to take it.
@@ -268,6 +324,12 @@ pub struct GearmanSource {
     said: Option<SourceState>,
     /// Holding back (short of memory): no GRAB.
     paused: bool,
+    /// The pool's `max_jobs` and `max_lifetime`: the worker leaves when it reaches either,
+    /// so it grabs nothing it would not run.
+    max_jobs: Option<u64>,
+    max_lifetime: Option<Duration>,
+    /// When the worker loop first asked for work (its lifetime is counted from about then).
+    started: Option<Instant>,
 }
 
 impl GearmanSource {
@@ -296,7 +358,19 @@ impl GearmanSource {
             failed: 0,
             said: None,
             paused: false,
+            max_jobs: pool.max_jobs,
+            max_lifetime: pool.max_lifetime,
+            started: None,
         }
+    }
+
+    /// The worker leaves before its next job (`max_jobs` or `max_lifetime` reached): no GRAB.
+    fn leaving(&self) -> bool {
+        self.max_jobs.is_some_and(|max| self.ran >= max)
+            || self
+                .max_lifetime
+                .zip(self.started)
+                .is_some_and(|(max, started)| started.elapsed() >= max)
     }
 
     /// Connection `i` failed: close it, back off, log once per outage.
@@ -337,8 +411,19 @@ impl GearmanSource {
         self.publish_state();
     }
 
-    /// Connection `i` answered (its first ECHO): an outage, if there was one, is over.
+    /// Connection `i` answered its first ECHO: it may be grabbed from.
     fn answered(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        log::debug!("gearman {}: connected", conn.server);
+        conn.state = State::Ready;
+        conn.may_have_work = true;
+        self.publish_state();
+    }
+
+    /// Connection `i` answered a GRAB or a liveness ECHO: an outage, if there was one, is
+    /// over. (Not its greeting ECHO: a server that greets and then fails every GRAB is one
+    /// outage, logged once, retried with a growing back-off.)
+    fn recovered(&mut self, i: usize) {
         let conn = &mut self.conns[i];
         if let Some(outage) = conn.outage.take() {
             log::warn!(
@@ -346,12 +431,7 @@ impl GearmanSource {
                 conn.server,
                 outage.since.elapsed()
             );
-        } else {
-            log::debug!("gearman {}: connected", conn.server);
         }
-        conn.state = State::Ready;
-        conn.may_have_work = true;
-        self.publish_state();
     }
 
     /// What `status` shows: connected when every server answers, else which do not and why.
@@ -401,34 +481,14 @@ impl GearmanSource {
                 conn.state = State::Connecting { since: now };
                 self.finish_connect(i, now)
             }
-            State::Connecting { since } => {
-                if now.saturating_duration_since(since) >= CONNECT_TIMEOUT {
-                    return Err(ConnError::ConnectTimeout(CONNECT_TIMEOUT));
-                }
-                self.finish_connect(i, now)
-            }
-            State::Greeting { since } | State::Grabbing { since }
-                if now.saturating_duration_since(since) >= REPLY_TIMEOUT =>
+            // (Its deadline is judged by `overdue`, after its socket is read.)
+            State::Connecting { .. } => self.finish_connect(i, now),
+            State::Ready | State::Sleeping
+                if conn.ping_since.is_none()
+                    && now.saturating_duration_since(conn.heard) >= PING_EVERY =>
             {
-                Err(ConnError::NoAnswer {
-                    what: if matches!(conn.state, State::Greeting { .. }) {
-                        "ECHO_REQ"
-                    } else {
-                        "GRAB_JOB_UNIQ"
-                    },
-                })
-            }
-            State::Ready | State::Sleeping => {
-                match conn.ping_since {
-                    Some(since) if now.saturating_duration_since(since) >= REPLY_TIMEOUT => {
-                        return Err(ConnError::NoAnswer { what: "ECHO_REQ" })
-                    }
-                    None if now.saturating_duration_since(conn.heard) >= PING_EVERY => {
-                        conn.send(ToServer::EchoReq(PING))?;
-                        conn.ping_since = Some(now);
-                    }
-                    _ => {}
-                }
+                conn.send(ToServer::EchoReq(PING))?;
+                conn.ping_since = Some(now);
                 Ok(())
             }
             _ => Ok(()),
@@ -466,19 +526,14 @@ impl GearmanSource {
 
     /// Sends the one GRAB, to the next server that may have work (in turn), unless one is out.
     fn grab_next(&mut self, now: Instant) {
-        if self.paused
-            || self
-                .conns
-                .iter()
-                .any(|c| matches!(c.state, State::Grabbing { .. }))
-        {
+        if self.paused || self.leaving() || self.conns.iter().any(|c| c.holds_grab(now)) {
             return;
         }
         let n = self.conns.len();
         for k in 0..n {
             let i = (self.turn + k) % n;
             let conn = &mut self.conns[i];
-            if !(conn.may_have_work && matches!(conn.state, State::Ready | State::Sleeping)) {
+            if !conn.wants_grab() {
                 continue;
             }
             conn.may_have_work = false;
@@ -503,10 +558,14 @@ impl GearmanSource {
         // Whether, after a job of this server, it is again its turn at once (no other server
         // said it has work): then the next GRAB goes out with the result, in one write. (No
         // other server changes this while one reads this one: only one GRAB is ever out.)
+        // Decided before the job, so the ran count it sees is one short.
         let grab_again = !self.paused
-            && self.conns.iter().enumerate().all(|(j, c)| {
-                j == i || !(c.may_have_work && matches!(c.state, State::Ready | State::Sleeping))
-            });
+            && self.max_jobs.is_none_or(|max| self.ran + 1 < max)
+            && self
+                .conns
+                .iter()
+                .enumerate()
+                .all(|(j, c)| j == i || !(c.wants_grab() || c.holds_grab(now)));
         for _ in 0..PACKET_BUDGET {
             let conn = &mut self.conns[i];
             let Some(stream) = &conn.stream else {
@@ -538,13 +597,16 @@ impl GearmanSource {
                     }
                     conn.send(ToServer::PreSleep)?;
                     conn.state = State::Sleeping;
+                    self.recovered(i);
                     self.grab_next(now);
                 }
                 FromServer::EchoRes(_) => {
-                    conn.ping_since = None;
+                    let pinged = conn.ping_since.take().is_some();
                     if matches!(conn.state, State::Greeting { .. }) {
                         self.answered(i);
                         self.grab_next(now);
+                    } else if pinged {
+                        self.recovered(i);
                     }
                 }
                 FromServer::Error { code, text } => {
@@ -571,10 +633,21 @@ impl GearmanSource {
                 }
                 FromServer::OptionRes(_) => {}
                 FromServer::JobAssign {
-                    handle, workload, ..
+                    handle,
+                    function,
+                    workload,
+                    ..
                 } => {
                     if !matches!(conn.state, State::Grabbing { .. }) {
                         return Err(ConnError::Unexpected("JOB_ASSIGN"));
+                    }
+                    // Not ours to run (a server that mixes up workers): closing the
+                    // connection gives it back.
+                    if function != self.cfg.function.as_bytes() {
+                        let shown = function.iter().take(64).copied().collect::<Vec<u8>>();
+                        return Err(ConnError::OtherFunction(
+                            String::from_utf8_lossy(&shown).into_owned(),
+                        ));
                     }
                     // The workload stays in the decoder's buffer (the plugin reads it in
                     // place); the replies go out on the same socket.
@@ -585,9 +658,17 @@ impl GearmanSource {
                         handle,
                         workload,
                     };
-                    let outcome = run_job(plugin, &self.slot, job, self.cfg.failure, grab_again);
+                    // The GRAB goes with the result unless the worker leaves after this job:
+                    // max_jobs is known now, max_lifetime once the job is done.
+                    let lifetime_end = self
+                        .max_lifetime
+                        .zip(self.started)
+                        .and_then(|(max, started)| started.checked_add(max));
+                    let then_grab =
+                        || grab_again && lifetime_end.is_none_or(|end| Instant::now() < end);
+                    let outcome = run_job(plugin, &self.slot, job, self.cfg.failure, &then_grab);
                     self.ran += 1;
-                    let failed_job = !matches!(outcome, Ok(true));
+                    let failed_job = !matches!(outcome, Ok((true, _)));
                     if failed_job {
                         self.failed += 1;
                     }
@@ -596,10 +677,17 @@ impl GearmanSource {
                         w.running(None);
                         w.jobs(ran, failed);
                     });
-                    outcome?;
+                    // The time now: the job may have taken long.
                     let now = Instant::now();
+                    if let Err(e) = outcome {
+                        // The job ran (and counts, for max_jobs too); its server is gone.
+                        self.lost(i, &e, now);
+                        return Ok(Looked::Ran);
+                    }
+                    let grabbed = matches!(outcome, Ok((_, true)));
+                    self.recovered(i);
                     let conn = &mut self.conns[i];
-                    if grab_again {
+                    if grabbed {
                         conn.state = State::Grabbing { since: now };
                     } else {
                         // It gave us work: it may have more (its turn comes again in order).
@@ -634,15 +722,17 @@ struct Assigned<'a> {
     workload: &'a [u8],
 }
 
-/// Runs one job and writes its outcome to the server. `Ok(true)`: the plugin succeeded;
-/// `Ok(false)`: it failed (and the server was told); `Err`: the connection failed.
+/// Runs one job and writes its outcome to the server, with the next GRAB if `then_grab`
+/// says so once the job is done. `Ok((succeeded, grabbed))`: whether the plugin succeeded
+/// (else it failed, and the server was told) and whether a GRAB went out; `Err`: the
+/// connection failed.
 fn run_job(
     plugin: &mut PluginInstance,
     slot: &Slot,
     job: Assigned<'_>,
     failure: GearmanFailure,
-    then_grab: bool,
-) -> Result<bool, ConnError> {
+    then_grab: &dyn Fn() -> bool,
+) -> Result<(bool, bool), ConnError> {
     let Assigned {
         stream,
         server,
@@ -727,11 +817,12 @@ fn run_job(
     head.clear();
     let tail = outcome.encode_head(&mut head);
     let mut grab = Vec::new();
-    if then_grab {
+    let grabbed = then_grab();
+    if grabbed {
         ToServer::GrabJobUniq.encode(&mut grab);
     }
     write_all(stream, &[&head, tail, &grab])?;
-    Ok(result.is_ok())
+    Ok((result.is_ok(), grabbed))
 }
 
 /// A progress fraction in WORK_STATUS's 32-bit fields, scaled down together when too large.
@@ -747,6 +838,7 @@ fn scale(numerator: u64, denominator: u64) -> (u32, u32) {
 impl JobSource for GearmanSource {
     fn next(&mut self, plugin: &mut PluginInstance) -> io::Result<Next> {
         let now = Instant::now();
+        self.started.get_or_insert(now);
         self.tend(now);
         self.grab_next(now);
         // Servers in turn, so one that keeps sending cannot starve the others.
@@ -755,11 +847,19 @@ impl JobSource for GearmanSource {
         let mut more = false;
         for k in 0..n {
             let i = (start + k) % n;
-            match self.read_one(i, plugin, now) {
+            let looked = match self.read_one(i, plugin, now) {
                 Ok(Looked::Ran) => return Ok(Next::Worked),
-                Ok(Looked::Drained) => {}
-                Ok(Looked::MoreLater) => more = true,
-                Err(e) => self.lost(i, &e, now),
+                Ok(Looked::Drained) => Ok(()),
+                Ok(Looked::MoreLater) => {
+                    more = true;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            // Its deadlines only now that what it sent is read.
+            match looked.map(|()| self.conns[i].overdue(now)) {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => self.lost(i, &e, now),
             }
         }
         self.grab_next(now);
@@ -814,7 +914,13 @@ impl GearmanSource {
             .map(|c| match c.state {
                 State::Down { retry_at } => retry_at,
                 State::Connecting { since } => since + CONNECT_TIMEOUT,
-                State::Greeting { since } | State::Grabbing { since } => since + REPLY_TIMEOUT,
+                State::Greeting { since } => since + REPLY_TIMEOUT,
+                // While it holds the worker, wake when it stops doing so (others may wait).
+                State::Grabbing { since } if c.holds_grab(now) => since + GRAB_PATIENCE,
+                State::Grabbing { since } => match c.ping_since {
+                    Some(ping) => (since + REPLY_TIMEOUT).min(ping + REPLY_TIMEOUT),
+                    None => since + REPLY_TIMEOUT,
+                },
                 State::Ready | State::Sleeping => match c.ping_since {
                     Some(since) => since + REPLY_TIMEOUT,
                     None => c.heard + PING_EVERY,
@@ -829,31 +935,52 @@ impl GearmanSource {
 }
 
 /// Says whether each server answers an ECHO within `timeout` (for `jobhost check`, run from
-/// the CLI, never the master): one line per server.
+/// the CLI, never the master): one line per server. The servers are asked at once, each in
+/// a thread of its own, so the check takes about `timeout` however many are silent.
 pub fn check_servers(cfg: &GearmanConfig, timeout: Duration) -> Vec<Result<String, String>> {
-    cfg.servers
-        .iter()
-        .map(|server| {
-            echo(server, timeout)
-                .map(|rtt| {
-                    format!(
-                        "gearman {server} answers ({:.1} ms)",
-                        rtt.as_secs_f64() * 1e3
-                    )
-                })
-                .map_err(|e| format!("gearman {server}: {e}"))
-        })
-        .collect()
+    let ask = |server: &GearmanServer| {
+        echo(server, timeout)
+            .map(|rtt| {
+                format!(
+                    "gearman {server} answers ({:.1} ms)",
+                    rtt.as_secs_f64() * 1e3
+                )
+            })
+            .map_err(|e| format!("gearman {server}: {e}"))
+    };
+    std::thread::scope(|scope| {
+        let asking: Vec<_> = cfg
+            .servers
+            .iter()
+            .map(|server| (server, scope.spawn(move || ask(server))))
+            .collect();
+        asking
+            .into_iter()
+            .map(|(server, asked)| {
+                asked
+                    .join()
+                    .unwrap_or_else(|_| Err(format!("gearman {server}: the check failed")))
+            })
+            .collect()
+    })
 }
 
-/// One blocking ECHO round trip.
+/// One blocking ECHO round trip, all of it within `timeout` (a server that trickles its
+/// answer a byte at a time does not stretch it: each read waits only for what is left).
 fn echo(server: &GearmanServer, timeout: Duration) -> Result<Duration, ConnError> {
     use std::io::Read;
     let started = Instant::now();
+    let deadline = started + timeout;
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // (A zero timeout would mean none at all to the socket.)
+        (!left.is_zero())
+            .then_some(left)
+            .ok_or(ConnError::NoAnswer { what: "ECHO_REQ" })
+    };
     let addr = resolve(server)?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
+    stream.set_write_timeout(Some(left()?))?;
     let mut out = Vec::new();
     ToServer::EchoReq(PING).encode(&mut out);
     stream.write_all(&out)?;
@@ -866,6 +993,7 @@ fn echo(server: &GearmanServer, timeout: Duration) -> Result<Duration, ConnError
             };
         }
         let mut buf = [0u8; 4096];
+        stream.set_read_timeout(Some(left()?))?;
         let n = match stream.read(&mut buf) {
             Ok(0) => return Err(ConnError::Closed),
             Ok(n) => n,
@@ -893,9 +1021,82 @@ mod tests {
     fn progress_fractions_fit_work_status() {
         assert_eq!(scale(3, 4), (3, 4));
         assert_eq!(scale(u64::from(u32::MAX), 1), (u32::MAX, 1));
-        // Both halved until the larger fits: the fraction stays.
+        // Both shifted by the same 10 bits, so the fraction stays one half.
         assert_eq!(scale(1 << 40, 1 << 41), (1 << 30, 1 << 31));
+        let (n, d) = scale(3 << 40, 1 << 42);
+        assert_eq!(u64::from(n) * 4, u64::from(d) * 3);
         let (n, d) = scale(u64::MAX, u64::MAX);
         assert_eq!(n, d);
+    }
+
+    fn config(servers: Vec<GearmanServer>) -> GearmanConfig {
+        GearmanConfig {
+            servers,
+            function: "q".into(),
+            client_id: None,
+            timeout: None,
+            failure: GearmanFailure::Fail,
+        }
+    }
+
+    /// A server on a loopback port that accepts, and then does `then` with each connection
+    /// (in a thread of its own, for as long as it wants).
+    fn fake(then: fn(TcpStream)) -> GearmanServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a fake server");
+        let port = listener.local_addr().expect("its address").port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                std::thread::spawn(move || then(conn));
+            }
+        });
+        GearmanServer {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn check_gives_up_on_a_server_that_trickles_its_answer_within_the_timeout() {
+        // An ECHO_RES announcing 1000 bytes, sent a byte every 100 ms: 100 s in all. Before
+        // the fix each read had the whole timeout again, and the check waited all of it.
+        let trickler = fake(|mut conn| {
+            let mut answer = Vec::new();
+            ToServer::EchoReq(&[b'x'; 1000]).encode(&mut answer);
+            answer[..4].copy_from_slice(b"\0RES");
+            answer[4..8].copy_from_slice(&17u32.to_be_bytes());
+            for byte in answer {
+                std::thread::sleep(Duration::from_millis(100));
+                if conn.write_all(&[byte]).is_err() {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let answers = check_servers(&config(vec![trickler]), Duration::from_secs(1));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "the check took {took:?}");
+        assert_eq!(answers.len(), 1);
+        let said = answers[0].as_ref().expect_err("no answer in time");
+        assert!(said.contains("no answer to ECHO_REQ"), "{said}");
+    }
+
+    #[test]
+    fn check_asks_every_server_at_once() {
+        // Silent servers: they accept and never answer. One after the other, 8 of them took
+        // 8 timeouts.
+        let silent: Vec<GearmanServer> = (0..8)
+            .map(|_| {
+                fake(|conn| {
+                    std::thread::sleep(Duration::from_secs(30));
+                    drop(conn);
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let answers = check_servers(&config(silent), Duration::from_secs(1));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "the check took {took:?}");
+        assert_eq!(answers.len(), 8);
+        assert!(answers.iter().all(|a| a.is_err()), "{answers:?}");
     }
 }

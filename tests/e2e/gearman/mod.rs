@@ -7,6 +7,7 @@
 
 mod abuse;
 mod failures;
+mod review;
 mod serving;
 
 use std::net::TcpListener;
