@@ -254,17 +254,22 @@ fn a_sigttin_flood_stops_at_the_worker_cap() {
             .as_u64()
             .unwrap()
     };
-    let mut sent = 0;
-    while wanted() < 1024 {
+    // Each round adds at least one (a loaded master may take a round's 200 as one, merged):
+    // at most 1024 rounds reach the cap, and no round adds nothing.
+    let mut rounds = 0;
+    let mut before = wanted();
+    while before < 1024 {
         assert!(
-            sent < 100_000,
-            "{sent} TTINs sent, the pool wants {}",
-            wanted()
+            rounds < 1100,
+            "{rounds} rounds of TTINs, the pool wants {before}"
         );
         for _ in 0..200 {
             master.signal(Signal::SIGTTIN);
         }
-        sent += 200;
+        rounds += 1;
+        let now = wanted();
+        assert!(now > before, "a round of 200 TTINs added nothing ({now})");
+        before = now;
     }
     // At the cap, any TTIN taken says so: the flood below adds at least one such line (its
     // signals may merge into one).
