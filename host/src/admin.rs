@@ -334,6 +334,8 @@ pub struct PoolSnapshot {
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub jobs_retried: u64,
+    /// Queued jobs dropped unrun because their client went away without detaching them.
+    pub jobs_dropped: u64,
     /// Workers that died unasked: killed by a signal nobody sent them for a reason, exited
     /// without a matching LEAVING, failed `worker_start`, or broke the protocol.
     pub crashes: u64,
@@ -1302,6 +1304,7 @@ mod tests {
                     jobs_done: 123456,
                     jobs_failed: 7,
                     jobs_retried: 3,
+                    jobs_dropped: 0,
                     crashes: 1,
                     timeouts: 2,
                     recycled: 40,
@@ -1322,6 +1325,7 @@ mod tests {
                     jobs_done: 0,
                     jobs_failed: 0,
                     jobs_retried: 0,
+                    jobs_dropped: 0,
                     crashes: 12,
                     timeouts: 0,
                     recycled: 0,
@@ -1564,6 +1568,7 @@ mod tests {
             ("jobs_done", serde_json::json!(0)),
             ("jobs_failed", serde_json::json!(0)),
             ("jobs_retried", serde_json::json!(0)),
+            ("jobs_dropped", serde_json::json!(0)),
             ("crashes", serde_json::json!(12)),
             ("timeouts", serde_json::json!(0)),
             ("recycled", serde_json::json!(0)),

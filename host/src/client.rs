@@ -203,6 +203,20 @@ impl Client {
         self.sender.send_watched(id, pool, payload)
     }
 
+    /// Like [`Client::send`], with [`protocol::submit_flags`]: `WATCH` as
+    /// [`Client::send_watched`]; `DETACH`, the job runs even if this client goes away before
+    /// it reaches a worker (else such a job is dropped).
+    pub fn send_flagged(
+        &mut self,
+        flags: u8,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        self.next_id = self.next_id.max(id.wrapping_add(1));
+        self.sender.send_flagged(flags, id, pool, payload)
+    }
+
     /// Flushes, then returns the next thing the master sent: a result [`Client::call`] set
     /// aside, else the next frame — a watched job's progress or data, or a result.
     pub fn recv_any(&mut self) -> Result<Received, ClientError> {
@@ -257,22 +271,24 @@ pub struct ClientSender {
 impl ClientSender {
     /// Buffers one SUBMIT frame; writes the buffer out when it passes [`FLUSH_ABOVE`].
     pub fn send(&mut self, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
-        self.send_as(protocol::kind::SUBMIT, id, pool, payload)
+        self.send_flagged(0, id, pool, payload)
     }
 
     /// Buffers one SUBMIT_WATCH frame (see [`Client::send_watched`]).
     pub fn send_watched(&mut self, id: u64, pool: &str, payload: &[u8]) -> Result<(), ClientError> {
-        self.send_as(protocol::kind::SUBMIT_WATCH, id, pool, payload)
+        self.send_flagged(protocol::submit_flags::WATCH, id, pool, payload)
     }
 
-    fn send_as(
+    /// Buffers one submit with [`protocol::submit_flags`] (see [`Client::send_flagged`]).
+    pub fn send_flagged(
         &mut self,
-        kind: u8,
+        flags: u8,
         id: u64,
         pool: &str,
         payload: &[u8],
     ) -> Result<(), ClientError> {
-        let frame_len = 1 + 8 + 2 + pool.len().min(usize::from(u16::MAX)) + payload.len();
+        // Kind, the flags byte, id, pool length, pool, payload.
+        let frame_len = 2 + 8 + 2 + pool.len().min(usize::from(u16::MAX)) + payload.len();
         if u32::try_from(frame_len).is_err() {
             return Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -283,7 +299,7 @@ impl ClientSender {
             )));
         }
         if payload.len() < LARGE_PAYLOAD {
-            protocol::put_submit_head_as(&mut self.out, kind, id, pool, payload.len());
+            protocol::put_submit_head_flagged(&mut self.out, flags, id, pool, payload.len());
             self.out.extend_from_slice(payload);
             if self.out.len() >= FLUSH_ABOVE {
                 self.flush()?;
@@ -291,7 +307,7 @@ impl ClientSender {
             return Ok(());
         }
         // A large payload goes out from where it is, after what is buffered: no copy.
-        protocol::put_submit_head_as(&mut self.out, kind, id, pool, payload.len());
+        protocol::put_submit_head_flagged(&mut self.out, flags, id, pool, payload.len());
         let written = write_all_vectored(&self.stream, [&self.out[..], payload]);
         self.out.clear();
         written.map_err(ClientError::from)

@@ -46,6 +46,20 @@ pub mod kind {
     /// client → master: a SUBMIT (same body) whose client wants the job's PROGRESS and DATA
     /// frames. A plain SUBMIT gets none, so a client that knows only RESULT never sees them.
     pub const SUBMIT_WATCH: u8 = 11;
+    /// client → master: `u8 flags | u64 id | u16 pool length | pool | payload` — a SUBMIT with
+    /// [`super::submit_flags`] (watch, detach). A flag the master does not know is an error.
+    pub const SUBMIT_FLAGS: u8 = 12;
+}
+
+/// The flags byte of SUBMIT_FLAGS.
+pub mod submit_flags {
+    /// As SUBMIT_WATCH: the client wants the job's PROGRESS and DATA frames.
+    pub const WATCH: u8 = 1;
+    /// The job runs even if its client goes away before it reaches a worker. Without it, the
+    /// jobs still queued when their connection closes are dropped: nobody would hear of them.
+    pub const DETACH: u8 = 2;
+    /// Every flag this build knows.
+    pub const KNOWN: u8 = WATCH | DETACH;
 }
 
 /// The most partial data (WORK_DATA bytes) one job may send: the worker cuts what its plugin
@@ -103,6 +117,8 @@ pub enum FrameError {
     BadStatus(u8),
     #[error("empty frame (a frame has at least a kind byte)")]
     Empty,
+    #[error("unknown submit flags {0:#04x}")]
+    UnknownFlags(u8),
 }
 
 /// A decoded frame, borrowing from the receive buffer.
@@ -114,6 +130,8 @@ pub enum Frame<'a> {
         payload: &'a [u8],
         /// Sent as SUBMIT_WATCH: the client wants the job's PROGRESS and DATA frames.
         watch: bool,
+        /// Sent detached (SUBMIT_FLAGS): it runs even if the client goes away first.
+        detach: bool,
     },
     Result {
         id: u64,
@@ -166,8 +184,14 @@ impl fmt::Display for Frame<'_> {
                 pool,
                 payload,
                 watch,
+                detach,
             } => {
-                let what = if *watch { "submit (watched)" } else { "submit" };
+                let what = match (*watch, *detach) {
+                    (false, false) => "submit",
+                    (true, false) => "submit (watched)",
+                    (false, true) => "submit (detached)",
+                    (true, true) => "submit (watched, detached)",
+                };
                 write!(f, "{what} #{id} to {pool} ({} bytes)", payload.len())
             }
             Frame::Result { id, status, body } => {
@@ -218,7 +242,15 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
         _ => None,
     };
     match kind {
-        kind::SUBMIT | kind::SUBMIT_WATCH => {
+        kind::SUBMIT | kind::SUBMIT_WATCH | kind::SUBMIT_FLAGS => {
+            let (flags, body) = match kind {
+                kind::SUBMIT => (0, body),
+                kind::SUBMIT_WATCH => (submit_flags::WATCH, body),
+                _ => body.split_first().map(|(&f, b)| (f, b)).ok_or_else(short)?,
+            };
+            if flags & !submit_flags::KNOWN != 0 {
+                return Err(FrameError::UnknownFlags(flags));
+            }
             let id = u64_at(body, 0).ok_or_else(short)?;
             let pool_len = body
                 .get(8..10)
@@ -230,7 +262,8 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
                 id,
                 pool,
                 payload: &body[10 + pool_len..],
-                watch: kind == kind::SUBMIT_WATCH,
+                watch: flags & submit_flags::WATCH != 0,
+                detach: flags & submit_flags::DETACH != 0,
             })
         }
         kind::RESULT => {
@@ -326,8 +359,32 @@ pub fn put_submit_head(out: &mut Vec<u8>, id: u64, pool: &str, payload_len: usiz
 /// [`put_submit_head`] with the kind: SUBMIT, or SUBMIT_WATCH for a job whose progress and
 /// data the client wants.
 pub fn put_submit_head_as(out: &mut Vec<u8>, kind: u8, id: u64, pool: &str, payload_len: usize) {
+    let flags = match kind {
+        kind::SUBMIT_WATCH => submit_flags::WATCH,
+        _ => 0,
+    };
+    put_submit_head_flagged(out, flags, id, pool, payload_len)
+}
+
+/// [`put_submit_head`] with [`submit_flags`]: as SUBMIT or SUBMIT_WATCH when those say it
+/// (a master older than SUBMIT_FLAGS takes them), else as SUBMIT_FLAGS.
+pub fn put_submit_head_flagged(
+    out: &mut Vec<u8>,
+    flags: u8,
+    id: u64,
+    pool: &str,
+    payload_len: usize,
+) {
     let pool = &pool.as_bytes()[..pool.len().min(u16::MAX as usize)];
-    put_header(out, kind, 8 + 2 + pool.len() + payload_len);
+    let body_len = 8 + 2 + pool.len() + payload_len;
+    match flags {
+        0 => put_header(out, kind::SUBMIT, body_len),
+        submit_flags::WATCH => put_header(out, kind::SUBMIT_WATCH, body_len),
+        _ => {
+            put_header(out, kind::SUBMIT_FLAGS, 1 + body_len);
+            out.push(flags);
+        }
+    }
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&(pool.len() as u16).to_be_bytes());
     out.extend_from_slice(pool);
@@ -593,6 +650,51 @@ mod tests {
     }
 
     #[test]
+    fn flagged_submits_round_trip_and_unknown_flags_are_errors() {
+        use submit_flags::{DETACH, WATCH};
+        for (flags, kind, watch, detach) in [
+            (0, kind::SUBMIT, false, false),
+            (WATCH, kind::SUBMIT_WATCH, true, false),
+            (DETACH, kind::SUBMIT_FLAGS, false, true),
+            (WATCH | DETACH, kind::SUBMIT_FLAGS, true, true),
+        ] {
+            let mut wire = Vec::new();
+            put_submit_head_flagged(&mut wire, flags, 7, "pool", 2);
+            wire.extend_from_slice(b"hi");
+            assert_eq!(wire[4], kind, "flags {flags}");
+            assert_eq!(
+                decode(&wire[4..]).unwrap(),
+                Frame::Submit {
+                    id: 7,
+                    pool: "pool",
+                    payload: b"hi",
+                    watch,
+                    detach
+                }
+            );
+        }
+        let mut wire = Vec::new();
+        put_submit_head_flagged(&mut wire, DETACH, 1, "p", 0);
+        assert_eq!(
+            decode(&wire[4..]).unwrap().to_string(),
+            "submit (detached) #1 to p (0 bytes)"
+        );
+        wire[5] = 0x80 | DETACH;
+        assert_eq!(decode(&wire[4..]), Err(FrameError::UnknownFlags(0x82)));
+        assert_eq!(
+            decode(&[kind::SUBMIT_FLAGS]),
+            Err(FrameError::Truncated {
+                kind: kind::SUBMIT_FLAGS,
+                len: 1
+            })
+        );
+        assert!(matches!(
+            decode(&[kind::SUBMIT_FLAGS, DETACH, 0, 0]),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    #[test]
     fn malformed_progress_and_data_frames_are_errors() {
         for k in [kind::WORK_PROGRESS, kind::PROGRESS] {
             // One byte short, one byte long, empty.
@@ -616,7 +718,7 @@ mod tests {
             );
             assert!(decode(&[k, 0, 0, 0, 0, 0, 0, 0, 1]).is_ok());
         }
-        assert_eq!(decode(&[12]), Err(FrameError::UnknownKind(12)));
+        assert_eq!(decode(&[13]), Err(FrameError::UnknownKind(13)));
     }
 
     #[test]

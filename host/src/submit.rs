@@ -79,6 +79,11 @@ pub struct SubmitArgs {
     /// The most jobs sent whose results are not printed yet.
     #[arg(long, value_name = "N", default_value = "10000")]
     pub window: NonZeroUsize,
+    /// The jobs run even if this command ends (is interrupted, killed, loses its connection)
+    /// before they reach a worker; without it the master drops a gone client's queued jobs.
+    /// Results are still printed while it runs. (A redis pool's jobs always outlive it.)
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// What `jobhost submit --help` says after the options.
@@ -96,6 +101,8 @@ one {\"id\":0,\"data\":\"...\"} line each); nothing is added when stderr is not 
 With -c FILE and a pool that has source = \"redis\" there, the jobs go to the pool's stream
 directly (no master needed on this host); the results come back on a reply stream of this
 process's own, deleted at the end.
+Jobs still queued in the master when this command ends early (Ctrl-C, a kill, a lost
+connection) are dropped there, unless they were sent with --detach.
 Exit status: 1 if any job failed or was rejected (or on an error), 0 otherwise.";
 
 /// Runs `jobhost submit`.
@@ -129,6 +136,7 @@ pub fn run(args: SubmitArgs) -> Result<ExitCode, Box<dyn Error>> {
                 Socket {
                     client,
                     pool: args.pool.clone(),
+                    detach: args.detach,
                 },
                 &args,
             )?
@@ -246,11 +254,15 @@ pub(crate) trait JobReceiver {
 pub(crate) struct Socket {
     pub client: Client,
     pub pool: String,
+    /// `--detach`: every submit carries the DETACH flag.
+    pub detach: bool,
 }
 
 pub(crate) struct SocketSender {
     sender: ClientSender,
     pool: String,
+    /// The DETACH flag, or 0.
+    flags: u8,
 }
 
 impl Transport for Socket {
@@ -262,6 +274,11 @@ impl Transport for Socket {
             SocketSender {
                 sender,
                 pool: self.pool,
+                flags: if self.detach {
+                    crate::protocol::submit_flags::DETACH
+                } else {
+                    0
+                },
             },
             receiver,
         )
@@ -270,10 +287,13 @@ impl Transport for Socket {
 
 impl JobSender for SocketSender {
     fn send(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
-        Ok(self.sender.send(id, &self.pool, payload)?)
+        Ok(self
+            .sender
+            .send_flagged(self.flags, id, &self.pool, payload)?)
     }
     fn send_watched(&mut self, id: u64, payload: &[u8]) -> Result<(), TransportError> {
-        Ok(self.sender.send_watched(id, &self.pool, payload)?)
+        let flags = self.flags | crate::protocol::submit_flags::WATCH;
+        Ok(self.sender.send_flagged(flags, id, &self.pool, payload)?)
     }
     fn flush(&mut self) -> Result<(), TransportError> {
         Ok(self.sender.flush()?)
@@ -892,6 +912,7 @@ mod tests {
         Socket {
             client,
             pool: "p".into(),
+            detach: false,
         }
     }
 

@@ -704,6 +704,7 @@ impl Master {
                     jobs_done: done,
                     jobs_failed: failed,
                     jobs_retried: pool.stats.retried,
+                    jobs_dropped: pool.stats.dropped,
                     crashes: pool.stats.crashes,
                     timeouts: pool.stats.timeouts,
                     recycled: pool.stats.recycled,

@@ -794,13 +794,14 @@ impl Master {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let (id, pool, payload, watch) = match protocol::decode(frame) {
+            let (id, pool, payload, watch, detach) = match protocol::decode(frame) {
                 Ok(Frame::Submit {
                     id,
                     pool,
                     payload,
                     watch,
-                }) => (id, pool, payload, watch),
+                    detach,
+                }) => (id, pool, payload, watch, detach),
                 Ok(other) => return Err(server::ClientError::Unexpected(other.to_string())),
                 Err(e) => return Err(e.into()),
             };
@@ -815,6 +816,7 @@ impl Master {
                     pool,
                     payload,
                     watch,
+                    detach,
                 },
                 now,
             );

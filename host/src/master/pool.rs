@@ -2,10 +2,14 @@
 //! counters, and the crash back-off that keeps a broken plugin from making the master fork in
 //! a tight loop. Pure state and decisions — no processes, no I/O — so it is unit-tested.
 
+mod fair_queue;
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::config::PoolConfig;
+
+pub use fair_queue::FairQueue;
 
 /// The first delay after a crash; doubles with each crash in the window.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -77,6 +81,8 @@ pub struct PoolStats {
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
+    /// Queued jobs dropped unrun because their client went away (and had not detached them).
+    pub dropped: u64,
     /// Worker exits, by [`ExitKind`].
     pub crashes: u64,
     pub timeouts: u64,
@@ -110,7 +116,8 @@ pub struct Pool {
     /// are left.
     pub ended: bool,
     pub wanted: usize,
-    pub queue: VecDeque<u64>,
+    /// Jobs accepted and not yet sent to a worker, shared fairly between clients.
+    pub queue: FairQueue,
     pub stats: PoolStats,
     pub stopped: bool,
     pub backoff: Backoff,
@@ -143,7 +150,7 @@ impl Pool {
             ),
             config,
             ended: false,
-            queue: VecDeque::new(),
+            queue: FairQueue::default(),
             stats: PoolStats::default(),
             stopped: false,
             job_times: JobTimes::default(),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::life::{self, Ending, Leaving, Life, Stepped, KILL_GRACE};
 use super::pool::{Pool, SpawnPace};
@@ -87,14 +87,17 @@ pub enum Event<'a> {
         command: Command,
         from: Origin,
     },
-    /// A client's SUBMIT frame (`watch`: SUBMIT_WATCH, it wants the job's reports).
+    /// A client's SUBMIT frame (`watch`: SUBMIT_WATCH, it wants the job's reports; `detach`:
+    /// the job is to run even if its client goes away before it is sent to a worker).
     Submit {
         client: ClientId,
         id: u64,
         pool: &'a str,
         payload: &'a [u8],
         watch: bool,
+        detach: bool,
     },
+    /// Its connection closed: its queued jobs that are not detached are dropped.
     ClientGone(ClientId),
     Said {
         worker: WorkerId,
@@ -400,12 +403,41 @@ impl Worker {
     }
 }
 
+/// Whether pool `pool`'s queue takes one more job of `client`, or why not. `max_queue` bounds
+/// the queue while one client has it to itself. Once it is full, a client whose lane holds
+/// less than its fair share — `max_queue` over the clients with jobs queued, counting itself,
+/// at least 1 — still gets in, up to twice `max_queue` in all: so one flooding connection
+/// cannot make another's job "queue full", and the queue stays bounded.
+fn queue_room(pool: &Pool, client: ClientId) -> Result<(), String> {
+    let max = pool.config.max_queue;
+    let queued = pool.queue.len();
+    if queued < max {
+        return Ok(());
+    }
+    let own = pool.queue.lane_len(client);
+    let lanes = pool.queue.lanes() + usize::from(own == 0);
+    let share = (max / lanes.max(1)).max(1);
+    if own < share && queued < max.saturating_mul(2) {
+        return Ok(());
+    }
+    if lanes <= 1 {
+        Err(format!("{queued} jobs queued"))
+    } else {
+        Err(format!(
+            "{queued} jobs queued, {own} of them this connection's; its fair share is {share}"
+        ))
+    }
+}
+
 /// An accepted job.
 #[derive(Debug)]
 struct Job {
     pool: usize,
-    /// The submitting connection and the client's id for the job; `None` once it has gone.
-    client: Option<(ClientId, u64)>,
+    /// The submitting connection (answered only while in `Supervisor::connected`) and the
+    /// client's id for the job.
+    client: (ClientId, u64),
+    /// Submitted detached: it runs even if its client has gone before it is dispatched.
+    detach: bool,
     payload: Rc<[u8]>,
     failures: u32,
     /// The crash back-off entry its last crash added to its pool (a fresh worker died running
@@ -436,6 +468,9 @@ pub struct Supervisor {
     /// Keyed by the master's own sequence (no client picks a key): a fast, unkeyed hash.
     jobs: FxHashMap<u64, Job>,
     next_job_key: u64,
+    /// The clients with a job accepted that are still connected: answers and reports go only
+    /// to these. (The shell never reuses a client's id.)
+    connected: FxHashSet<ClientId>,
     phase: Phase,
     generation: u64,
     reloading: Option<Reloading>,
@@ -467,6 +502,7 @@ impl Supervisor {
             next_worker: 1,
             jobs: FxHashMap::default(),
             next_job_key: 1,
+            connected: FxHashSet::default(),
             phase: Phase::Running,
             generation: 1,
             reloading: None,
@@ -489,15 +525,9 @@ impl Supervisor {
                 pool,
                 payload,
                 watch,
-            } => self.submit(client, id, pool, payload, watch),
-            Event::ClientGone(client) => {
-                // Its jobs still run (they were accepted); their results have nowhere to go.
-                for job in self.jobs.values_mut() {
-                    if job.client.is_some_and(|(c, _)| c == client) {
-                        job.client = None;
-                    }
-                }
-            }
+                detach,
+            } => self.submit(client, id, pool, payload, watch, detach),
+            Event::ClientGone(client) => self.client_gone(client),
             Event::Said { worker, said } => self.said(worker, said, 0, now),
             Event::Reported {
                 worker,
@@ -687,7 +717,8 @@ impl Supervisor {
         let Some(job) = self.jobs.remove(&key) else {
             return;
         };
-        if let Some((client, id)) = job.client {
+        let (client, id) = job.client;
+        if self.connected.contains(&client) {
             self.out.push(Effect::Answer {
                 client,
                 id,
@@ -1001,7 +1032,15 @@ impl Supervisor {
 
     // ---- jobs in ------------------------------------------------------------------------------
 
-    fn submit(&mut self, client: ClientId, id: u64, pool: &str, payload: &[u8], watch: bool) {
+    fn submit(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+        watch: bool,
+        detach: bool,
+    ) {
         let verdict = match self.pool_index.get(pool) {
             _ if matches!(self.phase, Phase::Stopping { .. }) => Err("shutting down".to_string()),
             None => Err(format!("unknown pool {pool:?}")),
@@ -1019,13 +1058,10 @@ impl Supervisor {
                 payload.len(),
                 self.settings.max_payload
             )),
-            Some(&idx) if self.pools[idx].queue.len() >= self.pools[idx].config.max_queue => {
-                Err(format!(
-                    "queue full ({} jobs queued for pool {pool:?})",
-                    self.pools[idx].queue.len()
-                ))
-            }
-            Some(&idx) => Ok(idx),
+            Some(&idx) => match queue_room(&self.pools[idx], client) {
+                Ok(()) => Ok(idx),
+                Err(why) => Err(format!("queue full ({why} for pool {pool:?})")),
+            },
         };
         match verdict {
             Ok(idx) => {
@@ -1035,7 +1071,8 @@ impl Supervisor {
                     key,
                     Job {
                         pool: idx,
-                        client: Some((client, id)),
+                        client: (client, id),
+                        detach,
                         payload: Rc::from(payload),
                         failures: 0,
                         blamed_crash: None,
@@ -1043,7 +1080,8 @@ impl Supervisor {
                         watch,
                     },
                 );
-                self.pools[idx].queue.push_back(key);
+                self.pools[idx].queue.push_back(client, key);
+                self.connected.insert(client);
             }
             Err(reason) => self.out.push(Effect::Answer {
                 client,
@@ -1052,6 +1090,43 @@ impl Supervisor {
                 body: reason.into_bytes(),
                 payload_len: payload.len(),
             }),
+        }
+    }
+
+    /// A client's connection closed. Its queued jobs nobody will answer are dropped (counted in
+    /// their pool's `dropped`, logged once); detached ones stay queued, in its lane. Jobs sent
+    /// to a worker run on (taking them back would race with their start), answered nowhere.
+    /// O(its queued jobs, and what the workers gave back), never a scan of every job.
+    fn client_gone(&mut self, client: ClientId) {
+        if !self.connected.remove(&client) {
+            return; // No job of its was ever accepted.
+        }
+        let mut dropped_in = Vec::new();
+        for pool in &mut self.pools {
+            let jobs = &mut self.jobs;
+            let mut dropped = 0u64;
+            let mut drop_unless_detached = |key: u64| match jobs.get(&key) {
+                Some(job) if job.client.0 == client && !job.detach => {
+                    jobs.remove(&key);
+                    dropped += 1;
+                    false
+                }
+                _ => true,
+            };
+            pool.queue.retain_lane(client, &mut drop_unless_detached);
+            pool.queue.retain_front(&mut drop_unless_detached);
+            if dropped > 0 {
+                pool.stats.dropped = pool.stats.dropped.saturating_add(dropped);
+                dropped_in.push(format!("{dropped} in pool {}", pool.config.name));
+            }
+        }
+        if !dropped_in.is_empty() {
+            let text = format!(
+                "client {} went away: dropped its queued jobs nobody will answer ({})",
+                client.0,
+                dropped_in.join(", ")
+            );
+            self.log(log::Level::Info, text);
         }
     }
 
@@ -1140,7 +1215,8 @@ impl Supervisor {
         let Some(job) = self.jobs.get(&key) else {
             return;
         };
-        if let (true, Some((client, id))) = (job.watch, job.client) {
+        let (client, id) = job.client;
+        if job.watch && self.connected.contains(&client) {
             self.out.push(Effect::Report { client, id, report });
         }
     }

@@ -326,6 +326,23 @@ impl Sim {
         payload: &[u8],
         watch: bool,
     ) -> Out {
+        self.submit_flagged(client, id, pool, payload, watch, false)
+    }
+
+    /// A detached submit of client id `id` to pool "p", from `client`.
+    fn submit_detached(&mut self, client: ClientId, id: u64) -> Out {
+        self.submit_flagged(client, id, "p", b"job", false, true)
+    }
+
+    fn submit_flagged(
+        &mut self,
+        client: ClientId,
+        id: u64,
+        pool: &str,
+        payload: &[u8],
+        watch: bool,
+        detach: bool,
+    ) -> Out {
         let key = self.sup.next_job_key;
         let mut out = self.on(Event::Submit {
             client,
@@ -333,6 +350,7 @@ impl Sim {
             pool,
             payload,
             watch,
+            detach,
         });
         if self.sup.next_job_key > key {
             self.ids.insert(key, id);
@@ -363,7 +381,7 @@ impl Sim {
         self.sup.pools()[idx]
             .queue
             .iter()
-            .map(|k| self.ids[k])
+            .map(|k| self.ids[&k])
             .collect()
     }
 
@@ -1720,19 +1738,147 @@ fn a_full_queue_rejects_the_next_submit() {
     );
 }
 
-/// A client gone: its jobs still run (they were accepted), their answers go nowhere.
+/// A client gone: its jobs already sent to a worker run on (they may have started), their
+/// answers go nowhere; its queued jobs are dropped, counted and logged once; the other
+/// client's jobs are untouched.
 #[test]
-fn a_gone_clients_jobs_still_run_and_are_answered_nowhere() {
+fn a_gone_clients_queued_jobs_are_dropped_and_its_running_ones_finish() {
     let mut s = Sim::new(vec![pool("p", "")]);
     let w1 = s.start()[0];
-    s.submit_to(ClientId(2), 1, "p", b"job");
-    s.submit(2);
-    s.on(Event::ClientGone(ClientId(2)));
-    assert_eq!(s.tick().sends(), vec![(w1, 1), (w1, 2)]);
-    assert!(s.finish(w1).answers().is_empty());
+    for id in 1..=10 {
+        s.submit_to(ClientId(2), id, "p", b"job");
+    }
+    assert_eq!(s.tick().sends().len(), 4, "a worker holds a few ahead");
+    s.submit_to(ClientId(3), 100, "p", b"job");
+    let gone = s.on(Event::ClientGone(ClientId(2)));
+    assert_eq!(
+        gone.logs(),
+        vec!["client 2 went away: dropped its queued jobs nobody will answer (6 in pool p)"]
+    );
+    assert!(gone.answers().is_empty());
+    assert_eq!(
+        s.queued(0),
+        vec![100],
+        "only the other client's job is left"
+    );
+    assert_eq!(s.sup.pools()[0].stats.dropped, 6);
+    for _ in 0..4 {
+        assert!(s.finish(w1).answers().is_empty(), "answered nowhere");
+    }
+    assert_eq!(s.tick().sends(), vec![(w1, 100)]);
     assert_eq!(s.finish(w1).answers().len(), 1, "the other client's");
+    assert_eq!(s.sup.pools()[0].stats.done, 5);
+    assert!(s.sup.jobs.is_empty());
+    assert!(
+        s.on(Event::ClientGone(ClientId(3))).logs().is_empty(),
+        "nothing of it was queued"
+    );
+    assert_eq!(s.sup.pools()[0].stats.dropped, 6);
+}
+
+/// Detached jobs outlive their client: they stay queued and run, answered nowhere; its other
+/// jobs are dropped.
+#[test]
+fn detached_jobs_run_after_their_client_has_gone() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w1 = s.start()[0];
+    s.submit_detached(ClientId(2), 1);
+    s.submit_to(ClientId(2), 2, "p", b"job");
+    s.submit_detached(ClientId(2), 3);
+    s.on(Event::ClientGone(ClientId(2)));
+    assert_eq!(s.queued(0), vec![1, 3]);
+    assert_eq!(s.sup.pools()[0].stats.dropped, 1);
+    assert_eq!(s.tick().sends(), vec![(w1, 1), (w1, 3)]);
+    assert!(s.finish(w1).answers().is_empty());
+    assert!(s.finish(w1).answers().is_empty());
     assert_eq!(s.sup.pools()[0].stats.done, 2);
     assert!(s.sup.jobs.is_empty());
+}
+
+/// Jobs a worker gave back (its crash) go to the front of the queue; if their client has gone
+/// meanwhile they are dropped like its other queued jobs, not run for nobody.
+#[test]
+fn given_back_jobs_of_a_gone_client_are_dropped_too() {
+    let mut s = Sim::new(vec![pool("p", "max_attempts = 3\n")]);
+    let w1 = s.start()[0];
+    for id in 1..=3 {
+        s.submit_to(ClientId(2), id, "p", b"job");
+    }
+    s.submit_detached(ClientId(2), 4);
+    s.tick();
+    s.crash(w1);
+    assert_eq!(s.queued(0), vec![1, 2, 3, 4], "given back, in order");
+    s.on(Event::ClientGone(ClientId(2)));
+    assert_eq!(s.queued(0), vec![4], "the detached one stays");
+    assert_eq!(s.sup.pools()[0].stats.dropped, 3);
+}
+
+/// One client's flood does not hold up another client's job: the lanes take turns, so the
+/// other's job goes out with the next job sent, not after the flood.
+#[test]
+fn a_flood_from_one_client_does_not_hold_up_another_clients_job() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w1 = s.start()[0];
+    for id in 1..=1000 {
+        s.submit_to(ClientId(1), id, "p", b"job");
+    }
+    s.submit_to(ClientId(2), 5000, "p", b"job");
+    assert_eq!(
+        s.tick().sends(),
+        vec![(w1, 1), (w1, 5000), (w1, 2), (w1, 3)],
+        "the second client's job is sent second, not 1001st"
+    );
+    // With the worker full of the flood: among the next two jobs sent once one finishes.
+    s.submit_to(ClientId(3), 6000, "p", b"job");
+    s.finish(w1);
+    let sends = s.tick().sends();
+    assert_eq!(sends[..2], [(w1, 4), (w1, 6000)], "{sends:?}");
+}
+
+/// A pool whose queue one client filled to max_queue still takes jobs of other clients, up to
+/// each one's fair share of max_queue, and twice max_queue in all; the flooder gets no more.
+#[test]
+fn a_flooder_cannot_make_another_clients_job_queue_full() {
+    let mut s = Sim::new(vec![pool("p", "max_queue = 4\nworkers = 0\n")]);
+    let flooder = ClientId(1);
+    for id in 1..=4 {
+        assert!(s.submit_to(flooder, id, "p", b"job").answers().is_empty());
+    }
+    assert_eq!(
+        s.submit_to(flooder, 5, "p", b"job").answers(),
+        vec![(
+            5,
+            Status::Rejected,
+            "queue full (4 jobs queued for pool \"p\")".to_string()
+        )]
+    );
+    let other = ClientId(2);
+    assert!(s.submit_to(other, 10, "p", b"job").answers().is_empty());
+    assert!(s.submit_to(other, 11, "p", b"job").answers().is_empty());
+    assert_eq!(
+        s.submit_to(other, 12, "p", b"job").answers(),
+        vec![(
+            12,
+            Status::Rejected,
+            "queue full (6 jobs queued, 2 of them this connection's; its fair share is 2 for pool \"p\")"
+                .to_string()
+        )],
+        "its share: max_queue over the two clients"
+    );
+    assert_eq!(s.submit_to(flooder, 6, "p", b"job").answers().len(), 1);
+    // Two more clients get one job each (a share of 4/3, then 4/4); then the queue holds
+    // twice max_queue and takes nothing more.
+    assert!(s
+        .submit_to(ClientId(3), 20, "p", b"job")
+        .answers()
+        .is_empty());
+    assert!(s
+        .submit_to(ClientId(4), 30, "p", b"job")
+        .answers()
+        .is_empty());
+    assert_eq!(s.sup.pools()[0].queue.len(), 8);
+    assert_eq!(s.submit_to(ClientId(5), 40, "p", b"job").answers().len(), 1);
+    assert_eq!(s.sup.pools()[0].queue.len(), 8);
 }
 
 // ---- protocol violations ----------------------------------------------------------------------
