@@ -129,7 +129,9 @@ pub struct PoolConfig {
     pub workers: usize,
     /// Default [`PoolMode::Jobs`].
     pub mode: PoolMode,
-    /// Default 100 000, at least 1.
+    /// Default 100 000, at least 1. The queue's bound while one client has the pool to itself;
+    /// past it a client under its fair share still gets in, up to twice this in all (see
+    /// `master/supervisor.rs`, `queue_room`).
     pub max_queue: usize,
     /// How many times in all a job is tried when its worker dies (default 3, at least 1).
     pub max_attempts: u32,

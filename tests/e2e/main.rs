@@ -7,6 +7,7 @@ mod bad_input;
 mod check_config;
 mod daemon;
 mod draining;
+mod fairness;
 mod gearman;
 mod hardening;
 mod job_server;
