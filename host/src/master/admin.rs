@@ -19,7 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
@@ -114,6 +114,9 @@ pub(super) struct AdminListeners {
     /// earlier (activity only moves deadlines later, and is not tracked here). At it, every
     /// session is looked at once and this is set to the true earliest.
     sweep_at: Option<Instant>,
+    /// `(admin.auth_timeout, admin.idle_timeout)` when `sweep_at` was worked out: a reload that
+    /// changes them asks for a sweep at once.
+    swept_with: (Duration, Duration),
     /// Sessions closed for not authenticating in time, and for idling, logged at most once a
     /// second each.
     closed_unauthenticated: SessionCloses,
@@ -305,6 +308,7 @@ impl AdminListeners {
             accept_paused_until: None,
             wrong_tokens: WrongTokens::new(),
             sweep_at: None,
+            swept_with: (config.auth_timeout, config.idle_timeout),
             closed_unauthenticated: SessionCloses::new(),
             closed_idle: SessionCloses::new(),
         })
@@ -500,6 +504,16 @@ impl Master {
     /// sessions past their auth or idle deadline, log the wrong tokens and closes counted in
     /// the last second. (Called with the master loop's other timeouts.)
     pub(super) fn admin_timers(&mut self, now: Instant) {
+        let timeouts = (
+            self.config.admin.auth_timeout,
+            self.config.admin.idle_timeout,
+        );
+        if let Some(listeners) = &mut self.io.admin {
+            if listeners.swept_with != timeouts {
+                listeners.swept_with = timeouts;
+                listeners.sweep_at = Some(now);
+            }
+        }
         if self
             .io
             .admin
