@@ -312,3 +312,27 @@ fn idle_sessions_are_closed_and_counted_but_not_one_waiting_for_its_reload() {
     );
     assert_closes_logged(&master, "idle for 1s", SESSIONS + 1, started);
 }
+
+#[test]
+fn a_reload_that_shortens_idle_timeout_applies_to_open_sessions() {
+    let env = Env::new();
+    env.install("echo");
+    let pool = "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n";
+    let master = env.start_master(&config_with(pool));
+    let mut open = master.admin_session();
+    assert!(open.command("status").ends_with("OK\n"));
+    // With the default (10m) it would stay open far longer than this test waits. A HUP, not
+    // an admin `reload`: no other session opens meanwhile.
+    env.config(&config_with(&format!(
+        "[admin]\nidle_timeout = \"1s\"\n\n{pool}"
+    )));
+    master.signal(nix::sys::signal::Signal::SIGHUP);
+    master.wait_for_log("reload ok", SOON);
+    assert!(
+        open.is_closed(),
+        "the session stayed open past the new idle_timeout"
+    );
+    wait_until("the close in the log", SOON, || {
+        closes_logged(&master, "idle for 1s").0 >= 1
+    });
+}
