@@ -754,6 +754,25 @@ impl LineBuffer {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes held: read, not given out yet.
+    pub fn held(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// True when [`LineBuffer::next_line`] has something to give now: a complete line, or an
+    /// error for one already over the limit.
+    pub fn has_line(&self) -> bool {
+        let from = self.scanned.max(self.start);
+        if self.buf[from..].contains(&b'\n') {
+            return true;
+        }
+        let pending = &self.buf[self.start..];
+        let allowed = self
+            .max_line
+            .saturating_add(usize::from(pending.last() == Some(&b'\r')));
+        pending.len() > allowed
+    }
+
     /// The next complete line without its ending, or `Ok(None)` until one is complete.
     /// `Err(LineError::TooLong)` if a line, complete or not, passes `max_line` bytes;
     /// `Err(LineError::NotText)` if a line is not UTF-8 or holds a control character other
@@ -822,10 +841,7 @@ pub const WRONG_TOKEN_LOG_EVERY: Duration = Duration::from_secs(1);
 /// `now`.
 #[derive(Debug, Default)]
 pub struct WrongTokens {
-    /// The window in which nothing more is logged: (its start, its end).
-    window: Option<(Instant, Instant)>,
-    /// Counted in the window, not logged yet.
-    pending: u64,
+    counted: CountedEvents,
 }
 
 impl WrongTokens {
@@ -835,6 +851,37 @@ impl WrongTokens {
 
     /// One more wrong token at `now`; the line to log now, if any.
     pub fn record(&mut self, now: Instant) -> Option<String> {
+        let (count, over) = self.counted.record(now)?;
+        Some(wrong_tokens_line(count, over))
+    }
+
+    /// The line to log at `now` for the sessions counted in a window that has ended.
+    pub fn flush(&mut self, now: Instant) -> Option<String> {
+        let (count, over) = self.counted.flush(now)?;
+        Some(wrong_tokens_line(count, over))
+    }
+
+    /// When [`WrongTokens::flush`] has a line to log; None while nothing is pending (so an
+    /// idle master need not wake for it).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.counted.next_deadline()
+    }
+}
+
+/// Events of one kind, to be logged at most once per [`WRONG_TOKEN_LOG_EVERY`] with a count:
+/// the first after a quiet spell at once (a count of 1 over no time), the rest as one count
+/// when the window they came in ends. The logic behind [`WrongTokens`] and [`SessionCloses`].
+#[derive(Debug, Default)]
+struct CountedEvents {
+    /// The window in which nothing more is logged: (its start, its end).
+    window: Option<(Instant, Instant)>,
+    /// Counted in the window, not logged yet.
+    pending: u64,
+}
+
+impl CountedEvents {
+    /// One more event at `now`; (how many, over how long) to log now, if any.
+    fn record(&mut self, now: Instant) -> Option<(u64, Duration)> {
         match self.window {
             Some((_, end)) if now < end => {
                 self.pending += 1;
@@ -844,20 +891,17 @@ impl WrongTokens {
             Some((start, _)) if self.pending > 0 => {
                 let count = self.pending + 1;
                 self.open(now);
-                Some(wrong_tokens_line(
-                    count,
-                    now.saturating_duration_since(start),
-                ))
+                Some((count, now.saturating_duration_since(start)))
             }
             _ => {
                 self.open(now);
-                Some(wrong_tokens_line(1, Duration::ZERO))
+                Some((1, Duration::ZERO))
             }
         }
     }
 
-    /// The line to log at `now` for the sessions counted in a window that has ended.
-    pub fn flush(&mut self, now: Instant) -> Option<String> {
+    /// What to log at `now` for the events counted in a window that has ended.
+    fn flush(&mut self, now: Instant) -> Option<(u64, Duration)> {
         let (start, end) = self.window?;
         if now < end {
             return None;
@@ -868,15 +912,10 @@ impl WrongTokens {
         }
         let count = self.pending;
         self.open(now);
-        Some(wrong_tokens_line(
-            count,
-            now.saturating_duration_since(start),
-        ))
+        Some((count, now.saturating_duration_since(start)))
     }
 
-    /// When [`WrongTokens::flush`] has a line to log; None while nothing is pending (so an
-    /// idle master need not wake for it).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Instant> {
         match self.window {
             Some((_, end)) if self.pending > 0 => Some(end),
             _ => None,
@@ -886,6 +925,178 @@ impl WrongTokens {
     fn open(&mut self, now: Instant) {
         self.window = Some((now, now + WRONG_TOKEN_LOG_EVERY));
         self.pending = 0;
+    }
+}
+
+/// Why the master closed an admin session on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A TCP session that did not `auth` within `admin.auth_timeout`.
+    NotAuthenticated(Duration),
+    /// No input (and none of its output taken) for `admin.idle_timeout`.
+    Idle(Duration),
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::NotAuthenticated(d) => write!(
+                f,
+                "not authenticated within {}",
+                humantime::format_duration(*d)
+            ),
+            CloseReason::Idle(d) => write!(f, "idle for {}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+/// Admin sessions the master closed for one kind of reason, logged at most once a second
+/// with a count (`closed 37 admin sessions in the last 1.0s: idle for 10m`): many sessions
+/// timing out together cost one log line. Pure, like [`WrongTokens`].
+#[derive(Debug, Default)]
+pub struct SessionCloses {
+    counted: CountedEvents,
+}
+
+impl SessionCloses {
+    pub fn new() -> SessionCloses {
+        SessionCloses::default()
+    }
+
+    /// One more session closed at `now` for `reason`; the line to log now, if any.
+    pub fn record(&mut self, now: Instant, reason: CloseReason) -> Option<String> {
+        let (count, over) = self.counted.record(now)?;
+        Some(closes_line(count, over, reason))
+    }
+
+    /// The line to log at `now` for the sessions counted in a window that has ended.
+    pub fn flush(&mut self, now: Instant, reason: CloseReason) -> Option<String> {
+        let (count, over) = self.counted.flush(now)?;
+        Some(closes_line(count, over, reason))
+    }
+
+    /// When [`SessionCloses::flush`] has a line to log; None while nothing is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.counted.next_deadline()
+    }
+}
+
+/// `closed an admin session: idle for 10m`, or `closed 37 admin sessions in the last 1.0s:
+/// idle for 10m`.
+fn closes_line(count: u64, over: Duration, reason: CloseReason) -> String {
+    if count == 1 && over.is_zero() {
+        return format!("closed an admin session: {reason}");
+    }
+    let sessions = if count == 1 { "session" } else { "sessions" };
+    format!(
+        "closed {count} admin {sessions} in the last {:.1}s: {reason}",
+        over.as_secs_f64()
+    )
+}
+
+/// When an admin session is to be closed, and why: `auth_timeout` after it opened while it
+/// has not authenticated, and `idle_timeout` after its last input or output, unless a
+/// command it sent is still running (`busy`: it waits for a `reload`). None: never, as
+/// things stand (a deadline past `Instant`'s range is none).
+pub fn session_deadline(
+    opened: Instant,
+    active: Instant,
+    authed: bool,
+    busy: bool,
+    auth_timeout: Duration,
+    idle_timeout: Duration,
+) -> Option<(Instant, CloseReason)> {
+    let auth = (!authed)
+        .then(|| opened.checked_add(auth_timeout))
+        .flatten()
+        .map(|at| (at, CloseReason::NotAuthenticated(auth_timeout)));
+    let idle = (!busy)
+        .then(|| active.checked_add(idle_timeout))
+        .flatten()
+        .map(|at| (at, CloseReason::Idle(idle_timeout)));
+    [auth, idle].into_iter().flatten().min_by_key(|(at, _)| *at)
+}
+
+/// Unread admin input held per session at most: past it the master reads no more from that
+/// session until its lines are handled (a few lines' worth; what is past it waits in the
+/// kernel's socket buffer, and then in the client).
+pub const MAX_HELD_INPUT: usize = 4 * MAX_LINE;
+
+/// Unwritten admin output per session at most before the master handles no more of its lines:
+/// a session that does not read its replies stops being served (and read) until it does, so
+/// what it costs is this plus one reply — never a reply per line it sent.
+pub const MAX_UNREAD_OUTPUT: usize = 64 << 10;
+
+/// Admin lines handled for one session in one pass of the master's loop, and in all: the rest
+/// wait for the next pass (which does not sleep), so sessions take turns, and jobs are
+/// dispatched between turns.
+pub const LINES_PER_SESSION: usize = 4;
+pub const LINES_PER_PASS: usize = 32;
+
+/// What one session is owed on the master's loop, from its state: whether to read it, and
+/// whether it has lines to be handled now. The master asks epoll for input only when
+/// [`SessionFlow::wants_input`] (so a session it will not read never wakes it), and keeps the
+/// session in its turns while [`SessionFlow::wants_turn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionFlow {
+    /// Closing (after `quit`, bad input, a wrong token): neither read nor handled.
+    pub closing: bool,
+    /// Waiting for the outcome of its `reload`: its next lines wait.
+    pub awaiting: bool,
+    /// Its output not written yet (the client is not reading it fast enough).
+    pub unread_output: usize,
+    /// Its input read but not handled yet.
+    pub held_input: usize,
+    /// A complete line (or a line already over the limit) is held.
+    pub has_line: bool,
+}
+
+impl SessionFlow {
+    /// Handling its lines may go on: it is not closing or waiting, and its client has taken
+    /// what was said so far (back-pressure, before any more output is produced).
+    pub fn may_handle(&self) -> bool {
+        !self.closing && !self.awaiting && self.unread_output < MAX_UNREAD_OUTPUT
+    }
+
+    /// It has a line to handle now.
+    pub fn wants_turn(&self) -> bool {
+        self.may_handle() && self.has_line
+    }
+
+    /// Reading more of it would be handled soon: what it holds is under the limit.
+    pub fn wants_input(&self) -> bool {
+        self.may_handle() && self.held_input < MAX_HELD_INPUT
+    }
+}
+
+/// The admin lines the master may still handle in this pass of its loop: at most
+/// [`LINES_PER_SESSION`] for one session's turn, [`LINES_PER_PASS`] in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassBudget {
+    left: usize,
+}
+
+impl Default for PassBudget {
+    fn default() -> PassBudget {
+        PassBudget {
+            left: LINES_PER_PASS,
+        }
+    }
+}
+
+impl PassBudget {
+    pub fn new() -> PassBudget {
+        PassBudget::default()
+    }
+
+    /// Lines the next session may handle in its turn (0: the pass is over for admin work).
+    pub fn turn(&self) -> usize {
+        self.left.min(LINES_PER_SESSION)
+    }
+
+    /// A turn handled `lines` lines.
+    pub fn spend(&mut self, lines: usize) {
+        self.left = self.left.saturating_sub(lines);
     }
 }
 
@@ -1788,5 +1999,153 @@ mod tests {
         }
         assert_eq!(total, 10_000);
         assert!(lines.len() <= 11, "{} lines: {lines:?}", lines.len());
+    }
+
+    #[test]
+    fn a_line_buffer_says_what_it_holds_and_whether_a_line_is_ready() {
+        let mut b = LineBuffer::new(8);
+        assert_eq!((b.held(), b.has_line()), (0, false));
+        b.push(b"stat");
+        assert_eq!((b.held(), b.has_line()), (4, false));
+        b.push(b"us\nhelp\n");
+        assert_eq!((b.held(), b.has_line()), (12, true));
+        assert_eq!(b.next_line(), Ok(Some("status".into())));
+        assert_eq!((b.held(), b.has_line()), (5, true));
+        assert_eq!(b.next_line(), Ok(Some("help".into())));
+        assert_eq!((b.held(), b.has_line()), (0, false));
+        // A line already past the limit has something to give: its error.
+        b.push(b"123456789");
+        assert!(b.has_line());
+        assert_eq!(b.next_line(), Err(LineError::TooLong(8)));
+        assert!(!b.has_line());
+        // Exactly the limit and a CR may still be waiting for its LF.
+        b.push(b"\n12345678\r");
+        assert!(!b.has_line());
+        b.push(b"\n");
+        assert_eq!(b.next_line(), Ok(Some("12345678".into())));
+    }
+
+    #[test]
+    fn a_session_is_read_and_served_only_while_its_client_keeps_up() {
+        let flow = SessionFlow {
+            closing: false,
+            awaiting: false,
+            unread_output: 0,
+            held_input: 0,
+            has_line: false,
+        };
+        assert!(flow.wants_input() && !flow.wants_turn());
+        let ready = SessionFlow {
+            has_line: true,
+            held_input: 100,
+            ..flow
+        };
+        assert!(ready.wants_input() && ready.wants_turn());
+        // Holding enough unhandled input: served, not read.
+        let full = SessionFlow {
+            held_input: MAX_HELD_INPUT,
+            ..ready
+        };
+        assert!(!full.wants_input() && full.wants_turn());
+        // Not reading its replies: neither read nor served until they drain.
+        let deaf = SessionFlow {
+            unread_output: MAX_UNREAD_OUTPUT,
+            ..ready
+        };
+        assert!(!deaf.wants_input() && !deaf.wants_turn());
+        let drained = SessionFlow {
+            unread_output: MAX_UNREAD_OUTPUT - 1,
+            ..deaf
+        };
+        assert!(drained.wants_input() && drained.wants_turn());
+        for stopped in [
+            SessionFlow {
+                closing: true,
+                ..ready
+            },
+            SessionFlow {
+                awaiting: true,
+                ..ready
+            },
+        ] {
+            assert!(
+                !stopped.wants_input() && !stopped.wants_turn(),
+                "{stopped:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pass_gives_each_session_a_few_lines_and_all_of_them_a_bounded_number() {
+        let mut budget = PassBudget::new();
+        let mut turns = Vec::new();
+        // Sessions that always use their whole turn.
+        loop {
+            let lines = budget.turn();
+            if lines == 0 {
+                break;
+            }
+            turns.push(lines);
+            budget.spend(lines);
+        }
+        assert!(turns.iter().all(|&n| n <= LINES_PER_SESSION), "{turns:?}");
+        assert_eq!(turns.iter().sum::<usize>(), LINES_PER_PASS);
+        assert_eq!(turns.len(), LINES_PER_PASS.div_ceil(LINES_PER_SESSION));
+        // A turn that used fewer leaves them to the next session.
+        let mut budget = PassBudget::new();
+        budget.spend(1);
+        assert_eq!(budget.turn(), LINES_PER_SESSION);
+        budget.spend(LINES_PER_PASS);
+        assert_eq!(budget.turn(), 0);
+    }
+
+    #[test]
+    fn a_session_times_out_unauthenticated_or_idle_but_not_while_it_waits() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let auth = CloseReason::NotAuthenticated(s(10));
+        let idle = CloseReason::Idle(s(600));
+        let deadline = |opened, active, authed, busy| {
+            session_deadline(t0 + opened, t0 + active, authed, busy, s(10), s(600))
+        };
+        // Not authenticated: the sooner of the two.
+        assert_eq!(deadline(s(0), s(5), false, false), Some((t0 + s(10), auth)));
+        // Authenticated (or a Unix session): idle counts from its last activity.
+        assert_eq!(deadline(s(0), s(5), true, false), Some((t0 + s(605), idle)));
+        // Waiting for its reload: never idle; still bound to authenticate (it cannot be
+        // waiting without having authenticated, but the rule does not depend on that).
+        assert_eq!(deadline(s(0), s(5), true, true), None);
+        assert_eq!(deadline(s(0), s(5), false, true), Some((t0 + s(10), auth)));
+        // A timeout past Instant's range is no deadline rather than a panic.
+        assert_eq!(
+            session_deadline(t0, t0, true, false, s(10), Duration::MAX),
+            None
+        );
+    }
+
+    #[test]
+    fn session_closes_are_logged_once_a_second_with_a_count() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let idle = CloseReason::Idle(Duration::from_secs(600));
+        let mut c = SessionCloses::new();
+        assert_eq!(
+            c.record(at(0), idle).as_deref(),
+            Some("closed an admin session: idle for 10m")
+        );
+        for i in 0..37 {
+            assert_eq!(c.record(at(1 + i), idle), None);
+        }
+        assert_eq!(c.next_deadline(), Some(at(1000)));
+        assert_eq!(
+            c.flush(at(1000), idle).as_deref(),
+            Some("closed 37 admin sessions in the last 1.0s: idle for 10m")
+        );
+        let auth = CloseReason::NotAuthenticated(Duration::from_millis(1500));
+        let mut c = SessionCloses::new();
+        assert_eq!(
+            c.record(at(0), auth).as_deref(),
+            Some("closed an admin session: not authenticated within 1s 500ms")
+        );
     }
 }

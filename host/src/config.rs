@@ -99,6 +99,11 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Default false.
     pub allow_remote: bool,
+    /// A TCP session that has not authenticated within this is closed. Default 10s.
+    pub auth_timeout: Duration,
+    /// A session with no input (and none of its output taken) for this long is closed, unless
+    /// it waits for a command it sent (a `reload`). Default 10m.
+    pub idle_timeout: Duration,
 }
 
 /// `server.socket_group` / `admin.socket_group`: a group name or a numeric gid, resolved.
@@ -575,6 +580,8 @@ struct RawAdmin {
     tcp: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     allow_remote: Option<bool>,
+    auth_timeout: Option<Spanned<Dur>>,
+    idle_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]
@@ -1250,6 +1257,26 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         (None, Some(_)) => 0o660,
         (None, None) => 0o600,
     };
+    // Zero would close every session before its first line: refused, not taken as "never".
+    let admin_timeout = |v: Option<Spanned<Dur>>, key: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(v) if v.get_ref().0.is_zero() => Err(src.error(
+            v.span(),
+            key,
+            "must be longer than 0 (sessions would be closed before their first line)",
+        )),
+        Some(v) => Ok(v.into_inner().0),
+    };
+    let auth_timeout = admin_timeout(
+        a.auth_timeout,
+        "admin.auth_timeout",
+        Duration::from_secs(10),
+    )?;
+    let idle_timeout = admin_timeout(
+        a.idle_timeout,
+        "admin.idle_timeout",
+        Duration::from_secs(600),
+    )?;
     let admin = AdminConfig {
         socket: admin_socket,
         socket_mode: admin_mode,
@@ -1257,6 +1284,8 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         tcp,
         token_file,
         allow_remote,
+        auth_timeout,
+        idle_timeout,
     };
 
     // [[pool]]
@@ -1938,6 +1967,8 @@ mod tests {
         assert_eq!(c.admin.tcp, None);
         assert_eq!(c.admin.token_file, None);
         assert!(!c.admin.allow_remote);
+        assert_eq!(c.admin.auth_timeout, Duration::from_secs(10));
+        assert_eq!(c.admin.idle_timeout, Duration::from_secs(600));
         assert_eq!(c.pools.len(), 1);
         let p = &c.pools[0];
         assert_eq!(p.name, "echo");
@@ -2504,6 +2535,30 @@ max_jobs = 0
             LogTarget::File(PathBuf::from("/var/log/jh.log"))
         );
         assert_eq!(c.server.socket, PathBuf::from("/srv/run/jobs.sock"));
+    }
+
+    #[test]
+    fn admin_timeouts_must_be_longer_than_zero() {
+        let env = Env::new();
+        for key in ["auth_timeout", "idle_timeout"] {
+            env.err(
+                &format!("[admin]\n{key} = \"0s\"\n{POOL}"),
+                2,
+                &format!("admin.{key}: must be longer than 0"),
+            );
+            env.err(
+                &format!("[admin]\n{key} = \"soon\"\n{POOL}"),
+                2,
+                &format!("admin.{key}"),
+            );
+        }
+        let c = env.ok(&format!(
+            "[admin]\nauth_timeout = \"3s\"\nidle_timeout = \"1h\"\n{POOL}"
+        ));
+        assert_eq!(c.admin.auth_timeout, Duration::from_secs(3));
+        assert_eq!(c.admin.idle_timeout, Duration::from_secs(3600));
+        let c = env.ok(&format!("[admin]\nidle_timeout = 2\n{POOL}"));
+        assert_eq!(c.admin.idle_timeout, Duration::from_secs(2));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod admin_limits;
 mod bad_input;
 mod check_config;
 mod daemon;

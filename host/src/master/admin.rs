@@ -6,16 +6,20 @@
 //! Parsing and rendering live in `crate::admin` (pure); this module owns the effects. It never
 //! blocks: connections are non-blocking and driven by the master's epoll loop, and a bad line
 //! costs only its own connection. Nothing a client does makes it spin or flood the log: a
-//! full fd table pauses accepting (like the job listener), and wrong tokens are logged at most
-//! once a second, with a count. Its timers are `admin_deadline` / `admin_timers`, which the
-//! master loop calls with its own.
+//! full fd table pauses accepting (like the job listener), and wrong tokens and timed-out
+//! sessions are logged at most once a second, with a count. Nor can a session starve jobs or
+//! other sessions, or hold much memory: sessions take turns of a few lines per pass of the
+//! loop (`resume_admins`), one that does not read its replies is neither served nor read until
+//! it does, and what is read ahead is bounded (`crate::admin::SessionFlow`). Its timers —
+//! `admin.auth_timeout`, `admin.idle_timeout` — are `admin_deadline` / `admin_timers`, which
+//! the master loop calls with its own.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
@@ -23,15 +27,13 @@ use super::supervisor::{CommandError, Event, Origin, Reply, SessionId};
 use super::token::Token;
 use super::{Master, MasterError};
 use crate::admin::{
-    self, Command, LineBuffer, LineError, PoolSnapshot, ReloadReport, Request, Snapshot,
-    WorkerSnapshot, WrongTokens,
+    self, CloseReason, Command, LineBuffer, LineError, PassBudget, PoolSnapshot, ReloadReport,
+    Request, SessionCloses, SessionFlow, Snapshot, WorkerSnapshot, WrongTokens,
 };
 use crate::config::PoolMode;
 
 /// Longest admin line accepted.
-const MAX_LINE: usize = 4096;
-/// An admin client that does not read its replies is dropped past this much output.
-const MAX_ADMIN_OUT: usize = 4 << 20;
+const MAX_LINE: usize = admin::MAX_LINE;
 
 pub(super) enum AdminStream {
     Unix(UnixStream),
@@ -72,6 +74,30 @@ pub(super) struct AdminConn {
     /// It closed its end: close once its lines are handled and answered.
     closing_after_lines: bool,
     interest: EpollFlags,
+    /// In `admin_resume`, for a turn (so it is there once).
+    queued: bool,
+    /// When it connected (for `admin.auth_timeout`).
+    opened: Instant,
+    /// When it last sent a byte or took one of its output (for `admin.idle_timeout`).
+    active: Instant,
+}
+
+impl AdminConn {
+    fn flow(&self) -> SessionFlow {
+        SessionFlow {
+            closing: self.closing,
+            awaiting: self.awaiting,
+            unread_output: self.out.len(),
+            held_input: self.lines.held(),
+            has_line: self.lines.has_line(),
+        }
+    }
+
+    /// It has lines to be handled now, or closed its end and is to be closed once they are.
+    fn wants_turn(&self) -> bool {
+        let flow = self.flow();
+        flow.wants_turn() || (self.closing_after_lines && flow.may_handle())
+    }
 }
 
 /// The admin listeners, bound at start-up.
@@ -84,6 +110,17 @@ pub(super) struct AdminListeners {
     accept_paused_until: Option<Instant>,
     /// Wrong tokens, logged at most once a second.
     wrong_tokens: WrongTokens,
+    /// When the earliest session deadline (auth, idle) may be due: never later than it, maybe
+    /// earlier (activity only moves deadlines later, and is not tracked here). At it, every
+    /// session is looked at once and this is set to the true earliest.
+    sweep_at: Option<Instant>,
+    /// `(admin.auth_timeout, admin.idle_timeout)` when `sweep_at` was worked out: a reload that
+    /// changes them asks for a sweep at once.
+    swept_with: (Duration, Duration),
+    /// Sessions closed for not authenticating in time, and for idling, logged at most once a
+    /// second each.
+    closed_unauthenticated: SessionCloses,
+    closed_idle: SessionCloses,
 }
 
 /// Why `admin.token_file` is refused.
@@ -270,6 +307,10 @@ impl AdminListeners {
             token,
             accept_paused_until: None,
             wrong_tokens: WrongTokens::new(),
+            sweep_at: None,
+            swept_with: (config.auth_timeout, config.idle_timeout),
+            closed_unauthenticated: SessionCloses::new(),
+            closed_idle: SessionCloses::new(),
         })
     }
 
@@ -352,6 +393,7 @@ impl Master {
             if watched.is_err() {
                 continue;
             }
+            let now = Instant::now();
             let conn = AdminConn {
                 stream,
                 lines: LineBuffer::new(MAX_LINE),
@@ -361,8 +403,71 @@ impl Master {
                 awaiting: false,
                 closing_after_lines: false,
                 interest: EpollFlags::EPOLLIN,
+                queued: false,
+                opened: now,
+                active: now,
             };
             self.io.admins.insert(id, conn);
+            self.admin_schedule(id);
+        }
+    }
+
+    /// Makes sure the loop wakes by session `id`'s deadline (it may be the earliest).
+    fn admin_schedule(&mut self, id: u64) {
+        let admin = &self.config.admin;
+        let Some(conn) = self.io.admins.get(&id) else {
+            return;
+        };
+        let Some((at, _)) = admin::session_deadline(
+            conn.opened,
+            conn.active,
+            conn.authed,
+            conn.awaiting,
+            admin.auth_timeout,
+            admin.idle_timeout,
+        ) else {
+            return;
+        };
+        if let Some(listeners) = &mut self.io.admin {
+            listeners.sweep_at = Some(listeners.sweep_at.map_or(at, |t| t.min(at)));
+        }
+    }
+
+    /// Closes the sessions whose deadline has passed (each close counted for the log), and
+    /// finds the next deadline.
+    fn admin_sweep(&mut self, now: Instant) {
+        let admin = &self.config.admin;
+        let mut next: Option<Instant> = None;
+        let mut expired = Vec::new();
+        for (&id, conn) in &self.io.admins {
+            match admin::session_deadline(
+                conn.opened,
+                conn.active,
+                conn.authed,
+                conn.awaiting,
+                admin.auth_timeout,
+                admin.idle_timeout,
+            ) {
+                Some((at, reason)) if at <= now => expired.push((id, reason)),
+                Some((at, _)) => next = Some(next.map_or(at, |t| t.min(at))),
+                None => {}
+            }
+        }
+        if let Some(listeners) = &mut self.io.admin {
+            listeners.sweep_at = next;
+        }
+        for (id, reason) in expired {
+            self.drop_admin(id);
+            let Some(listeners) = &mut self.io.admin else {
+                continue;
+            };
+            let closes = match reason {
+                CloseReason::NotAuthenticated(_) => &mut listeners.closed_unauthenticated,
+                CloseReason::Idle(_) => &mut listeners.closed_idle,
+            };
+            if let Some(line) = closes.record(now, reason) {
+                log::info!("admin: {line}");
+            }
         }
     }
 
@@ -378,22 +483,46 @@ impl Master {
         listeners.watch(epoll, false);
     }
 
-    /// When the admin side next needs the loop to wake: the end of an accept pause, or a
-    /// count of wrong tokens to log. (For the master loop's `next_deadline`.)
+    /// When the admin side next needs the loop to wake: the end of an accept pause, a
+    /// session's auth or idle deadline, or a count of wrong tokens or closed sessions to log.
+    /// (For the master loop's `next_deadline`.)
     pub(super) fn admin_deadline(&self) -> Option<Instant> {
         let listeners = self.io.admin.as_ref()?;
         [
             listeners.accept_paused_until,
+            listeners.sweep_at,
             listeners.wrong_tokens.next_deadline(),
+            listeners.closed_unauthenticated.next_deadline(),
+            listeners.closed_idle.next_deadline(),
         ]
         .into_iter()
         .flatten()
         .min()
     }
 
-    /// What is due at `now` on the admin side: resume accepting after a pause, log the wrong
-    /// tokens counted in the last second. (Called with the master loop's other timeouts.)
+    /// What is due at `now` on the admin side: resume accepting after a pause, close the
+    /// sessions past their auth or idle deadline, log the wrong tokens and closes counted in
+    /// the last second. (Called with the master loop's other timeouts.)
     pub(super) fn admin_timers(&mut self, now: Instant) {
+        let timeouts = (
+            self.config.admin.auth_timeout,
+            self.config.admin.idle_timeout,
+        );
+        if let Some(listeners) = &mut self.io.admin {
+            if listeners.swept_with != timeouts {
+                listeners.swept_with = timeouts;
+                listeners.sweep_at = Some(now);
+            }
+        }
+        if self
+            .io
+            .admin
+            .as_ref()
+            .and_then(|l| l.sweep_at)
+            .is_some_and(|t| now >= t)
+        {
+            self.admin_sweep(now);
+        }
         let (Some(listeners), Some(epoll)) = (&mut self.io.admin, &self.io.epoll) else {
             return;
         };
@@ -404,15 +533,33 @@ impl Master {
         if let Some(line) = listeners.wrong_tokens.flush(now) {
             log::warn!("admin: {line}");
         }
+        let admin = &self.config.admin;
+        let closes = [
+            (
+                &mut listeners.closed_unauthenticated,
+                CloseReason::NotAuthenticated(admin.auth_timeout),
+            ),
+            (
+                &mut listeners.closed_idle,
+                CloseReason::Idle(admin.idle_timeout),
+            ),
+        ];
+        for (closes, reason) in closes {
+            if let Some(line) = closes.flush(now, reason) {
+                log::info!("admin: {line}");
+            }
+        }
     }
 
     pub(super) fn admin_event(&mut self, id: u64, flags: EpollFlags) {
         let Some(conn) = self.io.admins.get_mut(&id) else {
             return;
         };
-        if conn.awaiting {
-            // Not read while waiting (so it cannot pile up lines); a hang-up still ends it,
-            // and replies written before its `reload` still go out.
+        if !conn.flow().wants_input() {
+            // Not read now (it waits for its `reload`, is closing, holds enough unhandled
+            // lines, or is not reading its replies), so that it cannot pile up lines; a
+            // hang-up still ends it (epoll reports one whether asked or not, so ignoring it
+            // would spin), and its replies still go out.
             if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
                 self.drop_admin(id);
             } else if flags.contains(EpollFlags::EPOLLOUT) {
@@ -421,16 +568,19 @@ impl Master {
             return;
         }
         let mut closed = false;
-        if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
-            && !conn.closing
-        {
-            loop {
+        if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+            // Read ahead only so much: the rest waits in the socket (and then in the client)
+            // until these lines are handled.
+            while conn.lines.held() < admin::MAX_HELD_INPUT {
                 match conn.stream.read(&mut self.io.scratch[..MAX_LINE * 2]) {
                     Ok(0) => {
                         closed = true;
                         break;
                     }
-                    Ok(n) => conn.lines.push(&self.io.scratch[..n]),
+                    Ok(n) => {
+                        conn.lines.push(&self.io.scratch[..n]);
+                        conn.active = self.now;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
@@ -438,26 +588,35 @@ impl Master {
                         break;
                     }
                 }
-                // Stop reading a session that floods us until its lines are handled.
-                if conn.out.len() > MAX_ADMIN_OUT {
-                    break;
-                }
             }
         }
         if closed {
             conn.closing_after_lines = true;
         }
-        self.admin_lines(id);
+        // Its lines are handled in its turn, later in this pass (`resume_admins`).
+        self.admin_flush(id);
     }
 
-    /// Handles every complete line the session sent, in order — up to a `reload`, whose
-    /// answer its next lines wait for — then writes the replies.
-    fn admin_lines(&mut self, id: u64) {
-        loop {
+    /// Puts session `id` in line for a turn, once.
+    fn admin_queue(&mut self, id: u64) {
+        if let Some(conn) = self.io.admins.get_mut(&id) {
+            if !conn.queued {
+                conn.queued = true;
+                self.io.admin_resume.push(id);
+            }
+        }
+    }
+
+    /// Handles up to `max` of the session's complete lines, in order — up to a `reload`, whose
+    /// answer its next lines wait for, or until its client has too much output unread — then
+    /// writes the replies. Returns how many lines it handled.
+    fn admin_lines(&mut self, id: u64, max: usize) -> usize {
+        let mut handled = 0;
+        while handled < max {
             let Some(conn) = self.io.admins.get_mut(&id) else {
-                return;
+                return handled;
             };
-            if conn.closing || conn.awaiting {
+            if !conn.flow().wants_turn() {
                 break;
             }
             let line = match conn.lines.next_line() {
@@ -473,28 +632,33 @@ impl Master {
                     break;
                 }
             };
-            self.admin_line(id, &line);
-            // A reload answered at once queued this session to resume: leave the rest of its
-            // lines for the next pass, so that a session sending many gets one per pass.
-            if self.io.admin_resume.contains(&id) {
+            handled += 1;
+            // A reload ends the turn, answered at once or not: a session sending many gets
+            // one per pass.
+            if self.admin_line(id, &line) {
                 break;
             }
         }
         if let Some(conn) = self.io.admins.get_mut(&id) {
-            if conn.closing_after_lines && !conn.awaiting && !self.io.admin_resume.contains(&id) {
+            if conn.closing_after_lines && !conn.awaiting && !conn.queued && !conn.lines.has_line()
+            {
                 conn.closing = true;
             }
         }
         self.admin_flush(id);
+        handled
     }
 
     /// Runs one admin line. Questions and the session's own matters are answered here; a
     /// command goes to the supervisor, whose reply comes back as an effect (at once, or — for
-    /// `reload` — when it is over).
-    fn admin_line(&mut self, id: u64, line: &str) {
+    /// `reload` — when it is over). True if it was a `reload`.
+    fn admin_line(&mut self, id: u64, line: &str) -> bool {
         let request = match admin::parse(line) {
             Ok(request) => request,
-            Err(reason) => return self.admin_say(id, &AdminError::Parse(reason).reply()),
+            Err(reason) => {
+                self.admin_say(id, &AdminError::Parse(reason).reply());
+                return false;
+            }
         };
         let authed = self.io.admins.get(&id).is_some_and(|c| c.authed);
         if !authed {
@@ -503,10 +667,15 @@ impl Master {
                 Request::Quit => self.admin_quit(id),
                 _ => AdminError::NotAuthenticated.reply(),
             };
-            return self.admin_say(id, &reply);
+            self.admin_say(id, &reply);
+            return false;
         }
-        // The parsed request, not the raw line: its Debug hides an `auth` token.
-        log::info!("admin: {request:?}");
+        // The parsed request, not the raw line: its Debug hides an `auth` token. Questions
+        // change nothing and may come by the thousand: only at debug level.
+        match request {
+            Request::Do(_) => log::info!("admin: {request:?}"),
+            _ => log::debug!("admin: {request:?}"),
+        }
         let reply = match request {
             Request::Help => admin::help(),
             Request::Auth { .. } => "OK\n".into(),
@@ -516,20 +685,23 @@ impl Master {
             Request::Workers { json } => admin::render_workers(&self.snapshot(Memory::Own), json),
             Request::Quit => self.admin_quit(id),
             Request::Do(command) => {
-                if command == Command::Reload {
+                let reload = command == Command::Reload;
+                if reload {
                     // Answered when the reload is over (its probes run while the master
                     // serves); this session's next lines wait for that answer.
                     if let Some(conn) = self.io.admins.get_mut(&id) {
                         conn.awaiting = true;
                     }
                 }
-                return self.apply(Event::Command {
+                self.apply(Event::Command {
                     command,
                     from: Origin::Admin(SessionId(id)),
                 });
+                return reload;
             }
         };
         self.admin_say(id, &reply);
+        false
     }
 
     fn admin_auth(&mut self, id: u64, token: &str) -> String {
@@ -566,7 +738,9 @@ impl Master {
         "OK\n".into()
     }
 
-    /// Queues a reply to the session.
+    /// Queues a reply to the session. (Only called in its turn, which it gets only while its
+    /// unread output is under `admin::MAX_UNREAD_OUTPUT`: what it holds is that plus one
+    /// reply, and a reply's size is bounded by the config — its pools and workers.)
     fn admin_say(&mut self, id: u64, reply: &str) {
         if let Some(conn) = self.io.admins.get_mut(&id) {
             conn.out.extend_from_slice(reply.as_bytes());
@@ -595,16 +769,20 @@ impl Master {
             }
         }
         conn.out.drain(..written);
+        if written > 0 {
+            conn.active = self.now;
+        }
         // A session that half-closed after `reload` (`echo reload | socat …`) still waits
         // for that reply.
         let done = conn.closing && conn.out.is_empty() && !conn.awaiting;
-        if dead || done || conn.out.len() > MAX_ADMIN_OUT {
+        if dead || done {
             return self.drop_admin(id);
         }
-        // A closing session is not read any more: asking for EPOLLIN then would report the
-        // same unread bytes on every wait (a spin) until its output drained.
+        // A session not to be read now (closing, waiting, holding enough, not reading its
+        // replies) is out of EPOLLIN: asking for it would report the same unread bytes on
+        // every wait (a spin).
         let mut flags = EpollFlags::empty();
-        if !conn.closing && !conn.awaiting {
+        if conn.flow().wants_input() {
             flags |= EpollFlags::EPOLLIN;
         }
         if !conn.out.is_empty() {
@@ -616,6 +794,11 @@ impl Master {
             if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.modify(conn.stream.fd(), &mut event);
             }
+        }
+        // Lines left (its turn ran out, or its client just took enough of its output): on
+        // with them in a turn of this pass or the next, which does not sleep.
+        if conn.wants_turn() {
+            self.admin_queue(id);
         }
     }
 
@@ -630,18 +813,40 @@ impl Master {
         conn.out.extend_from_slice(reply.as_bytes());
         if conn.awaiting {
             conn.awaiting = false;
-            self.io.admin_resume.push(id);
+            // It was not idle while it waited: its idle time starts now.
+            conn.active = self.now;
+            // Queued even with no lines left: the turn closes one that closed its end.
+            self.admin_queue(id);
+            self.admin_schedule(id);
         }
         self.admin_flush(id);
     }
 
-    /// Sessions answered since the last pass: go on with their lines — up to their next
-    /// `reload`, so that a session sending many of them gets one per pass of the loop and jobs
-    /// keep flowing in between.
+    /// Sessions with lines to handle (read this pass, left over from the last, or answered
+    /// since): each gets a turn of a few lines, in order, within a budget for the whole pass
+    /// (`admin::PassBudget`); those left when it runs out go first next pass, and a session
+    /// with lines left after its turn goes to the back. A session gets one `reload` per turn.
+    /// So admin work per pass is bounded whatever the sessions send, and jobs are dispatched
+    /// between passes; the loop's next wait does not sleep while any session is in line.
     pub(super) fn resume_admins(&mut self) {
-        for id in std::mem::take(&mut self.io.admin_resume) {
-            self.admin_lines(id);
+        let queue = std::mem::take(&mut self.io.admin_resume);
+        let mut budget = PassBudget::new();
+        let mut waiting = Vec::new();
+        for (i, &id) in queue.iter().enumerate() {
+            let lines = budget.turn();
+            if lines == 0 {
+                waiting.extend_from_slice(&queue[i..]);
+                break;
+            }
+            let Some(conn) = self.io.admins.get_mut(&id) else {
+                continue;
+            };
+            conn.queued = false;
+            // A turn costs at least one line, so that many sessions cost a bounded pass too.
+            budget.spend(self.admin_lines(id, lines).max(1));
         }
+        waiting.append(&mut self.io.admin_resume);
+        self.io.admin_resume = waiting;
     }
 
     pub(super) fn drop_admin(&mut self, id: u64) {
