@@ -16,10 +16,15 @@
 //!    re-hashed: the bytes are in hand already, and a re-hash by name followed by a dlopen by
 //!    name would be one more check-then-use. Renaming over a copy this process maps keeps the
 //!    mapped inode intact, and a dlopen of that path then returns the loaded build — the same
-//!    hash, so the same bytes;
-//! 2. **probe** the copy in a throw-away child: load, check the ABI, optionally `init` — a
-//!    truncated `.so` kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in
-//!    `init`, so only the child can take that risk;
+//!    hash, so the same bytes. One exception, for reloads: a file whose device, inode, size,
+//!    mtime and ctime are what they were when it was hashed (and had settled then) is not read
+//!    again; its build, loaded already, is used as it is (see [`Registry::stage`]);
+//! 2. **probe** the copy in a throw-away child that leads its own process group: load, check
+//!    the ABI (and refuse a `panic = "abort"` build), optionally `init` — a truncated `.so`
+//!    kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in `init`, so only
+//!    the child can take that risk. An `init` that leaves a thread or a child process behind
+//!    is refused (the master forks after `init`), and the probe's group is killed when it is
+//!    done, so nothing it forked survives it;
 //! 3. **load** the copy in this process (never unloaded: abi_stable leaks every library), and
 //!    `init` instances from it.
 //!
