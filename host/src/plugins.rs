@@ -1804,6 +1804,32 @@ mod tests {
     }
 
     #[test]
+    fn a_stamp_vouches_only_for_a_file_that_had_settled_when_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("libx.so");
+        fs::write(&file, b"x").unwrap();
+        let meta = fs::metadata(&file).unwrap();
+        let stamp = FileStamp::of(&meta);
+        let first_mtime = meta.modified().unwrap();
+        let now = std::time::SystemTime::now();
+        // Read in the same tick as its last change: a write now could leave ctime as it is.
+        assert!(!stamp.settled(now));
+        assert!(stamp.settled(now + SETTLED + Duration::from_millis(10)));
+        // Any change to the file — even one that puts mtime back — moves ctime on.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(&file, b"y").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(first_mtime)
+            .unwrap();
+        let after = FileStamp::of(&fs::metadata(&file).unwrap());
+        assert_eq!((after.size, after.mtime), (stamp.size, stamp.mtime));
+        assert_ne!(after.ctime, stamp.ctime);
+    }
+
+    #[test]
     fn hashes_name_builds() {
         let a = ContentHash::of(b"a");
         assert_eq!(a.short().len(), 16);
