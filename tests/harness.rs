@@ -251,6 +251,17 @@ pub fn fixture_plugin(name: &str) -> PathBuf {
             "tests/fixtures",
         );
         assert!(built, "cargo blocked on the lock of {}", target.display());
+        // `panic-abort` needs a profile of its own: it is a workspace of its own.
+        let built = cargo_build(
+            cargo()
+                .args(["build", "--manifest-path"])
+                .arg(repo_root().join("tests/fixtures/panic-abort/Cargo.toml"))
+                .args(args)
+                .arg("--target-dir")
+                .arg(&target),
+            "tests/fixtures/panic-abort",
+        );
+        assert!(built, "cargo blocked on the lock of {}", target.display());
         target.join(profile)
     });
     let path = dir.join(format!("lib{name}.so"));

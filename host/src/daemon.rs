@@ -1,9 +1,13 @@
 //! Running for months: the pidfile (exclusively locked, written atomically) and detaching from
 //! the terminal (`--daemon`).
 //!
-//! The lock is an flock on `<pidfile>.lock`, taken before anything else starts: a second master
-//! on the same pidfile is refused with the pid of the first; a pidfile left by a killed master
-//! is not locked by anyone and is taken over. The pid itself is written to `<pidfile>` through
+//! The lock is a POSIX record lock (`fcntl(F_SETLK)`) on `<pidfile>.lock`, taken before
+//! anything else starts: a second master on the same pidfile is refused with the pid of the
+//! first; a pidfile left by a killed master is not locked by anyone and is taken over. A record
+//! lock belongs to the process, not to the open file: no forked child (a worker, a probe, or a
+//! process a plugin's `init` forked) ever holds it, so none can outlive the master and wedge
+//! the next start — an `flock` did exactly that, being shared by every copy of the descriptor a
+//! fork made (`O_CLOEXEC` closes it only on exec, and a plugin need not exec). The pid itself is written to `<pidfile>` through
 //! a temporary file and a rename, so a reader never sees half of it. Every file it opens is
 //! opened with `O_NOFOLLOW` (a symlink planted at the lock, the pidfile or its temporary is
 //! refused or unlinked, never followed), and the temporary with `O_EXCL`.
@@ -11,10 +15,10 @@
 //! Detaching happens after the plugins are loaded and the sockets bound, so start-up errors
 //! still reach the terminal and the exit status: the launching process waits on a pipe until
 //! the daemon says it is up (or why it is not). This module never removes the pidfile of a
-//! master that did not exit cleanly, never writes through a symlink, and a forked worker closes
-//! its copy of the lock without releasing it.
+//! master that did not exit cleanly, never writes through a symlink, and never opens the lock
+//! file a second time in the master (closing any descriptor of it would drop the record lock).
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -43,11 +47,38 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 }
 
 /// The held pidfile lock.
+///
+/// A master holds byte [`LAUNCHER_BYTE`] or [`DAEMON_BYTE`] of the lock file, or both; a master
+/// starting asks for both at once ([`Pidfile::acquire`]), so it is refused while any other
+/// holds either. The two bytes let `--daemon` hand the lock from the launcher to the daemon
+/// with no moment at which nobody holds it (a record lock is not inherited across fork): the
+/// launcher gives up the daemon's byte before forking and keeps its own until it exits, which
+/// is after the daemon took its byte ([`detach`]).
 pub struct Pidfile {
     path: PathBuf,
-    /// Holding this open holds the flock. No Drop impl: closing it in a forked worker must not
-    /// release the master's lock (flock locks belong to the open file, shared across fork).
-    _lock: File,
+    /// The lock file. Closing it (or any other descriptor of that file) in the master would
+    /// drop the lock; a forked child closing its copy drops nothing, as it holds no lock.
+    lock: File,
+}
+
+/// The byte a launcher holds until it exits.
+const LAUNCHER_BYTE: i64 = 0;
+/// The byte the running master holds (taken over by the daemon with `--daemon`).
+const DAEMON_BYTE: i64 = 1;
+
+/// Sets a POSIX record lock on `len` bytes from `start` of `file` (`F_WRLCK` or `F_UNLCK`),
+/// without waiting.
+fn record_lock(file: &File, kind: i32, start: i64, len: i64) -> io::Result<()> {
+    let lock = nix::libc::flock {
+        l_type: kind as _,
+        l_whence: nix::libc::SEEK_SET as _,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_SETLK(&lock))
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 impl Pidfile {
@@ -72,9 +103,15 @@ impl Pidfile {
             .open(&lock_path)
             .map_err(|e| refuse_link(&lock_path, "the pidfile lock", e))?;
         regular(&lock, &lock_path, "the pidfile lock")?;
-        match lock.try_lock() {
+        // Both bytes at once: refused while another master holds either (see [`Pidfile`]).
+        match record_lock(&lock, nix::libc::F_WRLCK, LAUNCHER_BYTE, 2) {
             Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EAGAIN) | Some(nix::libc::EACCES)
+                ) =>
+            {
                 let pid = read_pid(path).unwrap_or_default();
                 let pid = if pid.is_empty() {
                     "unknown (it is still starting)".to_string()
@@ -86,7 +123,7 @@ impl Pidfile {
                     path: path.to_owned(),
                 });
             }
-            Err(TryLockError::Error(e)) => {
+            Err(e) => {
                 return Err(io_err(format!("cannot lock {}", lock_path.display()))(e));
             }
         }
@@ -99,8 +136,13 @@ impl Pidfile {
         }
         Ok(Pidfile {
             path: path.to_owned(),
-            _lock: lock,
+            lock,
         })
+    }
+
+    /// The lock file, for the handoff in [`detach`].
+    fn lock_file(&self) -> &File {
+        &self.lock
     }
 
     /// Writes `pid` to the pidfile atomically: a temporary created with `O_EXCL | O_NOFOLLOW`
@@ -209,9 +251,16 @@ impl Ready {
 /// Detaches from the terminal: fork (the launcher waits for the daemon's word, then exits),
 /// setsid, fork again (so the daemon can never reacquire a terminal), chdir /, stdio to
 /// /dev/null. Returns in the daemon only. Call it from a single-threaded process.
-pub fn detach() -> Result<Ready, DaemonError> {
+///
+/// The pidfile lock goes with it (a record lock is not inherited by fork): the launcher gives
+/// up the daemon's byte before forking, keeping its own, so a master starting meanwhile is
+/// still refused; the daemon takes that byte before it says it is up, and the launcher keeps
+/// its byte until it hears so and exits.
+pub fn detach(pidfile: &Pidfile) -> Result<Ready, DaemonError> {
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| io_err("cannot create the ready pipe")(io::Error::from(e)))?;
+    record_lock(pidfile.lock_file(), nix::libc::F_UNLCK, DAEMON_BYTE, 1)
+        .map_err(io_err("cannot hand the pidfile lock over to the daemon"))?;
     // SAFETY: single-threaded caller; the launcher only waits and exits.
     match unsafe { fork() }.map_err(|e| io_err("cannot fork")(io::Error::from(e)))? {
         ForkResult::Parent { child } => {
@@ -229,6 +278,10 @@ pub fn detach() -> Result<Ready, DaemonError> {
         ForkResult::Parent { .. } => unsafe { nix::libc::_exit(0) },
         ForkResult::Child => {}
     }
+    // Nobody else can hold it: a starting master asks for both bytes, and the launcher holds
+    // the other one until we say we are up.
+    record_lock(pidfile.lock_file(), nix::libc::F_WRLCK, DAEMON_BYTE, 1)
+        .map_err(io_err("cannot take over the pidfile lock in the daemon"))?;
     nix::unistd::chdir("/").map_err(|e| io_err("chdir /")(io::Error::from(e)))?;
     let null = OpenOptions::new()
         .read(true)
@@ -338,5 +391,34 @@ impl Identity {
             return Err("setuid(0) still succeeds after dropping privileges".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How a plugin's forked grandchild wedged the next start: it held a copy of the lock's
+    /// descriptor, and an flock belongs to the open file, so it stayed locked after the master
+    /// let go. A record lock belongs to the process: the child holds nothing.
+    #[test]
+    fn a_forked_child_does_not_keep_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobhost.pid");
+        let pidfile = Pidfile::acquire(&path).unwrap();
+        // SAFETY: the child only sleeps (async-signal-safe) until it is killed.
+        let child = match unsafe { fork() }.unwrap() {
+            ForkResult::Child => unsafe {
+                nix::libc::sleep(60);
+                nix::libc::_exit(0)
+            },
+            ForkResult::Parent { child } => child,
+        };
+        // The master goes (its descriptor closes); the child, with its copy, lives on.
+        drop(pidfile);
+        let again = Pidfile::acquire(&path);
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        assert!(again.is_ok(), "{:?}", again.err());
     }
 }

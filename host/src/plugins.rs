@@ -16,10 +16,15 @@
 //!    re-hashed: the bytes are in hand already, and a re-hash by name followed by a dlopen by
 //!    name would be one more check-then-use. Renaming over a copy this process maps keeps the
 //!    mapped inode intact, and a dlopen of that path then returns the loaded build — the same
-//!    hash, so the same bytes;
-//! 2. **probe** the copy in a throw-away child: load, check the ABI, optionally `init` — a
-//!    truncated `.so` kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in
-//!    `init`, so only the child can take that risk;
+//!    hash, so the same bytes. One exception, for reloads: a file whose device, inode, size,
+//!    mtime and ctime are what they were when it was hashed (and had settled then) is not read
+//!    again; its build, loaded already, is used as it is (see [`Registry::stage`]);
+//! 2. **probe** the copy in a throw-away child that leads its own process group: load, check
+//!    the ABI (and refuse a `panic = "abort"` build), optionally `init` — a truncated `.so`
+//!    kills whoever dlopens it with SIGBUS, and a plugin may crash or hang in `init`, so only
+//!    the child can take that risk. An `init` that leaves a thread or a child process behind
+//!    is refused (the master forks after `init`), and the probe's group is killed when it is
+//!    done, so nothing it forked survives it;
 //! 3. **load** the copy in this process (never unloaded: abi_stable leaks every library), and
 //!    `init` instances from it.
 //!
@@ -98,6 +103,12 @@ pub enum PluginError {
     },
     #[error("plugin {path} refused to start: init failed: {message}")]
     InitFailed { path: PathBuf, message: String },
+    #[error("plugin {path} started {threads} thread(s) in init; jobhost forks after init, and threads do not survive fork (a forked worker gets only the forking thread, and any lock another thread held stays locked): start threads in worker_start")]
+    StartedThreads { path: PathBuf, threads: usize },
+    #[error("plugin {path} left {children} child process(es) running after init; jobhost runs init in throw-away probes and in the master, so such a process would be started again each time and outlive its probe: start processes in worker_start")]
+    LeftChildren { path: PathBuf, children: usize },
+    #[error("plugin {path} was built with panic = \"abort\": a panic in it would kill the master (init runs there) or its worker with SIGABRT and no message; build it with panic = \"unwind\" (in the [profile.release] of its workspace)")]
+    PanicAbort { path: PathBuf },
     #[error("plugin {path} does not provide {mode} mode (it provides: {provides})")]
     ModeUnsupported {
         path: PathBuf,
@@ -452,20 +463,59 @@ impl Library {
     }
 
     /// Runs the plugin's `init` in this process. In the master this happens before any fork,
-    /// so what `init` builds is shared copy-on-write by the workers.
+    /// so what `init` builds is shared copy-on-write by the workers — which is why an `init`
+    /// that leaves a thread behind is refused ([`PluginError::StartedThreads`]): the threads
+    /// of this process are counted before and after. (The instance is dropped; the thread
+    /// cannot be: in the master that is for the probe, which runs first, to prevent.)
     pub fn instantiate(
         &self,
         path: &Path,
         settings_toml: &str,
     ) -> Result<PluginInstance, PluginError> {
-        match (self.module.init())(RStr::from_str(settings_toml), host_context()) {
-            RResult::ROk(instance) => Ok(instance),
-            RResult::RErr(message) => Err(PluginError::InitFailed {
+        let before = thread_count();
+        let instance = match (self.module.init())(RStr::from_str(settings_toml), host_context()) {
+            RResult::ROk(instance) => instance,
+            RResult::RErr(message) => {
+                return Err(PluginError::InitFailed {
+                    path: path.to_owned(),
+                    message: message.into_string(),
+                })
+            }
+        };
+        match (before, thread_count()) {
+            (Some(before), Some(after)) if after > before => Err(PluginError::StartedThreads {
                 path: path.to_owned(),
-                message: message.into_string(),
+                threads: after - before,
             }),
+            _ => Ok(instance),
         }
     }
+}
+
+/// The threads of this process (`/proc/self/task`), or `None` when /proc cannot say.
+fn thread_count() -> Option<usize> {
+    Some(fs::read_dir("/proc/self/task").ok()?.count())
+}
+
+/// The child processes this (single-threaded) process has, zombies included
+/// (`/proc/thread-self/children`), or `None` when /proc cannot say.
+fn child_count() -> Option<usize> {
+    let text = fs::read_to_string("/proc/thread-self/children").ok()?;
+    Some(text.split_whitespace().count())
+}
+
+/// The name of the function [`jobhost_plugin_api::export_plugin!`] exports since plugin-api
+/// 0.1.2 to say whether the plugin was built with `panic = "unwind"`.
+const PANIC_UNWIND_SYMBOL: &[u8] = b"jobhost_plugin_panic_unwind";
+
+/// Whether the library at `path` (loaded already) was built to unwind: `None` for a plugin
+/// built against plugin-api 0.1.0 or 0.1.1, which do not say.
+fn panics_unwind(path: &Path) -> Option<bool> {
+    let library = abi_stable::library::RawLibrary::load_at(path).ok()?;
+    // SAFETY: the symbol is the `extern "C" fn() -> bool` that `export_plugin!` defines; a
+    // library that defines something else under that name is not built with plugin-api.
+    let answer = unsafe { library.get::<extern "C" fn() -> bool>(PANIC_UNWIND_SYMBOL) }.ok()?;
+    Some((*answer)())
 }
 
 /// A library loaded from a private copy, with where it came from.
@@ -511,6 +561,59 @@ pub struct Registry {
     insecure: bool,
     /// Names this process's temporary files apart.
     next_tmp: u64,
+    /// What each user's file was when it was last hashed, by its configured path: a reload
+    /// that finds it unchanged does not read and hash it again (see [`Registry::stage`]).
+    seen: HashMap<PathBuf, Seen>,
+}
+
+/// A user's file as it was when its bytes were hashed.
+struct Seen {
+    stamp: FileStamp,
+    hash: ContentHash,
+}
+
+/// What tells that a file is the one read before, unchanged: the same file (device, inode)
+/// with the same size, mtime and ctime. A writer can set mtime back, but not ctime: any write,
+/// rename onto the name or `utimes` sets ctime to now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long after its last change a file must have been read for its stamp to vouch for
+/// its bytes: a write in the same tick of the file system's clock as the read (and so as the
+/// change before it) would leave ctime as it was. As git does for its index ("racy git").
+const SETTLED: Duration = Duration::from_secs(2);
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file had stopped changing well before `now`, when it was read.
+    fn settled(&self, now: std::time::SystemTime) -> bool {
+        let secs = |(s, ns): (i64, i64)| {
+            u64::try_from(s)
+                .ok()
+                .map(|s| std::time::UNIX_EPOCH + Duration::new(s, u32::try_from(ns).unwrap_or(0)))
+        };
+        [self.mtime, self.ctime].into_iter().all(|t| {
+            secs(t)
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= SETTLED)
+        })
+    }
 }
 
 impl Registry {
@@ -615,6 +718,7 @@ impl Registry {
             loaded: HashMap::new(),
             insecure: false,
             next_tmp: 0,
+            seen: HashMap::new(),
         })
     }
 
@@ -644,9 +748,50 @@ impl Registry {
     /// `host.insecure_plugins_dir`; see [`PluginFile::open`]), hashes the bytes read from that
     /// descriptor, and writes them afresh as the private copy. The copy must pass a probe
     /// before [`Registry::commit`].
+    ///
+    /// A file whose [`FileStamp`] (taken from the open descriptor) is what it was when it was
+    /// last hashed — and had settled then — is not read again: it is the build loaded from it,
+    /// whose private copy is what this process maps (a probe forked from here that dlopens
+    /// that path gets the mapped library, not the file). A no-op reload so costs an `open`
+    /// and an `fstat` per plugin in the master's loop, instead of reading and hashing it.
     pub fn stage(&mut self, source: &Path) -> Result<Staged, PluginError> {
-        let bytes = PluginFile::open(source, !self.insecure)?.read_all()?;
+        let mut file = PluginFile::open(source, !self.insecure)?;
+        let stamp = file.file.metadata().ok().map(|m| FileStamp::of(&m));
+        let unchanged = self
+            .seen
+            .get(source)
+            .filter(|seen| Some(seen.stamp) == stamp)
+            .and_then(|seen| self.loaded.get(&seen.hash))
+            .filter(|loaded| fs::symlink_metadata(&loaded.private).is_ok_and(|m| m.is_file()));
+        if let Some(loaded) = unchanged {
+            log::debug!(
+                "plugin {} is unchanged since it was hashed (same device, inode, size, mtime and ctime): not read again",
+                source.display()
+            );
+            return Ok(Staged {
+                hash: loaded.library.hash,
+                source: source.to_owned(),
+                private: loaded.private.clone(),
+                loaded: Some(loaded.clone()),
+            });
+        }
+        let read_at = std::time::SystemTime::now();
+        let bytes = file.read_all()?;
         let hash = ContentHash::of(&bytes);
+        log::debug!(
+            "hashed plugin {} ({} bytes): {}",
+            source.display(),
+            bytes.len(),
+            hash.short()
+        );
+        match stamp.filter(|s| s.settled(read_at)) {
+            Some(stamp) => {
+                self.seen.insert(source.to_owned(), Seen { stamp, hash });
+            }
+            None => {
+                self.seen.remove(source);
+            }
+        }
         let loaded = self.loaded.get(&hash).cloned();
         self.next_tmp += 1;
         let private = write_private_copy(&self.private_dir, source, &bytes, &hash, self.next_tmp)?;
@@ -825,6 +970,9 @@ fn rename_path(mut error: PluginError, from: &Path, to: &Path) -> PluginError {
         | ProbeExited { path, .. }
         | ProbeTimeout { path, .. }
         | InitFailed { path, .. }
+        | StartedThreads { path, .. }
+        | LeftChildren { path, .. }
+        | PanicAbort { path }
         | ModeUnsupported { path, .. }
         | Probe { path, .. }
         | Untrusted { path, .. } => {
@@ -849,6 +997,20 @@ fn load_in_process(path: &Path) -> Result<PluginModRef, PluginError> {
         &with_slash
     };
     let header = lib_header_from_path(file).map_err(|e| classify(path, e))?;
+    // Refused rather than warned about: `init` runs in the master, where an abort would take
+    // the master down, and in a worker a panic would show only as SIGABRT, with no message.
+    match panics_unwind(file) {
+        Some(false) => {
+            return Err(PluginError::PanicAbort {
+                path: path.to_owned(),
+            })
+        }
+        Some(true) => {}
+        None => log::debug!(
+            "{} does not say how it panics (built against plugin-api before 0.1.2)",
+            path.display()
+        ),
+    }
     match header.init_root_module::<PluginModRef>() {
         Ok(module) => Ok(module),
         // abi_stable takes a prefix type with fewer fields than ours for a different layout:
@@ -1012,6 +1174,9 @@ enum ProbeFailure {
     IncompatibleAbi(String),
     LoadFailed(String),
     InitFailed(String),
+    StartedThreads(usize),
+    LeftChildren(usize),
+    PanicAbort,
 }
 
 impl ProbeFailure {
@@ -1024,6 +1189,9 @@ impl ProbeFailure {
             }
             PluginError::IncompatibleAbi { detail, .. } => ProbeFailure::IncompatibleAbi(detail),
             PluginError::InitFailed { message, .. } => ProbeFailure::InitFailed(message),
+            PluginError::StartedThreads { threads, .. } => ProbeFailure::StartedThreads(threads),
+            PluginError::LeftChildren { children, .. } => ProbeFailure::LeftChildren(children),
+            PluginError::PanicAbort { .. } => ProbeFailure::PanicAbort,
             other => ProbeFailure::LoadFailed(other.to_string()),
         }
     }
@@ -1046,6 +1214,9 @@ impl ProbeFailure {
             },
             ProbeFailure::LoadFailed(detail) => PluginError::LoadFailed { path, detail },
             ProbeFailure::InitFailed(message) => PluginError::InitFailed { path, message },
+            ProbeFailure::StartedThreads(threads) => PluginError::StartedThreads { path, threads },
+            ProbeFailure::LeftChildren(children) => PluginError::LeftChildren { path, children },
+            ProbeFailure::PanicAbort => PluginError::PanicAbort { path },
         }
     }
 }
@@ -1124,6 +1295,7 @@ impl ProbeRun {
         let (read_end, write_end) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io("cannot create a pipe"))?;
         let parent = nix::unistd::getpid();
+        let parent_group = nix::unistd::getpgrp();
         // SAFETY: the child only loads the library, runs init, writes to the pipe and
         // `_exit`s; the callers (the master, the CLI) hold no other threads whose locks it
         // could need.
@@ -1134,6 +1306,11 @@ impl ProbeRun {
                 // in `init` dies with whoever started it.
                 crate::signals::reset_after_fork();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                // The probe leads its own process group, so that whatever its plugin forks
+                // dies with it (see below, and `ProbeRun::reap_child`). Set here only, first
+                // thing: the parent setting it too could, late, pull the probe back into the
+                // group after it left it below.
+                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
                 if nix::unistd::getppid() != parent {
                     // SAFETY: as below.
                     unsafe { nix::libc::_exit(4) }
@@ -1142,6 +1319,15 @@ impl ProbeRun {
                     probe_child(path, init_settings, write_end)
                 }))
                 .map_or(3, |()| 0);
+                // What `init` forked holds the probe's pipe open (so the verdict would wait
+                // for the timeout), and would outlive the probe: kill its group — from outside
+                // it, back in the parent's group, as a SIGKILL to a group the probe is in
+                // would kill the probe too and read as a crash. The group's number is the
+                // probe's own pid, so it cannot be anyone else's.
+                let me = nix::unistd::getpid();
+                if nix::unistd::setpgid(me, parent_group).is_ok() {
+                    let _ = nix::sys::signal::killpg(me, Signal::SIGKILL);
+                }
                 // SAFETY: `_exit` skips atexit handlers and stdio flushing that belong to the
                 // parent.
                 unsafe { nix::libc::_exit(status) }
@@ -1211,8 +1397,38 @@ impl ProbeRun {
         self.eof && self.status.is_some()
     }
 
+    /// Kills the probe and its process group — only while it is not reaped: until then its
+    /// pid, and so the number of its group, cannot be anyone else's.
     fn kill(&self) {
-        let _ = kill(self.child, Signal::SIGKILL);
+        if self.status.is_none() {
+            let _ = nix::sys::signal::killpg(self.child, Signal::SIGKILL);
+            let _ = kill(self.child, Signal::SIGKILL);
+        }
+    }
+
+    /// Waits for the probe to exit, kills what is left in its process group (what its plugin
+    /// forked: it would hold the probe's pipe open, and outlive it) before reaping it — while
+    /// the probe is a zombie its pid is not reused, so the group is certainly its own — then
+    /// reaps it. (A caller that reaps every child itself, the master, does the same.)
+    fn reap_child(&self) -> nix::Result<WaitStatus> {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        loop {
+            match waitid(
+                Id::Pid(self.child),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            ) {
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        let _ = nix::sys::signal::killpg(self.child, Signal::SIGKILL);
+        loop {
+            match waitpid(self.child, None) {
+                Err(nix::Error::EINTR) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Gives up on the probe: kills it without waiting (a caller that reaps every child, the
@@ -1229,16 +1445,13 @@ impl ProbeRun {
         }
         let status = match self.status {
             Some(status) => status,
-            None => loop {
-                match waitpid(self.child, None) {
-                    Err(nix::Error::EINTR) => continue,
-                    Ok(status) => break status,
-                    Err(e) => {
-                        return Err(PluginError::Probe {
-                            path: self.path.clone(),
-                            detail: format!("cannot wait for the probe child: {e}"),
-                        })
-                    }
+            None => match self.reap_child() {
+                Ok(status) => status,
+                Err(e) => {
+                    return Err(PluginError::Probe {
+                        path: self.path.clone(),
+                        detail: format!("cannot wait for the probe child: {e}"),
+                    })
                 }
             },
         };
@@ -1332,6 +1545,11 @@ fn probe_child(path: &Path, init_settings: &[String], pipe: OwnedFd) {
         if let Err(e) = library.instantiate(path, settings) {
             return send(&ProbeLine::Failed(ProbeFailure::from_error(e)));
         }
+    }
+    // A process `init` forked and left running: the probe's group is killed once it is done,
+    // but the master's own `init` would fork another, in the master's group, beyond reach.
+    if let Some(children) = child_count().filter(|n| *n > 0) {
+        return send(&ProbeLine::Failed(ProbeFailure::LeftChildren(children)));
     }
     send(&ProbeLine::Loaded(info));
 }
@@ -1583,6 +1801,32 @@ mod tests {
         let staged = registry.stage(&plugins.join("libx.so")).unwrap();
         assert_eq!(fs::read(&staged.private).unwrap(), b"real bytes");
         assert_eq!(fs::read(&victim).unwrap(), b"victim");
+    }
+
+    #[test]
+    fn a_stamp_vouches_only_for_a_file_that_had_settled_when_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("libx.so");
+        fs::write(&file, b"x").unwrap();
+        let meta = fs::metadata(&file).unwrap();
+        let stamp = FileStamp::of(&meta);
+        let first_mtime = meta.modified().unwrap();
+        let now = std::time::SystemTime::now();
+        // Read in the same tick as its last change: a write now could leave ctime as it is.
+        assert!(!stamp.settled(now));
+        assert!(stamp.settled(now + SETTLED + Duration::from_millis(10)));
+        // Any change to the file — even one that puts mtime back — moves ctime on.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(&file, b"y").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(first_mtime)
+            .unwrap();
+        let after = FileStamp::of(&fs::metadata(&file).unwrap());
+        assert_eq!((after.size, after.mtime), (stamp.size, stamp.mtime));
+        assert_ne!(after.ctime, stamp.ctime);
     }
 
     #[test]

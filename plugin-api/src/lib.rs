@@ -113,7 +113,10 @@
 //!   forever). Build read-only data there; open connections in `worker_start`.
 //! - Keep what `init` built read-only in the workers: a page a worker writes is copied for it.
 //! - A panic in any callback is caught on the plugin's side of the boundary and reported to the
-//!   host as an error; the worker lives on. Build with `panic = "unwind"`.
+//!   host as an error; the worker lives on. Build with `panic = "unwind"`: jobhost refuses a
+//!   plugin built with `panic = "abort"` (since plugin-api 0.1.2, [`export_plugin!`] records
+//!   which it was built with), as its panics would kill the master or a worker with SIGABRT.
+//! - `init` must not leave threads or child processes behind: jobhost refuses such a plugin.
 //! - `log::info!` and friends work: records are forwarded to the host's log.
 //! - The root module is a prefix type: fields are only ever appended, so a plugin built against
 //!   a newer 0.1.x of this crate still loads in an older 0.1 host.
@@ -524,6 +527,17 @@ macro_rules! export_plugin {
                 $crate::abi_stable::std_types::RString,
             > {
                 p::init::<$plugin>(settings, host)
+            }
+
+            /// Whether this plugin unwinds on a panic (since plugin-api 0.1.2; the host refuses
+            /// a plugin built with `panic = "abort"`). `cfg!` is evaluated here, in the
+            /// plugin's own crate, whose build decides how the library panics: in plugin-api's
+            /// code it would say how plugin-api was compiled. Exported beside the root module,
+            /// not in it, so that the root module's layout stays that of 0.1.1 and plugins
+            /// built against 0.1.0 and 0.1.1 (which lack the symbol) load as before.
+            #[no_mangle]
+            pub extern "C" fn jobhost_plugin_panic_unwind() -> bool {
+                cfg!(panic = "unwind")
             }
 
             fn root_module() -> $crate::PluginModRef {

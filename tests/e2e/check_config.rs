@@ -26,7 +26,7 @@ fn accepts_the_example_config_and_prints_one_line_per_pool() {
         .filter(|l| l.starts_with("ok  pool "))
         .collect();
     assert_eq!(pools.len(), 4, "{}", run.stdout);
-    run.assert_stdout_has("plugin lookup 0.1.0 (plugin-api 0.1.1), mode jobs, 2 workers");
+    run.assert_stdout_has("plugin lookup 0.1.0 (plugin-api 0.1.2), mode jobs, 2 workers");
     // lookup's init really ran (in the probe) and its log line reached our stderr.
     run.assert_stderr_has("lookup: built a 64 MiB table");
 }

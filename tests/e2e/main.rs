@@ -17,6 +17,7 @@ mod memory_limits;
 mod no_spin;
 mod plugin_inspect;
 mod plugin_loading;
+mod plugin_rules;
 mod prefetch;
 mod progress;
 mod progress_review;

@@ -14,7 +14,7 @@ fn shows_name_version_description_and_api_version() {
         .assert_code(0)
         .assert_stdout_has("name:        echo\n")
         .assert_stdout_has("version:     0.1.0\n")
-        .assert_stdout_has("plugin-api:  0.1.1 (this jobhost: 0.1.1)\n")
+        .assert_stdout_has("plugin-api:  0.1.2 (this jobhost: 0.1.2)\n")
         .assert_stdout_has("modes:       jobs\n");
 }
 
@@ -86,7 +86,7 @@ fn refuses_a_plugin_built_against_an_incompatible_api_layout() {
     run.assert_code(1)
         .assert_stderr_has("libwrongabi.so has an incompatible plugin-api layout")
         .assert_stderr_has("found `fn(settings,: RStr<'a>)->RResult`")
-        .assert_stderr_has("(the plugin's types come from plugin-api 0.1.2)");
+        .assert_stderr_has("(the plugin's types come from plugin-api 0.1.4)");
     // The verdict, not abi_stable's 240-line report.
     assert!(
         run.stderr.lines().count() <= 3,
@@ -100,7 +100,7 @@ fn refuses_a_plugin_built_against_an_older_api_version() {
     let env = Env::new();
     env.jobhost(&["plugin", "inspect", fixture_plugin("oldapi").to_str().unwrap()])
         .assert_code(1)
-        .assert_stderr_has("liboldapi.so was built against plugin-api 0.0.9, which this jobhost (plugin-api 0.1.1) cannot load");
+        .assert_stderr_has("liboldapi.so was built against plugin-api 0.0.9, which this jobhost (plugin-api 0.1.2) cannot load");
 }
 
 #[test]

@@ -372,6 +372,11 @@ impl Master {
                 // Only a worker not reaped yet: its pid may be someone else's after.
                 if let Some(p) = self.io.procs.get(&worker) {
                     if self.io.by_pid.contains_key(&p.pid) {
+                        // A SIGKILL takes what the worker forked with it: its group is its own
+                        // (it leads it) and, while not reaped, cannot be anyone else's.
+                        if signal == Signal::SIGKILL {
+                            let _ = nix::sys::signal::killpg(p.pid, signal);
+                        }
                         let _ = kill(p.pid, signal);
                     }
                 }
@@ -522,13 +527,34 @@ impl Master {
 
     // ---- reap ------------------------------------------------------------------------------
 
+    /// Every child the master forks (worker, probe) leads its own process group, and what it
+    /// leaves in that group (a job's or a plugin's forked process) dies with it: the group is
+    /// SIGKILLed after the child exited and *before* it is reaped. Until it is reaped the
+    /// zombie holds its pid, so no new process can get that number, nor lead a group of that
+    /// number: the group signalled is certainly the dead child's own. (After reaping, a group
+    /// left empty frees the number for anyone.) This covers every way a worker leaves: exit,
+    /// recycle, SIGKILL from the master or from outside, and SIGQUIT's kill of them all.
     fn reap(&mut self) {
+        use nix::sys::wait::{waitid, Id};
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            match waitid(Id::All, peek) {
                 Ok(WaitStatus::StillAlive) => return,
-                Ok(status) => {
-                    if let Some(pid) = status.pid() {
-                        self.reaped(pid, status);
+                Ok(peeked) => {
+                    let Some(pid) = peeked.pid() else { return };
+                    let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                    let status = loop {
+                        match waitpid(pid, None) {
+                            Err(nix::Error::EINTR) => continue,
+                            other => break other,
+                        }
+                    };
+                    match status {
+                        Ok(status) => self.reaped(pid, status),
+                        Err(e) => {
+                            log::error!("waitpid {pid}: {e}");
+                            return;
+                        }
                     }
                 }
                 Err(nix::Error::EINTR) => {}
@@ -1228,7 +1254,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), Box<dyn std::e
     let mut master = Master::start(config)?;
     master.give_log_file_to_workers();
     let ready = if options.daemon {
-        Some(crate::daemon::detach()?)
+        Some(crate::daemon::detach(&pidfile)?)
     } else {
         None
     };
