@@ -5,6 +5,7 @@ mod access;
 mod admin;
 mod bad_input;
 mod check_config;
+mod client_limits;
 mod daemon;
 mod draining;
 mod gearman;

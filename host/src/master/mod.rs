@@ -742,6 +742,11 @@ impl Master {
         }
     }
 
+    /// `server.max_result`: the largest result a worker may send.
+    fn max_result(&self) -> usize {
+        usize::try_from(self.config.server.max_result).unwrap_or(usize::MAX)
+    }
+
     /// The largest submit frame: the payload limit plus the id and the longest pool name.
     fn max_frame(&self) -> usize {
         usize::try_from(self.config.server.max_payload)
@@ -1045,7 +1050,7 @@ impl Master {
                     id,
                     Proc {
                         pid: child,
-                        channel: WorkerChannel::new(channel),
+                        channel: WorkerChannel::new(channel).with_max_body(self.max_result()),
                         slot,
                         forgotten: false,
                         hung_up: None,
@@ -1084,6 +1089,7 @@ impl Master {
             identity: self.identity.clone(),
             predecessors,
             slot,
+            max_result: self.max_result(),
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),
