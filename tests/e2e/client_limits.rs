@@ -164,7 +164,7 @@ fn a_result_over_max_result_is_the_jobs_failure_and_costs_nothing_else() {
     let workers = master.workers();
     let mut client = master.client();
     let r = client.call("e", &vec![b'r'; 100_000]).unwrap();
-    assert_eq!(r.status, Status::Failed, "{}", r.text());
+    assert_eq!(r.status, Status::Failed, "a result of {} bytes", r.body.len());
     assert_eq!(
         r.text(),
         "result too large (100000 bytes, max_result is 65536)"
