@@ -786,6 +786,49 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_submit_is_named_and_skipped_as_it_arrives_and_the_next_frame_follows() {
+        let mut wire = Vec::new();
+        put_submit(&mut wire, 42, "p", &[7; 5000]);
+        let oversized = wire.len();
+        put_submit(&mut wire, 43, "p", b"ok");
+        let mut reader = FrameReader::skipping_oversized_submits(100);
+        let mut got = Vec::new();
+        for piece in wire.chunks(7) {
+            reader.push(piece);
+            assert!(
+                reader.allocated() <= 64,
+                "{} bytes held",
+                reader.allocated()
+            );
+            while let Some(next) = reader.next_frame().unwrap() {
+                got.push(match next {
+                    Next::Frame(frame) => decode(frame).unwrap().to_string(),
+                    Next::Oversized { id, len } => format!("oversized #{id} ({len} bytes)"),
+                });
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                format!("oversized #42 ({} bytes)", oversized - 4),
+                "submit #43 to p (2 bytes)".into()
+            ]
+        );
+        assert!(!reader.has_partial());
+        // Any other kind over the limit is still an error, as is an oversized SUBMIT for a
+        // reader that does not skip.
+        let mut reader = FrameReader::skipping_oversized_submits(100);
+        reader.push(&[0, 0, 1, 0, kind::RESULT]);
+        assert!(matches!(
+            reader.next_frame(),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let mut reader = FrameReader::new(100);
+        reader.push(&wire[..20]);
+        assert!(matches!(reader.next(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
     fn malformed_bodies_are_errors_not_panics() {
         assert_eq!(decode(&[]), Err(FrameError::Empty));
         assert_eq!(decode(&[99]), Err(FrameError::UnknownKind(99)));

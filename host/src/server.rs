@@ -260,7 +260,9 @@ impl Connection {
     /// over [`PROGRESS_ABOVE`], holds it back in place of the one held for that id.
     pub fn put_progress(&mut self, id: u64, numerator: u64, denominator: u64) {
         if self.pending_out() <= PROGRESS_ABOVE && self.deferred_progress.is_empty() {
-            self.append(|out| protocol::put_progress(out, kind::PROGRESS, id, numerator, denominator));
+            self.append(|out| {
+                protocol::put_progress(out, kind::PROGRESS, id, numerator, denominator)
+            });
             return;
         }
         match self.deferred_progress.iter_mut().find(|(i, _, _)| *i == id) {

@@ -92,7 +92,10 @@ fn frames_sent_too_slowly_are_closed_after_read_timeout_and_logged_with_a_count(
     }
     assert_eq!(open, 0, "{open} slow connections still open after {SOON:?}");
     // A prompt client is served throughout.
-    assert_eq!(master.client().call("e", b"prompt").unwrap().body, b"prompt");
+    assert_eq!(
+        master.client().call("e", b"prompt").unwrap().body,
+        b"prompt"
+    );
     let needle = "in the last second: a frame not finished within read_timeout (1s)";
     master.wait_for_log(needle, SOON);
     let lines = master.log_count(needle);
@@ -164,7 +167,12 @@ fn a_result_over_max_result_is_the_jobs_failure_and_costs_nothing_else() {
     let workers = master.workers();
     let mut client = master.client();
     let r = client.call("e", &vec![b'r'; 100_000]).unwrap();
-    assert_eq!(r.status, Status::Failed, "a result of {} bytes", r.body.len());
+    assert_eq!(
+        r.status,
+        Status::Failed,
+        "a result of {} bytes",
+        r.body.len()
+    );
     assert_eq!(
         r.text(),
         "result too large (100000 bytes, max_result is 65536)"

@@ -315,44 +315,44 @@ impl<S: Read + Write> WorkerChannel<S> {
 
 /// One frame a worker sent, decoded and owned; `left`: it sent LEAVING (then and after).
 fn said(left: &mut bool, frame: &[u8]) -> Result<WorkerSaid, ChannelError> {
-        let frame = protocol::decode(frame)?;
-        if *left {
-            return Err(ChannelError::AfterLeaving);
+    let frame = protocol::decode(frame)?;
+    if *left {
+        return Err(ChannelError::AfterLeaving);
+    }
+    Ok(match frame {
+        Frame::Outcome { key, ok, body } => WorkerSaid::Outcome {
+            key,
+            ok,
+            body: body.to_vec(),
+        },
+        Frame::Hold { paused } => WorkerSaid::Hold { paused },
+        Frame::Leaving { code, jobs_done } => {
+            *left = true;
+            WorkerSaid::Leaving { code, jobs_done }
         }
-        Ok(match frame {
-            Frame::Outcome { key, ok, body } => WorkerSaid::Outcome {
-                key,
-                ok,
-                body: body.to_vec(),
-            },
-            Frame::Hold { paused } => WorkerSaid::Hold { paused },
-            Frame::Leaving { code, jobs_done } => {
-                *left = true;
-                WorkerSaid::Leaving { code, jobs_done }
-            }
-            Frame::WorkProgress {
-                key,
+        Frame::WorkProgress {
+            key,
+            numerator,
+            denominator,
+        } => WorkerSaid::Reported {
+            key,
+            report: Reported::Progress {
                 numerator,
                 denominator,
-            } => WorkerSaid::Reported {
-                key,
-                report: Reported::Progress {
-                    numerator,
-                    denominator,
-                },
             },
-            Frame::WorkData { key, data } => WorkerSaid::Reported {
-                key,
-                report: Reported::Data(data.to_vec()),
-            },
-            other @ (Frame::Job { .. }
-            | Frame::Submit { .. }
-            | Frame::Result { .. }
-            | Frame::Progress { .. }
-            | Frame::Data { .. }) => {
-                return Err(ChannelError::Unexpected(other.to_string()));
-            }
-        })
+        },
+        Frame::WorkData { key, data } => WorkerSaid::Reported {
+            key,
+            report: Reported::Data(data.to_vec()),
+        },
+        other @ (Frame::Job { .. }
+        | Frame::Submit { .. }
+        | Frame::Result { .. }
+        | Frame::Progress { .. }
+        | Frame::Data { .. }) => {
+            return Err(ChannelError::Unexpected(other.to_string()));
+        }
+    })
 }
 
 #[cfg(test)]

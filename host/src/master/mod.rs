@@ -780,10 +780,7 @@ impl Master {
         let Some(conn) = self.io.clients.get_mut(&id) else {
             return;
         };
-        let closed = matches!(
-            conn.read(&mut self.io.scratch, budget),
-            ReadOutcome::Closed
-        );
+        let closed = matches!(conn.read(&mut self.io.scratch, budget), ReadOutcome::Closed);
         let taken = match self.take_submits(id) {
             Ok(taken) => taken,
             Err(reason) => {

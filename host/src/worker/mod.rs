@@ -236,7 +236,8 @@ fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPip
             assignment.slot,
         )),
         (None, PoolMode::Jobs) => Box::new(
-            MasterSource::new(assignment.channel, assignment.slot).with_max_result(assignment.max_result),
+            MasterSource::new(assignment.channel, assignment.slot)
+                .with_max_result(assignment.max_result),
         ),
         (None, PoolMode::Loop) => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
     };
