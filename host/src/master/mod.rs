@@ -304,6 +304,7 @@ impl Master {
     /// has stopped; every accepted job has been answered.
     pub fn run(&mut self) -> Result<(), MasterError> {
         let mut events = vec![EpollEvent::empty(); 256];
+        clients::return_freed_buffers_to_the_os();
         self.now = Instant::now();
         self.apply(Event::Tick);
         self.flush();
