@@ -82,6 +82,16 @@ pub struct ServerConfig {
     pub socket_group: Option<SocketGroup>,
     /// Largest job payload accepted, in bytes (default 16 MiB; 1 byte ..= 1 GiB).
     pub max_payload: u64,
+    /// Largest job result (or data report) a worker may send, in bytes (default 16 MiB;
+    /// 1 byte ..= 1 GiB). The worker turns a larger one into the job's failure.
+    pub max_result: u64,
+    /// What the master holds for all clients together: their partial frames, the payloads of
+    /// their unanswered jobs, their unwritten output (default 256 MiB, at least 2 ×
+    /// max_payload). Past it, clients over their fair share are not read.
+    pub max_memory: u64,
+    /// A client frame must be whole this long after its first byte, not counting the time
+    /// the master was not reading that client (default 30s, at least 1ms).
+    pub read_timeout: Duration,
 }
 
 /// `[admin]`: the admin socket and the optional TCP listener.
@@ -569,6 +579,9 @@ struct RawServer {
     socket_mode: Option<Mode>,
     socket_group: Option<Spanned<GroupSpec>>,
     max_payload: Option<Spanned<Size>>,
+    max_result: Option<Spanned<Size>>,
+    max_memory: Option<Spanned<Size>>,
+    read_timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1176,6 +1189,48 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
             n
         }
     };
+    let max_result = match s.max_result {
+        None => 16 << 20,
+        Some(v) => {
+            let n = v.get_ref().0;
+            if !(1..=MAX_PAYLOAD_LIMIT).contains(&n) {
+                return Err(src.error(
+                    v.span(),
+                    "server.max_result",
+                    format!("must be between 1 byte and 1GiB, got {n} bytes"),
+                ));
+            }
+            n
+        }
+    };
+    // Room for two whole frames at once, so that one client finishing a frame over its fair
+    // share never has to wait for another's.
+    let min_memory = 2 * max_payload + 2 * 1035;
+    let max_memory = match s.max_memory {
+        None => (256 << 20).max(min_memory),
+        Some(v) => {
+            let n = v.get_ref().0;
+            if n < min_memory {
+                return Err(src.error(
+                    v.span(),
+                    "server.max_memory",
+                    format!("must be at least twice max_payload plus 2070 bytes ({min_memory} bytes), got {n} bytes"),
+                ));
+            }
+            n
+        }
+    };
+    let read_timeout = match s.read_timeout {
+        None => Duration::from_secs(30),
+        Some(d) if d.get_ref().0 < Duration::from_millis(1) => {
+            return Err(src.error(
+                d.span(),
+                "server.read_timeout",
+                format!("must be at least 1ms, got {:?}", d.get_ref().0),
+            ))
+        }
+        Some(d) => d.into_inner().0,
+    };
     let server = ServerConfig {
         socket: socket_path(
             src,
@@ -1187,6 +1242,9 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         socket_mode: s.socket_mode.map_or(0o660, |m| m.0),
         socket_group: socket_group(src, s.socket_group, "server.socket_group")?,
         max_payload,
+        max_result,
+        max_memory,
+        read_timeout,
     };
 
     // [admin]
@@ -1962,6 +2020,9 @@ mod tests {
         assert_eq!(c.server.socket, dir.join("run/jobs.sock"));
         assert_eq!(c.server.socket_mode, 0o660);
         assert_eq!(c.server.max_payload, 16 * 1024 * 1024);
+        assert_eq!(c.server.max_result, 16 * 1024 * 1024);
+        assert_eq!(c.server.max_memory, 256 * 1024 * 1024);
+        assert_eq!(c.server.read_timeout, Duration::from_secs(30));
         assert_eq!(c.admin.socket, dir.join("run/admin.sock"));
         assert_eq!(c.admin.socket_mode, 0o600);
         assert_eq!(c.admin.tcp, None);
@@ -2295,7 +2356,7 @@ max_jobs = 0
         env.err(
             &format!("{POOL}[server]\nsocket = \"s.sock\"\nbacklog = 5\n"),
             6,
-            ":6:1: server.backlog: unknown key, expected one of socket, socket_mode, socket_group, max_payload",
+            ":6:1: server.backlog: unknown key, expected one of socket, socket_mode, socket_group, max_payload, max_result, max_memory, read_timeout",
         );
         // [pool.settings] is free-form: anything goes.
         let c = env.ok(&format!(
@@ -2413,6 +2474,27 @@ max_jobs = 0
                 .max_payload,
             1 << 30
         );
+        env.err(
+            &format!("[server]\nmax_payload = \"1MiB\"\nmax_memory = \"2MiB\"\n{POOL}"),
+            3,
+            "server.max_memory: must be at least twice max_payload plus 2070 bytes (2099222 bytes), got 2097152 bytes",
+        );
+        env.err(
+            &format!("[server]\nmax_result = 0\n{POOL}"),
+            2,
+            "server.max_result: must be between 1 byte and 1GiB, got 0 bytes",
+        );
+        env.err(
+            &format!("[server]\nread_timeout = \"0s\"\n{POOL}"),
+            2,
+            "server.read_timeout: must be at least 1ms, got 0ns",
+        );
+        let c = env.ok(&format!(
+            "[server]\nmax_result = \"1GiB\"\nmax_memory = \"64MiB\"\nread_timeout = \"2s\"\n{POOL}"
+        ));
+        assert_eq!(c.server.max_result, 1 << 30);
+        assert_eq!(c.server.max_memory, 64 << 20);
+        assert_eq!(c.server.read_timeout, Duration::from_secs(2));
         assert_eq!(env.ok(&format!("{POOL}workers = 0\n")).pools[0].workers, 0);
         env.err(
             &format!("[host]\ninit_timeout = \"0s\"\n{POOL}"),

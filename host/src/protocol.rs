@@ -405,10 +405,16 @@ pub fn job_head(key: u64, payload_len: usize) -> [u8; JOB_HEAD] {
 }
 
 pub fn put_result(out: &mut Vec<u8>, id: u64, status: Status, body: &[u8]) {
-    put_header(out, kind::RESULT, 8 + 1 + body.len());
+    put_result_head(out, id, status, body.len());
+    out.extend_from_slice(body);
+}
+
+/// A RESULT frame's bytes before its body of `body_len` bytes, which the caller writes after
+/// them (a large body in place, not copied behind its head).
+pub fn put_result_head(out: &mut Vec<u8>, id: u64, status: Status, body_len: usize) {
+    put_header(out, kind::RESULT, 8 + 1 + body_len);
     out.extend_from_slice(&id.to_be_bytes());
     out.push(status as u8);
-    out.extend_from_slice(body);
 }
 
 /// A whole job frame in a buffer. (The master writes job frames with [`job_head`] and the
@@ -447,9 +453,14 @@ pub fn put_progress(out: &mut Vec<u8>, kind: u8, who: u64, numerator: u64, denom
 
 /// A data frame: WORK_DATA (`who` is the job's key) or DATA (the client's id).
 pub fn put_data(out: &mut Vec<u8>, kind: u8, who: u64, data: &[u8]) {
-    put_header(out, kind, 8 + data.len());
-    out.extend_from_slice(&who.to_be_bytes());
+    put_data_head(out, kind, who, data.len());
     out.extend_from_slice(data);
+}
+
+/// A DATA or WORK_DATA frame's bytes before its `data_len` bytes of data.
+pub fn put_data_head(out: &mut Vec<u8>, kind: u8, who: u64, data_len: usize) {
+    put_header(out, kind, 8 + data_len);
+    out.extend_from_slice(&who.to_be_bytes());
 }
 
 /// An incoming byte stream cut into frames, with a size limit checked on the length prefix —
@@ -466,6 +477,20 @@ pub struct FrameReader {
     start: usize,
     end: usize,
     max_frame: usize,
+    /// Whether an oversized SUBMIT is skipped ([`Next::Oversized`]) rather than an error.
+    skip_oversized: bool,
+    /// Bytes of an oversized frame still to arrive, to be dropped as they do.
+    skipping: usize,
+}
+
+/// What [`FrameReader::next_frame`] found at the front of the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<'a> {
+    /// A whole frame: kind and body.
+    Frame(&'a [u8]),
+    /// A SUBMIT or SUBMIT_WATCH over the size limit: its id and its announced length (kind
+    /// and body). Its other bytes are dropped as they arrive, never buffered.
+    Oversized { id: u64, len: usize },
 }
 
 /// What [`FrameReader::read_from`] asks one read for, at least.
@@ -479,11 +504,28 @@ impl FrameReader {
             start: 0,
             end: 0,
             max_frame,
+            skip_oversized: false,
+            skipping: 0,
         }
     }
 
-    /// Appends received bytes.
+    /// A reader that answers an oversized SUBMIT with [`Next::Oversized`] and skips its body,
+    /// so that one too-large job costs its sender that job, not its connection.
+    pub fn skipping_oversized_submits(max_frame: usize) -> FrameReader {
+        FrameReader {
+            skip_oversized: true,
+            ..FrameReader::new(max_frame)
+        }
+    }
+
+    /// Appends received bytes (the skipped ones of an oversized frame are dropped here).
     pub fn push(&mut self, bytes: &[u8]) {
+        let skipped = self.skipping.min(bytes.len());
+        self.skipping -= skipped;
+        let bytes = &bytes[skipped..];
+        if bytes.is_empty() {
+            return;
+        }
         self.make_room(bytes.len());
         self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
         self.end += bytes.len();
@@ -558,6 +600,45 @@ impl FrameReader {
     /// The next whole frame (kind + body), or `None` if more bytes are needed.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let max = self.max_frame;
+        match self.next_frame()? {
+            None => Ok(None),
+            Some(Next::Frame(frame)) => Ok(Some(frame)),
+            Some(Next::Oversized { len, .. }) => Err(FrameError::TooLarge { len, max }),
+        }
+    }
+
+    /// Like [`FrameReader::next`], but with [`FrameReader::skipping_oversized_submits`] an
+    /// oversized SUBMIT is [`Next::Oversized`] once its kind and id are in; its remaining bytes
+    /// are then skipped. Any other oversized frame is still [`FrameError::TooLarge`].
+    pub fn next_frame(&mut self) -> Result<Option<Next<'_>>, FrameError> {
+        // Bytes of a skipped frame that came in through read_from.
+        let skipped = self.skipping.min(self.buffered());
+        self.skipping -= skipped;
+        self.start += skipped;
+        if self.skipping > 0 {
+            return Ok(None);
+        }
+        let avail = &self.buf[self.start..self.end];
+        if self.skip_oversized && avail.len() >= 5 {
+            let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+            // The job's id follows the kind (and, in SUBMIT_FLAGS, its flags byte).
+            let id_at = match avail[4] {
+                kind::SUBMIT | kind::SUBMIT_WATCH => Some(5),
+                kind::SUBMIT_FLAGS => Some(6),
+                _ => None,
+            };
+            if let Some(id_at) = id_at.filter(|_| len > self.max_frame) {
+                let Some(id) = avail.get(id_at..id_at + 8) else {
+                    return Ok(None);
+                };
+                let id = u64::from_be_bytes(id.try_into().unwrap_or_default());
+                let here = avail.len().min(4 + len);
+                self.start += here;
+                self.skipping = 4 + len - here;
+                return Ok(Some(Next::Oversized { id, len }));
+            }
+        }
         if !self.has_frame()? {
             return Ok(None);
         }
@@ -565,7 +646,29 @@ impl FrameReader {
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         let from = self.start + 4;
         self.start = from + len;
-        Ok(Some(&self.buf[from..from + len]))
+        Ok(Some(Next::Frame(&self.buf[from..from + len])))
+    }
+
+    /// The whole frame at the front (kind and body), owned, when it is at least `min_len`
+    /// bytes: the buffer itself is handed over (the frame moved to its front), so a large
+    /// frame is never held twice. What follows the frame stays in a new buffer.
+    pub fn take_large(&mut self, min_len: usize) -> Result<Option<Vec<u8>>, FrameError> {
+        if !self.has_frame()? {
+            return Ok(None);
+        }
+        let avail = &self.buf[self.start..self.end];
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len < min_len {
+            return Ok(None);
+        }
+        let from = self.start + 4;
+        let rest = self.buf[from + len..self.end].to_vec();
+        let mut frame = std::mem::replace(&mut self.buf, rest);
+        self.start = 0;
+        self.end = self.buf.len();
+        frame.truncate(from + len);
+        frame.drain(..from);
+        Ok(Some(frame))
     }
 
     /// True when a whole frame is buffered (checks the size limit like [`FrameReader::next`]).
@@ -592,9 +695,20 @@ impl FrameReader {
         self.end - self.start
     }
 
-    /// True when a partial frame is waiting for more bytes.
+    /// True when a partial frame is waiting for more bytes (or one is being skipped).
     pub fn has_partial(&self) -> bool {
-        self.buffered() > 0
+        self.buffered() > 0 || self.skipping > 0
+    }
+
+    /// The memory the buffer holds (what is unread and the room after it): what a client's
+    /// partial frames cost the master.
+    pub fn allocated(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes still missing of the frame at the front: what finishing it takes.
+    pub fn frame_missing(&self) -> usize {
+        self.skipping.max(self.missing())
     }
 }
 
@@ -777,6 +891,54 @@ mod tests {
                 max: 100
             })
         );
+    }
+
+    #[test]
+    fn an_oversized_submit_is_named_and_skipped_as_it_arrives_and_the_next_frame_follows() {
+        let mut wire = Vec::new();
+        put_submit(&mut wire, 42, "p", &[7; 5000]);
+        let oversized = wire.len();
+        // A flagged one too: its id follows the flags byte.
+        put_submit_head_flagged(&mut wire, submit_flags::DETACH, 44, "p", 5000);
+        wire.extend_from_slice(&[7; 5000]);
+        let flagged = wire.len() - oversized;
+        put_submit(&mut wire, 43, "p", b"ok");
+        let mut reader = FrameReader::skipping_oversized_submits(100);
+        let mut got = Vec::new();
+        for piece in wire.chunks(7) {
+            reader.push(piece);
+            assert!(
+                reader.allocated() <= 64,
+                "{} bytes held",
+                reader.allocated()
+            );
+            while let Some(next) = reader.next_frame().unwrap() {
+                got.push(match next {
+                    Next::Frame(frame) => decode(frame).unwrap().to_string(),
+                    Next::Oversized { id, len } => format!("oversized #{id} ({len} bytes)"),
+                });
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                format!("oversized #42 ({} bytes)", oversized - 4),
+                format!("oversized #44 ({} bytes)", flagged - 4),
+                "submit #43 to p (2 bytes)".into()
+            ]
+        );
+        assert!(!reader.has_partial());
+        // Any other kind over the limit is still an error, as is an oversized SUBMIT for a
+        // reader that does not skip.
+        let mut reader = FrameReader::skipping_oversized_submits(100);
+        reader.push(&[0, 0, 1, 0, kind::RESULT]);
+        assert!(matches!(
+            reader.next_frame(),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let mut reader = FrameReader::new(100);
+        reader.push(&wire[..20]);
+        assert!(matches!(reader.next(), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! never blocks: every read and write is non-blocking and driven by the master's epoll loop.
 //! A connection that sends garbage is closed; nothing a client sends can stop the master.
 
+use std::collections::VecDeque;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,12 @@ pub const RESUME_BELOW: usize = 8 << 20;
 /// count against [`PAUSE_ABOVE`] like results).
 pub const PROGRESS_ABOVE: usize = 256 << 10;
 /// How much one connection may read per wake-up, so one busy client cannot starve others.
-const READ_BUDGET: usize = 1 << 20;
+pub const READ_BUDGET: usize = 1 << 20;
+/// A result or data body at least this large is queued as its own output chunk, moved in and
+/// written in place (writev), never copied behind its head.
+pub const OWN_CHUNK: usize = 64 << 10;
+/// Output chunks one writev carries at most.
+const WRITE_SLICES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -137,14 +143,31 @@ pub enum ReadOutcome {
 pub struct Connection {
     pub stream: UnixStream,
     pub reader: FrameReader,
-    out: Vec<u8>,
+    /// Output in order: small frames gathered into chunks, large bodies as their own.
+    out: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already written.
     out_pos: usize,
+    /// Bytes of every chunk in `out`, the written part of the front one included.
+    out_len: usize,
     /// Not reading: the client holds too much of the master's memory (see [`PAUSE_ABOVE`]).
     pub paused: bool,
+    /// Not reading: the master's budget for all clients is spent and this one is over its
+    /// fair share (the master's [`crate::config::ServerConfig::max_memory`]).
+    pub held_back: bool,
     /// Payload bytes of this client's accepted jobs that are not answered yet.
     pub outstanding: usize,
+    /// What this client was last counted as holding in the master's total.
+    pub accounted: usize,
     /// Whether epoll should report writability (output is pending).
     pub wants_write: bool,
+    /// The frame being received must be whole by then (`server.read_timeout`); None while no
+    /// frame is started, or while the master is not reading this client.
+    pub read_deadline: Option<std::time::Instant>,
+    /// While not reading: what was left of the read timeout when reading stopped.
+    pub read_time_left: Option<std::time::Duration>,
+    /// The time of this client's entry in the master's heap of read deadlines, if it has one
+    /// (at most one is live: a later deadline is queued when that one comes up).
+    pub read_timer_queued: Option<std::time::Instant>,
     /// PROGRESS frames held back while its output is over [`PROGRESS_ABOVE`]: (id, numerator,
     /// denominator), one per id, the latest. Bounded by its unanswered watched jobs.
     deferred_progress: Vec<(u64, u64, u64)>,
@@ -155,26 +178,34 @@ impl Connection {
         stream.set_nonblocking(true)?;
         Ok(Connection {
             stream,
-            reader: FrameReader::new(max_frame),
-            out: Vec::new(),
+            reader: FrameReader::skipping_oversized_submits(max_frame),
+            out: VecDeque::new(),
             out_pos: 0,
+            out_len: 0,
             paused: false,
+            held_back: false,
             outstanding: 0,
+            accounted: 0,
             wants_write: false,
+            read_deadline: None,
+            read_time_left: None,
+            read_timer_queued: None,
             deferred_progress: Vec::new(),
         })
     }
 
-    /// Reads what the socket has (up to a budget) into the frame reader.
-    pub fn read(&mut self, scratch: &mut [u8]) -> ReadOutcome {
-        let mut budget = READ_BUDGET;
+    /// Reads what the socket has, up to about `budget` bytes (at most [`READ_BUDGET`]), into
+    /// the frame reader.
+    pub fn read(&mut self, scratch: &mut [u8], budget: usize) -> ReadOutcome {
+        let mut budget = budget.min(READ_BUDGET);
         while budget > 0 {
-            match self.stream.read(scratch) {
+            let want = scratch.len().min(budget);
+            match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => return ReadOutcome::Closed,
                 Ok(n) => {
                     self.reader.push(&scratch[..n]);
                     budget = budget.saturating_sub(n);
-                    if n < scratch.len() {
+                    if n < want {
                         break;
                     }
                 }
@@ -186,16 +217,52 @@ impl Connection {
         ReadOutcome::Open
     }
 
-    /// The buffer results are appended to.
-    pub fn out(&mut self) -> &mut Vec<u8> {
-        &mut self.out
+    /// Appends small frames with `put` to the last chunk, unless it is full or a large body
+    /// of its own.
+    fn append(&mut self, put: impl FnOnce(&mut Vec<u8>)) {
+        if self.out.back().is_none_or(|last| last.len() >= OWN_CHUNK) {
+            self.out.push_back(Vec::new());
+        }
+        if let Some(last) = self.out.back_mut() {
+            let before = last.len();
+            put(last);
+            self.out_len += last.len() - before;
+        }
+    }
+
+    /// Queues a large body as its own chunk (after its head).
+    fn append_chunk(&mut self, body: Vec<u8>) {
+        self.out_len += body.len();
+        self.out.push_back(body);
+    }
+
+    /// Appends a RESULT frame; a large body is moved in as its own chunk, not copied.
+    pub fn put_result(&mut self, id: u64, status: protocol::Status, body: Vec<u8>) {
+        if body.len() < OWN_CHUNK {
+            self.append(|out| protocol::put_result(out, id, status, &body));
+        } else {
+            self.append(|out| protocol::put_result_head(out, id, status, body.len()));
+            self.append_chunk(body);
+        }
+    }
+
+    /// Appends a DATA frame; large data is moved in as its own chunk, not copied.
+    pub fn put_data(&mut self, id: u64, data: Vec<u8>) {
+        if data.len() < OWN_CHUNK {
+            self.append(|out| protocol::put_data(out, kind::DATA, id, &data));
+        } else {
+            self.append(|out| protocol::put_data_head(out, kind::DATA, id, data.len()));
+            self.append_chunk(data);
+        }
     }
 
     /// Appends a PROGRESS frame for the job the client calls `id`, or, while its output is
     /// over [`PROGRESS_ABOVE`], holds it back in place of the one held for that id.
     pub fn put_progress(&mut self, id: u64, numerator: u64, denominator: u64) {
         if self.pending_out() <= PROGRESS_ABOVE && self.deferred_progress.is_empty() {
-            protocol::put_progress(&mut self.out, kind::PROGRESS, id, numerator, denominator);
+            self.append(|out| {
+                protocol::put_progress(out, kind::PROGRESS, id, numerator, denominator)
+            });
             return;
         }
         match self.deferred_progress.iter_mut().find(|(i, _, _)| *i == id) {
@@ -215,12 +282,18 @@ impl Connection {
     }
 
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out_len - self.out_pos
     }
 
     /// What this client makes the master hold: unanswered payloads and unread results.
     pub fn held(&self) -> usize {
         self.outstanding + self.pending_out()
+    }
+
+    /// What this client costs the master's memory in all: [`Connection::held`] and its
+    /// partial frame's buffer (`server.max_memory` counts this).
+    pub fn memory(&self) -> usize {
+        self.held() + self.reader.allocated()
     }
 
     /// Whether reading should pause, with hysteresis between the two marks.
@@ -232,13 +305,20 @@ impl Connection {
         }
     }
 
+    /// Whether the master is reading this client now (neither pause applies).
+    pub fn reading(&self) -> bool {
+        !self.paused && !self.held_back
+    }
+
     /// Writes what it can, then the progress held back once there is room for it. Err = the
     /// peer is gone.
     pub fn flush(&mut self) -> io::Result<()> {
         self.write_out()?;
         if !self.deferred_progress.is_empty() && self.pending_out() <= PROGRESS_ABOVE {
             for (id, numerator, denominator) in std::mem::take(&mut self.deferred_progress) {
-                protocol::put_progress(&mut self.out, kind::PROGRESS, id, numerator, denominator);
+                self.append(|out| {
+                    protocol::put_progress(out, kind::PROGRESS, id, numerator, denominator)
+                });
             }
             self.write_out()?;
         }
@@ -246,26 +326,41 @@ impl Connection {
     }
 
     fn write_out(&mut self) -> io::Result<()> {
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
+        while self.pending_out() > 0 {
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let mut count = 0;
+            for (i, chunk) in self.out.iter().take(WRITE_SLICES).enumerate() {
+                let from = if i == 0 { self.out_pos } else { 0 };
+                slices[i] = IoSlice::new(&chunk[from..]);
+                count = i + 1;
+            }
+            match self.stream.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_pos += n,
+                Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-            if self.out.capacity() > RESUME_BELOW {
-                self.out = Vec::new();
-            }
-        } else if self.out_pos > RESUME_BELOW {
-            self.out.drain(..self.out_pos);
-            self.out_pos = 0;
-        }
         Ok(())
+    }
+
+    /// `n` more bytes were written: drop the chunks written whole (their memory goes back).
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.out.front() else {
+                return;
+            };
+            let left = front.len() - self.out_pos;
+            if n < left {
+                self.out_pos += n;
+                return;
+            }
+            n -= left;
+            self.out_len -= front.len();
+            self.out_pos = 0;
+            self.out.pop_front();
+        }
     }
 }
 
@@ -289,7 +384,7 @@ mod tests {
         let mut conn = Connection::new(ours, 1 << 20).unwrap();
         // Fill the socket, then more than PROGRESS_ABOVE of results the client does not read.
         while conn.pending_out() <= PROGRESS_ABOVE {
-            protocol::put_result(conn.out(), 1, protocol::Status::Ok, &[0; 64 << 10]);
+            conn.put_result(1, protocol::Status::Ok, vec![0; 64 << 10]);
             conn.flush().unwrap();
         }
         let held = conn.pending_out();

@@ -76,7 +76,9 @@ fn a_length_prefix_over_max_payload_closes_the_connection_before_any_body() {
     let env = Env::new();
     let master = echo_master(&env);
     let mut huge = UnixStream::connect(&master.socket).unwrap();
+    // Not a SUBMIT (an oversized one is rejected instead, its connection kept).
     huge.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    huge.write_all(&[jobhost::protocol::kind::RESULT]).unwrap();
     assert_closed_by_master(&mut huge);
     master.wait_for_log(
         "malformed frame: frame of 4294967295 bytes is over the limit",

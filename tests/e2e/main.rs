@@ -6,6 +6,7 @@ mod admin;
 mod admin_limits;
 mod bad_input;
 mod check_config;
+mod client_limits;
 mod daemon;
 mod draining;
 mod fairness;

@@ -24,9 +24,13 @@ use crate::protocol::{self, Frame, FrameError, FrameReader};
 pub(super) const OUTCOME_READ_BUDGET: usize = 4 << 20;
 /// Job frames one writev to a worker carries at most (two slices each: head and payload).
 pub(super) const WRITE_BATCH: usize = 32;
-/// The largest frame accepted from a worker: in effect no limit — a worker's outcome may be as
-/// large as its plugin makes it, and the worker is ours (its memory is not a client's).
+/// The largest frame accepted from a worker unless [`WorkerChannel::with_max_body`] says
+/// otherwise (the master does: `server.max_result`).
 const MAX_FRAME: usize = usize::MAX / 2;
+/// An OUTCOME head: kind, key, ok.
+const OUTCOME_HEAD: usize = 1 + 8 + 1;
+/// An outcome body at least this large is moved out of the frame buffer, not copied.
+const MOVE_BODY: usize = 64 << 10;
 
 /// One JOB frame waiting to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +241,15 @@ impl<S: Read + Write> WorkerChannel<S> {
 
     /// Drops all queued output, a partly written frame too: the worker is being killed and
     /// nothing more goes to it (later pushes are dropped).
+    /// Refuses (as a broken protocol) any frame whose body is over `max_body` (an outcome's
+    /// result, or a data report over [`protocol::MAX_JOB_DATA`]): an honest worker never
+    /// sends one, and a hostile one cannot make the master hold more.
+    pub fn with_max_body(mut self, max_body: usize) -> Self {
+        let max_body = max_body.max(protocol::MAX_JOB_DATA);
+        self.reader = FrameReader::new(max_body.saturating_add(OUTCOME_HEAD));
+        self
+    }
+
     pub fn discard_output(&mut self) {
         self.out.clear();
         self.out_pos = 0;
@@ -278,48 +291,68 @@ impl<S: Read + Write> WorkerChannel<S> {
     }
 
     fn decode_next(&mut self) -> Result<Option<WorkerSaid>, ChannelError> {
+        // A large outcome: the frame buffer itself becomes its body, so it is never held twice.
+        if let Some(mut frame) = self.reader.take_large(MOVE_BODY)? {
+            if let Frame::Outcome { key, ok, .. } = protocol::decode(&frame)? {
+                if self.left {
+                    return Err(ChannelError::AfterLeaving);
+                }
+                frame.drain(..OUTCOME_HEAD);
+                return Ok(Some(WorkerSaid::Outcome {
+                    key,
+                    ok,
+                    body: frame,
+                }));
+            }
+            return said(&mut self.left, &frame).map(Some);
+        }
         let Some(frame) = self.reader.next()? else {
             return Ok(None);
         };
-        let frame = protocol::decode(frame)?;
-        if self.left {
-            return Err(ChannelError::AfterLeaving);
+        said(&mut self.left, frame).map(Some)
+    }
+}
+
+/// One frame a worker sent, decoded and owned; `left`: it sent LEAVING (then and after).
+fn said(left: &mut bool, frame: &[u8]) -> Result<WorkerSaid, ChannelError> {
+    let frame = protocol::decode(frame)?;
+    if *left {
+        return Err(ChannelError::AfterLeaving);
+    }
+    Ok(match frame {
+        Frame::Outcome { key, ok, body } => WorkerSaid::Outcome {
+            key,
+            ok,
+            body: body.to_vec(),
+        },
+        Frame::Hold { paused } => WorkerSaid::Hold { paused },
+        Frame::Leaving { code, jobs_done } => {
+            *left = true;
+            WorkerSaid::Leaving { code, jobs_done }
         }
-        Ok(Some(match frame {
-            Frame::Outcome { key, ok, body } => WorkerSaid::Outcome {
-                key,
-                ok,
-                body: body.to_vec(),
-            },
-            Frame::Hold { paused } => WorkerSaid::Hold { paused },
-            Frame::Leaving { code, jobs_done } => {
-                self.left = true;
-                WorkerSaid::Leaving { code, jobs_done }
-            }
-            Frame::WorkProgress {
-                key,
+        Frame::WorkProgress {
+            key,
+            numerator,
+            denominator,
+        } => WorkerSaid::Reported {
+            key,
+            report: Reported::Progress {
                 numerator,
                 denominator,
-            } => WorkerSaid::Reported {
-                key,
-                report: Reported::Progress {
-                    numerator,
-                    denominator,
-                },
             },
-            Frame::WorkData { key, data } => WorkerSaid::Reported {
-                key,
-                report: Reported::Data(data.to_vec()),
-            },
-            other @ (Frame::Job { .. }
-            | Frame::Submit { .. }
-            | Frame::Result { .. }
-            | Frame::Progress { .. }
-            | Frame::Data { .. }) => {
-                return Err(ChannelError::Unexpected(other.to_string()));
-            }
-        }))
-    }
+        },
+        Frame::WorkData { key, data } => WorkerSaid::Reported {
+            key,
+            report: Reported::Data(data.to_vec()),
+        },
+        other @ (Frame::Job { .. }
+        | Frame::Submit { .. }
+        | Frame::Result { .. }
+        | Frame::Progress { .. }
+        | Frame::Data { .. }) => {
+            return Err(ChannelError::Unexpected(other.to_string()));
+        }
+    })
 }
 
 #[cfg(test)]

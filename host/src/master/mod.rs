@@ -30,6 +30,7 @@
 
 mod admin;
 mod channel;
+mod clients;
 mod life;
 mod pool;
 mod reload;
@@ -126,6 +127,8 @@ struct Io {
     admin_resume: Vec<u64>,
     clients: FxHashMap<u64, Connection>,
     next_client_id: u64,
+    /// What clients hold of the master's memory, and their read deadlines.
+    client_limits: clients::ClientLimits,
     procs: FxHashMap<WorkerId, Proc>,
     by_pid: FxHashMap<Pid, WorkerId>,
     /// A reload waiting for its probes.
@@ -301,6 +304,7 @@ impl Master {
     /// has stopped; every accepted job has been answered.
     pub fn run(&mut self) -> Result<(), MasterError> {
         let mut events = vec![EpollEvent::empty(); 256];
+        clients::return_freed_buffers_to_the_os();
         self.now = Instant::now();
         self.apply(Event::Tick);
         self.flush();
@@ -420,9 +424,7 @@ impl Master {
                             numerator,
                             denominator,
                         } => conn.put_progress(id, numerator, denominator),
-                        Reported::Data(data) => {
-                            protocol::put_data(conn.out(), protocol::kind::DATA, id, &data)
-                        }
+                        Reported::Data(data) => conn.put_data(id, data),
                     }
                     self.io.dirty_clients.push(client.0);
                 }
@@ -438,7 +440,7 @@ impl Master {
                 if let Some(conn) = self.io.clients.get_mut(&client.0) {
                     conn.outstanding = conn.outstanding.saturating_sub(payload_len);
                     conn.forget_progress(id);
-                    protocol::put_result(conn.out(), id, status, &body);
+                    conn.put_result(id, status, body);
                     self.io.dirty_clients.push(client.0);
                 }
                 None
@@ -502,6 +504,7 @@ impl Master {
             self.admin_deadline(),
             self.probe_deadline(),
             self.hangup_deadline(),
+            self.clients_deadline(),
         ];
         let timeout = match deadlines.into_iter().flatten().min() {
             // Admin sessions to resume, or jobs to dispatch: look at new events, but do not
@@ -745,6 +748,7 @@ impl Master {
             }
         }
         self.admin_timers(now);
+        self.client_timers(now);
         let hung_up: Vec<WorkerId> = self
             .io
             .procs
@@ -765,6 +769,11 @@ impl Master {
         }
     }
 
+    /// `server.max_result`: the largest result a worker may send.
+    fn max_result(&self) -> usize {
+        usize::try_from(self.config.server.max_result).unwrap_or(usize::MAX)
+    }
+
     /// The largest submit frame: the payload limit plus the id and the longest pool name.
     fn max_frame(&self) -> usize {
         usize::try_from(self.config.server.max_payload)
@@ -782,7 +791,7 @@ impl Master {
         let Some(conn) = self.io.clients.get_mut(&id) else {
             return;
         };
-        if conn.paused {
+        if !conn.reading() {
             // Not reading it (it holds too much), but a hang-up still ends it: epoll reports
             // HUP/ERR even with no events asked for, and would do so on every wait.
             if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
@@ -790,36 +799,62 @@ impl Master {
             }
             return;
         }
-        let closed = matches!(conn.read(&mut self.io.scratch), ReadOutcome::Closed);
-        if let Err(reason) = self.take_submits(id) {
-            log::info!("closing client {id}: {reason}");
+        // The master's budget for all clients: past it, this one may read its fair share, or
+        // finish the frame it started if no other client is doing so; else it waits.
+        let Some(budget) = self.read_allowance(id) else {
+            return self.hold_back(id);
+        };
+        let Some(conn) = self.io.clients.get_mut(&id) else {
+            return;
+        };
+        let closed = matches!(conn.read(&mut self.io.scratch, budget), ReadOutcome::Closed);
+        let taken = match self.take_submits(id) {
+            Ok(taken) => taken,
+            Err(reason) => {
+                log::info!("closing client {id}: {reason}");
+                return self.drop_client(id);
+            }
+        };
+        if closed {
             return self.drop_client(id);
         }
-        if closed {
-            self.drop_client(id);
-        }
+        self.read_done(id, taken > 0);
     }
 
-    /// Hands every whole frame a client sent to the supervisor as a submit.
-    fn take_submits(&mut self, client: u64) -> Result<(), server::ClientError> {
+    /// Hands every whole frame a client sent to the supervisor as a submit; an oversized
+    /// SUBMIT is answered `rejected` here (its bytes are skipped). Returns how many frames it
+    /// took.
+    fn take_submits(&mut self, client: u64) -> Result<usize, server::ClientError> {
         let now = self.now;
+        let max_payload = self.config.server.max_payload;
+        let mut taken = 0;
         loop {
             let Some(conn) = self.io.clients.get_mut(&client) else {
-                return Ok(());
+                return Ok(taken);
             };
             if conn.over_budget() {
                 // Leave the rest in its buffer; flush_client pauses reading and resumes later.
                 self.io.dirty_clients.push(client);
-                return Ok(());
+                return Ok(taken);
             }
-            let frame = match conn.reader.next() {
-                Ok(Some(frame)) => frame,
+            let frame = match conn.reader.next_frame() {
+                Ok(Some(protocol::Next::Frame(frame))) => frame,
+                Ok(Some(protocol::Next::Oversized { id, len })) => {
+                    // Refused before any of it is buffered; the connection and its other
+                    // jobs go on.
+                    let reason = format!("too large ({len} bytes, max_payload is {max_payload})");
+                    conn.put_result(id, protocol::Status::Rejected, reason.into_bytes());
+                    self.io.dirty_clients.push(client);
+                    taken += 1;
+                    continue;
+                }
                 Ok(None) => {
                     conn.reader.shrink();
-                    return Ok(());
+                    return Ok(taken);
                 }
                 Err(e) => return Err(e.into()),
             };
+            taken += 1;
             let (id, pool, payload, watch, detach) = match protocol::decode(frame) {
                 Ok(Frame::Submit {
                     id,
@@ -860,6 +895,7 @@ impl Master {
             if let Some(epoll) = &self.io.epoll {
                 let _ = epoll.delete(conn.stream.as_fd());
             }
+            self.io.client_limits.forget(id, &conn);
             self.apply(Event::ClientGone(ClientId(id)));
         }
     }
@@ -1040,7 +1076,7 @@ impl Master {
                     id,
                     Proc {
                         pid: child,
-                        channel: WorkerChannel::new(channel),
+                        channel: WorkerChannel::new(channel).with_max_body(self.max_result()),
                         slot,
                         forgotten: false,
                         hung_up: None,
@@ -1079,6 +1115,7 @@ impl Master {
             identity: self.identity.clone(),
             predecessors,
             slot,
+            max_result: self.max_result(),
         };
         match instance.as_mut() {
             Some(plugin) => worker::run(plugin, assignment),
@@ -1107,6 +1144,7 @@ impl Master {
             self.flush_client(id);
         }
         self.io.dirty_clients = dirty;
+        self.release_held_back();
     }
 
     fn flush_worker(&mut self, id: WorkerId) {
@@ -1154,29 +1192,24 @@ impl Master {
         let paused = conn.over_budget();
         let wants_write = conn.pending_out() > 0;
         if paused != conn.paused || wants_write != conn.wants_write {
+            let resumed = conn.paused && !paused;
             conn.paused = paused;
             conn.wants_write = wants_write;
-            let mut flags = EpollFlags::empty();
-            if !paused {
-                flags |= EpollFlags::EPOLLIN;
-            }
-            if wants_write {
-                flags |= EpollFlags::EPOLLOUT;
-            }
-            let mut event = EpollEvent::new(flags, Token::Client(id).encode());
-            if let Some(epoll) = &self.io.epoll {
-                let _ = epoll.modify(conn.stream.as_fd(), &mut event);
-            }
-            if !paused {
+            self.set_interest(id);
+            if resumed {
                 // Frames may have arrived while paused; take them now — and dispatch them on
                 // a pass that does not wait.
                 self.io.tick_again = true;
-                if let Err(reason) = self.take_submits(id) {
-                    log::info!("closing client {id}: {reason}");
-                    self.drop_client(id);
+                match self.take_submits(id) {
+                    Ok(taken) => return self.read_done(id, taken > 0),
+                    Err(reason) => {
+                        log::info!("closing client {id}: {reason}");
+                        return self.drop_client(id);
+                    }
                 }
             }
         }
+        self.read_done(id, false);
     }
 
     /// Shutting down: give clients a moment to receive their last results.

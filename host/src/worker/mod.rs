@@ -122,6 +122,8 @@ pub struct Assignment {
     /// This worker's scoreboard slot (see [`crate::scoreboard`]): a redis worker publishes
     /// on it; a job-mode worker claims each job on it, so the master can take back the rest.
     pub slot: crate::scoreboard::Slot,
+    /// `server.max_result`: a larger result is the job's failure, never sent.
+    pub max_result: usize,
 }
 
 /// What the signals received since the last job ask of the worker.
@@ -233,7 +235,10 @@ fn serve(plugin: &mut PluginInstance, assignment: Assignment, signals: SignalPip
             assignment.predecessors,
             assignment.slot,
         )),
-        (None, PoolMode::Jobs) => Box::new(MasterSource::new(assignment.channel, assignment.slot)),
+        (None, PoolMode::Jobs) => Box::new(
+            MasterSource::new(assignment.channel, assignment.slot)
+                .with_max_result(assignment.max_result),
+        ),
         (None, PoolMode::Loop) => Box::new(LoopSource::new(assignment.channel, pool.idle_sleep)),
     };
     if let Err(message) = plugin.worker_start().into_result() {

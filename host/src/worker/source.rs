@@ -86,6 +86,9 @@ pub struct MasterSource {
     slot: Slot,
     /// Counts the JOB frames read and remembers what the master took back.
     claimer: Claimer,
+    /// `server.max_result`: a larger result is sent as the job's failure instead (the master
+    /// would take it as a broken protocol).
+    max_result: usize,
 }
 
 impl MasterSource {
@@ -100,7 +103,12 @@ impl MasterSource {
             closed: false,
             slot,
             claimer: Claimer::new(),
+            max_result: usize::MAX,
         }
+    }
+
+    pub fn with_max_result(self, max_result: usize) -> MasterSource {
+        MasterSource { max_result, ..self }
     }
 
     /// Reads what is there, straight into the frame buffer. Ok(false) = the master closed
@@ -310,8 +318,20 @@ impl JobSource for MasterSource {
         let outcome = job::handle(plugin, payload, &mut |r| reports.on(r));
         reports.finish()?;
         match outcome {
+            Ok(result) if result.len() > self.max_result => {
+                let message = format!(
+                    "result too large ({} bytes, max_result is {})",
+                    result.len(),
+                    self.max_result
+                );
+                protocol::put_outcome(&mut self.out, key, false, message.as_bytes())
+            }
             Ok(result) => protocol::put_outcome(&mut self.out, key, true, &result),
-            Err(message) => protocol::put_outcome(&mut self.out, key, false, message.as_bytes()),
+            Err(message) => {
+                // A failure's message is bounded like a result.
+                let message = &message.as_bytes()[..message.len().min(self.max_result)];
+                protocol::put_outcome(&mut self.out, key, false, message)
+            }
         }
         // Report at once: the master times jobs by their outcomes, and a client waits for it.
         self.flush()?;
