@@ -29,6 +29,8 @@
 //! - `hang`: never returns.
 //! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
 //!   worker; returns `leaked <N> MiB`.
+//! - `big <MiB>`: returns a result of that many MiB (a small job with a large result, to
+//!   measure what the master holds for results and test `max_result`).
 //! - `pid` or `pid <MS>`: sleeps MS milliseconds (default 0); returns the process id, so a
 //!   test can tell which worker ran a job.
 //! - `trace <MS> <TAG> <FILE>`: appends `start <TAG> <PID> <NS>` to FILE (created if need be;
@@ -143,15 +145,32 @@ impl Plugin for Faulty {
             (Some("forge-reports"), Some(from), Some(to)) => forge(from, to, report_frames),
             (Some("hang"), None, _) => hang(),
             (Some("leak"), Some(mib), None) => self.leak(mib),
+            (Some("big"), Some(mib), None) => big(mib),
             (Some("pid"), ms, None) => {
                 std::thread::sleep(millis(ms.unwrap_or("0"))?);
                 Ok(std::process::id().to_string().into_bytes())
             }
             _ => Err(format!(
-                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang, leak <MiB>, pid [<MS>] or trace <MS> <TAG> <FILE>)"
+                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang, leak <MiB>, big <MiB>, pid [<MS>] or trace <MS> <TAG> <FILE>)"
             )),
         }
     }
+}
+
+/// `big <MiB>`: a result of that many MiB.
+fn big(mib: &str) -> Result<Vec<u8>, String> {
+    let count: usize = mib
+        .parse()
+        .map_err(|_| format!("faulty: big needs a whole number of MiB, got {mib:?}"))?;
+    let bytes = count
+        .checked_mul(1 << 20)
+        .ok_or_else(|| format!("faulty: cannot return {count} MiB: too large"))?;
+    let mut block = Vec::new();
+    block
+        .try_reserve_exact(bytes)
+        .map_err(|e| format!("faulty: cannot allocate {count} MiB: {e}"))?;
+    block.resize(bytes, b'Z');
+    Ok(block)
 }
 
 impl Faulty {
