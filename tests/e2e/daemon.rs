@@ -80,6 +80,13 @@ fn a_stale_pidfile_left_by_a_killed_master_is_taken_over() {
     let _first = KillDaemonOnPanic(first);
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
     wait_until("the killed master to go", SOON, || !is_alive(first));
+    // Its workers follow it (PR_SET_PDEATHSIG); on a loaded machine one forked just before
+    // the kill may not have run yet to close its copy of the job socket's listener, which
+    // still answers a connect (the next master would rightly refuse to replace it).
+    let jobs = env.path().join("run/jobs.sock");
+    wait_until("the killed master's job socket to go quiet", SOON, || {
+        std::os::unix::net::UnixStream::connect(&jobs).is_err()
+    });
     assert!(pidfile.exists(), "a killed master leaves its pidfile");
     env.jobhost(&["run", "--daemon", "-c", config])
         .assert_code(0);
