@@ -935,6 +935,8 @@ pub enum CloseReason {
     NotAuthenticated(Duration),
     /// No input (and none of its output taken) for `admin.idle_timeout`.
     Idle(Duration),
+    /// Refused at accept: this many sessions (or unauthenticated TCP sessions) are open.
+    TooMany { limit: usize, unauthenticated: bool },
 }
 
 impl fmt::Display for CloseReason {
@@ -946,6 +948,17 @@ impl fmt::Display for CloseReason {
                 humantime::format_duration(*d)
             ),
             CloseReason::Idle(d) => write!(f, "idle for {}", humantime::format_duration(*d)),
+            CloseReason::TooMany {
+                limit,
+                unauthenticated: false,
+            } => write!(f, "{limit} admin sessions are open already"),
+            CloseReason::TooMany {
+                limit,
+                unauthenticated: true,
+            } => write!(
+                f,
+                "{limit} unauthenticated TCP admin sessions are open already"
+            ),
         }
     }
 }

@@ -336,3 +336,97 @@ fn a_reload_that_shortens_idle_timeout_applies_to_open_sessions() {
         closes_logged(&master, "idle for 1s").0 >= 1
     });
 }
+
+/// Reads what the master said before closing `stream` (a refused session gets one line).
+fn refused_line(stream: &mut impl Read) -> String {
+    let mut said = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_reset(&e) => break,
+            Err(e) => panic!("reading a refused session: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&said).into_owned()
+}
+
+#[test]
+fn sessions_past_the_caps_are_refused_at_once_and_the_operators_still_get_in() {
+    // The caps of host/src/master/admin.rs: 256 sessions in all, 64 unauthenticated TCP ones.
+    const MAX_SESSIONS: usize = 256;
+    const MAX_UNAUTHENTICATED: usize = 64;
+    let (env, port) = tcp_admin_env("auth_timeout = \"1h\"\nidle_timeout = \"1h\"\n");
+    let master = env.start_master(&fs::read_to_string(env.path().join("jobhost.toml")).unwrap());
+    master.wait_for_log("admin interface also on tcp", SOON);
+    // Strangers fill their share; the next stranger is refused with a reason, once.
+    let mut strangers: Vec<_> = (0..MAX_UNAUTHENTICATED)
+        .map(|_| tcp_session(port))
+        .collect();
+    let mut operator = master.admin_session();
+    assert!(operator.command("status").ends_with("OK\n"));
+    let mut one_more = tcp_session(port);
+    assert_eq!(
+        refused_line(&mut one_more),
+        "ERR too many admin sessions; try again later\n"
+    );
+    master.wait_for_log(
+        "admin: closed an admin session: 64 unauthenticated TCP admin sessions are open already",
+        SOON,
+    );
+    // The operator on the Unix socket still gets in, up to the total cap.
+    let mut unix: Vec<_> = (MAX_UNAUTHENTICATED + 1..MAX_SESSIONS)
+        .map(|_| master.admin_session())
+        .collect();
+    assert!(unix
+        .last_mut()
+        .expect("a session")
+        .command("status")
+        .ends_with("OK\n"));
+    let mut past_total = UnixStream::connect(master.admin_socket()).unwrap();
+    past_total.set_read_timeout(Some(SOON)).unwrap();
+    assert_eq!(
+        refused_line(&mut past_total),
+        "ERR too many admin sessions; try again later\n"
+    );
+    // A session that closes makes room again.
+    drop(strangers.pop());
+    wait_until("a closed session's place to be free", SOON, || {
+        let mut s = master.admin_session();
+        s.stream.write_all(b"help\n").is_ok() && s.read_reply().ends_with("OK\n")
+    });
+    drop(strangers);
+}
+
+#[test]
+fn a_session_repeating_a_command_cannot_flood_the_log() {
+    const LINES: usize = 5_000;
+    let env = Env::new();
+    env.install("echo");
+    let master = env.start_master(&config_with(
+        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\n",
+    ));
+    master.wait_for_workers(1);
+    let mut session = master.admin_session();
+    let flood = "stop nope\n".repeat(LINES);
+    session.stream.write_all(flood.as_bytes()).unwrap();
+    for i in 0..LINES {
+        let reply = session.read_reply();
+        assert!(reply.starts_with("ERR"), "reply {i}: {reply}");
+    }
+    master.wait_for_log(
+        "more command(s) in the last second, not logged one by one",
+        SOON,
+    );
+    let logged = master
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("nope"))
+        .count();
+    assert!(
+        logged < LINES / 10,
+        "{logged} of {LINES} refused commands logged one by one"
+    );
+}

@@ -121,7 +121,28 @@ pub(super) struct AdminListeners {
     /// second each.
     closed_unauthenticated: SessionCloses,
     closed_idle: SessionCloses,
+    /// Sessions refused at accept for being one too many, logged at most once a second.
+    /// (index: refused for the unauthenticated TCP sessions' cap, not the total's).
+    refused_too_many: [SessionCloses; 2],
+    /// The last `status` / `workers` view built in this pass (the pass's time), reused by
+    /// every line of the pass that asks again until a command changes something: reading each
+    /// worker's /proc files once per line let pipelined `workers` lines stall dispatch for
+    /// seconds with a thousand workers; once per pass bounds it.
+    snapshot_memo: Option<(Memory, Instant, Snapshot)>,
+    /// Commands logged at info in the current second, so that a session repeating one (even
+    /// a refused one) cannot flood the log: past [`COMMANDS_LOGGED_PER_SECOND`] they are
+    /// counted and the count is logged once the second is over.
+    commands_logged: (Option<Instant>, u32, u64),
 }
+
+/// Admin sessions open at once, at most; one more is refused at accept (its fd and buffers
+/// would be the master's: a flood of sessions must not take the fd table or the heap).
+pub(super) const MAX_SESSIONS: usize = 256;
+/// TCP sessions not authenticated yet, at most (a stranger's sessions cannot crowd out the
+/// operator's: the rest of [`MAX_SESSIONS`] stays for authenticated and Unix ones).
+pub(super) const MAX_UNAUTHENTICATED: usize = 64;
+/// Commands logged at info per second, at most.
+const COMMANDS_LOGGED_PER_SECOND: u32 = 20;
 
 /// Why `admin.token_file` is refused.
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +332,9 @@ impl AdminListeners {
             swept_with: (config.auth_timeout, config.idle_timeout),
             closed_unauthenticated: SessionCloses::new(),
             closed_idle: SessionCloses::new(),
+            refused_too_many: [SessionCloses::new(), SessionCloses::new()],
+            snapshot_memo: None,
+            commands_logged: (None, 0, 0),
         })
     }
 
@@ -381,6 +405,38 @@ impl Master {
                 AdminStream::Tcp(s) => s.set_nonblocking(true),
             };
             if nonblocking.is_err() {
+                continue;
+            }
+            let unauthenticated = self.io.admins.values().filter(|c| !c.authed).count();
+            let limit = if self.io.admins.len() >= MAX_SESSIONS {
+                Some((MAX_SESSIONS, false))
+            } else if tcp && unauthenticated >= MAX_UNAUTHENTICATED {
+                Some((MAX_UNAUTHENTICATED, true))
+            } else {
+                None
+            };
+            if let Some((limit, unauthenticated)) = limit {
+                // One best-effort line, then closed (dropped here): it costs nothing more.
+                let mut stream = stream;
+                let _ = match &mut stream {
+                    AdminStream::Unix(s) => {
+                        s.write(b"ERR too many admin sessions; try again later\n")
+                    }
+                    AdminStream::Tcp(s) => {
+                        s.write(b"ERR too many admin sessions; try again later\n")
+                    }
+                };
+                let now = self.now;
+                if let Some(listeners) = &mut self.io.admin {
+                    let reason = CloseReason::TooMany {
+                        limit,
+                        unauthenticated,
+                    };
+                    let refused = &mut listeners.refused_too_many[usize::from(unauthenticated)];
+                    if let Some(line) = refused.record(now, reason) {
+                        log::warn!("admin: {line}");
+                    }
+                }
                 continue;
             }
             let id = self.io.next_admin_id;
@@ -464,6 +520,9 @@ impl Master {
             let closes = match reason {
                 CloseReason::NotAuthenticated(_) => &mut listeners.closed_unauthenticated,
                 CloseReason::Idle(_) => &mut listeners.closed_idle,
+                CloseReason::TooMany {
+                    unauthenticated, ..
+                } => &mut listeners.refused_too_many[usize::from(unauthenticated)],
             };
             if let Some(line) = closes.record(now, reason) {
                 log::info!("admin: {line}");
@@ -494,6 +553,12 @@ impl Master {
             listeners.wrong_tokens.next_deadline(),
             listeners.closed_unauthenticated.next_deadline(),
             listeners.closed_idle.next_deadline(),
+            listeners.refused_too_many[0].next_deadline(),
+            listeners.refused_too_many[1].next_deadline(),
+            listeners
+                .commands_logged
+                .0
+                .filter(|_| listeners.commands_logged.2 > 0),
         ]
         .into_iter()
         .flatten()
@@ -548,6 +613,58 @@ impl Master {
             if let Some(line) = closes.flush(now, reason) {
                 log::info!("admin: {line}");
             }
+        }
+        let [total, unauthenticated] = &mut listeners.refused_too_many;
+        let refused = [
+            (total, MAX_SESSIONS, false),
+            (unauthenticated, MAX_UNAUTHENTICATED, true),
+        ];
+        for (refused, limit, unauthenticated) in refused {
+            let reason = CloseReason::TooMany {
+                limit,
+                unauthenticated,
+            };
+            if let Some(line) = refused.flush(now, reason) {
+                log::warn!("admin: {line}");
+            }
+        }
+        Self::commands_logged_flush(&mut listeners.commands_logged, now);
+    }
+
+    /// Whether the command about to run may be logged at info (see
+    /// [`AdminListeners::commands_logged`]); says how many were not, once their second is over.
+    fn command_may_be_logged(&mut self) -> bool {
+        let now = self.now;
+        let Some(listeners) = &mut self.io.admin else {
+            return true;
+        };
+        Self::commands_logged_flush(&mut listeners.commands_logged, now);
+        let (window_ends, logged, unlogged) = &mut listeners.commands_logged;
+        if window_ends.is_none() {
+            *window_ends = Some(now + Duration::from_secs(1));
+            *logged = 0;
+        }
+        if *logged < COMMANDS_LOGGED_PER_SECOND {
+            *logged += 1;
+            true
+        } else {
+            *unlogged += 1;
+            false
+        }
+    }
+
+    /// Ends the logging window of commands once it is over, logging how many went unlogged.
+    fn commands_logged_flush(window: &mut (Option<Instant>, u32, u64), now: Instant) {
+        let (window_ends, logged, unlogged) = window;
+        if window_ends.is_some_and(|t| now >= t) {
+            if *unlogged > 0 {
+                log::info!(
+                    "admin: {unlogged} more command(s) in the last second, not logged one by one"
+                );
+            }
+            *window_ends = None;
+            *logged = 0;
+            *unlogged = 0;
         }
     }
 
@@ -673,18 +790,29 @@ impl Master {
         // The parsed request, not the raw line: its Debug hides an `auth` token. Questions
         // change nothing and may come by the thousand: only at debug level.
         match request {
-            Request::Do(_) => log::info!("admin: {request:?}"),
+            // Past the second's share, only counted (not even at debug: that is the flood).
+            Request::Do(_) => {
+                if self.command_may_be_logged() {
+                    log::info!("admin: {request:?}")
+                }
+            }
             _ => log::debug!("admin: {request:?}"),
         }
         let reply = match request {
             Request::Help => admin::help(),
             Request::Auth { .. } => "OK\n".into(),
             Request::Status { json } => {
-                admin::render_status(&self.snapshot(Memory::Resident), json)
+                self.with_snapshot(Memory::Resident, |s| admin::render_status(s, json))
             }
-            Request::Workers { json } => admin::render_workers(&self.snapshot(Memory::Own), json),
+            Request::Workers { json } => {
+                self.with_snapshot(Memory::Own, |s| admin::render_workers(s, json))
+            }
             Request::Quit => self.admin_quit(id),
             Request::Do(command) => {
+                // It may change what a view shows: the next `status` builds a new one.
+                if let Some(listeners) = &mut self.io.admin {
+                    listeners.snapshot_memo = None;
+                }
                 let reload = command == Command::Reload;
                 if reload {
                     // Answered when the reload is over (its probes run while the master
@@ -855,6 +983,30 @@ impl Master {
                 let _ = epoll.delete(conn.stream.fd());
             }
         }
+    }
+
+    /// `render` of this pass's view (see [`AdminListeners::snapshot_memo`]), built if need be.
+    fn with_snapshot(
+        &mut self,
+        memory: Memory,
+        render: impl FnOnce(&Snapshot) -> String,
+    ) -> String {
+        let now = self.now;
+        let memo = self
+            .io
+            .admin
+            .as_mut()
+            .and_then(|l| l.snapshot_memo.take())
+            .filter(|(kind, at, _)| *kind == memory && *at == now);
+        let snapshot = match memo {
+            Some((_, _, snapshot)) => snapshot,
+            None => self.snapshot(memory),
+        };
+        let text = render(&snapshot);
+        if let Some(listeners) = &mut self.io.admin {
+            listeners.snapshot_memo = Some((memory, now, snapshot));
+        }
+        text
     }
 
     /// A consistent view of the master for `status` and `workers`; `memory` says how much of
