@@ -620,6 +620,13 @@ impl FrameReader {
             return Ok(None);
         }
         let avail = &self.buf[self.start..self.end];
+        if self.skip_oversized && avail.len() == 4 {
+            let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+            if len > self.max_frame {
+                // Whether it is a SUBMIT (skipped) or not (refused) is told by its kind byte.
+                return Ok(None);
+            }
+        }
         if self.skip_oversized && avail.len() >= 5 {
             let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
             // The job's id follows the kind (and, in SUBMIT_FLAGS, its flags byte).
@@ -658,16 +665,22 @@ impl FrameReader {
         }
         let avail = &self.buf[self.start..self.end];
         let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len < min_len {
+        let from = self.start + 4;
+        let after = self.end - (from + len);
+        // Only a frame that is most of the buffer, with little after it: the buffer handed
+        // over keeps its capacity (a small frame in a large buffer would pin all of it), and
+        // what follows is copied.
+        if len < min_len || len < self.buf.capacity() / 2 || after > len / 4 {
             return Ok(None);
         }
-        let from = self.start + 4;
         let rest = self.buf[from + len..self.end].to_vec();
         let mut frame = std::mem::replace(&mut self.buf, rest);
         self.start = 0;
         self.end = self.buf.len();
         frame.truncate(from + len);
         frame.drain(..from);
+        // (A large buffer is its own mapping: giving back its tail costs no copy.)
+        frame.shrink_to_fit();
         Ok(Some(frame))
     }
 
@@ -928,6 +941,15 @@ mod tests {
             ]
         );
         assert!(!reader.has_partial());
+        // Its length alone (4 bytes, the kind not in yet) decides nothing.
+        let mut reader = FrameReader::skipping_oversized_submits(100);
+        reader.push(&wire[..4]);
+        assert!(matches!(reader.next_frame(), Ok(None)));
+        reader.push(&wire[4..oversized]);
+        assert!(matches!(
+            reader.next_frame(),
+            Ok(Some(Next::Oversized { id: 42, .. }))
+        ));
         // Any other kind over the limit is still an error, as is an oversized SUBMIT for a
         // reader that does not skip.
         let mut reader = FrameReader::skipping_oversized_submits(100);

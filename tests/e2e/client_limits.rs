@@ -182,3 +182,68 @@ fn a_result_over_max_result_is_the_jobs_failure_and_costs_nothing_else() {
     assert_eq!((r.status, r.body.len()), (Status::Ok, 65536));
     assert_eq!(master.workers(), workers);
 }
+
+#[test]
+fn whole_frames_left_behind_by_the_budget_are_taken_once_the_client_reads() {
+    // A client with 16 MiB of results it has not read sends two jobs in one write: the first
+    // takes it over its own budget, so the second — whole, in the master's buffer — waits.
+    // As the client reads, the second is taken: it is answered, and is no "slow frame"
+    // closed by read_timeout (no EPOLLIN ever comes for bytes already read).
+    let env = Env::new();
+    env.install("echo");
+    env.install("faulty");
+    let master = env.start_master(&config_with(
+        "[server]\nread_timeout = \"2s\"\n[[pool]]\nname = \"e\"\nplugin = \"echo\"\n\n[[pool]]\nname = \"f\"\nplugin = \"faulty\"\nworkers = 4\n",
+    ));
+    master.wait_for_workers(5);
+    let mut stream = UnixStream::connect(env.path().join("run/jobs.sock")).unwrap();
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let mut wire = Vec::new();
+    for id in 0..16 {
+        jobhost::protocol::put_submit(&mut wire, id, "f", b"big 1");
+    }
+    stream.write_all(&wire).unwrap();
+    wait_until("16 MiB of results held for the client", SOON, || {
+        let status: serde_json::Value =
+            serde_json::from_str(master.admin("status json").lines().next().unwrap()).unwrap();
+        status["pools"]
+            .as_array()
+            .and_then(|pools| pools.iter().find(|p| p["name"] == "f"))
+            .is_some_and(|p| p["jobs_done"] == 16)
+    });
+    wire.clear();
+    jobhost::protocol::put_submit(&mut wire, 100, "e", &vec![b'p'; 400_000]);
+    jobhost::protocol::put_submit(&mut wire, 101, "e", b"x");
+    stream.write_all(&wire).unwrap();
+    // It reads at once: the master writes some of its results in the same pass that took the
+    // first job, so the client is under its budget again without ever having been paused.
+    let mut reader = jobhost::protocol::FrameReader::new(64 << 20);
+    let mut answered = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while !answered.contains(&101) {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => panic!("reading results (answered so far: {answered:?}): {e}"),
+        };
+        assert!(
+            n > 0,
+            "the master closed the connection; answered: {answered:?}"
+        );
+        reader.push(&buf[..n]);
+        while let Some(frame) = reader.next().unwrap() {
+            if let Ok(jobhost::protocol::Frame::Result { id, status, .. }) =
+                jobhost::protocol::decode(frame)
+            {
+                assert_eq!(status, Status::Ok, "job {id}");
+                answered.push(id);
+            }
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, (0..16).chain([100, 101]).collect::<Vec<_>>());
+    assert_eq!(
+        master.log_count("read_timeout"),
+        0,
+        "a client closed for a slow frame"
+    );
+}

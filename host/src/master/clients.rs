@@ -75,7 +75,10 @@ impl Master {
         let room = max.saturating_sub(limits.memory);
         let holders = limits.holders + usize::from(mine == 0);
         let share = max / holders.max(1);
-        let allowance = room.max(share.saturating_sub(mine));
+        // A client under its share reads even past the budget — but never past twice it: each
+        // newcomer's share is taken anew, and a stream of them would add up without bound.
+        let ceiling = max.saturating_mul(2).saturating_sub(limits.memory);
+        let allowance = room.max(share.saturating_sub(mine).min(ceiling));
         if allowance >= MIN_READ.min(max / 64).max(1) {
             return Some(allowance);
         }
@@ -119,6 +122,8 @@ impl Master {
             }
             self.set_interest(id);
             self.read_done(id, false);
+            // Frames already in its buffer are taken when it is flushed.
+            self.io.dirty_clients.push(id);
             false
         });
         held.append(&mut self.io.client_limits.held_back);
@@ -176,8 +181,11 @@ impl Master {
         if !partial {
             return;
         }
-        if !conn.reading() {
-            // Time the master does not read this client is not the client's.
+        if conn.paused {
+            // Time the master does not read this client because it does not read its own
+            // results is not counted against its frame. Held back for the budget, its clock
+            // runs: a frame left unfinished holds memory others wait for, and the budget must
+            // drain (a client under its share is not held back).
             if let Some(deadline) = conn.read_deadline.take() {
                 conn.read_time_left = Some(deadline.saturating_duration_since(now));
             } else if conn.read_time_left.is_none() {
@@ -220,7 +228,7 @@ impl Master {
                 conn.read_timer_queued = None;
             }
             match conn.read_deadline {
-                Some(deadline) if deadline <= now && conn.reading() => expired.push(id),
+                Some(deadline) if deadline <= now && !conn.paused => expired.push(id),
                 // Its frame's clock moved on since: queue the new deadline instead.
                 Some(deadline) if conn.read_timer_queued.is_none() => {
                     limits.read_deadlines.push(Reverse((deadline, id)));

@@ -1191,21 +1191,29 @@ impl Master {
         // Back-pressure: a client holding too much of the master's memory is not read from.
         let paused = conn.over_budget();
         let wants_write = conn.pending_out() > 0;
+        let resumed = conn.paused && !paused;
+        // Whole frames left in its buffer when `take_submits` stopped at its budget (a frame
+        // that took it over): now that it is under it again they are taken, paused or not
+        // before — no EPOLLIN will come for bytes already read, and a whole frame left there
+        // is no slow frame.
+        let waiting = !paused && !matches!(conn.reader.has_frame(), Ok(false));
         if paused != conn.paused || wants_write != conn.wants_write {
-            let resumed = conn.paused && !paused;
             conn.paused = paused;
             conn.wants_write = wants_write;
             self.set_interest(id);
-            if resumed {
-                // Frames may have arrived while paused; take them now — and dispatch them on
-                // a pass that does not wait.
-                self.io.tick_again = true;
-                match self.take_submits(id) {
-                    Ok(taken) => return self.read_done(id, taken > 0),
-                    Err(reason) => {
-                        log::info!("closing client {id}: {reason}");
-                        return self.drop_client(id);
+        }
+        if resumed || waiting {
+            match self.take_submits(id) {
+                Ok(taken) => {
+                    // Dispatch them on a pass that does not wait.
+                    if taken > 0 {
+                        self.io.tick_again = true;
                     }
+                    return self.read_done(id, taken > 0);
+                }
+                Err(reason) => {
+                    log::info!("closing client {id}: {reason}");
+                    return self.drop_client(id);
                 }
             }
         }

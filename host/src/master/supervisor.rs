@@ -1483,6 +1483,10 @@ impl Supervisor {
             pool.stats.failed += 1;
             let message = format!("{why}, attempt {failures} of {max}");
             self.answer(key, Status::Failed, message.into_bytes());
+        } else if !job.detach && !self.connected.contains(&job.client.0) {
+            // Its client has gone: a retry would run for nobody.
+            pool.stats.dropped = pool.stats.dropped.saturating_add(1);
+            self.jobs.remove(&key);
         } else {
             pool.stats.retried += 1;
             pool.queue.push_front(key);
@@ -1501,6 +1505,11 @@ impl Supervisor {
         };
         if matches!(self.phase, Phase::Stopping { .. }) {
             self.answer(key, Status::Failed, b"shutting down".to_vec());
+        } else if !job.detach && !self.connected.contains(&job.client.0) {
+            // Given back after its client went away: nobody would hear of it.
+            let pool = &mut self.pools[job.pool];
+            pool.stats.dropped = pool.stats.dropped.saturating_add(1);
+            self.jobs.remove(&key);
         } else {
             self.pools[job.pool].queue.push_front(key);
         }
