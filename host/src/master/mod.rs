@@ -277,6 +277,7 @@ impl Master {
         let settings = Settings {
             graceful_timeout: config.host.graceful_timeout,
             max_payload: config.server.max_payload,
+            max_result: config.server.max_result,
         };
         Ok(Master {
             config,

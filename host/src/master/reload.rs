@@ -347,6 +347,7 @@ impl Master {
         let settings = Settings {
             graceful_timeout: new.host.graceful_timeout,
             max_payload: new.server.max_payload,
+            max_result: new.server.max_result,
         };
         self.config = new;
         Ok(ReloadPlan {

@@ -284,6 +284,8 @@ pub enum CommandError {
 pub struct Settings {
     pub graceful_timeout: Duration,
     pub max_payload: u64,
+    /// The largest result (or failure message) a client is given (`server.max_result`).
+    pub max_result: u64,
 }
 
 /// Phase 1 of a reload, done: what each pool of the new config becomes.
@@ -1260,6 +1262,18 @@ impl Supervisor {
         }
         worker.head_started = worker.busy().then_some(now);
         self.pools[pool].last_result = Some(now);
+        // An honest worker turns a larger result into the job's failure itself; the master's
+        // channel lets through a frame of up to 16 MiB (a job's data), so it checks too.
+        let (ok, body) = if body.len() as u64 > self.settings.max_result {
+            let text = format!(
+                "result too large ({} bytes, max_result is {})",
+                body.len(),
+                self.settings.max_result
+            );
+            (false, text.into_bytes())
+        } else {
+            (ok, body)
+        };
         let stats = &mut self.pools[pool].stats;
         if ok {
             stats.done += 1;

@@ -52,6 +52,7 @@ fn settings(graceful_timeout: Duration) -> Settings {
     Settings {
         graceful_timeout,
         max_payload: 1024,
+        max_result: 1024,
     }
 }
 
@@ -2707,5 +2708,53 @@ fn a_take_back_without_a_fence_does_not_stall_an_emptied_worker_forever() {
         out.sends().iter().any(|(w, _)| *w == w1),
         "w1 (idle, no fence to see, nothing to answer) is never sent a job again: {:?}",
         out.sends()
+    );
+}
+
+/// A job of a client that has gone, lost with the worker that ran it, is not retried for
+/// nobody: it is dropped. A detached one, given back unstarted, is queued again.
+#[test]
+fn a_gone_clients_job_lost_with_its_worker_is_dropped_not_retried() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w1 = s.start()[0];
+    s.submit_to(ClientId(2), 1, "p", b"job");
+    s.submit_detached(ClientId(2), 2);
+    assert_eq!(s.tick().sends().len(), 2);
+    s.on(Event::ClientGone(ClientId(2)));
+    let crashed = s.crash(w1);
+    assert!(crashed.answers().is_empty());
+    assert_eq!(
+        s.queued(0),
+        vec![2],
+        "only the detached one is queued again"
+    );
+    assert_eq!(s.sup.pools()[0].stats.dropped, 1);
+    assert_eq!(s.sup.pools()[0].stats.retried, 0);
+}
+
+/// An outcome over `max_result` (which an honest worker never sends) is the job's failure.
+#[test]
+fn an_outcome_over_max_result_is_the_jobs_failure() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    let w1 = s.start()[0];
+    s.submit(1);
+    s.tick();
+    let key = s.key(1);
+    let body = vec![b'x'; 1025];
+    let out = s.said(
+        w1,
+        WorkerSaid::Outcome {
+            key,
+            ok: true,
+            body,
+        },
+    );
+    assert_eq!(
+        out.answers(),
+        vec![(
+            1,
+            Status::Failed,
+            "result too large (1025 bytes, max_result is 1024)".to_string()
+        )]
     );
 }
