@@ -898,6 +898,9 @@ impl Master {
             }
             self.io.client_limits.forget(id, &conn);
             self.apply(Event::ClientGone(ClientId(id)));
+            drop(conn);
+            let last = self.io.clients.is_empty();
+            self.io.client_limits.trim_if_worth_it(last);
         }
     }
 
