@@ -1175,34 +1175,23 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
     // [server]
     let s = raw.server;
     let server_socket_span = s.socket.as_ref().map(Spanned::span);
-    let max_payload = match s.max_payload {
-        None => 16 << 20,
+    // A payload or a result: 1 byte ..= 1 GiB, default 16 MiB.
+    let frame_size = |v: Option<Spanned<Size>>, key: &str| match v {
+        None => Ok(16 << 20),
         Some(v) => {
             let n = v.get_ref().0;
             if !(1..=MAX_PAYLOAD_LIMIT).contains(&n) {
                 return Err(src.error(
                     v.span(),
-                    "server.max_payload",
+                    key,
                     format!("must be between 1 byte and 1GiB, got {n} bytes"),
                 ));
             }
-            n
+            Ok(n)
         }
     };
-    let max_result = match s.max_result {
-        None => 16 << 20,
-        Some(v) => {
-            let n = v.get_ref().0;
-            if !(1..=MAX_PAYLOAD_LIMIT).contains(&n) {
-                return Err(src.error(
-                    v.span(),
-                    "server.max_result",
-                    format!("must be between 1 byte and 1GiB, got {n} bytes"),
-                ));
-            }
-            n
-        }
-    };
+    let max_payload = frame_size(s.max_payload, "server.max_payload")?;
+    let max_result = frame_size(s.max_result, "server.max_result")?;
     // Room for two whole frames at once, so that one client finishing a frame over its fair
     // share never has to wait for another's.
     let min_memory = 2 * max_payload + 2 * 1035;
