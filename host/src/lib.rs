@@ -20,6 +20,7 @@
 //! - [`gearman`]: the worker side of the Gearman protocol.
 //! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
 //! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
+//! - [`metrics`]: the figures in OpenMetrics / Prometheus text (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
 //! - [`cli`]: the `jobhost` subcommands.
 //!
@@ -34,7 +35,9 @@ pub mod daemon;
 pub mod gearman;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod plugins;
+pub mod procinfo;
 pub mod protocol;
 pub mod redis_client;
 pub mod scoreboard;
