@@ -15,6 +15,7 @@
 //! - [`daemon`]: the locked pidfile and detaching (`--daemon`).
 //! - [`logging`]: the host's log (pid and role on every line).
 //! - [`sys`]: RSS, PSS and available memory from /proc.
+//! - [`procinfo`]: what a process is doing (its system call, descriptor, kernel function) from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
 //! - [`redis_client`]: the submitting side of a Redis-fed pool (used by `submit`).
 //! - [`gearman`]: the worker side of the Gearman protocol.
@@ -35,6 +36,7 @@ pub mod gearman;
 pub mod logging;
 pub mod master;
 pub mod plugins;
+pub mod procinfo;
 pub mod protocol;
 pub mod redis_client;
 pub mod scoreboard;
