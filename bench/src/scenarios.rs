@@ -932,7 +932,10 @@ pub fn metrics_cost(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
         "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\nmax_jobs = 0\nmax_queue = 1000000\n";
     let off = Master::start(pools, true)?;
     let on = Master::start_with_http(pools)?;
-    let (addr, token) = on.http.clone().ok_or("the second master has no admin.http")?;
+    let (addr, token) = on
+        .http
+        .clone()
+        .ok_or("the second master has no admin.http")?;
     let expect = |i: usize, body: &[u8]| {
         let mut v = Vec::with_capacity(64);
         echo_payload(i, &mut v);

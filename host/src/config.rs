@@ -1303,7 +1303,9 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
             return Err(src.error(
                 v.span(),
                 key,
-                format!("{name} needs admin.token_file (a file holding the token clients must send)"),
+                format!(
+                    "{name} needs admin.token_file (a file holding the token clients must send)"
+                ),
             ));
         }
         Ok(Some(addr))

@@ -15,6 +15,7 @@
 //! - [`daemon`]: the locked pidfile and detaching (`--daemon`).
 //! - [`logging`]: the host's log (pid and role on every line).
 //! - [`sys`]: RSS, PSS and available memory from /proc.
+//! - [`procinfo`]: what a process is doing (its system call, descriptor, kernel function) from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
 //! - [`redis_client`]: the submitting side of a Redis-fed pool (used by `submit`).
 //! - [`gearman`]: the worker side of the Gearman protocol.

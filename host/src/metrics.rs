@@ -319,6 +319,19 @@ fn push_number(out: &mut String, value: f64) {
     }
 }
 
+/// A family of per-pool figures: its name, its help, and how to read it off a pool.
+type PoolFamily = (
+    &'static str,
+    &'static str,
+    fn(&crate::admin::PoolSnapshot) -> u64,
+);
+/// A family of per-source figures, which a source may not have.
+type SourceFamily = (
+    &'static str,
+    &'static str,
+    fn(&crate::admin::SourceSnapshot) -> Option<f64>,
+);
+
 /// The worker states `jobhost_pool_workers` always shows (a series per state, zero or not).
 const WORKER_STATES: [&str; 4] = ["idle", "busy", "holding", "draining"];
 /// The pool states `jobhost_pool_state` shows, one of them 1.
@@ -343,7 +356,12 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
 
     // ---- the master ----
     let m = &f.master;
-    let name = out.family("jobhost_build_info", Kind::Gauge, None, "The jobhost version.");
+    let name = out.family(
+        "jobhost_build_info",
+        Kind::Gauge,
+        None,
+        "The jobhost version.",
+    );
     out.sample(&name, &[("version", &s.version)], 1.0);
     if let Some(rss) = m.rss_bytes {
         let name = out.family(
@@ -449,7 +467,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
     out.sample(&name, &[], m.unknown_pool_submits as f64);
 
     // ---- per pool ----
-    let counters: [(&str, &str, fn(&crate::admin::PoolSnapshot) -> u64); 4] = [
+    let counters: [PoolFamily; 4] = [
         (
             "jobhost_pool_jobs_completed",
             "Jobs that ended with a result.",
@@ -498,7 +516,11 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
             for why in Rejection::ALL {
                 let n = pf.metrics.rejected[why as usize];
-                out.sample(&name, &[("pool", &p.name), ("reason", why.as_str())], n as f64);
+                out.sample(
+                    &name,
+                    &[("pool", &p.name), ("reason", why.as_str())],
+                    n as f64,
+                );
             }
         }
     }
@@ -583,7 +605,11 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         if let Some(pf) = figures_of(&p.name) {
             for why in ExitReason::ALL {
                 let n = pf.metrics.exits[why.index()];
-                out.sample(&name, &[("pool", &p.name), ("reason", why.as_str())], n as f64);
+                out.sample(
+                    &name,
+                    &[("pool", &p.name), ("reason", why.as_str())],
+                    n as f64,
+                );
             }
         }
     }
@@ -696,7 +722,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         for (p, src) in &sources {
             out.sample(&name, &[("pool", &p.name)], src.workers_connected as f64);
         }
-        let figures: [(&str, &str, fn(&crate::admin::SourceSnapshot) -> Option<f64>); 4] = [
+        let figures: [SourceFamily; 4] = [
             (
                 "jobhost_source_lag",
                 "Work waiting at the source, not yet taken by any worker (Redis: entries not delivered to the group; gearmand: jobs queued, not running).",
@@ -808,8 +834,10 @@ mod tests {
     }
 
     fn figures(s: &Snapshot) -> Figures<'_> {
-        let mut m = PoolMetrics::default();
-        m.submitted = 12;
+        let mut m = PoolMetrics {
+            submitted: 12,
+            ..Default::default()
+        };
         m.reject(Rejection::QueueFull);
         m.exit(ExitReason::RecycleMaxJobs);
         m.duration.observe(0.003);
@@ -860,8 +888,12 @@ mod tests {
     fn histograms_are_cumulative_and_end_at_inf() {
         let s = snapshot();
         let text = render(&figures(&s), Format::Prometheus);
-        assert!(text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"0.001\"} 0\n"));
-        assert!(text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"0.005\"} 1\n"));
+        assert!(
+            text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"0.001\"} 0\n")
+        );
+        assert!(
+            text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"0.005\"} 1\n")
+        );
         assert!(text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"300\"} 2\n"));
         assert!(text.contains("jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"+Inf\"} 3\n"));
         assert!(text.contains("jobhost_job_duration_seconds_count{pool=\"echo\"} 3\n"));
@@ -882,8 +914,9 @@ mod tests {
         assert!(text.contains("jobhost_pool_workers{pool=\"echo\",state=\"busy\"} 1\n"));
         assert!(text.contains("jobhost_pool_busy_ratio{pool=\"echo\"} 0.5\n"));
         assert!(text.contains("jobhost_last_reload_success 0\n"));
-        assert!(text
-            .contains("jobhost_worker_memory_bytes{pool=\"echo\",pid=\"42\",kind=\"own\"} 65536\n"));
+        assert!(text.contains(
+            "jobhost_worker_memory_bytes{pool=\"echo\",pid=\"42\",kind=\"own\"} 65536\n"
+        ));
     }
 
     #[test]

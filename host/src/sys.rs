@@ -92,7 +92,9 @@ pub fn own_process() -> OwnProcess {
     let open_fds = fs::read_dir("/proc/self/fd")
         .ok()
         .map(|dir| (dir.count() as u64).saturating_sub(1));
-    let max_fds = getrlimit(Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft);
+    let max_fds = getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft);
     let cpu_seconds = getrusage(UsageWho::RUSAGE_SELF).ok().map(|u| {
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
         secs(u.user_time()) + secs(u.system_time())

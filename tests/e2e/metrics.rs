@@ -84,7 +84,9 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
 
     let mut client = master.client();
     for i in 0..20u64 {
-        client.send(i, "echo", format!("job {i}").as_bytes()).unwrap();
+        client
+            .send(i, "echo", format!("job {i}").as_bytes())
+            .unwrap();
     }
     client.send(100, "echo", &[b'x'; 2000]).unwrap(); // over max_payload
     client.send(101, "nope", b"x").unwrap();
@@ -97,7 +99,10 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
     for _ in 0..25 {
         statuses.push(client.recv().unwrap().status);
     }
-    assert_eq!(statuses.iter().filter(|s| **s == Status::Rejected).count(), 2);
+    assert_eq!(
+        statuses.iter().filter(|s| **s == Status::Rejected).count(),
+        2
+    );
     assert_eq!(statuses.iter().filter(|s| **s == Status::Failed).count(), 1);
     wait_until("the crash to be counted", SOON, || {
         pool_figure(&json(&master, "status json"), "faulty", "crashes") == 1
@@ -111,7 +116,10 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
     let workers = json(&master, "workers json");
 
     // Per pool, as status counts.
-    assert_eq!(must(om, "jobhost_pool_jobs_submitted_total{pool=\"echo\"}"), 20.0);
+    assert_eq!(
+        must(om, "jobhost_pool_jobs_submitted_total{pool=\"echo\"}"),
+        20.0
+    );
     for (family, key) in [
         ("jobhost_pool_jobs_completed_total", "jobs_done"),
         ("jobhost_pool_jobs_failed_total", "jobs_failed"),
@@ -128,34 +136,62 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
             );
         }
     }
-    assert_eq!(must(om, "jobhost_pool_jobs_completed_total{pool=\"echo\"}"), 20.0);
     assert_eq!(
-        must(om, "jobhost_pool_jobs_rejected_total{pool=\"echo\",reason=\"too_large\"}"),
+        must(om, "jobhost_pool_jobs_completed_total{pool=\"echo\"}"),
+        20.0
+    );
+    assert_eq!(
+        must(
+            om,
+            "jobhost_pool_jobs_rejected_total{pool=\"echo\",reason=\"too_large\"}"
+        ),
         1.0
     );
     assert_eq!(must(om, "jobhost_jobs_rejected_unknown_pool_total"), 1.0);
-    assert_eq!(must(om, "jobhost_job_duration_seconds_count{pool=\"echo\"}"), 20.0);
     assert_eq!(
-        must(om, "jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"+Inf\"}"),
+        must(om, "jobhost_job_duration_seconds_count{pool=\"echo\"}"),
         20.0
     );
-    assert_eq!(must(om, "jobhost_job_queue_wait_seconds_count{pool=\"echo\"}"), 20.0);
+    assert_eq!(
+        must(
+            om,
+            "jobhost_job_duration_seconds_bucket{pool=\"echo\",le=\"+Inf\"}"
+        ),
+        20.0
+    );
+    assert_eq!(
+        must(om, "jobhost_job_queue_wait_seconds_count{pool=\"echo\"}"),
+        20.0
+    );
     assert!(must(om, "jobhost_pool_busy_seconds_total{pool=\"echo\"}") > 0.0);
     assert_eq!(
-        must(om, "jobhost_pool_worker_exits_total{pool=\"faulty\",reason=\"recycle_max_jobs\"}"),
+        must(
+            om,
+            "jobhost_pool_worker_exits_total{pool=\"faulty\",reason=\"recycle_max_jobs\"}"
+        ),
         1.0
     );
     assert_eq!(
-        must(om, "jobhost_pool_worker_exits_total{pool=\"faulty\",reason=\"crash\"}"),
+        must(
+            om,
+            "jobhost_pool_worker_exits_total{pool=\"faulty\",reason=\"crash\"}"
+        ),
         1.0
     );
-    assert_eq!(must(om, "jobhost_pool_workers{pool=\"echo\",state=\"idle\"}"), 2.0);
-    assert_eq!(must(om, "jobhost_pool_state{pool=\"echo\",state=\"ok\"}"), 1.0);
+    assert_eq!(
+        must(om, "jobhost_pool_workers{pool=\"echo\",state=\"idle\"}"),
+        2.0
+    );
+    assert_eq!(
+        must(om, "jobhost_pool_state{pool=\"echo\",state=\"ok\"}"),
+        1.0
+    );
     assert_eq!(must(om, "jobhost_pool_busy_ratio{pool=\"echo\"}"), 0.0);
     // Per worker: its own memory, as `workers json` measures it (both read /proc; close).
     for w in workers["workers"].as_array().expect("workers") {
         let (pid, pool) = (w["pid"].as_i64().unwrap(), w["pool"].as_str().unwrap());
-        let series = format!("jobhost_worker_memory_bytes{{pool=\"{pool}\",pid=\"{pid}\",kind=\"own\"}}");
+        let series =
+            format!("jobhost_worker_memory_bytes{{pool=\"{pool}\",pid=\"{pid}\",kind=\"own\"}}");
         let shown = must(om, &series);
         let measured = w["own_bytes"].as_f64().unwrap();
         assert!(
@@ -178,7 +214,9 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
     );
 
     // A failed reload: counted, timed, remembered.
-    env.config(&config_with(&POOLS.replace("workers = 2", "workers = many")));
+    env.config(&config_with(
+        &POOLS.replace("workers = 2", "workers = many"),
+    ));
     let reply = master.admin("reload");
     assert!(reply.starts_with("ERR reload failed"), "{reply}");
     let om = master.admin("metrics");
@@ -194,7 +232,10 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
     assert_eq!(status["recent"][0]["kind"], "reload-failed", "{status}");
 
     // The older text format passes Debian's linter (it reads only that one).
-    if prerequisite(promtool_available(), "promtool (Debian's prometheus package) is not installed") {
+    if prerequisite(
+        promtool_available(),
+        "promtool (Debian's prometheus package) is not installed",
+    ) {
         let text = master.admin("metrics prometheus");
         let text = text.strip_suffix("OK\n").expect("ends with OK");
         assert!(!text.contains("# EOF"));
@@ -225,16 +266,59 @@ fn a_slow_job_and_a_job_killed_at_its_timeout_are_logged_with_what_the_worker_do
     assert_eq!(answers[0].status, Status::Ok, "{}", answers[0].text());
     assert_eq!(answers[1].status, Status::Failed, "{}", answers[1].text());
     let log = master.log_text();
-    let slow: Vec<&str> = log.lines().filter(|l| l.contains("slow job: pool slow")).collect();
+    let slow: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("slow job: pool slow"))
+        .collect();
     assert_eq!(slow.len(), 1, "once per job:\n{log}");
     assert!(slow[0].contains("job 1 (client "), "{}", slow[0]);
-    assert!(slow[0].contains("'s id 7), 4 bytes, running for 1."), "{}", slow[0]);
-    assert!(slow[0].contains("sleep"), "{}", slow[0]);
+    assert!(
+        slow[0].contains("'s id 7), 4 bytes, running for 1."),
+        "{}",
+        slow[0]
+    );
+    assert!(slow[0].contains(": sleeping in "), "{}", slow[0]);
     let killed: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("job past job_timeout 1s: pool hung"))
         .collect();
     assert_eq!(killed.len(), 1, "{log}");
-    assert!(killed[0].contains("'s id 8), 5 bytes, running for 1."), "{}", killed[0]);
-    assert!(killed[0].contains("sleep"), "{}", killed[0]);
+    assert!(
+        killed[0].contains("'s id 8), 5 bytes, running for 1."),
+        "{}",
+        killed[0]
+    );
+    assert!(killed[0].contains(": sleeping in "), "{}", killed[0]);
+}
+
+/// A job blocked reading a socket is logged as such, with the peer's address — the line that
+/// tells a hung crawl from a slow one.
+#[test]
+fn a_job_blocked_in_read_on_a_socket_is_logged_with_the_peer_address() {
+    let env = Env::new();
+    env.install("faulty");
+    let pools =
+        "[[pool]]\nname = \"faulty\"\nplugin = \"faulty\"\nworkers = 1\nslow_job = \"500ms\"\n";
+    let master = env.start_master(&config_with(pools));
+    master.wait_for_workers(1);
+    // A peer that accepts and says nothing until told to hang up.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = peer.local_addr().unwrap();
+    let mut client = master.client();
+    client
+        .send(3, "faulty", format!("hang-read {addr}").as_bytes())
+        .unwrap();
+    client.flush().unwrap();
+    let (conn, _) = peer.accept().unwrap();
+    let wanted = format!("blocked in read on socket {addr}");
+    wait_until("the slow-job line", SOON, || {
+        master
+            .log_text()
+            .lines()
+            .any(|l| l.contains("slow job: pool faulty") && l.contains(&wanted))
+    });
+    drop(conn);
+    let result = client.recv().unwrap();
+    assert_eq!(result.status, Status::Ok, "{}", result.text());
+    assert_eq!(master.log_count("slow job: pool faulty"), 1);
 }

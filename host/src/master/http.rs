@@ -109,7 +109,7 @@ impl Master {
         let Some(http) = &mut self.io.http else {
             return;
         };
-        if !http.start_at.is_some_and(|t| now >= t) {
+        if http.start_at.is_none_or(|t| now < t) {
             return;
         }
         http.start_at = None;

@@ -572,7 +572,7 @@ impl Master {
                 None => "its job".to_string(),
             },
         };
-        let doing = crate::procinfo::doing(slow.pid.as_raw());
+        let doing = crate::procinfo::doing(slow.pid);
         match slow.timeout {
             None => log::warn!(
                 "slow job: pool {}, worker {}, {job}, running for {:.1?}: {doing}",

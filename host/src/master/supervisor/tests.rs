@@ -2786,7 +2786,10 @@ fn metrics_count_submits_rejections_waits_durations_and_exits_by_reason() {
     assert_eq!(s.sup.pools()[0].metrics.queue_wait.count(), 1);
     assert!((s.sup.pools()[0].metrics.queue_wait.sum() - 0.3).abs() < 1e-9);
     s.at(ms(500));
-    assert!((s.sup.busy_seconds(0, s.t(ms(500))) - 0.2).abs() < 1e-9, "running job counts");
+    assert!(
+        (s.sup.busy_seconds(0, s.t(ms(500))) - 0.2).abs() < 1e-9,
+        "running job counts"
+    );
     assert_eq!(s.sup.in_flight(0), 1);
     s.finish(w1);
     let m = &s.sup.pools()[0].metrics;
@@ -2823,7 +2826,11 @@ fn reloads_are_counted_by_outcome_and_failures_remembered() {
     assert_eq!(at, Some(s.now));
     let recent: Vec<_> = s.sup.recent().collect();
     assert_eq!(recent[0].kind, "reload-failed");
-    assert!(recent[0].reason.contains("host.user"), "{}", recent[0].reason);
+    assert!(
+        recent[0].reason.contains("host.user"),
+        "{}",
+        recent[0].reason
+    );
 }
 
 /// Only the last RECENT_KEPT problems are kept.
@@ -2834,7 +2841,9 @@ fn recent_problems_are_bounded() {
     for i in 0..(RECENT_KEPT as u64 + 5) {
         s.at(secs(i * 100));
         let w = s.tick().spawns().first().map(|(w, _)| *w);
-        let w = w.or_else(|| s.sup.workers().next().map(|(id, _)| id)).unwrap();
+        let w = w
+            .or_else(|| s.sup.workers().next().map(|(id, _)| id))
+            .unwrap();
         s.crash(w);
     }
     assert_eq!(s.sup.recent().count(), RECENT_KEPT);
