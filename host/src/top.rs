@@ -44,6 +44,7 @@ use nix::sys::termios::{self, SetArg, Termios};
 use serde::Deserialize;
 
 use crate::admin;
+use crate::admin::{duration, job_age};
 use crate::cli::EXIT_ERROR;
 use crate::signals::SignalPipe;
 
@@ -544,28 +545,6 @@ fn rate(per_sec: f64) -> String {
 /// Bytes in MiB, with tenths.
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// A length of time, as `status` shows it: `42s`, `5m02s`, `3h07m`, `2d04h`.
-fn duration(secs: f64) -> String {
-    // `as` saturates, and turns NaN into 0.
-    let s = secs.max(0.0) as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-/// A running job's age: tenths of a second under a minute (`1.2s`), then like [`duration`].
-fn job_age(secs: f64) -> String {
-    let secs = if secs.is_nan() { 0.0 } else { secs.max(0.0) };
-    if secs < 59.95 {
-        format!("{secs:.1}s")
-    } else {
-        duration(secs.max(60.0))
-    }
 }
 
 /// The time of day now, in UTC (no time zone database is read).
@@ -1218,6 +1197,7 @@ mod tests {
                 worker(4251, "echo"),
                 worker(4250, "echo"),
             ],
+            recent: Vec::new(),
         }
     }
 
