@@ -543,12 +543,36 @@ fn status_shows_the_stream_and_a_lost_connection_with_its_reason() {
     );
     let json = master.admin("status json");
     assert!(json.contains("\"stream_length\":40"), "{json}");
+    // The same figures in `metrics`, per source.
+    let metrics = master.admin("metrics");
+    for line in [
+        "jobhost_source_up{pool=\"q\",kind=\"redis\"} 1\n",
+        "jobhost_source_state{pool=\"q\",kind=\"redis\",state=\"connected\"} 1\n",
+        "jobhost_source_length{pool=\"q\",kind=\"redis\"} 40\n",
+        "jobhost_source_lag{pool=\"q\",kind=\"redis\"} 0\n",
+        "jobhost_source_pending{pool=\"q\",kind=\"redis\"} 0\n",
+        "jobhost_source_workers_connected{pool=\"q\"} 2\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("jobhost_pool_jobs_submitted_total{pool=\"q\"}"),
+        "a redis pool's jobs are not submitted to the master"
+    );
 
     redis.stop();
     wait_until("status says disconnected, with the reason", SOON, || {
         let status = master.admin("status");
         status.contains("group jobhost: disconnected (")
     });
+    let metrics = master.admin("metrics");
+    assert!(
+        metrics.contains("jobhost_source_up{pool=\"q\",kind=\"redis\"} 0\n")
+            && metrics.contains(
+                "jobhost_source_state{pool=\"q\",kind=\"redis\",state=\"disconnected\"} 1\n"
+            ),
+        "{metrics}"
+    );
     // The other pool is not affected.
     let mut client = master.client();
     let result = client.call("local", b"still here").unwrap();
