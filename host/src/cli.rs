@@ -58,6 +58,9 @@ pub enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The master's HTTP child (`[admin] http`): started by the master, not by hand.
+    #[command(hide = true)]
+    HttpServe,
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +90,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Ctl(args) => crate::ctl::run(args),
         Command::Reload { config } => reload(&config),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
+        Command::HttpServe => Ok(crate::http::serve()),
     }
 }
 

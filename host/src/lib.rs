@@ -22,6 +22,7 @@
 //! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
 //! - [`cli`]: the `jobhost` subcommands.
+//! - [`http`]: `jobhost http-serve`, the status child: `/metrics` and the status page.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the process diagram.
 
@@ -32,6 +33,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod gearman;
+pub mod http;
 pub mod logging;
 pub mod master;
 pub mod plugins;
