@@ -183,7 +183,11 @@
   async function refresh() {
     const banner = document.getElementById("banner");
     try {
-      const response = await fetch("/status.json", { cache: "no-store", credentials: "same-origin" });
+      // From the origin, not the page's address: a page loaded as http://user:token@host/
+      // has those credentials in its address, and fetch() refuses a URL with credentials
+      // (relative ones resolved against it included). The session cookie authenticates it.
+      const url = new URL("/status.json", window.location.origin);
+      const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
       if (!response.ok) {
         const text = (await response.text()).trim();
         throw new Error("HTTP " + response.status + (text ? ": " + text : ""));
