@@ -37,7 +37,7 @@ pub struct Opts {
     /// Runs per figure (the median is reported); default 3, or 1 with --quick.
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Only these sections (letters a–h, e.g. `--only af`); RESULTS.md keeps the other
+    /// Only these sections (letters a–i, e.g. `--only af`); RESULTS.md keeps the other
     /// sections' rows from its last run.
     #[arg(long)]
     pub only: Option<String>,
@@ -70,12 +70,12 @@ fn main() -> ExitCode {
 }
 
 /// The section letters, in the order they are run.
-const SECTIONS: &str = "afbcdegh";
+const SECTIONS: &str = "afbcdeghi";
 
 fn run(opts: &Opts) -> Result<(), String> {
     if let Some(only) = &opts.only {
         if let Some(bad) = only.chars().find(|c| !SECTIONS.contains(*c)) {
-            return Err(format!("--only {only}: there is no section {bad:?} (a–h)"));
+            return Err(format!("--only {only}: there is no section {bad:?} (a–i)"));
         }
     }
     let runs = opts.runs.unwrap_or(if opts.quick { 1 } else { 3 }).max(1);
@@ -107,6 +107,9 @@ fn run(opts: &Opts) -> Result<(), String> {
     }
     if wanted('h') {
         rows.extend(gearman::gearman(opts, runs)?);
+    }
+    if wanted('i') {
+        rows.extend(scenarios::metrics_cost(opts, runs)?);
     }
     let table = table(&rows);
     println!("{table}");

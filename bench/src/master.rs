@@ -32,6 +32,8 @@ pub struct Master {
     /// The config file up to its pools.
     header: String,
     child: Child,
+    /// `admin.http`'s address and token, when it was started with one.
+    pub http: Option<(std::net::SocketAddr, String)>,
 }
 
 impl Master {
@@ -48,17 +50,54 @@ impl Master {
         wait_for_workers: bool,
         log_level: &str,
     ) -> Result<Master, String> {
+        Master::start_full(pools, wait_for_workers, log_level, false)
+    }
+
+    /// [`Master::start`] with `admin.http` on a free loopback port (and a token file).
+    pub fn start_with_http(pools: &str) -> Result<Master, String> {
+        Master::start_full(pools, true, "info", true)
+    }
+
+    fn start_full(
+        pools: &str,
+        wait_for_workers: bool,
+        log_level: &str,
+        http: bool,
+    ) -> Result<Master, String> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("jobhost-bench.")
             .tempdir()
             .map_err(|e| format!("cannot make a temp dir: {e}"))?;
         let config = dir.path().join("jobhost.toml");
-        let header = format!(
+        let mut header = format!(
             "[host]\nplugins_dir = {:?}\nruntime_dir = \"run\"\nlog = \"master.log\"\nlog_level = \"{log_level}\"\n\
              graceful_timeout = \"30s\"\ninit_timeout = \"120s\"\n\n[server]\nmax_payload = \"1MiB\"\n\n",
             bin.display().to_string()
         );
+        let http = if http {
+            use std::os::unix::fs::OpenOptionsExt;
+            let token = format!("bench-token-{:x}", std::process::id() as u64 * 0x9e37_79b9);
+            let path = dir.path().join("admin.token");
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut file, token.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            // A free port: bound and let go (the master binds it a moment later).
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("cannot find a free port: {e}"))?;
+            header.push_str(&format!(
+                "[admin]\nhttp = \"{addr}\"\ntoken_file = \"admin.token\"\n\n"
+            ));
+            Some((addr, token))
+        } else {
+            None
+        };
         fs::write(&config, format!("{header}{pools}"))
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
         let child = Command::new(bin.join("jobhost"))
@@ -74,6 +113,7 @@ impl Master {
             config,
             header,
             child,
+            http,
         };
         master.wait_until(
             "the master to answer on its admin socket",

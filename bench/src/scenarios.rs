@@ -95,6 +95,15 @@ pub const NOTES: &str = "\
   these figures. What is left of a worker's user-space time is mostly the plugin call and
   clock_gettime. Skipped with a row saying why when gearmand, `cc`, libgearman's header or
   library, or the peer's sources are missing.
+- **i** Section a's 1-client load (pool `echo`, 2 workers) on two masters of the same build
+  started side by side: one without `admin.http`, one with it and a thread scraping its
+  `/metrics` (OpenMetrics, bearer token, a new connection each time) once a second — and
+  in a second pair of runs ten times a second — while the load runs. The runs alternate
+  (off, on, off, on, …) so that both see the same machine; each figure is the median, and
+  the ratio is on / off of the medians. Every scrape must answer 200 and end in `# EOF`.
+  The per-job bookkeeping the metrics need (two histogram observations and a few counters
+  per job) is in both masters: it is measured against the build before it by hand (see the
+  issue's closing note), not here.
 ";
 
 /// A load to push through one pool.
@@ -913,4 +922,111 @@ fn continuous_client(
         }
     }
     Ok((ok, bad))
+}
+
+/// i: what serving `/metrics` costs the dispatch loop: section a's 1-client load on a master
+/// without `admin.http` and on one with it, scraped once and ten times a second.
+pub fn metrics_cost(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
+    let total = if opts.quick { 50_000 } else { 200_000 };
+    let pools =
+        "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers = 2\nmax_jobs = 0\nmax_queue = 1000000\n";
+    let off = Master::start(pools, true)?;
+    let on = Master::start_with_http(pools)?;
+    let (addr, token) = on
+        .http
+        .clone()
+        .ok_or("the second master has no admin.http")?;
+    let expect = |i: usize, body: &[u8]| {
+        let mut v = Vec::with_capacity(64);
+        echo_payload(i, &mut v);
+        body == v.as_slice()
+    };
+    let load = |total| Load {
+        pool: "echo",
+        clients: 1,
+        total,
+        window: opts.window,
+        payload: Payloads::Fill(&echo_payload),
+        expect: &expect,
+    };
+    // The scraper must work before anything is measured.
+    scrape(addr, &token)?;
+    drive(&off.job_socket(), &load(5_000))?;
+    drive(&on.job_socket(), &load(5_000))?;
+    let mut rows = Vec::new();
+    for every in [Duration::from_secs(1), Duration::from_millis(100)] {
+        let (mut without, mut with) = (Vec::new(), Vec::new());
+        let mut scrapes = 0u64;
+        for run in 0..runs.max(3) {
+            let a = drive(&off.job_socket(), &load(total))?.jobs_per_s;
+            let stop = AtomicBool::new(false);
+            let done = AtomicU64::new(0);
+            let (b, failed) = std::thread::scope(|s| {
+                let scraper = s.spawn(|| -> Result<(), String> {
+                    while !stop.load(Ordering::Relaxed) {
+                        scrape(addr, &token)?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(every);
+                    }
+                    Ok(())
+                });
+                let b = drive(&on.job_socket(), &load(total));
+                stop.store(true, Ordering::Relaxed);
+                let failed = scraper.join().unwrap_or(Err("the scraper panicked".into()));
+                (b, failed)
+            });
+            failed?;
+            let b = b?.jobs_per_s;
+            scrapes += done.load(Ordering::Relaxed);
+            eprintln!(
+                "i run {} (scrape every {every:?}): off {a:.0} jobs/s, on {b:.0} jobs/s",
+                run + 1
+            );
+            without.push(a);
+            with.push(b);
+        }
+        let (a, b) = (median(&mut without), median(&mut with));
+        rows.push(Row {
+            section: 'i',
+            what: format!(
+                "`echo`, {} jobs, 1 client: no admin.http / admin.http with `/metrics` scraped every {} ({scrapes} scrapes)",
+                thousands(total as f64),
+                if every >= Duration::from_secs(1) { "second".to_string() } else { format!("{} ms", every.as_millis()) }
+            ),
+            value: format!("{} / {} jobs/s: {:.1} %", thousands(a), thousands(b), b / a * 100.0),
+            target: if every >= Duration::from_secs(1) {
+                "≥ 95 %".into()
+            } else {
+                String::new()
+            },
+        });
+    }
+    Ok(rows)
+}
+
+/// One GET of `/metrics` on a new connection; an error unless it is a 200 ending in `# EOF`.
+fn scrape(addr: std::net::SocketAddr, token: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&reply);
+    if !text.starts_with("HTTP/1.1 200") || !text.trim_end().ends_with("# EOF") {
+        let head: String = text.chars().take(300).collect();
+        return Err(format!("/metrics answered: {head}"));
+    }
+    Ok(())
 }

@@ -39,6 +39,9 @@ pub enum Request {
     Status { json: bool },
     /// `workers [json]`: every worker.
     Workers { json: bool },
+    /// `metrics [prometheus]`: the figures in OpenMetrics text (or the Prometheus text
+    /// format 0.0.4).
+    Metrics { format: crate::metrics::Format },
     /// `quit`: close this connection.
     Quit,
     /// `auth TOKEN`: the token the admin TCP listener asks for.
@@ -53,6 +56,9 @@ impl fmt::Debug for Request {
             Request::Help => f.write_str("Help"),
             Request::Status { json } => f.debug_struct("Status").field("json", json).finish(),
             Request::Workers { json } => f.debug_struct("Workers").field("json", json).finish(),
+            Request::Metrics { format } => {
+                f.debug_struct("Metrics").field("format", format).finish()
+            }
             Request::Quit => f.write_str("Quit"),
             Request::Auth { .. } => f
                 .debug_struct("Auth")
@@ -108,6 +114,10 @@ const COMMANDS: &[(&str, &str)] = &[
         "workers [json]",
         "every worker: pid, pool, generation, state, job, own memory",
     ),
+    (
+        "metrics [prometheus]",
+        "the figures in OpenMetrics text (or Prometheus text 0.0.4)",
+    ),
     ("scale POOL N", "run N workers in POOL (0 to 1024)"),
     (
         "restart POOL|all",
@@ -162,6 +172,15 @@ pub fn parse(line: &str) -> Result<Request, String> {
         "workers" => match json_flag(&args) {
             Some(json) => Ok(Request::Workers { json }),
             None => usage("workers [json]"),
+        },
+        "metrics" => match args[..] {
+            [] => Ok(Request::Metrics {
+                format: crate::metrics::Format::OpenMetrics,
+            }),
+            [word] if word.eq_ignore_ascii_case("prometheus") => Ok(Request::Metrics {
+                format: crate::metrics::Format::Prometheus,
+            }),
+            _ => usage("metrics [prometheus]"),
         },
         "scale" => match args[..] {
             [pool, n] => Ok(Request::Do(Command::Scale {
@@ -306,6 +325,21 @@ pub struct Snapshot {
     pub last_reload: Option<ReloadReport>,
     pub pools: Vec<PoolSnapshot>,
     pub workers: Vec<WorkerSnapshot>,
+    /// The last crashes, timeouts and failed reloads (at most 20), newest first.
+    pub recent: Vec<RecentEvent>,
+}
+
+/// A crash, a timeout or a failed reload, for `status`'s `recent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecentEvent {
+    /// When, RFC 3339.
+    pub at: String,
+    /// `crash`, `boot-failed`, `timeout` or `reload-failed`.
+    pub kind: String,
+    pub pool: Option<String>,
+    pub pid: Option<i32>,
+    /// What the log said: how the worker ended, or why the reload failed.
+    pub reason: String,
 }
 
 /// How the last reload went.
@@ -510,9 +544,25 @@ pub fn render_status(s: &Snapshot, json: bool) -> String {
             out.push('\n');
         }
     }
+    if !s.recent.is_empty() {
+        out.push_str("\nrecent problems (newest first):\n");
+        for e in s.recent.iter().take(RECENT_SHOWN) {
+            let _ = write!(out, "  {} {}", one_line(&e.at), e.kind);
+            if let Some(pool) = &e.pool {
+                let _ = write!(out, " pool {}", one_line(pool));
+            }
+            if let Some(pid) = e.pid {
+                let _ = write!(out, " worker {pid}");
+            }
+            let _ = writeln!(out, ": {}", one_line(&e.reason));
+        }
+    }
     out.push_str("OK\n");
     out
 }
+
+/// Recent problems the text `status` lists (the JSON has them all).
+const RECENT_SHOWN: usize = 5;
 
 /// The full reply to `workers` (a table) or `workers json` (`{"workers": [...]}` on one
 /// line), ending with `OK` and a newline.
@@ -1330,8 +1380,8 @@ mod tests {
         let lines: Vec<&str> = h.lines().collect();
         assert_eq!(lines.len(), COMMANDS.len() + 1);
         for word in [
-            "help", "status", "workers", "scale", "restart", "stop", "start", "reload", "shutdown",
-            "quit", "auth",
+            "help", "status", "workers", "metrics", "scale", "restart", "stop", "start", "reload",
+            "shutdown", "quit", "auth",
         ] {
             assert!(
                 lines.iter().any(|l| l.starts_with(word)),
@@ -1342,6 +1392,7 @@ mod tests {
         for (form, _) in COMMANDS {
             let line = form
                 .replace("[json]", "json")
+                .replace("[prometheus]", "prometheus")
                 .replace("[graceful|now]", "now")
                 .replace("POOL|all", "all")
                 .replace("POOL", "p")
@@ -1584,6 +1635,7 @@ mod tests {
                     age_secs: 7322.0,
                 },
             ],
+            recent: Vec::new(),
         }
     }
 

@@ -107,6 +107,9 @@ pub struct AdminConfig {
     pub tcp: Option<SocketAddr>,
     /// Relative to the config folder. Not read here.
     pub token_file: Option<PathBuf>,
+    /// An HTTP listener for `/metrics` and the status page, served by a supervised child
+    /// (`crate::http`); needs `token_file`, and `allow_remote` unless it is a loopback address.
+    pub http: Option<SocketAddr>,
     /// Default false.
     pub allow_remote: bool,
     /// A TCP session that has not authenticated within this is closed. Default 10s.
@@ -152,6 +155,9 @@ pub struct PoolConfig {
     pub max_attempts: u32,
     /// Default 60s; `"0"` means no timeout (`None`).
     pub job_timeout: Option<Duration>,
+    /// A job running this long is logged once, with what its worker is doing (`/proc`); none
+    /// by default (`None`, also `"0"`).
+    pub slow_job: Option<Duration>,
     /// Loop mode: sleep after the plugin says Idle (default 1s).
     pub idle_sleep: Duration,
     /// Recycle a worker after this many jobs; 0 (the default) means never (`None`).
@@ -591,6 +597,7 @@ struct RawAdmin {
     socket_mode: Option<Mode>,
     socket_group: Option<Spanned<GroupSpec>>,
     tcp: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
     allow_remote: Option<bool>,
     auth_timeout: Option<Spanned<Dur>>,
@@ -607,6 +614,7 @@ struct RawPool {
     max_queue: Option<Spanned<Int>>,
     max_attempts: Option<Spanned<Int>>,
     job_timeout: Option<Dur>,
+    slow_job: Option<Dur>,
     idle_sleep: Option<Spanned<Dur>>,
     max_jobs: Option<Spanned<Int>>,
     max_lifetime: Option<Dur>,
@@ -1265,38 +1273,65 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         }
         Some(v) => Some(base.join(v.into_inner())),
     };
-    let tcp = match a.tcp {
-        None => None,
-        Some(v) => {
-            let addr: SocketAddr = v.get_ref().parse().map_err(|_| {
-                src.error(
-                    v.span(),
-                    "admin.tcp",
-                    format!(
-                        "invalid address {:?}: expected IP:PORT, like \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not resolved)",
-                        v.get_ref()
-                    ),
-                )
-            })?;
-            if !addr.ip().is_loopback() && !allow_remote {
-                return Err(src.error(
-                    v.span(),
-                    "admin.tcp",
-                    format!(
-                        "{addr} is not a loopback address; the admin port can stop and reconfigure the host, so listening beyond this machine needs admin.allow_remote = true"
-                    ),
-                ));
-            }
-            if token_file.is_none() {
-                return Err(src.error(
-                    v.span(),
-                    "admin.tcp",
-                    "a TCP admin listener needs admin.token_file (a file holding the token clients must send)",
-                ));
-            }
-            Some(addr)
+    // admin.tcp and admin.http: the same rules (a token; loopback unless allow_remote).
+    let listener = |v: Option<Spanned<String>>,
+                    key: &str,
+                    name: &str,
+                    why: &str|
+     -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let addr: SocketAddr = v.get_ref().parse().map_err(|_| {
+            src.error(
+                v.span(),
+                key,
+                format!(
+                    "invalid address {:?}: expected IP:PORT, like \"127.0.0.1:7070\" or \"[::1]:7070\" (host names are not resolved)",
+                    v.get_ref()
+                ),
+            )
+        })?;
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(src.error(
+                v.span(),
+                key,
+                format!(
+                    "{addr} is not a loopback address; {why}, so listening beyond this machine needs admin.allow_remote = true"
+                ),
+            ));
         }
+        if token_file.is_none() {
+            return Err(src.error(
+                v.span(),
+                key,
+                format!(
+                    "{name} needs admin.token_file (a file holding the token clients must send)"
+                ),
+            ));
+        }
+        Ok(Some(addr))
     };
+    let tcp = listener(
+        a.tcp,
+        "admin.tcp",
+        "a TCP admin listener",
+        "the admin port can stop and reconfigure the host",
+    )?;
+    let http_span = a.http.as_ref().map(|v| v.span());
+    let http = listener(
+        a.http,
+        "admin.http",
+        "an HTTP listener",
+        "the HTTP listener shows the host's pools, workers and figures",
+    )?;
+    if let (Some(t), Some(h), Some(span)) = (tcp, http, http_span) {
+        if t == h {
+            return Err(src.error(
+                span,
+                "admin.http",
+                format!("{h} is also admin.tcp; the two listeners need different ports"),
+            ));
+        }
+    }
     let admin_group = socket_group(src, a.socket_group, "admin.socket_group")?;
     // With a group, the socket is for that group: 0660 unless socket_mode says otherwise.
     let admin_mode = match (&a.socket_mode, &admin_group) {
@@ -1329,6 +1364,7 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         socket_mode: admin_mode,
         socket_group: admin_group,
         tcp,
+        http,
         token_file,
         allow_remote,
         auth_timeout,
@@ -1539,6 +1575,7 @@ fn build_pool(
         max_queue,
         max_attempts,
         job_timeout,
+        slow_job: p.slow_job.and_then(|d| nonzero(d.0)),
         idle_sleep,
         max_jobs: nonzero(max_jobs),
         max_lifetime: p.max_lifetime.and_then(|d| nonzero(d.0)),
@@ -2064,6 +2101,7 @@ max_payload = "1MiB"
 socket = "/tmp/a.sock"
 socket_mode = "0o640"
 tcp = "10.0.0.1:7070"
+http = "10.0.0.1:9120"
 token_file = "secret/admin.token"
 allow_remote = true
 
@@ -2075,6 +2113,7 @@ mode = "loop"
 max_queue = 1
 max_attempts = 1
 job_timeout = "0"
+slow_job = "5s"
 idle_sleep = "250ms"
 max_jobs = 10000
 max_lifetime = "1h"
@@ -2112,6 +2151,7 @@ max_jobs = 0
         assert_eq!(c.admin.socket_mode, 0o640);
         assert_eq!(c.admin.tcp, Some("10.0.0.1:7070".parse().unwrap()));
         assert_eq!(c.admin.token_file, Some(dir.join("secret/admin.token")));
+        assert_eq!(c.admin.http, Some("10.0.0.1:9120".parse().unwrap()));
         assert!(c.admin.allow_remote);
         let p = &c.pools[0];
         assert_eq!(p.name, "h.a-sh_1");
@@ -2119,12 +2159,13 @@ max_jobs = 0
         assert_eq!(p.mode, PoolMode::Loop);
         assert_eq!((p.max_queue, p.max_attempts), (1, 1));
         assert_eq!(p.job_timeout, None);
+        assert_eq!(p.slow_job, Some(Duration::from_secs(5)));
         assert_eq!(p.idle_sleep, Duration::from_millis(250));
         assert_eq!(p.max_jobs, Some(10000));
         assert_eq!(p.max_lifetime, Some(Duration::from_secs(3600)));
         assert_eq!(p.max_rss, Some(512 << 20));
         assert_eq!(p.min_available_memory, Some(128 << 20));
-        assert_eq!(p.line, 27);
+        assert_eq!(p.line, 28);
         let settings: toml::Table = toml::from_str(&p.settings_toml()).unwrap();
         assert_eq!(settings, p.settings);
         assert_eq!(settings["table_mib"].as_integer(), Some(64));
@@ -2134,7 +2175,7 @@ max_jobs = 0
             (q.job_timeout, q.max_lifetime, q.max_rss, q.max_jobs),
             (None, None, None, None)
         );
-        assert_eq!(q.line, 46);
+        assert_eq!(q.line, 48);
     }
 
     #[test]
@@ -2309,7 +2350,7 @@ max_jobs = 0
     fn unknown_key_in_a_pool() {
         let env = Env::new();
         let text = format!("{POOL}\n[[pool]]\nname = \"h\"\nplugin = \"hash\"\n  workrs = 2\n");
-        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis, gearman (did you mean workers?)");
+        let e = env.err(&text, 8, ":8:3: pool[1].workrs: unknown key, expected one of name, plugin, workers, mode, max_queue, max_attempts, job_timeout, slow_job, idle_sleep, max_jobs, max_lifetime, max_rss, min_available_memory, crash_limit, crash_window, failing_retry, settings, source, redis, gearman (did you mean workers?)");
         assert_eq!(e.key(), Some("pool[1].workrs"));
         // The message from the brief's e2e test: line 8, column 1.
         let host = "[host]\nplugins_dir = \"plugins\"\ninit_timeout = \"3s\"\n\n";

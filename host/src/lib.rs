@@ -15,11 +15,13 @@
 //! - [`daemon`]: the locked pidfile and detaching (`--daemon`).
 //! - [`logging`]: the host's log (pid and role on every line).
 //! - [`sys`]: RSS, PSS and available memory from /proc.
+//! - [`procinfo`]: what a process is doing (its system call, descriptor, kernel function) from /proc.
 //! - [`client`]: a Rust client of the job socket (used by `submit`, tests, benchmarks).
 //! - [`redis_client`]: the submitting side of a Redis-fed pool (used by `submit`).
 //! - [`gearman`]: the worker side of the Gearman protocol.
 //! - [`submit`]: `jobhost submit`, streaming jobs from stdin.
 //! - [`admin`]: the admin line protocol: parsing, replies, status tables (pure).
+//! - [`metrics`]: the figures in OpenMetrics / Prometheus text (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
 //! - [`cli`]: the `jobhost` subcommands.
 //! - [`http`]: `jobhost http-serve`, the status child: `/metrics` and the status page.
@@ -36,7 +38,9 @@ pub mod gearman;
 pub mod http;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod plugins;
+pub mod procinfo;
 pub mod protocol;
 pub mod redis_client;
 pub mod scoreboard;

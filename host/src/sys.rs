@@ -1,5 +1,5 @@
 //! Facts about processes and the machine, read from /proc: a process's RSS, PSS and own
-//! (private) memory, the system's available memory. Owns parsing those files; it never
+//! (private) memory, the system's available memory, the master's own descriptors and CPU time. Owns parsing those files; it never
 //! changes anything.
 
 use std::fs;
@@ -75,6 +75,35 @@ pub fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// This process's descriptors and CPU time, for `metrics`; `None` where it cannot be read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnProcess {
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+/// Reads [`OwnProcess`]: `/proc/self/fd` (less the descriptor that reads it), RLIMIT_NOFILE's
+/// soft limit, and getrusage's user and system time.
+pub fn own_process() -> OwnProcess {
+    use nix::sys::resource::{getrlimit, getrusage, Resource, UsageWho};
+    let open_fds = fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|dir| (dir.count() as u64).saturating_sub(1));
+    let max_fds = getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft);
+    let cpu_seconds = getrusage(UsageWho::RUSAGE_SELF).ok().map(|u| {
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        secs(u.user_time()) + secs(u.system_time())
+    });
+    OwnProcess {
+        open_fds,
+        max_fds,
+        cpu_seconds,
+    }
 }
 
 #[cfg(test)]

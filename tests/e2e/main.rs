@@ -15,6 +15,7 @@ mod hardening;
 mod job_server;
 mod loop_mode;
 mod memory_limits;
+mod metrics;
 mod no_spin;
 mod plugin_inspect;
 mod plugin_loading;

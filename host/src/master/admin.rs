@@ -67,6 +67,8 @@ pub(super) struct AdminConn {
     out: Vec<u8>,
     /// TCP sessions must `auth` first; Unix ones are trusted by the socket's permissions.
     authed: bool,
+    /// The HTTP child's session (a socketpair): no idle timeout, it asks when it is asked.
+    internal: bool,
     /// Close once the output is written (quit, bad input).
     closing: bool,
     /// Waiting for the outcome of its `reload`: its next lines wait, unread.
@@ -288,14 +290,15 @@ pub fn read_token_file(path: &Path) -> Result<Vec<u8>, TokenFileError> {
 impl AdminListeners {
     pub fn bind(config: &crate::config::AdminConfig) -> Result<AdminListeners, MasterError> {
         // The token first: a refused token file leaves no socket behind.
-        let token = match (&config.tcp, &config.token_file) {
-            (None, _) => None,
-            (Some(_), None) => {
+        let listens = config.tcp.is_some() || config.http.is_some();
+        let token = match (listens, &config.token_file) {
+            (false, _) => None,
+            (true, None) => {
                 return Err(MasterError::Refused(
-                    "admin.tcp needs admin.token_file".into(),
+                    "admin.tcp and admin.http need admin.token_file".into(),
                 ))
             }
-            (Some(_), Some(file)) => {
+            (true, Some(file)) => {
                 Some(read_token_file(file).map_err(|e| MasterError::Refused(e.to_string()))?)
             }
         };
@@ -455,6 +458,7 @@ impl Master {
                 lines: LineBuffer::new(MAX_LINE),
                 out: Vec::new(),
                 authed: !tcp,
+                internal: false,
                 closing: false,
                 awaiting: false,
                 closing_after_lines: false,
@@ -468,10 +472,47 @@ impl Master {
         }
     }
 
+    /// Takes the HTTP child's end of its socketpair as an authenticated admin session with no
+    /// idle timeout (it counts against [`MAX_SESSIONS`] like any other). False if it could not
+    /// be watched.
+    pub(super) fn admin_adopt(&mut self, stream: UnixStream) -> bool {
+        if stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let id = self.io.next_admin_id;
+        self.io.next_admin_id += 1;
+        let token = Token::Admin(id).encode();
+        let stream = AdminStream::Unix(stream);
+        let watched = match &self.io.epoll {
+            Some(epoll) => epoll.add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)),
+            None => Err(nix::Error::EBADF),
+        };
+        if watched.is_err() {
+            return false;
+        }
+        let now = Instant::now();
+        let conn = AdminConn {
+            stream,
+            lines: LineBuffer::new(MAX_LINE),
+            out: Vec::new(),
+            authed: true,
+            internal: true,
+            closing: false,
+            awaiting: false,
+            closing_after_lines: false,
+            interest: EpollFlags::EPOLLIN,
+            queued: false,
+            opened: now,
+            active: now,
+        };
+        self.io.admins.insert(id, conn);
+        true
+    }
+
     /// Makes sure the loop wakes by session `id`'s deadline (it may be the earliest).
     fn admin_schedule(&mut self, id: u64) {
         let admin = &self.config.admin;
-        let Some(conn) = self.io.admins.get(&id) else {
+        let Some(conn) = self.io.admins.get(&id).filter(|c| !c.internal) else {
             return;
         };
         let Some((at, _)) = admin::session_deadline(
@@ -495,7 +536,7 @@ impl Master {
         let admin = &self.config.admin;
         let mut next: Option<Instant> = None;
         let mut expired = Vec::new();
-        for (&id, conn) in &self.io.admins {
+        for (&id, conn) in self.io.admins.iter().filter(|(_, c)| !c.internal) {
             match admin::session_deadline(
                 conn.opened,
                 conn.active,
@@ -807,6 +848,19 @@ impl Master {
             Request::Workers { json } => {
                 self.with_snapshot(Memory::Own, |s| admin::render_workers(s, json))
             }
+            Request::Metrics { format } => {
+                let (pools, master) = (self.pool_figures(), self.master_figures());
+                let mut text = self.with_snapshot(Memory::Own, |snapshot| {
+                    let figures = crate::metrics::Figures {
+                        snapshot,
+                        pools,
+                        master,
+                    };
+                    crate::metrics::render(&figures, format)
+                });
+                text.push_str("OK\n");
+                text
+            }
             Request::Quit => self.admin_quit(id),
             Request::Do(command) => {
                 // It may change what a view shows: the next `status` builds a new one.
@@ -1112,8 +1166,74 @@ impl Master {
             last_reload: self.sup.last_reload().cloned(),
             pools,
             workers,
+            recent: self
+                .sup
+                .recent()
+                .rev()
+                .map(|r| crate::admin::RecentEvent {
+                    at: rfc3339(wall_at(r.at, now, wall)),
+                    kind: r.kind.into(),
+                    pool: r.pool.clone(),
+                    pid: r.pid,
+                    reason: r.reason.clone(),
+                })
+                .collect(),
         }
     }
+
+    /// Each pool's figures for `metrics` beyond its snapshot.
+    fn pool_figures(&self) -> Vec<crate::metrics::PoolFigures> {
+        let now = self.now;
+        self.sup
+            .pools()
+            .iter()
+            .enumerate()
+            .filter(|(_, pool)| !pool.gone())
+            .map(|(idx, pool)| crate::metrics::PoolFigures {
+                name: pool.config.name.clone(),
+                socket_fed: pool.config.mode == PoolMode::Jobs && pool.config.engine().is_none(),
+                metrics: pool.metrics.clone(),
+                in_flight: self.sup.in_flight(idx),
+                busy_seconds: self.sup.busy_seconds(idx, now),
+            })
+            .collect()
+    }
+
+    /// The master process's own figures for `metrics`.
+    fn master_figures(&self) -> crate::metrics::MasterFigures {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let ((ok, failed), last_at) = self.sup.reloads();
+        let last_reload = match (last_at, self.sup.last_reload()) {
+            (Some(at), Some(report)) => Some((unix(wall_at(at, now, wall)), report.ok)),
+            _ => None,
+        };
+        let me = crate::sys::own_process();
+        crate::metrics::MasterFigures {
+            rss_bytes: crate::sys::rss_of(self.pid).ok(),
+            open_fds: me.open_fds,
+            max_fds: me.max_fds,
+            cpu_seconds: me.cpu_seconds,
+            start_time: unix(wall_at(self.started, now, wall)),
+            clients: self.io.clients.len(),
+            admin_sessions: self.io.admins.len(),
+            reloads_ok: ok,
+            reloads_failed: failed,
+            last_reload,
+            http_restarts: self.io.http.as_ref().map_or(0, |h| h.restarts),
+            unknown_pool_submits: self.sup.unknown_pool_submits(),
+        }
+    }
+}
+
+/// The wall-clock time of `at`, given that `now` is `wall`.
+fn wall_at(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
+    wall.checked_sub(now.saturating_duration_since(at))
+        .unwrap_or(wall)
 }
 
 /// The text of the supervisor's reply to a command: what happened, then `OK` — or one

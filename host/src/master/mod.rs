@@ -31,6 +31,7 @@
 mod admin;
 mod channel;
 mod clients;
+mod http;
 mod life;
 mod pool;
 mod reload;
@@ -121,6 +122,8 @@ struct Io {
     signals: Option<SignalPipe>,
     listener: Option<std::os::unix::net::UnixListener>,
     admin: Option<admin::AdminListeners>,
+    /// `admin.http`: its listener and the child that serves it.
+    http: Option<http::HttpChild>,
     admins: FxHashMap<u64, admin::AdminConn>,
     next_admin_id: u64,
     /// Admin sessions whose `reload` was answered: to go on with their next lines.
@@ -257,6 +260,19 @@ impl Master {
             config.server.socket_group.as_ref(),
         )?;
         let admin = admin::AdminListeners::bind(&config.admin)?;
+        let http = match (config.admin.http, &admin.token) {
+            (Some(addr), Some(token)) => Some(http::HttpChild::bind(
+                addr,
+                token.clone(),
+                identity.as_ref().map(|i| (i.uid.as_raw(), i.gid.as_raw())),
+            )?),
+            (Some(_), None) => {
+                return Err(MasterError::Refused(
+                    "admin.http needs admin.token_file".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         signals::ignore_sigpipe().map_err(os("cannot ignore SIGPIPE"))?;
         let signals =
             SignalPipe::install(&SIGNALS).map_err(os("cannot install signal handlers"))?;
@@ -293,6 +309,7 @@ impl Master {
                 signals: Some(signals),
                 listener: Some(listener),
                 admin: Some(admin),
+                http,
                 next_admin_id: 1,
                 next_client_id: 1,
                 scratch: vec![0; 256 * 1024],
@@ -322,6 +339,7 @@ impl Master {
             self.flush();
         }
         self.final_flush();
+        self.stop_http_child();
         self.remove_socket_file();
         let _ = std::fs::remove_file(&self.config.admin.socket);
         log::info!("master exiting");
@@ -492,6 +510,10 @@ impl Master {
                 log::log!(level, "{text}");
                 None
             }
+            Effect::SlowJob(slow) => {
+                self.log_slow_job(&slow);
+                None
+            }
         }
     }
 
@@ -503,6 +525,7 @@ impl Master {
             self.sup.next_deadline(now),
             self.io.accept_paused_until,
             self.admin_deadline(),
+            self.io.http.as_ref().and_then(|h| h.deadline()),
             self.probe_deadline(),
             self.hangup_deadline(),
             self.clients_deadline(),
@@ -526,6 +549,43 @@ impl Master {
             Ok(n) => Ok(n),
             Err(nix::Error::EINTR) => Ok(0),
             Err(e) => Err(os("epoll_wait")(e)),
+        }
+    }
+
+    /// The slow-job line (`slow_job`, and a kill at `job_timeout`): the pool, the worker, the
+    /// job and what the worker is doing right now, from its /proc — so that a hang can be told
+    /// after the fact (uWSGI's harakiri log). Read before the kill that may follow.
+    fn log_slow_job(&self, slow: &supervisor::SlowJob) {
+        let job = match &slow.job {
+            Some(job) => format!(
+                "job {} (client {}'s id {}), {} bytes",
+                job.key, job.client, job.id, job.payload_len
+            ),
+            // An engine-fed worker's job is on its slot (the stream entry, the job handle).
+            None => match self
+                .io
+                .procs
+                .get(&slow.worker)
+                .and_then(|p| p.slot.read().running)
+            {
+                Some(entry) => format!("job {entry}"),
+                None => "its job".to_string(),
+            },
+        };
+        let doing = crate::procinfo::doing(slow.pid);
+        match slow.timeout {
+            None => log::warn!(
+                "slow job: pool {}, worker {}, {job}, running for {:.1?}: {doing}",
+                slow.pool,
+                slow.pid,
+                slow.elapsed
+            ),
+            Some(timeout) => log::warn!(
+                "job past job_timeout {timeout:?}: pool {}, worker {}, {job}, running for {:.1?}: {doing}",
+                slow.pool,
+                slow.pid,
+                slow.elapsed
+            ),
         }
     }
 
@@ -573,7 +633,7 @@ impl Master {
 
     fn reaped(&mut self, pid: Pid, status: WaitStatus) {
         let Some(id) = self.io.by_pid.remove(&pid) else {
-            if !self.probe_reaped(pid, status) {
+            if !self.probe_reaped(pid, status) && !self.http_reaped(pid, status) {
                 log::debug!("reaped pid {pid}, not a worker ({status:?})");
             }
             return;
@@ -749,6 +809,7 @@ impl Master {
             }
         }
         self.admin_timers(now);
+        self.http_timers(now);
         self.client_timers(now);
         let hung_up: Vec<WorkerId> = self
             .io

@@ -119,6 +119,8 @@ pub struct Pool {
     /// Jobs accepted and not yet sent to a worker, shared fairly between clients.
     pub queue: FairQueue,
     pub stats: PoolStats,
+    /// The finer counts and histograms of `metrics` (`crate::metrics`).
+    pub metrics: crate::metrics::PoolMetrics,
     pub stopped: bool,
     pub backoff: Backoff,
     /// Recent job durations: how many jobs a worker is sent ahead.
@@ -152,6 +154,7 @@ impl Pool {
             ended: false,
             queue: FairQueue::default(),
             stats: PoolStats::default(),
+            metrics: crate::metrics::PoolMetrics::default(),
             stopped: false,
             job_times: JobTimes::default(),
             last_result: None,

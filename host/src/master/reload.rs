@@ -380,6 +380,7 @@ impl Master {
                 old.admin.socket_group != new.admin.socket_group,
             ),
             ("admin.tcp", old.admin.tcp != new.admin.tcp),
+            ("admin.http", old.admin.http != new.admin.http),
             (
                 "admin.token_file",
                 old.admin.token_file != new.admin.token_file,

@@ -38,6 +38,7 @@ use super::pool::{Pool, SpawnPace};
 use super::reload::ReloadError;
 use crate::admin::{Command, ReloadReport, Target, MAX_WORKERS};
 use crate::config::{PoolConfig, PoolMode};
+use crate::metrics::{ExitReason, Rejection};
 use crate::plugins::ContentHash;
 use crate::protocol::Status;
 use crate::scoreboard::Report;
@@ -56,6 +57,9 @@ const WATCH_MIN: Duration = Duration::from_millis(100);
 /// fork failing: a full fd table, the process limit), start none for this long. Not a crash
 /// of the pool: its plugin did nothing wrong.
 const SPAWN_PAUSE: Duration = Duration::from_secs(1);
+
+/// Crashes, timeouts and failed reloads kept for `status`'s `recent` (newest last).
+const RECENT_KEPT: usize = 20;
 
 /// A worker, as the supervisor names it (the shell maps it to a pid and a socketpair).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -239,10 +243,48 @@ pub enum Effect {
     },
     /// A line for systemd (sd_notify).
     Notify(String),
+    /// Log that a job has run past its pool's `slow_job` (`timeout: None`) or is being killed
+    /// for passing `job_timeout`, with what its worker is doing now (the shell reads that
+    /// from the worker's /proc before it performs the kill that follows this effect).
+    SlowJob(SlowJob),
     Log {
         level: log::Level,
         text: String,
     },
+}
+
+/// A job that runs long, for [`Effect::SlowJob`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlowJob {
+    pub worker: WorkerId,
+    pub pid: Pid,
+    pub pool: String,
+    /// The job, when it came through the master (an engine-fed worker's is on its slot).
+    pub job: Option<SlowJobOf>,
+    pub elapsed: Duration,
+    /// Killed for passing this job_timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// The job of a [`SlowJob`]: the master's key, its client and the client's id, its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowJobOf {
+    pub key: u64,
+    pub client: u64,
+    pub id: u64,
+    pub payload_len: usize,
+}
+
+/// A crash, a timeout or a failed reload, for `status`'s `recent` (the shell gives it its
+/// wall-clock time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recent {
+    pub at: Instant,
+    /// `crash`, `boot-failed`, `timeout`, `reload-failed`.
+    pub kind: &'static str,
+    pub pool: Option<String>,
+    pub pid: Option<i32>,
+    pub reason: String,
 }
 
 /// The answer to an admin session's command.
@@ -369,6 +411,8 @@ pub struct Worker {
     recalling: bool,
     /// WORK_DATA bytes it sent for its head job (reset when that job ends).
     head_data: usize,
+    /// The `head_started` of the job logged as slow (each job is logged once).
+    slow_logged: Option<Instant>,
 }
 
 impl Worker {
@@ -387,6 +431,15 @@ impl Worker {
     /// When its head job passes its pool's job_timeout (while that counts).
     fn job_due(&self, timeout: Option<Duration>) -> Option<Instant> {
         Some(self.head_started? + timeout?)
+    }
+
+    /// When its head job passes its pool's slow_job, unless that job was logged already.
+    fn slow_due(&self, slow_job: Option<Duration>) -> Option<Instant> {
+        let started = self.head_started?;
+        if self.slow_logged == Some(started) || !self.life.serving() {
+            return None;
+        }
+        Some(started + slow_job?)
     }
 
     fn stalled(&self) -> bool {
@@ -431,6 +484,36 @@ fn queue_room(pool: &Pool, client: ClientId) -> Result<(), String> {
     }
 }
 
+/// The [`SlowJob`] of worker `w`'s head job (`timeout`: it is being killed for passing it).
+fn slow_job(
+    id: WorkerId,
+    w: &Worker,
+    pool: &PoolConfig,
+    jobs: &FxHashMap<u64, Job>,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> SlowJob {
+    let job = w.in_flight.front().and_then(|sent| {
+        let job = jobs.get(&sent.key)?;
+        Some(SlowJobOf {
+            key: sent.key,
+            client: job.client.0 .0,
+            id: job.client.1,
+            payload_len: job.payload.len(),
+        })
+    });
+    SlowJob {
+        worker: id,
+        pid: w.pid,
+        pool: pool.name.clone(),
+        job,
+        elapsed: w
+            .head_started
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+        timeout,
+    }
+}
+
 /// An accepted job.
 #[derive(Debug)]
 struct Job {
@@ -450,6 +533,8 @@ struct Job {
     taken_as_head: bool,
     /// Submitted with SUBMIT_WATCH: its progress and data go to its client.
     watch: bool,
+    /// When it entered the queue (accepted, or given back): its queue wait runs from here.
+    queued_at: Instant,
 }
 
 /// A reload between its request and its outcome.
@@ -487,6 +572,13 @@ pub struct Supervisor {
     out: Vec<Effect>,
     /// `dispatch_pool`'s workers with room for jobs (kept between calls).
     room: Vec<(usize, WorkerId, usize)>,
+    /// Reloads that ended, by outcome, and when the last one did.
+    reloads: (u64, u64),
+    last_reload_at: Option<Instant>,
+    /// SUBMITs naming no pool.
+    unknown_pool: u64,
+    /// The last crashes, timeouts and failed reloads (at most [`RECENT_KEPT`]).
+    recent: VecDeque<Recent>,
 }
 
 impl Supervisor {
@@ -514,6 +606,10 @@ impl Supervisor {
             next_watch: None,
             out: Vec::new(),
             room: Vec::new(),
+            reloads: (0, 0),
+            last_reload_at: None,
+            unknown_pool: 0,
+            recent: VecDeque::new(),
         }
     }
 
@@ -528,7 +624,7 @@ impl Supervisor {
                 payload,
                 watch,
                 detach,
-            } => self.submit(client, id, pool, payload, watch, detach),
+            } => self.submit(client, id, pool, payload, watch, detach, now),
             Event::ClientGone(client) => self.client_gone(client),
             Event::Said { worker, said } => self.said(worker, said, 0, now),
             Event::Reported {
@@ -574,11 +670,13 @@ impl Supervisor {
                 started_through,
                 written_through,
             } => self.recalled(worker, started_through, written_through, now),
-            Event::ReloadFailed { error, at } => self.reload_finished(Err(error.to_string()), at),
+            Event::ReloadFailed { error, at } => {
+                self.reload_finished(Err(error.to_string()), at, now)
+            }
             Event::ReloadReady(plan) => {
                 let at = plan.at.clone();
                 let outcome = self.apply_reload(plan, now);
-                self.reload_finished(outcome, at);
+                self.reload_finished(outcome, at, now);
             }
             Event::Tick => {
                 self.enforce_deadlines(now);
@@ -606,8 +704,11 @@ impl Supervisor {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for w in self.workers.values() {
-            let timeout = self.pools[w.pool].config.job_timeout;
-            if let Some(t) = w.life.deadline(w.job_due(timeout)) {
+            let config = &self.pools[w.pool].config;
+            if let Some(t) = w.life.deadline(w.job_due(config.job_timeout)) {
+                consider(t);
+            }
+            if let Some(t) = w.slow_due(config.slow_job) {
                 consider(t);
             }
         }
@@ -688,6 +789,49 @@ impl Supervisor {
 
     pub fn last_reload(&self) -> Option<&ReloadReport> {
         self.last_reload.as_ref()
+    }
+
+    /// Reloads that ended `(ok, failed)`, and when the last one ended.
+    pub fn reloads(&self) -> ((u64, u64), Option<Instant>) {
+        (self.reloads, self.last_reload_at)
+    }
+
+    /// SUBMITs that named no pool.
+    pub fn unknown_pool_submits(&self) -> u64 {
+        self.unknown_pool
+    }
+
+    /// The last crashes, timeouts and failed reloads, oldest first.
+    pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Recent> {
+        self.recent.iter()
+    }
+
+    /// Jobs sent to the workers of pool `idx` and not answered yet.
+    pub fn in_flight(&self, idx: usize) -> usize {
+        self.workers
+            .values()
+            .filter(|w| w.pool == idx)
+            .map(Worker::queued)
+            .sum()
+    }
+
+    /// Pool `idx`'s busy seconds: its ended jobs' and the running ones' so far.
+    pub fn busy_seconds(&self, idx: usize, now: Instant) -> f64 {
+        let running: f64 = self
+            .workers
+            .values()
+            .filter(|w| w.pool == idx)
+            .filter_map(|w| w.head_started)
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .sum();
+        self.pools.get(idx).map_or(0.0, |p| p.metrics.busy_seconds) + running
+    }
+
+    fn remember(&mut self, recent: Recent) {
+        if self.recent.len() >= RECENT_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(recent);
     }
 
     /// Workers that serve (not leaving) in pool `idx`.
@@ -1034,6 +1178,7 @@ impl Supervisor {
 
     // ---- jobs in ------------------------------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)] // one SUBMIT's fields, as the event has them
     fn submit(
         &mut self,
         client: ClientId,
@@ -1042,57 +1187,86 @@ impl Supervisor {
         payload: &[u8],
         watch: bool,
         detach: bool,
+        now: Instant,
     ) {
-        let verdict = match self.pool_index.get(pool) {
-            _ if matches!(self.phase, Phase::Stopping { .. }) => Err("shutting down".to_string()),
-            None => Err(format!("unknown pool {pool:?}")),
-            Some(&idx) if self.pools[idx].config.mode == PoolMode::Loop => Err(format!(
-                "pool {pool:?} is a loop-mode pool; it takes no jobs"
-            )),
-            Some(&idx) if self.pools[idx].config.redis.is_some() => Err(format!(
-                "pool {pool:?} is fed from Redis: use `jobhost submit -c CONFIG {pool}`, or XADD to its stream"
-            )),
-            Some(&idx) if self.pools[idx].config.gearman.is_some() => Err(format!(
-                "pool {pool:?} is fed by gearmand: submit to its function with a Gearman client (e.g. `gearman -f FUNCTION`)"
-            )),
-            Some(_) if payload.len() as u64 > self.settings.max_payload => Err(format!(
-                "payload too large ({} bytes, max_payload is {})",
-                payload.len(),
-                self.settings.max_payload
-            )),
-            Some(&idx) => match queue_room(&self.pools[idx], client) {
-                Ok(()) => Ok(idx),
-                Err(why) => Err(format!("queue full ({why} for pool {pool:?})")),
-            },
+        let Some(&idx) = self.pool_index.get(pool) else {
+            let reason = if matches!(self.phase, Phase::Stopping { .. }) {
+                "shutting down".to_string()
+            } else {
+                self.unknown_pool = self.unknown_pool.saturating_add(1);
+                format!("unknown pool {pool:?}")
+            };
+            return self.reject(client, id, reason, payload.len());
         };
-        match verdict {
-            Ok(idx) => {
-                let key = self.next_job_key;
-                self.next_job_key += 1;
-                self.jobs.insert(
-                    key,
-                    Job {
-                        pool: idx,
-                        client: (client, id),
-                        detach,
-                        payload: Rc::from(payload),
-                        failures: 0,
-                        blamed_crash: None,
-                        taken_as_head: false,
-                        watch,
-                    },
-                );
-                self.pools[idx].queue.push_back(client, key);
-                self.connected.insert(client);
-            }
-            Err(reason) => self.out.push(Effect::Answer {
-                client,
-                id,
-                status: Status::Rejected,
-                body: reason.into_bytes(),
-                payload_len: payload.len(),
-            }),
+        let config = &self.pools[idx].config;
+        let verdict = if matches!(self.phase, Phase::Stopping { .. }) {
+            Err((Rejection::ShuttingDown, "shutting down".to_string()))
+        } else if config.mode == PoolMode::Loop {
+            Err((
+                Rejection::NotSubmittable,
+                format!("pool {pool:?} is a loop-mode pool; it takes no jobs"),
+            ))
+        } else if config.redis.is_some() {
+            Err((
+                Rejection::NotSubmittable,
+                format!("pool {pool:?} is fed from Redis: use `jobhost submit -c CONFIG {pool}`, or XADD to its stream"),
+            ))
+        } else if config.gearman.is_some() {
+            Err((
+                Rejection::NotSubmittable,
+                format!("pool {pool:?} is fed by gearmand: submit to its function with a Gearman client (e.g. `gearman -f FUNCTION`)"),
+            ))
+        } else if payload.len() as u64 > self.settings.max_payload {
+            Err((
+                Rejection::TooLarge,
+                format!(
+                    "payload too large ({} bytes, max_payload is {})",
+                    payload.len(),
+                    self.settings.max_payload
+                ),
+            ))
+        } else {
+            queue_room(&self.pools[idx], client).map_err(|why| {
+                (
+                    Rejection::QueueFull,
+                    format!("queue full ({why} for pool {pool:?})"),
+                )
+            })
+        };
+        if let Err((why, reason)) = verdict {
+            self.pools[idx].metrics.reject(why);
+            return self.reject(client, id, reason, payload.len());
         }
+        let key = self.next_job_key;
+        self.next_job_key += 1;
+        self.jobs.insert(
+            key,
+            Job {
+                pool: idx,
+                client: (client, id),
+                detach,
+                payload: Rc::from(payload),
+                failures: 0,
+                blamed_crash: None,
+                taken_as_head: false,
+                watch,
+                queued_at: now,
+            },
+        );
+        let pool = &mut self.pools[idx];
+        pool.queue.push_back(client, key);
+        pool.metrics.submitted = pool.metrics.submitted.saturating_add(1);
+        self.connected.insert(client);
+    }
+
+    fn reject(&mut self, client: ClientId, id: u64, reason: String, payload_len: usize) {
+        self.out.push(Effect::Answer {
+            client,
+            id,
+            status: Status::Rejected,
+            body: reason.into_bytes(),
+            payload_len,
+        });
     }
 
     /// A client's connection closed. Its queued jobs nobody will answer are dropped (counted in
@@ -1256,9 +1430,11 @@ impl Supervisor {
         worker.jobs_done += 1;
         let pool = worker.pool;
         if let Some(started) = worker.head_started {
-            self.pools[pool]
-                .job_times
-                .note(now.saturating_duration_since(started));
+            let took = now.saturating_duration_since(started);
+            let pool = &mut self.pools[pool];
+            pool.job_times.note(took);
+            pool.metrics.duration.observe(took.as_secs_f64());
+            pool.metrics.busy_seconds += took.as_secs_f64();
         }
         worker.head_started = worker.busy().then_some(now);
         self.pools[pool].last_result = Some(now);
@@ -1388,7 +1564,7 @@ impl Supervisor {
             jobs.retain(|k| *k != key);
         }
         while let Some(key) = jobs.pop() {
-            self.requeue_front(key);
+            self.requeue_front(key, now);
         }
         // The retry goes first: it waited longest, and a fresh worker then meets a job that
         // crashed before (which tells poison from a crash loop) rather than an untried one.
@@ -1402,7 +1578,7 @@ impl Supervisor {
             } else {
                 &ending
             };
-            self.job_lost(key, why);
+            self.job_lost(key, why, now);
         }
         if let (true, Some(at)) = (job_to_blame, earlier_blame) {
             // The crash it caused before, counted against the pool, was its doing too.
@@ -1479,11 +1655,42 @@ impl Supervisor {
             _ => {}
         }
         self.pools[pool_idx].stats.count_exit(ending.kind());
+        if let Some(started) = worker.head_started {
+            // The job it was on ended with it: its time was busy time.
+            self.pools[pool_idx].metrics.busy_seconds +=
+                now.saturating_duration_since(started).as_secs_f64();
+        }
+        let reason = match &ending {
+            Ending::Crashed { .. } => ExitReason::Crash,
+            Ending::BootFailed => ExitReason::BootFailed,
+            Ending::KilledOnTimeout(_) => ExitReason::Timeout,
+            Ending::Recycled(Limit::MaxJobs) => ExitReason::RecycleMaxJobs,
+            Ending::Recycled(Limit::MaxLifetime) => ExitReason::RecycleMaxLifetime,
+            Ending::Recycled(Limit::MaxRss) => ExitReason::RecycleMaxRss,
+            Ending::Stopped => ExitReason::Stop,
+            Ending::PluginStopped => ExitReason::PluginStop,
+        };
+        self.pools[pool_idx].metrics.exit(reason);
+        let kind = match reason {
+            ExitReason::Crash => Some("crash"),
+            ExitReason::BootFailed => Some("boot-failed"),
+            ExitReason::Timeout => Some("timeout"),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.remember(Recent {
+                at: now,
+                kind,
+                pool: Some(name.clone()),
+                pid: Some(worker.pid.as_raw()),
+                reason: ending.describe(),
+            });
+        }
         self.delete_unused_copies();
     }
 
     /// The job's worker died while running it: retry it elsewhere, or fail it for good.
-    fn job_lost(&mut self, key: u64, ending: &Ending) {
+    fn job_lost(&mut self, key: u64, ending: &Ending, now: Instant) {
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let Some(job) = self.jobs.get_mut(&key) else {
             return;
@@ -1503,6 +1710,7 @@ impl Supervisor {
             self.jobs.remove(&key);
         } else {
             pool.stats.retried += 1;
+            job.queued_at = now;
             pool.queue.push_front(key);
             self.log(
                 log::Level::Info,
@@ -1513,10 +1721,11 @@ impl Supervisor {
         }
     }
 
-    fn requeue_front(&mut self, key: u64) {
-        let Some(job) = self.jobs.get(&key) else {
+    fn requeue_front(&mut self, key: u64, now: Instant) {
+        let Some(job) = self.jobs.get_mut(&key) else {
             return;
         };
+        job.queued_at = now;
         if matches!(self.phase, Phase::Stopping { .. }) {
             self.answer(key, Status::Failed, b"shutting down".to_vec());
         } else if !job.detach && !self.connected.contains(&job.client.0) {
@@ -1608,6 +1817,7 @@ impl Supervisor {
                 head_claimed: None,
                 head_data: 0,
                 recalling: false,
+                slow_logged: None,
             },
         );
         // Forked in this pass's Tick, after its dispatch: its jobs now, not at the next wake.
@@ -1655,15 +1865,25 @@ impl Supervisor {
                 continue;
             };
             let pool = &self.pools[w.pool].config;
+            if w.slow_due(pool.slow_job).is_some_and(|t| now >= t) {
+                w.slow_logged = w.head_started;
+                let slow = slow_job(id, w, pool, &self.jobs, now, None);
+                self.out.push(Effect::SlowJob(slow));
+            }
             let timeout = pool.job_timeout;
             let due = w.job_due(timeout);
             if w.life.deadline(due).is_none_or(|d| now < d) {
                 continue;
             }
             let head = w.in_flight.front().map(|s| s.key);
+            // What it is doing, read before it is signalled (the effect goes first).
+            let dying = slow_job(id, w, pool, &self.jobs, now, timeout);
             let Some((kill, stepped)) = w.life.step(now, due, head) else {
                 continue;
             };
+            if matches!(stepped, Stepped::TimedOut { .. }) {
+                self.out.push(Effect::SlowJob(dying));
+            }
             let text = match stepped {
                 Stepped::TimedOut { draining } => format!(
                     "worker {} (pool {}{}): job ran past job_timeout {:?}; {}SIGKILL in {KILL_GRACE:?}",
@@ -1786,6 +2006,11 @@ impl Supervisor {
                 continue;
             };
             let payload = Rc::clone(&job.payload);
+            let waited = now.saturating_duration_since(job.queued_at);
+            self.pools[idx]
+                .metrics
+                .queue_wait
+                .observe(waited.as_secs_f64());
             let Some(worker) = self.workers.get_mut(&target) else {
                 break;
             };
@@ -1923,7 +2148,7 @@ impl Supervisor {
         }
         // In their order, at the front: they waited longest.
         for key in taken {
-            self.requeue_front(key);
+            self.requeue_front(key, now);
         }
         self.log(log::Level::Debug, text);
         // To the others first: it is still `recalling` here, so not a candidate.
@@ -1978,10 +2203,24 @@ impl Supervisor {
 
     /// Records the outcome for `status`, logs it, tells systemd and the waiting sessions; runs
     /// the reload asked for meanwhile.
-    fn reload_finished(&mut self, outcome: Result<String, String>, at: String) {
+    fn reload_finished(&mut self, outcome: Result<String, String>, at: String, now: Instant) {
         let Some(reloading) = self.reloading.take() else {
             return;
         };
+        self.last_reload_at = Some(now);
+        match &outcome {
+            Ok(_) => self.reloads.0 = self.reloads.0.saturating_add(1),
+            Err(reason) => {
+                self.reloads.1 = self.reloads.1.saturating_add(1);
+                self.remember(Recent {
+                    at: now,
+                    kind: "reload-failed",
+                    pool: None,
+                    pid: None,
+                    reason: reason.clone(),
+                });
+            }
+        }
         // Whether or not it worked, the master serves again (systemd waits for this) — if it
         // had said it was ready in the first place.
         if self.ready_notified {

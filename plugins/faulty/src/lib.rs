@@ -27,6 +27,9 @@
 //!   ("FORGED") frame for each key — what a hostile plugin would do to feed other clients'
 //!   watched jobs; returns `forged`.
 //! - `hang`: never returns.
+//! - `hang-read <HOST:PORT>`: connects to HOST:PORT over TCP and blocks in `read(2)` on the
+//!   socket (what a job stuck on a silent server does), reading and dropping whatever comes;
+//!   returns `closed after <N> bytes` once the peer closes, an error if the connect fails.
 //! - `leak <MiB>`: allocates that many MiB, writes every page, keeps it for the life of the
 //!   worker; returns `leaked <N> MiB`.
 //! - `big <MiB>`: returns a result of that many MiB (a small job with a large result, to
@@ -144,6 +147,7 @@ impl Plugin for Faulty {
             (Some("forge"), Some(from), Some(to)) => forge(from, to, outcome_frame),
             (Some("forge-reports"), Some(from), Some(to)) => forge(from, to, report_frames),
             (Some("hang"), None, _) => hang(),
+            (Some("hang-read"), Some(address), None) => hang_read(address),
             (Some("leak"), Some(mib), None) => self.leak(mib),
             (Some("big"), Some(mib), None) => big(mib),
             (Some("pid"), ms, None) => {
@@ -151,8 +155,29 @@ impl Plugin for Faulty {
                 Ok(std::process::id().to_string().into_bytes())
             }
             _ => Err(format!(
-                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang, leak <MiB>, big <MiB>, pid [<MS>] or trace <MS> <TAG> <FILE>)"
+                "faulty: unknown command {text:?} (expected ok, panic, segv, abort, exit, hang, hang-read <HOST:PORT>, leak <MiB>, big <MiB>, pid [<MS>] or trace <MS> <TAG> <FILE>)"
             )),
+        }
+    }
+}
+
+/// `hang-read <HOST:PORT>`: reads a TCP connection to HOST:PORT until the peer closes it.
+fn hang_read(address: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let stream = std::net::TcpStream::connect(address)
+        .map_err(|e| format!("faulty: hang-read: cannot connect to {address}: {e}"))?;
+    log::warn!("faulty: reading {address} until it closes, as asked");
+    // Through a File, so each read is read(2) itself (std reads a socket with recvfrom): the
+    // call a slow-job diagnosis is tested to name.
+    let mut socket = std::fs::File::from(std::os::fd::OwnedFd::from(stream));
+    let mut total = 0u64;
+    let mut buffer = [0u8; 4096];
+    loop {
+        match socket.read(&mut buffer) {
+            Ok(0) => return Ok(format!("closed after {total} bytes").into_bytes()),
+            Ok(count) => total += count as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("faulty: hang-read: reading {address}: {e}")),
         }
     }
 }
@@ -289,8 +314,7 @@ fn forge(from: &str, to: &str, frame: fn(&mut Vec<u8>, u64)) -> Result<Vec<u8>, 
     Ok(b"forged".to_vec())
 }
 
-/// Kills the process with SIGSEGV, even if a handler was installed (Rust's own stack-overflow
-/// handler, for one, would otherwise swallow a raised signal).
+/// Sleeps forever (an hour at a time).
 fn hang() -> ! {
     log::warn!("faulty: hanging forever as asked");
     loop {
@@ -298,6 +322,8 @@ fn hang() -> ! {
     }
 }
 
+/// Kills the process with SIGSEGV, even if a handler was installed (Rust's own stack-overflow
+/// handler, for one, would otherwise swallow a raised signal).
 fn segv() -> ! {
     log::warn!("faulty: raising SIGSEGV as asked");
     // SAFETY: plain libc calls with valid arguments; the default action ends the process.
@@ -361,6 +387,31 @@ mod tests {
         let ns = |l: &[&str]| l[3].parse::<u128>().unwrap();
         assert!(ns(&lines[1]) - ns(&lines[0]) >= 5_000_000, "{text}");
         assert!(plugin().handle(b"trace 5 job-1").is_err());
+    }
+
+    #[test]
+    fn hang_read_reads_until_the_peer_closes() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.write_all(b"abc").unwrap();
+        });
+        let payload = format!("hang-read {address}");
+        assert_eq!(
+            plugin().handle(payload.as_bytes()).unwrap(),
+            b"closed after 3 bytes"
+        );
+        server.join().unwrap();
+        // Nothing listens there any more: the connect fails, and the job with it.
+        let err = plugin().handle(payload.as_bytes()).unwrap_err();
+        assert!(
+            err.starts_with("faulty: hang-read: cannot connect to "),
+            "{err}"
+        );
+        assert!(plugin().handle(b"hang-read").is_err());
+        assert!(plugin().handle(b"hang-read nowhere").is_err());
     }
 
     #[test]

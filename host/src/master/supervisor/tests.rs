@@ -2758,3 +2758,155 @@ fn an_outcome_over_max_result_is_the_jobs_failure() {
         )]
     );
 }
+
+// ---- metrics --------------------------------------------------------------------------------
+
+/// The figures `metrics` shows: jobs submitted and rejected by reason, how long they waited
+/// in the queue and ran, worker time spent on them, and worker exits by each reason.
+#[test]
+fn metrics_count_submits_rejections_waits_durations_and_exits_by_reason() {
+    let mut s = Sim::with(
+        settings(GRACE),
+        vec![pool("p", "max_queue = 1\nmax_jobs = 1\n")],
+    );
+    s.submit(1); // queued: no worker yet
+    let out = s.submit(2);
+    assert_eq!(out.answers()[0].1, Status::Rejected, "queue full");
+    let out = s.submit_to(ClientId(1), 3, "p", &[0u8; 2000]);
+    assert_eq!(out.answers()[0].1, Status::Rejected, "too large");
+    s.submit_to(ClientId(1), 4, "nope", b"x");
+    let m = &s.sup.pools()[0].metrics;
+    assert_eq!(m.submitted, 1);
+    assert_eq!(m.rejected[Rejection::QueueFull as usize], 1);
+    assert_eq!(m.rejected[Rejection::TooLarge as usize], 1);
+    assert_eq!(s.sup.unknown_pool_submits(), 1);
+
+    s.at(ms(300));
+    let w1 = s.start()[0];
+    assert_eq!(s.sup.pools()[0].metrics.queue_wait.count(), 1);
+    assert!((s.sup.pools()[0].metrics.queue_wait.sum() - 0.3).abs() < 1e-9);
+    s.at(ms(500));
+    assert!(
+        (s.sup.busy_seconds(0, s.t(ms(500))) - 0.2).abs() < 1e-9,
+        "running job counts"
+    );
+    assert_eq!(s.sup.in_flight(0), 1);
+    s.finish(w1);
+    let m = &s.sup.pools()[0].metrics;
+    assert_eq!(m.duration.count(), 1);
+    assert!((m.duration.sum() - 0.2).abs() < 1e-9);
+    assert!((m.busy_seconds - 0.2).abs() < 1e-9);
+    s.leave(w1, 200); // max_jobs
+    let w2 = s.tick().spawns()[0].0;
+    s.crash(w2);
+    let exits = &s.sup.pools()[0].metrics.exits;
+    assert_eq!(exits[ExitReason::RecycleMaxJobs as usize], 1);
+    assert_eq!(exits[ExitReason::Crash as usize], 1);
+    assert_eq!(exits.iter().sum::<u64>(), 2);
+    // The crash is remembered for `status`'s recent; the recycle is not a problem.
+    let recent: Vec<_> = s.sup.recent().collect();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].kind, "crash");
+    assert_eq!(recent[0].pid, Some(s.pid(w2).as_raw()));
+    assert!(recent[0].reason.contains("SIGSEGV"), "{}", recent[0].reason);
+}
+
+/// A failed reload is counted and remembered with its reason; a good one only counted.
+#[test]
+fn reloads_are_counted_by_outcome_and_failures_remembered() {
+    let mut s = Sim::new(vec![pool("p", "")]);
+    s.start();
+    s.admin(Command::Reload, 1);
+    s.on(Event::ReloadFailed {
+        error: ReloadError::RestartOnly { key: "host.user" },
+        at: "2026-12-02T00:00:00Z".into(),
+    });
+    let ((ok, failed), at) = s.sup.reloads();
+    assert_eq!((ok, failed), (0, 1));
+    assert_eq!(at, Some(s.now));
+    let recent: Vec<_> = s.sup.recent().collect();
+    assert_eq!(recent[0].kind, "reload-failed");
+    assert!(
+        recent[0].reason.contains("host.user"),
+        "{}",
+        recent[0].reason
+    );
+}
+
+/// Only the last RECENT_KEPT problems are kept.
+#[test]
+fn recent_problems_are_bounded() {
+    let mut s = Sim::new(vec![pool("p", "crash_limit = 1000\n")]);
+    s.start();
+    for i in 0..(RECENT_KEPT as u64 + 5) {
+        s.at(secs(i * 100));
+        let w = s.tick().spawns().first().map(|(w, _)| *w);
+        let w = w
+            .or_else(|| s.sup.workers().next().map(|(id, _)| id))
+            .unwrap();
+        s.crash(w);
+    }
+    assert_eq!(s.sup.recent().count(), RECENT_KEPT);
+}
+
+fn slow_jobs(out: &Out) -> Vec<SlowJob> {
+    out.pick(|e| match e {
+        Effect::SlowJob(slow) => Some(slow.clone()),
+        _ => None,
+    })
+}
+
+/// `slow_job`: a job running past it is reported once, with its job; the loop wakes for it.
+#[test]
+fn a_slow_job_is_reported_once_when_it_crosses_the_threshold() {
+    let mut s = Sim::new(vec![pool("p", "slow_job = \"5s\"\njob_timeout = 0\n")]);
+    let w1 = s.start()[0];
+    s.submit_to(ClientId(7), 1, "p", b"12345");
+    s.tick();
+    assert_eq!(s.next_deadline(), Some(s.t(secs(5))));
+    s.at(ms(4999));
+    assert!(slow_jobs(&s.tick()).is_empty());
+    s.at(secs(5));
+    let slow = slow_jobs(&s.tick());
+    assert_eq!(slow.len(), 1);
+    let job = slow[0].job.unwrap();
+    assert_eq!((job.client, job.id, job.payload_len), (7, 1, 5));
+    assert_eq!((slow[0].elapsed, slow[0].timeout), (secs(5), None));
+    assert_eq!(slow[0].pid, s.pid(w1));
+    s.at(secs(50));
+    assert!(slow_jobs(&s.tick()).is_empty(), "once per job");
+    assert_eq!(s.next_deadline(), None, "nothing more to wake for");
+    // The next job is a new one.
+    s.submit_to(ClientId(7), 2, "p", b"x");
+    s.finish(w1);
+    s.tick(); // job 2 starts
+    s.at(secs(56));
+    let slow = slow_jobs(&s.tick());
+    assert_eq!(slow.len(), 1);
+    assert_eq!(slow[0].job.unwrap().id, 2);
+}
+
+/// A job killed at job_timeout gets the same report, before its worker is signalled.
+#[test]
+fn a_job_killed_at_its_timeout_is_reported_before_the_signal() {
+    let mut s = Sim::new(vec![pool("p", "job_timeout = \"5s\"\n")]);
+    let w1 = s.start()[0];
+    s.submit(1);
+    s.tick();
+    s.at(secs(5));
+    let out = s.tick();
+    let slow_at = out
+        .effects
+        .iter()
+        .position(|e| matches!(e, Effect::SlowJob(_)))
+        .expect("a slow-job report");
+    let signal_at = out
+        .effects
+        .iter()
+        .position(|e| matches!(e, Effect::Signal { worker, .. } if *worker == w1))
+        .expect("a signal");
+    assert!(slow_at < signal_at);
+    let slow = slow_jobs(&out);
+    assert_eq!(slow[0].timeout, Some(secs(5)));
+    assert_eq!(slow[0].elapsed, secs(5));
+}
