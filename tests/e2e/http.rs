@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jobhost_e2e::{
-    bin_dir, children_of, config_with, in_sleep_job, prerequisite, run, wait_until, Env, Master,
-    SOON,
+    bin_dir, children_of, config_with, cpu_ticks, in_sleep_job, prerequisite, run, wait_until, Env,
+    Master, SOON,
 };
 
 const TOKEN: &str = "http-token-0123456789abcdef";
@@ -545,6 +545,26 @@ fn the_status_page_in_chromium_shows_what_status_json_says() {
     drop(sleeper);
 }
 
+/// Waits until `pid` uses at most one CPU tick (1/100 s) in a quarter of a second: one that
+/// spins never gets there (the test fails), a slow one only takes longer.
+fn quiet(pid: i32, what: &str) {
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(250));
+        let used = cpu_ticks(pid).saturating_sub(before);
+        if used <= 1 {
+            return;
+        }
+        samples.push(used);
+        assert!(
+            Instant::now() < deadline,
+            "{what} never went quiet: ticks per 250 ms: {samples:?}"
+        );
+    }
+}
+
 #[test]
 fn the_child_is_restarted_and_abuse_never_reaches_the_master() {
     let env = Env::new();
@@ -592,6 +612,9 @@ fn the_child_is_restarted_and_abuse_never_reaches_the_master() {
         Some(child),
         "the child did not stay up"
     );
+    // And neither it nor the master spins afterwards.
+    quiet(child, "the http child");
+    quiet(master.pid(), "the master");
 
     // Killed, it is started again (after its back-off) and serves again.
     nix::sys::signal::kill(
