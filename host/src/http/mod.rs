@@ -5,6 +5,14 @@
 //! `Accept`), the status page `/` with its `/page.js` and `/page.css`, and `/status.json`, all
 //! from what the master answers on that session ([`link`]).
 //!
+//! Every route wants the token: `Authorization: Bearer TOKEN`, or `Basic` with the token as
+//! the password (any user name), so that a browser's login prompt, or a URL like
+//! `http://u:TOKEN@host:port/`, works; otherwise 401 with a `Basic` challenge. A page loaded
+//! with the token sets an `HttpOnly; SameSite=Strict` session cookie (derived from the token,
+//! [`request::session_cookie`]) that the page's script's fetches authenticate with: a page
+//! whose URL holds credentials cannot `fetch()` by a relative URL at all in Chromium, and an
+//! absolute URL without them gets no `Authorization` header.
+//!
 //! It exists so that HTTP stays out of the master's way: a malformed request meets this
 //! process, never the master's loop. So everything here is bounded: a request head of at most
 //! [`request::MAX_HEAD`] bytes read within [`HEAD_DEADLINE`], a reply written within
@@ -387,8 +395,7 @@ fn respond(server: &Server, head: &Head) -> Response {
         Route::Page => {
             let response = status_page(server);
             if auth == Auth::Header && response.status == 200 {
-                // For the page's script: Chromium does not reliably apply the credentials of
-                // the page's URL to its fetches.
+                // What the page's script authenticates with (see the module doc).
                 let cookie = format!(
                     "{}={}; Path=/; HttpOnly; SameSite=Strict",
                     request::SESSION_COOKIE,
