@@ -54,8 +54,9 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// After the reply, how long (and how many bytes) the child reads what the client still sends,
 /// so that closing with unread input (which resets the connection) does not destroy the reply
-/// before the client read it.
-const LINGER: Duration = Duration::from_secs(1);
+/// before the client read it. A client that reads its reply closes at once; one that does not
+/// holds its slot this long at most (a client too slow to send its head is not lingered for).
+const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// A connection thread's stack: it parses one head and renders one page.
@@ -338,7 +339,8 @@ fn read_head(stream: &mut TcpStream) -> Result<Head, ReadFailure> {
     }
 }
 
-/// Writes the reply within [`WRITE_DEADLINE`], ends the connection, lingers briefly.
+/// Writes the reply within [`WRITE_DEADLINE`], ends the connection, lingers briefly (not after
+/// a 408: that client is still sending its head, if anything).
 fn send(stream: &mut TcpStream, response: &Response, head_only: bool) {
     let bytes = response.to_bytes(head_only);
     let deadline = Instant::now() + WRITE_DEADLINE;
@@ -355,7 +357,7 @@ fn send(stream: &mut TcpStream, response: &Response, head_only: bool) {
             Err(_) => return,
         }
     }
-    if stream.shutdown(Shutdown::Write).is_err() {
+    if stream.shutdown(Shutdown::Write).is_err() || response.status == 408 {
         return;
     }
     let deadline = Instant::now() + LINGER;
