@@ -705,8 +705,8 @@ pub fn one_line(text: &str) -> String {
 }
 
 /// A duration for people, two units at most: `45s`, `5m02s`, `1h02m`, `3d04h`. Negative or
-/// NaN counts as zero.
-fn duration(secs: f64) -> String {
+/// NaN counts as zero. (`jobhost top` shows them the same way.)
+pub(crate) fn duration(secs: f64) -> String {
     // `as` saturates, and turns NaN into 0.
     let s = secs.max(0.0) as u64;
     match s {
@@ -718,7 +718,7 @@ fn duration(secs: f64) -> String {
 }
 
 /// A running job's age: tenths of a second under a minute (`1.2s`), then like [`duration`].
-fn job_age(secs: f64) -> String {
+pub(crate) fn job_age(secs: f64) -> String {
     let secs = if secs.is_nan() { 0.0 } else { secs.max(0.0) };
     if secs < 59.95 {
         format!("{secs:.1}s")

@@ -55,6 +55,8 @@ pub enum Command {
     },
     /// Send one admin command to a running master and print the reply (exit 1 on ERR).
     Ctl(crate::ctl::CtlArgs),
+    /// A live view of a running master's pools and workers (q quits).
+    Top(crate::top::TopArgs),
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -88,6 +90,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Check { config } => check(&config),
         Command::Submit(args) => crate::submit::run(args),
         Command::Ctl(args) => crate::ctl::run(args),
+        Command::Top(args) => crate::top::run(args),
         Command::Reload { config } => reload(&config),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
         Command::HttpServe => Ok(crate::http::serve()),

@@ -56,8 +56,8 @@ pub struct CtlArgs {
 
 /// What `jobhost ctl --help` says after the options.
 pub const AFTER_HELP: &str = "\
-Commands: help, status, workers, scale POOL N, restart POOL|all, stop POOL, start POOL, reload,
-shutdown [graceful|now]; `jobhost ctl -c FILE help` asks the master for the list.
+Commands: help, status, workers, metrics [prometheus], scale POOL N, restart POOL|all,
+stop POOL, start POOL, reload, shutdown [graceful|now]; `jobhost ctl -c FILE help` asks the master for the list.
 Options go before COMMAND: every word after it belongs to the command.
 The reply is printed to stdout; if the master refuses the command, its reason is printed to
 stderr. Exit status: 0 when the master answered OK, 1 otherwise.";

@@ -48,4 +48,5 @@ pub mod server;
 pub mod signals;
 pub mod submit;
 pub mod sys;
+pub mod top;
 pub mod worker;

@@ -31,4 +31,5 @@ mod shutdown;
 mod status_counts;
 mod submit_command;
 mod supervision;
+mod top;
 mod trust;

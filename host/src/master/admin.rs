@@ -194,6 +194,9 @@ pub(super) enum AdminError {
     WrongToken,
     #[error("authenticate first: auth <token>")]
     NotAuthenticated,
+    /// A command on the HTTP child's session.
+    #[error("this session may only ask (status, workers, metrics)")]
+    ReadOnly,
     /// The supervisor refused the command.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -826,6 +829,13 @@ impl Master {
                 _ => AdminError::NotAuthenticated.reply(),
             };
             self.admin_say(id, &reply);
+            return false;
+        }
+        // The HTTP child faces the network: should it ever be subverted, its session can still
+        // only ask (status, workers, metrics), never stop or reconfigure the master.
+        let internal = self.io.admins.get(&id).is_some_and(|c| c.internal);
+        if internal && matches!(request, Request::Do(_)) {
+            self.admin_say(id, &AdminError::ReadOnly.reply());
             return false;
         }
         // The parsed request, not the raw line: its Debug hides an `auth` token. Questions
