@@ -60,6 +60,9 @@ pub enum Command {
     /// Work with plugin files.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The master's HTTP child (`[admin] http`): started by the master, not by hand.
+    #[command(hide = true)]
+    HttpServe,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +93,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Top(args) => crate::top::run(args),
         Command::Reload { config } => reload(&config),
         Command::Plugin(PluginCommand::Inspect { files }) => inspect(&files),
+        Command::HttpServe => Ok(crate::http::serve()),
     }
 }
 

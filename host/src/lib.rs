@@ -24,6 +24,7 @@
 //! - [`metrics`]: the figures in OpenMetrics / Prometheus text (pure).
 //! - [`ctl`]: `jobhost ctl`, one admin command from the shell.
 //! - [`cli`]: the `jobhost` subcommands.
+//! - [`http`]: `jobhost http-serve`, the status child: `/metrics` and the status page.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the process diagram.
 
@@ -34,6 +35,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod gearman;
+pub mod http;
 pub mod logging;
 pub mod master;
 pub mod metrics;

@@ -12,6 +12,7 @@ mod draining;
 mod fairness;
 mod gearman;
 mod hardening;
+mod http;
 mod job_server;
 mod loop_mode;
 mod memory_limits;
