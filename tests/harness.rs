@@ -528,9 +528,15 @@ impl Master {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// The master's live children (its workers), from /proc.
+    /// The master's live workers, from /proc: its children less the HTTP child (`jobhost
+    /// http-serve`, exec'd; a worker or a probe is a fork with the master's command line).
     pub fn workers(&self) -> Vec<i32> {
-        children_of(self.pid())
+        let mut children = children_of(self.pid());
+        children.retain(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !cmdline.split(|b| *b == 0).any(|arg| arg == b"http-serve")
+        });
+        children
     }
 
     /// Waits until the master has exactly `n` workers, and returns their pids.

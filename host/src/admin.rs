@@ -364,7 +364,11 @@ pub struct PoolSnapshot {
     pub workers_running: usize,
     pub workers_busy: usize,
     pub jobs_queued: usize,
+    /// Jobs running now (busy workers).
     pub jobs_running: usize,
+    /// Jobs sent to workers and not answered yet: the running ones and those sent ahead
+    /// (prefetched) to wait in a worker; an engine-fed pool's are its running ones.
+    pub jobs_in_flight: usize,
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub jobs_retried: u64,
@@ -1576,6 +1580,7 @@ mod tests {
                     workers_busy: 1,
                     jobs_queued: 17,
                     jobs_running: 1,
+                    jobs_in_flight: 1,
                     jobs_done: 123456,
                     jobs_failed: 7,
                     jobs_retried: 3,
@@ -1597,6 +1602,7 @@ mod tests {
                     workers_busy: 0,
                     jobs_queued: 0,
                     jobs_running: 0,
+                    jobs_in_flight: 0,
                     jobs_done: 0,
                     jobs_failed: 0,
                     jobs_retried: 0,

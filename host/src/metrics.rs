@@ -168,8 +168,6 @@ pub struct PoolFigures {
     /// duration figures exist.
     pub socket_fed: bool,
     pub metrics: PoolMetrics,
-    /// Jobs sent to its workers and not answered yet (prefetched ones included).
-    pub in_flight: usize,
     /// `metrics.busy_seconds` plus the running jobs' time so far.
     pub busy_seconds: f64,
 }
@@ -540,10 +538,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         "Jobs sent to workers and not yet answered (for an engine-fed pool: jobs running).",
     );
     for p in pools {
-        let n = figures_of(&p.name)
-            .filter(|pf| pf.socket_fed)
-            .map_or(p.jobs_running, |pf| pf.in_flight);
-        out.sample(&name, &[("pool", &p.name)], n as f64);
+        out.sample(&name, &[("pool", &p.name)], p.jobs_in_flight as f64);
     }
     let name = out.family(
         "jobhost_pool_workers",
@@ -779,6 +774,7 @@ mod tests {
             workers_busy: 1,
             jobs_queued: 3,
             jobs_running: 1,
+            jobs_in_flight: 2,
             jobs_done: 10,
             jobs_failed: 1,
             jobs_retried: 0,
@@ -851,7 +847,6 @@ mod tests {
                     name: "echo".into(),
                     socket_fed: true,
                     metrics: m,
-                    in_flight: 2,
                     busy_seconds: 1.5,
                 },
                 PoolFigures {

@@ -1150,6 +1150,7 @@ mod tests {
             workers_busy: 1,
             jobs_queued: 17,
             jobs_running: 1,
+            jobs_in_flight: 1,
             jobs_done: done,
             jobs_failed: 7,
             jobs_retried: 3,

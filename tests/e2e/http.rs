@@ -466,7 +466,13 @@ fn the_status_page_in_chromium_shows_what_status_json_says() {
     );
 
     for pool in ["echo", "sleep"] {
-        for field in ["jobs_queued", "jobs_done", "jobs_running", "workers_busy"] {
+        for field in [
+            "jobs_queued",
+            "jobs_done",
+            "jobs_running",
+            "jobs_in_flight",
+            "workers_busy",
+        ] {
             let shown = marked(
                 &dom,
                 &format!("data-pool=\"{pool}\" data-field=\"{field}\""),

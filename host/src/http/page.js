@@ -10,8 +10,8 @@
 
   const POOL_FIELDS = [
     "name", "plugin", "mode", "state", "workers", "workers_busy", "jobs_queued",
-    "jobs_running", "jobs_done", "jobs_failed", "jobs_retried", "jobs_dropped", "crashes",
-    "timeouts", "source", "source_lag",
+    "jobs_running", "jobs_in_flight", "jobs_done", "jobs_failed", "jobs_retried",
+    "jobs_dropped", "crashes", "timeouts", "source", "source_lag",
   ];
 
   let refreshes = 0;
@@ -71,6 +71,7 @@
       workers_busy: p.workers_busy,
       jobs_queued: p.jobs_queued,
       jobs_running: p.jobs_running,
+      jobs_in_flight: p.jobs_in_flight,
       jobs_done: p.jobs_done,
       jobs_failed: p.jobs_failed,
       jobs_retried: p.jobs_retried,

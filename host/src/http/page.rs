@@ -55,6 +55,7 @@ pub struct Pool {
     pub workers_busy: u64,
     pub jobs_queued: u64,
     pub jobs_running: u64,
+    pub jobs_in_flight: u64,
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub jobs_retried: u64,
@@ -159,7 +160,7 @@ pub fn render(status: &Status, workers: &[Worker], rendered_at: &str) -> String 
 }
 
 /// The pools table's columns: heading and `data-field` (page.js has the same list).
-const POOL_COLUMNS: [(&str, &str); 16] = [
+const POOL_COLUMNS: [(&str, &str); 17] = [
     ("Pool", "name"),
     ("Plugin", "plugin"),
     ("Mode", "mode"),
@@ -168,6 +169,7 @@ const POOL_COLUMNS: [(&str, &str); 16] = [
     ("Busy", "workers_busy"),
     ("Queued", "jobs_queued"),
     ("Running", "jobs_running"),
+    ("In flight", "jobs_in_flight"),
     ("Done", "jobs_done"),
     ("Failed", "jobs_failed"),
     ("Retried", "jobs_retried"),
@@ -235,7 +237,7 @@ fn pool_row(out: &mut String, p: &Pool) {
             src.lag.map_or_else(|| "-".to_owned(), |l| l.to_string()),
         ),
     };
-    let cells: [(&str, String); 16] = [
+    let cells: [(&str, String); 17] = [
         ("name", p.name.clone()),
         ("plugin", format!("{}@{}", p.plugin, p.plugin_version)),
         ("mode", p.mode.clone()),
@@ -247,6 +249,7 @@ fn pool_row(out: &mut String, p: &Pool) {
         ("workers_busy", p.workers_busy.to_string()),
         ("jobs_queued", p.jobs_queued.to_string()),
         ("jobs_running", p.jobs_running.to_string()),
+        ("jobs_in_flight", p.jobs_in_flight.to_string()),
         ("jobs_done", p.jobs_done.to_string()),
         ("jobs_failed", p.jobs_failed.to_string()),
         ("jobs_retried", p.jobs_retried.to_string()),

@@ -1122,6 +1122,11 @@ impl Master {
                     workers_busy: busy,
                     jobs_queued: pool.queue.len(),
                     jobs_running: busy,
+                    jobs_in_flight: if pool.config.engine().is_some() {
+                        busy
+                    } else {
+                        self.sup.in_flight(idx)
+                    },
                     jobs_done: done,
                     jobs_failed: failed,
                     jobs_retried: pool.stats.retried,
@@ -1203,7 +1208,6 @@ impl Master {
                 name: pool.config.name.clone(),
                 socket_fed: pool.config.mode == PoolMode::Jobs && pool.config.engine().is_none(),
                 metrics: pool.metrics.clone(),
-                in_flight: self.sup.in_flight(idx),
                 busy_seconds: self.sup.busy_seconds(idx, now),
             })
             .collect()
