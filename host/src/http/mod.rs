@@ -1,7 +1,7 @@
 //! `jobhost http-serve`: the status child. The master binds `[admin] http`, and runs this
 //! (`/proc/self/exe http-serve`) in its own process group with the listening socket on stdin,
-//! an already authenticated admin session on stdout, its own stderr, and the token in
-//! `JOBHOST_HTTP_TOKEN`. The child serves `/metrics` (OpenMetrics or Prometheus text, by
+//! an already authenticated admin session on stdout (whose first line is the token), and its
+//! own stderr. The child serves `/metrics` (OpenMetrics or Prometheus text, by
 //! `Accept`), the status page `/` with its `/page.js` and `/page.css`, and `/status.json`, all
 //! from what the master answers on that session ([`link`]).
 //!
@@ -33,7 +33,6 @@ use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,8 +64,8 @@ const THREAD_STACK: usize = 512 * 1024;
 /// How often a line goes to the master's stderr at most.
 const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
 
-/// The environment variable with the token.
-pub const TOKEN_VAR: &str = "JOBHOST_HTTP_TOKEN";
+/// The longest token line the master may send first on the session.
+const MAX_TOKEN_LINE: usize = 64 * 1024;
 
 /// Served with every reply: nothing from elsewhere, no inline script or style, no framing.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
@@ -83,7 +82,7 @@ pub enum HttpError {
     Listener(io::Error),
     #[error("stdout is not the admin session (a Unix socket): {0}")]
     Session(io::Error),
-    #[error("{TOKEN_VAR} is not set, or empty")]
+    #[error("the admin session did not start with the token line")]
     NoToken,
     #[error("cannot start: {0}")]
     Start(io::Error),
@@ -104,12 +103,10 @@ pub fn serve() -> ExitCode {
 }
 
 fn run() -> Result<(), HttpError> {
-    let token = std::env::var_os(TOKEN_VAR)
-        .map(OsStringExt::into_vec)
-        .filter(|t| !t.is_empty())
-        .ok_or(HttpError::NoToken)?;
+    confine()?;
     let listener = take_listener()?;
     let session = take_session()?;
+    let token = read_token(&session)?;
     let link = MasterLink::start(session, |closed| match closed {
         // Exiting from the reader thread is the point: nothing else of this process matters
         // once the master stopped listening.
@@ -121,6 +118,49 @@ fn run() -> Result<(), HttpError> {
     })
     .map_err(HttpError::Start)?;
     accept_loop(&listener, &Arc::new(Server::new(link, token)))
+}
+
+/// Before anything else: no descriptor but 0, 1 and 2 (the master's are close-on-exec, but
+/// whatever the master itself inherited without that flag would be here too); not dumpable,
+/// so that a process of the same user — a worker runs plugin code as the same `host.user` —
+/// can neither read this one's memory (the token) nor ptrace it; and killed with the master.
+fn confine() -> Result<(), HttpError> {
+    // SAFETY: close_range(2) on every descriptor from 3 up, first thing in a freshly exec'd,
+    // single-threaded process: nothing in it holds or will use any of them (the listener and
+    // the session are fds 0 and 1, taken only after this).
+    let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed != 0 {
+        return Err(HttpError::Start(io::Error::last_os_error()));
+    }
+    nix::sys::prctl::set_dumpable(false).map_err(|e| HttpError::Start(e.into()))?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| HttpError::Start(e.into()))?;
+    // (Had the master died before that, the session's end of file ends this process.)
+    Ok(())
+}
+
+/// The token: the first line the master writes on the session, before any reply (never in
+/// the environment or the arguments, which other processes of the same user could read).
+fn read_token(mut session: &UnixStream) -> Result<Vec<u8>, HttpError> {
+    use std::io::Read;
+    session
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(HttpError::Session)?;
+    let mut token = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match session.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) if token.len() < MAX_TOKEN_LINE => token.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => return Err(HttpError::NoToken),
+        }
+    }
+    session.set_read_timeout(None).map_err(HttpError::Session)?;
+    if token.is_empty() {
+        return Err(HttpError::NoToken);
+    }
+    Ok(token)
 }
 
 /// The listener from stdin (fd 0 is `/dev/null` afterwards).

@@ -14,6 +14,7 @@
 //! `reap`), and never lets the child's death touch anything but the child: its session closes
 //! like any other.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -32,9 +33,6 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A child that served this long before it ended was fine: the back-off starts over.
 const LIVED_LONG: Duration = Duration::from_secs(60);
-
-/// The environment variable that hands the child its token.
-pub const TOKEN_ENV: &str = "JOBHOST_HTTP_TOKEN";
 
 pub(super) struct HttpChild {
     listener: TcpListener,
@@ -61,7 +59,19 @@ impl HttpChild {
             context: format!("cannot listen on admin.http {addr}"),
             source,
         })?;
-        log::info!("http interface on {addr} (/metrics and the status page; token required)");
+        let bound = listener.local_addr().unwrap_or(addr);
+        // It faces the network: never as root. Without host.user, a root master runs it as
+        // `nobody` (it needs nothing: it is handed its listener and its session).
+        let identity = match identity {
+            None if nix::unistd::geteuid().is_root() => {
+                let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
+                let ids = nobody.map_or((65534, 65534), |u| (u.uid.as_raw(), u.gid.as_raw()));
+                log::info!("http child runs as nobody (uid {}): host.user is not set", ids.0);
+                Some(ids)
+            }
+            other => other,
+        };
+        log::info!("http interface on {bound} (/metrics and the status page; token required)");
         Ok(HttpChild {
             listener,
             token,
@@ -90,7 +100,6 @@ impl HttpChild {
             .stdin(Stdio::from(listener))
             .stdout(Stdio::from(OwnedFd::from(theirs)))
             .stderr(Stdio::inherit())
-            .env(TOKEN_ENV, String::from_utf8_lossy(&self.token).as_ref())
             // Its own group: the loop's reap kills the group of a dead child, as for workers.
             .process_group(0);
         if let Some((uid, gid)) = self.identity {
@@ -99,6 +108,15 @@ impl HttpChild {
         let child = command.spawn()?;
         // Reaped by the loop's `reap` (waitid on every child), never by `Child::wait`.
         let pid = Pid::from_raw(child.id() as i32);
+        // Its token, as the session's first line: not in its environment or arguments, which
+        // any process of its user (the workers', if host.user is shared) could read. The
+        // socketpair is new and empty: this write does not block.
+        let mut line = self.token.clone();
+        line.push(b'\n');
+        if let Err(e) = (&ours).write_all(&line) {
+            let _ = killpg(pid, Signal::SIGKILL);
+            return Err(e);
+        }
         Ok((pid, ours))
     }
 }
