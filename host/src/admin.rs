@@ -412,8 +412,10 @@ pub struct SourceSnapshot {
     /// Why a worker cannot reach it.
     pub reason: Option<String>,
     pub workers_connected: usize,
-    /// XLEN of the stream, the group's pending count and lag (entries not yet delivered to
-    /// it), as a worker last read them.
+    /// Redis: XLEN of the stream, the group's pending count and lag (entries not yet
+    /// delivered to it). Gearman: the function's jobs queued or running, running, and
+    /// waiting for a worker (gearmand's `status`), summed over the servers that answered.
+    /// As a worker last read them.
     pub stream_length: Option<u64>,
     pub pending: Option<u64>,
     pub lag: Option<u64>,

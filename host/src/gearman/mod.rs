@@ -1,3 +1,4 @@
 //! The worker side of the Gearman protocol.
 
+pub mod admin;
 pub mod packet;

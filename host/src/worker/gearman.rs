@@ -37,10 +37,19 @@
 //!   cannot be written (the server went away) counts as run and failed.
 //! - **Results.** A plugin error is WORK_FAIL (body: the handle only; a trailing NUL makes
 //!   libgearman clients hang) or WORK_EXCEPTION with the message (`failure = "exception"`).
+//! - **Queue figures** for `status` ([`Figures`]): each server's `status` line for the
+//!   function, asked in gearmand's text admin protocol ([`crate::gearman::admin`]) on a
+//!   second connection per server, kept between rounds; summed over the servers that
+//!   answered and published on the slot (length = queued + running, pending = running,
+//!   lag = waiting for a worker). Asked once after connecting, then only around jobs, at
+//!   most every [`FIGURES_EVERY`]: an idle worker asks once more and then sleeps. Every
+//!   worker asks for itself (no worker knows the others); the master shows the freshest.
 //!
 //! Never connects in the master (only in the worker, after fork); never buffers more than
-//! one packet of [`MAX_BODY`] per server; never blocks on one server longer than
-//! [`REPLY_TIMEOUT`] (writing a result to a server that stopped reading ends that connection).
+//! one packet of [`MAX_BODY`] per server (and one `status` line per admin connection);
+//! never blocks on one server longer than [`REPLY_TIMEOUT`] (writing a result to a server
+//! that stopped reading ends that connection), nor on the figures longer than
+//! [`FIGURES_WAIT`] at a job's start.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -54,8 +63,9 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use super::job::{self, Report};
 use super::source::{JobSource, Next, Wake};
 use crate::config::{GearmanConfig, GearmanFailure, GearmanServer, PoolConfig};
+use crate::gearman::admin::{FunctionStatus, StatusError, StatusReader, STATUS_REQUEST};
 use crate::gearman::packet::{Decoder, Fill, FromServer, PacketError, ToServer};
-use crate::scoreboard::{Slot, SourceState, MAX_RUNNING};
+use crate::scoreboard::{Slot, SourceState, StreamFigures, MAX_RUNNING};
 
 /// The largest packet body taken from a server: a workload of up to 1 GiB with its handle,
 /// function and unique id. gearmand's own limit is the protocol's (4 GiB).
@@ -82,6 +92,20 @@ const PING: &[u8] = b"jobhost";
 const PACKET_BUDGET: usize = 1024;
 /// ERROR packets are logged at most this often per server (with a count of the others).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(1);
+/// A busy worker asks its servers for the function's figures at most this often (as a redis
+/// worker reads its stream's).
+const FIGURES_EVERY: Duration = Duration::from_secs(1);
+/// How long a server may take to accept the admin connection, and then to answer `status`:
+/// a server slower than that is left out of the round (and its admin connection closed).
+const FIGURES_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a job's start waits for the answers to the `status` just asked, so that the
+/// figures are seen while the job runs, not after it (a healthy gearmand answers in well
+/// under a millisecond). At most once per [`FIGURES_EVERY`]: a worker whose servers are
+/// slow loses at most 2% of its time to it. Answers later than this are read after the job.
+const FIGURES_WAIT: Duration = Duration::from_millis(20);
+/// A server whose admin connection failed is asked again after this, doubling to the cap.
+const ADMIN_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const ADMIN_BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 /// Why a connection to a server ended.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +158,8 @@ struct Outage {
 /// One server.
 struct Conn {
     server: GearmanServer,
+    /// The address it was last connected at (the admin connection uses it too).
+    addr: Option<SocketAddr>,
     stream: Option<TcpStream>,
     decoder: Decoder,
     state: State,
@@ -155,6 +181,7 @@ impl Conn {
     fn new(server: GearmanServer, now: Instant) -> Conn {
         Conn {
             server,
+            addr: None,
             stream: None,
             decoder: Decoder::new(MAX_BODY),
             state: State::Down { retry_at: now },
@@ -309,6 +336,394 @@ fn start_connect(addr: SocketAddr) -> Result<TcpStream, ConnError> {
     Ok(TcpStream::from(fd))
 }
 
+/// Why a server gave no figures this round (its admin connection is closed).
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Os(#[from] nix::Error),
+    #[error("{0}")]
+    Connect(ConnError),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("the server did not take the request at once")]
+    Unwritten,
+    #[error("no answer within {FIGURES_PATIENCE:?}")]
+    NoAnswer,
+    #[error("{0}")]
+    Answer(#[from] StatusError),
+    #[error("the server sent bytes nobody asked for")]
+    Unasked,
+}
+
+/// Where a server's admin connection is.
+#[derive(Debug)]
+enum AdminState {
+    Closed,
+    /// A non-blocking connect is under way since then (for the round out).
+    Connecting {
+        since: Instant,
+    },
+    /// Connected, nothing asked: kept for the next round.
+    Idle,
+    /// `status` is out (in the round out) since then, its answer read as it comes.
+    Asked {
+        since: Instant,
+        reader: StatusReader,
+    },
+}
+
+/// A server's part in the round out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    NotAsked,
+    Out,
+    Answered(FunctionStatus),
+    Failed,
+}
+
+/// One server's admin connection (its worker connection's text-protocol twin), kept between
+/// rounds: one connect per server and worker, not one per round.
+struct Admin {
+    server: GearmanServer,
+    /// Its worker connection answers, at this address: it is asked in a round.
+    up: Option<SocketAddr>,
+    stream: Option<TcpStream>,
+    state: AdminState,
+    part: Part,
+    /// After a failure, not asked before then.
+    retry_at: Instant,
+    delay: Duration,
+    /// A failure was logged; the next success says so.
+    failing: bool,
+}
+
+/// A round of `status` questions: asked of every server that answers, at once.
+#[derive(Clone, Copy)]
+struct Round {
+    /// When asked (CLOCK_MONOTONIC ms): the figures' time.
+    at_ms: u64,
+}
+
+/// The function's figures for `status` (issue 18's lag): what each server says in its admin
+/// protocol's `status` — TOTAL (queued or running), RUNNING — summed over the servers that
+/// answered, published on the slot as [`StreamFigures`]: length = TOTAL, pending = RUNNING,
+/// lag = TOTAL − RUNNING (jobs no worker has taken).
+///
+/// Asked on a connection of its own per server (gearmand would take the text command on
+/// the worker connection too, but its answer, unframed text, could then come between two
+/// binary packets, and an answer that is garbage would cost the worker connection and its
+/// job). Asked only when something changed (the worker connected, a job started or ended)
+/// and at most every [`FIGURES_EVERY`]: at a job's start (the job is then running at the
+/// server, the others waiting; the answer is read after it), or when the worker is quiet
+/// (no GRAB out). An idle worker asks once and then sleeps: no timer of its own after that.
+/// Never blocks: connects and reads are non-blocking in the worker's poll loop, the request
+/// is one short write that must go at once, and a round lasts at most [`FIGURES_PATIENCE`].
+struct Figures {
+    function: Vec<u8>,
+    admins: Vec<Admin>,
+    round: Option<Round>,
+    /// Something changed since the last round started.
+    stale: bool,
+    next_at: Instant,
+}
+
+impl Figures {
+    fn new(servers: &[GearmanServer], function: &str, now: Instant) -> Figures {
+        Figures {
+            function: function.as_bytes().to_vec(),
+            admins: servers
+                .iter()
+                .map(|server| Admin {
+                    server: server.clone(),
+                    up: None,
+                    stream: None,
+                    state: AdminState::Closed,
+                    part: Part::NotAsked,
+                    retry_at: now,
+                    delay: ADMIN_BACKOFF_FIRST,
+                    failing: false,
+                })
+                .collect(),
+            round: None,
+            stale: false,
+            next_at: now,
+        }
+    }
+
+    /// Server `i`'s worker connection answers (at `addr`), or no longer does.
+    fn set_up(&mut self, i: usize, addr: Option<SocketAddr>) {
+        if addr.is_some() {
+            self.stale = true;
+        }
+        self.admins[i].up = addr;
+    }
+
+    /// When a round may start: `None` while one is out, nothing changed, or no server
+    /// answers.
+    fn due_at(&self) -> Option<Instant> {
+        if !self.stale || self.round.is_some() {
+            return None;
+        }
+        self.admins
+            .iter()
+            .filter(|a| a.up.is_some())
+            .map(|a| a.retry_at)
+            .min()
+            .map(|t| t.max(self.next_at))
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.due_at().is_some_and(|t| now >= t)
+    }
+
+    /// Asks every server that answers (and is not backing off) for `status`.
+    fn start_round(&mut self, now: Instant) {
+        self.stale = false;
+        self.next_at = now + FIGURES_EVERY;
+        self.round = Some(Round {
+            at_ms: crate::scoreboard::monotonic_ms(),
+        });
+        for i in 0..self.admins.len() {
+            let admin = &mut self.admins[i];
+            let Some(addr) = admin.up.filter(|_| now >= admin.retry_at) else {
+                admin.part = Part::NotAsked;
+                continue;
+            };
+            admin.part = Part::Out;
+            let asked = match admin.state {
+                AdminState::Idle => admin.ask(&self.function, now),
+                AdminState::Closed => start_connect(addr)
+                    .map(|stream| {
+                        admin.stream = Some(stream);
+                        admin.state = AdminState::Connecting { since: now };
+                    })
+                    .map_err(AdminError::Connect),
+                // (Not outside a round: a round's end closes or answers them.)
+                AdminState::Connecting { .. } | AdminState::Asked { .. } => Ok(()),
+            };
+            if let Err(e) = asked {
+                self.fail(i, &e, now);
+            }
+        }
+    }
+
+    /// Server `i`'s admin connection failed, or its answer did: close it, back off, log
+    /// once until it answers again.
+    fn fail(&mut self, i: usize, error: &AdminError, now: Instant) {
+        let admin = &mut self.admins[i];
+        admin.stream = None;
+        admin.state = AdminState::Closed;
+        if admin.part == Part::Out {
+            admin.part = Part::Failed;
+        }
+        admin.retry_at = now + admin.delay;
+        admin.delay = (admin.delay * 2).min(ADMIN_BACKOFF_CAP);
+        if std::mem::replace(&mut admin.failing, true) {
+            log::debug!("gearman {}: no figures: {error}", admin.server);
+        } else {
+            log::warn!(
+                "gearman {}: no queue figures from its admin protocol (`status`): {error} \
+                 (logged once until it answers)",
+                admin.server
+            );
+        }
+    }
+
+    /// Reads what the admin connections say, judges their deadlines (only now that what
+    /// came is read: an answer that came while a job ran is an answer; and counted from
+    /// the request, which may have gone out only after a job, once its connect was done),
+    /// and publishes the round's figures once every server asked answered or failed.
+    fn look(&mut self, slot: &Slot, now: Instant) {
+        for i in 0..self.admins.len() {
+            if let Err(e) = self.admins[i].read(&self.function, now) {
+                self.fail(i, &e, now);
+            }
+        }
+        let Some(&Round { at_ms }) = self.round.as_ref() else {
+            return;
+        };
+        for i in 0..self.admins.len() {
+            let admin = &self.admins[i];
+            if admin.part == Part::Out && admin.deadline().is_none_or(|due| now >= due) {
+                self.fail(i, &AdminError::NoAnswer, now);
+            }
+        }
+        if self.admins.iter().any(|a| a.part == Part::Out) {
+            return;
+        }
+        self.round = None;
+        let mut answered: Option<StreamFigures> = None;
+        for admin in &mut self.admins {
+            if let Part::Answered(status) = std::mem::replace(&mut admin.part, Part::NotAsked) {
+                let sum = answered.get_or_insert(StreamFigures {
+                    at_ms,
+                    length: 0,
+                    pending: 0,
+                    lag: Some(0),
+                });
+                sum.length = sum.length.saturating_add(status.total);
+                sum.pending = sum.pending.saturating_add(status.running);
+                sum.lag = sum.lag.map(|l| l.saturating_add(status.waiting()));
+            }
+        }
+        if let Some(figures) = answered {
+            slot.publish(|w| w.figures(&figures));
+        }
+    }
+
+    /// Waits up to `wait` for the round out to end (at a job's start, see [`FIGURES_WAIT`]).
+    fn settle(&mut self, slot: &Slot, wait: Duration) {
+        let until = Instant::now() + wait;
+        loop {
+            let now = Instant::now();
+            self.look(slot, now);
+            let left = until.saturating_duration_since(now);
+            if self.round.is_none() || left.is_zero() {
+                return;
+            }
+            let mut fds = Vec::new();
+            self.wake_fds(&mut fds);
+            let ms = left.as_millis().clamp(1, 1000) as i32;
+            // (EINTR: a signal, which the worker loop handles after the job.)
+            if poll(
+                &mut fds,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            )
+            .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// When the worker must wake for the figures: the round's next deadline, or (when
+    /// quiet: no GRAB out, whose answer wakes it anyway) the next round that is due.
+    fn next_timer(&self, quiet: bool) -> Option<Instant> {
+        match &self.round {
+            Some(_) => self
+                .admins
+                .iter()
+                .filter(|a| a.part == Part::Out)
+                .filter_map(Admin::deadline)
+                .min(),
+            None if quiet => self.due_at(),
+            None => None,
+        }
+    }
+
+    fn wake_fds<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) {
+        for admin in &self.admins {
+            if let Some(stream) = &admin.stream {
+                let flags = match admin.state {
+                    AdminState::Connecting { .. } => PollFlags::POLLOUT,
+                    _ => PollFlags::POLLIN,
+                };
+                fds.push(PollFd::new(stream.as_fd(), flags));
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        for admin in &mut self.admins {
+            admin.stream = None;
+            admin.state = AdminState::Closed;
+        }
+    }
+}
+
+impl Admin {
+    /// When its connect or its question is overdue (`None`: nothing under way).
+    fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            AdminState::Connecting { since } | AdminState::Asked { since, .. } => {
+                Some(since + FIGURES_PATIENCE)
+            }
+            AdminState::Closed | AdminState::Idle => None,
+        }
+    }
+
+    /// Sends `status`: one short write, which a connection with nothing out takes at once.
+    fn ask(&mut self, function: &[u8], now: Instant) -> Result<(), AdminError> {
+        let mut stream = self.stream.as_ref().ok_or(AdminError::Closed)?;
+        loop {
+            match stream.write(STATUS_REQUEST) {
+                Ok(n) if n == STATUS_REQUEST.len() => break,
+                Ok(_) => return Err(AdminError::Unwritten),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(AdminError::Unwritten)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.state = AdminState::Asked {
+            since: now,
+            reader: StatusReader::new(function),
+        };
+        Ok(())
+    }
+
+    /// Moves its connection on with what the socket has: a finished connect asks, an
+    /// answer is read (all of it there is: an answer is bounded), an idle connection the
+    /// server closed is closed.
+    fn read(&mut self, function: &[u8], now: Instant) -> Result<(), AdminError> {
+        use std::io::Read;
+        let Some(mut stream) = self.stream.as_ref() else {
+            return Ok(());
+        };
+        if matches!(self.state, AdminState::Connecting { .. }) {
+            let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+            if poll(&mut fds, PollTimeout::ZERO)? == 0 {
+                return Ok(()); // still under way
+            }
+            if let Some(error) = stream.take_error()? {
+                return Err(error.into());
+            }
+            self.state = AdminState::Idle;
+            if self.part == Part::Out {
+                self.ask(function, now)?;
+            }
+            return Ok(());
+        }
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match &mut self.state {
+                AdminState::Asked { reader, .. } => {
+                    if n == 0 {
+                        return Err(AdminError::Closed);
+                    }
+                    if let Some(status) = reader.feed(&buf[..n])? {
+                        self.state = AdminState::Idle;
+                        self.part = Part::Answered(status);
+                        self.delay = ADMIN_BACKOFF_FIRST;
+                        if std::mem::take(&mut self.failing) {
+                            log::info!("gearman {}: queue figures again", self.server);
+                        }
+                    }
+                }
+                // Closed by the server between rounds (a restart, an idle timeout): quietly
+                // reconnected at the next round.
+                AdminState::Idle if n == 0 => {
+                    log::debug!("gearman {}: the admin connection closed", self.server);
+                    self.stream = None;
+                    self.state = AdminState::Closed;
+                    return Ok(());
+                }
+                AdminState::Idle => return Err(AdminError::Unasked),
+                AdminState::Connecting { .. } | AdminState::Closed => return Ok(()),
+            }
+        }
+    }
+}
+
 /// The worker's source: every server of the pool, one job at a time.
 pub struct GearmanSource {
     channel: OwnedFd,
@@ -330,6 +745,8 @@ pub struct GearmanSource {
     max_lifetime: Option<Duration>,
     /// When the worker loop first asked for work (its lifetime is counted from about then).
     started: Option<Instant>,
+    /// The function's queue figures, for `status`.
+    figures: Figures,
 }
 
 impl GearmanSource {
@@ -347,6 +764,7 @@ impl GearmanSource {
             .iter()
             .map(|s| Conn::new(s.clone(), now))
             .collect();
+        let figures = Figures::new(&cfg.servers, &cfg.function, now);
         GearmanSource {
             channel,
             slot,
@@ -361,6 +779,7 @@ impl GearmanSource {
             max_jobs: pool.max_jobs,
             max_lifetime: pool.max_lifetime,
             started: None,
+            figures,
         }
     }
 
@@ -405,6 +824,7 @@ impl GearmanSource {
         conn.state = State::Down {
             retry_at: now + delay,
         };
+        self.figures.set_up(i, None);
         if was_grabbing {
             self.grab_next(now);
         }
@@ -417,6 +837,7 @@ impl GearmanSource {
         log::debug!("gearman {}: connected", conn.server);
         conn.state = State::Ready;
         conn.may_have_work = true;
+        self.figures.set_up(i, conn.addr);
         self.publish_state();
     }
 
@@ -477,6 +898,7 @@ impl GearmanSource {
         match conn.state {
             State::Down { retry_at } if now >= retry_at => {
                 let addr = resolve(&conn.server)?;
+                conn.addr = Some(addr);
                 conn.stream = Some(start_connect(addr)?);
                 conn.state = State::Connecting { since: now };
                 self.finish_connect(i, now)
@@ -666,8 +1088,17 @@ impl GearmanSource {
                         .and_then(|(max, started)| started.checked_add(max));
                     let then_grab =
                         || grab_again && lifetime_end.is_none_or(|end| Instant::now() < end);
+                    // The figures as the job starts (when due): it is running at the server,
+                    // the function's other jobs wait. Asked now, the answer read after it.
+                    self.figures.stale = true;
+                    if self.figures.due(now) {
+                        self.figures.start_round(now);
+                        self.figures.settle(&self.slot, FIGURES_WAIT);
+                    }
                     let outcome = run_job(plugin, &self.slot, job, self.cfg.failure, &then_grab);
                     self.ran += 1;
+                    // Its end changes them too.
+                    self.figures.stale = true;
                     let failed_job = !matches!(outcome, Ok((true, _)));
                     if failed_job {
                         self.failed += 1;
@@ -841,6 +1272,8 @@ impl JobSource for GearmanSource {
         self.started.get_or_insert(now);
         self.tend(now);
         self.grab_next(now);
+        // Answers to `status` first: a job assigned in this pass may start a new round.
+        self.figures.look(&self.slot, now);
         // Servers in turn, so one that keeps sending cannot starve the others.
         let n = self.conns.len();
         let start = self.turn;
@@ -863,6 +1296,12 @@ impl JobSource for GearmanSource {
             }
         }
         self.grab_next(now);
+        // Quiet (no GRAB out): a round that is due starts now, with nothing in flux.
+        if self.quiet() && self.figures.due(now) {
+            self.figures.start_round(now);
+            // (A round whose every question failed at once ends here.)
+            self.figures.look(&self.slot, now);
+        }
         Ok(Next::Idle(Wake {
             timeout: if more {
                 Some(Duration::from_millis(1))
@@ -886,6 +1325,7 @@ impl JobSource for GearmanSource {
                 fds.push(PollFd::new(stream.as_fd(), flags));
             }
         }
+        self.figures.wake_fds(fds);
     }
 
     fn channel(&self) -> BorrowedFd<'_> {
@@ -902,12 +1342,21 @@ impl JobSource for GearmanSource {
         for conn in &mut self.conns {
             conn.stream = None;
         }
+        self.figures.close();
     }
 }
 
 impl GearmanSource {
+    /// No GRAB is out: nothing about to change at a server because of this worker.
+    fn quiet(&self) -> bool {
+        !self
+            .conns
+            .iter()
+            .any(|c| matches!(c.state, State::Grabbing { .. }))
+    }
+
     /// How long the worker may sleep: until the next connect try, connect or answer
-    /// deadline, or ECHO.
+    /// deadline, ECHO, or figures round (or its deadline).
     fn next_timer(&self, now: Instant) -> Option<Duration> {
         self.conns
             .iter()
@@ -926,6 +1375,7 @@ impl GearmanSource {
                     None => c.heard + PING_EVERY,
                 },
             })
+            .chain(self.figures.next_timer(self.quiet()))
             .min()
             .map(|t| {
                 t.saturating_duration_since(now)
@@ -1053,6 +1503,164 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
         }
+    }
+
+    /// Reads one `status` request from `conn` (false if there is none).
+    fn read_request(conn: &mut TcpStream) -> bool {
+        use std::io::Read;
+        let mut request = [0u8; STATUS_REQUEST.len()];
+        conn.read_exact(&mut request).is_ok() && request == STATUS_REQUEST
+    }
+
+    /// Figures for `servers`, each of which answers: a round asks them all.
+    fn figures_of(servers: &[GearmanServer]) -> Figures {
+        let now = Instant::now();
+        let mut figures = Figures::new(servers, "q", now);
+        for (i, server) in servers.iter().enumerate() {
+            figures.set_up(i, Some(resolve(server).expect("a loopback address")));
+        }
+        figures
+    }
+
+    fn finish_round(figures: &mut Figures, slot: &Slot) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while figures.round.is_some() {
+            assert!(Instant::now() < until, "the round did not end");
+            figures.settle(slot, Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn figures_are_the_sum_of_the_servers_that_answer() {
+        let good = fake(|mut conn| {
+            while read_request(&mut conn) {
+                let _ = conn.write_all(b"other\t9\t9\t9\nq\t5\t2\t1\n.\n");
+            }
+        });
+        // Its answer in pieces.
+        let slow = fake(|mut conn| {
+            while read_request(&mut conn) {
+                for piece in [&b"q\t3"[..], b"\t0\t1\n", b".", b"\n"] {
+                    std::thread::sleep(Duration::from_millis(5));
+                    let _ = conn.write_all(piece);
+                }
+            }
+        });
+        let garbage = fake(|mut conn| {
+            if read_request(&mut conn) {
+                let _ = conn.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n");
+            }
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let silent = fake(|conn| {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(conn);
+        });
+        // Floods one endless line: the answer's size limit ends it, not the deadline.
+        let flood = fake(|mut conn| {
+            let chunk = vec![b'z'; 64 << 10];
+            while conn.write_all(&chunk).is_ok() {}
+        });
+        let slot = Slot::new().expect("a slot");
+        let mut figures = figures_of(&[good, slow, garbage, silent, flood]);
+        let started = Instant::now();
+        figures.start_round(started);
+        finish_round(&mut figures, &slot);
+        let took = started.elapsed();
+        // The silent one was waited for, as long as the patience and not much longer.
+        assert!(
+            took >= FIGURES_PATIENCE && took < FIGURES_PATIENCE * 3,
+            "the round took {took:?}"
+        );
+        let got = slot.read().figures.expect("figures published");
+        assert_eq!((got.length, got.pending, got.lag), (8, 2, Some(6)));
+        for (i, admin) in figures.admins.iter().enumerate() {
+            let failed = i >= 2;
+            assert_eq!(admin.failing, failed, "server {i}");
+            assert_eq!(admin.retry_at > started, failed, "server {i} backs off");
+            assert_eq!(
+                admin.stream.is_some(),
+                !failed,
+                "server {i}: kept if it answered"
+            );
+            assert_eq!(admin.part, Part::NotAsked);
+        }
+        // Nothing changed since: no round is due, no timer (an idle worker sleeps).
+        assert_eq!(figures.due_at(), None);
+        assert_eq!(figures.next_timer(true), None);
+
+        // The next round (something changed) asks the good ones again, on the same
+        // connections, and not the ones backing off.
+        figures.stale = true;
+        figures.next_at = Instant::now();
+        assert!(figures.due(Instant::now()));
+        for admin in &mut figures.admins[2..] {
+            admin.retry_at = Instant::now() + Duration::from_secs(60);
+        }
+        figures.start_round(Instant::now());
+        let asked: Vec<bool> = figures.admins.iter().map(|a| a.part == Part::Out).collect();
+        assert_eq!(asked, [true, true, false, false, false]);
+        finish_round(&mut figures, &slot);
+        let again = slot.read().figures.expect("figures published");
+        assert_eq!((again.length, again.pending, again.lag), (8, 2, Some(6)));
+        assert!(again.at_ms >= got.at_ms);
+    }
+
+    #[test]
+    fn an_admin_connection_the_server_closed_is_reconnected_quietly() {
+        static ACCEPTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // Answers one question per connection, then closes it.
+        let once = fake(|mut conn| {
+            ACCEPTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if read_request(&mut conn) {
+                let _ = conn.write_all(b"q\t1\t1\t1\n.\n");
+            }
+        });
+        let slot = Slot::new().expect("a slot");
+        let mut figures = figures_of(&[once]);
+        figures.start_round(Instant::now());
+        finish_round(&mut figures, &slot);
+        let got = slot.read().figures.expect("figures published");
+        assert_eq!((got.length, got.pending, got.lag), (1, 1, Some(0)));
+        // Its close wakes the worker, which closes its end (no failure, no back-off).
+        let until = Instant::now() + Duration::from_secs(20);
+        while figures.admins[0].stream.is_some() {
+            assert!(Instant::now() < until, "the close was not noticed");
+            let mut fds = Vec::new();
+            figures.wake_fds(&mut fds);
+            assert_eq!(fds.len(), 1, "an idle admin connection is watched");
+            let _ = poll(&mut fds, PollTimeout::from(100u8));
+            drop(fds);
+            figures.look(&slot, Instant::now());
+        }
+        assert!(!figures.admins[0].failing);
+        assert!(figures.admins[0].retry_at <= Instant::now());
+        figures.stale = true;
+        figures.next_at = Instant::now();
+        figures.start_round(Instant::now());
+        finish_round(&mut figures, &slot);
+        assert!(!figures.admins[0].failing);
+        assert_eq!(ACCEPTED.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_server_that_is_down_is_not_asked() {
+        let good = fake(|mut conn| {
+            while read_request(&mut conn) {
+                let _ = conn.write_all(b"q\t2\t0\t0\n.\n");
+            }
+        });
+        let slot = Slot::new().expect("a slot");
+        let mut figures = figures_of(&[good.clone(), good]);
+        figures.set_up(1, None);
+        figures.start_round(Instant::now());
+        assert_eq!(figures.admins[1].part, Part::NotAsked);
+        finish_round(&mut figures, &slot);
+        assert_eq!(slot.read().figures.map(|f| f.length), Some(2));
+        // None up: nothing to ask, nothing due.
+        figures.set_up(0, None);
+        figures.stale = true;
+        assert_eq!(figures.due_at(), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod abuse;
 mod failures;
+mod figures;
 mod review;
 mod serving;
 

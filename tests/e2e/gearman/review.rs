@@ -51,9 +51,11 @@ impl Fake {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((conn, _)) => {
-                            let n = accepted.fetch_add(1, Ordering::Relaxed);
-                            let (got, stop, handler) = (got.clone(), stop.clone(), handler.clone());
-                            std::thread::spawn(move || serve(n, conn, &got, &stop, &*handler));
+                            let (accepted, got, stop, handler) =
+                                (accepted.clone(), got.clone(), stop.clone(), handler.clone());
+                            std::thread::spawn(move || {
+                                serve(conn, &accepted, &got, &stop, &*handler)
+                            });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
                     }
@@ -68,6 +70,8 @@ impl Fake {
         }
     }
 
+    /// Connections that spoke the binary protocol (a worker's; not its admin connection,
+    /// whose text `status` a fake closes unanswered).
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
     }
@@ -86,9 +90,12 @@ impl Drop for Fake {
     }
 }
 
+/// Serves one connection, numbered (from 0, in `accepted`) at its first binary packet; one
+/// that starts with anything else (the text `status` of a worker's admin connection) is
+/// closed, unnumbered.
 fn serve(
-    n: usize,
     mut conn: TcpStream,
+    accepted: &AtomicUsize,
     got: &Mutex<Vec<(usize, u32)>>,
     stop: &AtomicBool,
     handler: &Handler,
@@ -96,6 +103,7 @@ fn serve(
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
     let mut decoder = Decoder::new(1 << 20);
+    let mut number = None;
     while !stop.load(Ordering::Relaxed) {
         let packet = match decoder.next_raw(Magic::Req) {
             Ok(Some(p)) => Some((p.code, p.body.to_vec())),
@@ -108,6 +116,7 @@ fn serve(
                 _ => return,
             }
         };
+        let n = *number.get_or_insert_with(|| accepted.fetch_add(1, Ordering::Relaxed));
         if let Ok(mut g) = got.lock() {
             g.push((n, packet));
         }
