@@ -1324,7 +1324,7 @@ fn build(src: &Source, raw: RawConfig, base: &Path, path: PathBuf) -> Result<Con
         "the HTTP listener shows the host's pools, workers and figures",
     )?;
     if let (Some(t), Some(h), Some(span)) = (tcp, http, http_span) {
-        if t == h {
+        if t == h && t.port() != 0 {
             return Err(src.error(
                 span,
                 "admin.http",

@@ -21,7 +21,7 @@
 
 use std::fmt::Write as _;
 
-use crate::admin::Snapshot;
+use crate::admin::{PoolSnapshot, Snapshot};
 
 /// Bucket bounds of both histograms (job duration and queue wait), in seconds: from a
 /// millisecond job to a five-minute one. Fixed, so that every pool's series line up.
@@ -349,8 +349,23 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         format,
     };
     let s = f.snapshot;
-    let pools = &s.pools;
-    let figures_of = |name: &str| f.pools.iter().find(|p| p.name == name);
+    // `f.pools` goes with `s.pools` index by index. A pool removed by a reload drains under its
+    // name while a new pool of that name may already serve: one name is one series, the
+    // newest pool's (the pools are in the order they were added).
+    let entries: Vec<(&PoolSnapshot, Option<&PoolFigures>)> = s
+        .pools
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| !s.pools[i + 1..].iter().any(|later| later.name == p.name))
+        .map(|(i, p)| (p, f.pools.get(i).filter(|pf| pf.name == p.name)))
+        .collect();
+    let pools: Vec<&PoolSnapshot> = entries.iter().map(|(p, _)| *p).collect();
+    let figures_of = |p: &PoolSnapshot| {
+        entries
+            .iter()
+            .find(|(q, _)| std::ptr::eq(*q, p))
+            .and_then(|(_, pf)| *pf)
+    };
 
     // ---- the master ----
     let m = &f.master;
@@ -493,14 +508,14 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Jobs accepted from the job socket.",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p).filter(|pf| pf.socket_fed) {
             out.sample(&name, &[("pool", &p.name)], pf.metrics.submitted as f64);
         }
     }
     for (family, help, value) in counters {
         let name = out.family(family, Kind::Counter, None, help);
-        for p in pools {
+        for &p in &pools {
             out.sample(&name, &[("pool", &p.name)], value(p) as f64);
         }
     }
@@ -510,8 +525,8 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Jobs refused at submission, by reason.",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p) {
             for why in Rejection::ALL {
                 let n = pf.metrics.rejected[why as usize];
                 out.sample(
@@ -528,7 +543,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Jobs accepted and not yet sent to a worker.",
     );
-    for p in pools {
+    for &p in &pools {
         out.sample(&name, &[("pool", &p.name)], p.jobs_queued as f64);
     }
     let name = out.family(
@@ -537,7 +552,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Jobs sent to workers and not yet answered (for an engine-fed pool: jobs running).",
     );
-    for p in pools {
+    for &p in &pools {
         out.sample(&name, &[("pool", &p.name)], p.jobs_in_flight as f64);
     }
     let name = out.family(
@@ -546,7 +561,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Workers by state.",
     );
-    for p in pools {
+    for &p in &pools {
         for state in WORKER_STATES {
             let n = s
                 .workers
@@ -562,7 +577,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Workers the pool is to run.",
     );
-    for p in pools {
+    for &p in &pools {
         out.sample(&name, &[("pool", &p.name)], p.workers_wanted as f64);
     }
     let name = out.family(
@@ -571,7 +586,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Busy workers over serving workers, now (0 with none); for a rate over time use jobhost_pool_busy_seconds_total.",
     );
-    for p in pools {
+    for &p in &pools {
         let ratio = if p.workers_running == 0 {
             0.0
         } else {
@@ -585,8 +600,8 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         Some("seconds"),
         "Worker time spent on jobs (pools fed by the job socket); rate() over workers gives the busy ratio.",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p).filter(|pf| pf.socket_fed) {
             out.sample(&name, &[("pool", &p.name)], pf.busy_seconds);
         }
     }
@@ -596,8 +611,8 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "Worker exits by reason.",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p) {
             for why in ExitReason::ALL {
                 let n = pf.metrics.exits[why.index()];
                 out.sample(
@@ -614,7 +629,7 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         None,
         "The pool's state: 1 for the state it is in.",
     );
-    for p in pools {
+    for &p in &pools {
         for state in POOL_STATES {
             let on = if p.state == state { 1.0 } else { 0.0 };
             out.sample(&name, &[("pool", &p.name), ("state", state)], on);
@@ -626,8 +641,8 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         Some("seconds"),
         "From a job's start on its worker to its outcome (pools fed by the job socket).",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p).filter(|pf| pf.socket_fed) {
             out.histogram(&name, &[("pool", &p.name)], &pf.metrics.duration);
         }
     }
@@ -637,8 +652,8 @@ pub fn render(f: &Figures<'_>, format: Format) -> String {
         Some("seconds"),
         "From a job's acceptance (or its return to the queue) to its dispatch to a worker.",
     );
-    for p in pools {
-        if let Some(pf) = figures_of(&p.name).filter(|pf| pf.socket_fed) {
+    for &p in &pools {
+        if let Some(pf) = figures_of(p).filter(|pf| pf.socket_fed) {
             out.histogram(&name, &[("pool", &p.name)], &pf.metrics.queue_wait);
         }
     }
@@ -850,6 +865,11 @@ mod tests {
                     busy_seconds: 1.5,
                 },
                 PoolFigures {
+                    name: "we\"ird\\name".into(),
+                    socket_fed: true,
+                    ..Default::default()
+                },
+                PoolFigures {
                     name: "q".into(),
                     socket_fed: false,
                     ..Default::default()
@@ -912,6 +932,39 @@ mod tests {
         assert!(text.contains(
             "jobhost_worker_memory_bytes{pool=\"echo\",pid=\"42\",kind=\"own\"} 65536\n"
         ));
+    }
+
+    /// A pool removed by a reload, draining, and a new pool of the same name: one series per
+    /// name, the new pool's.
+    #[test]
+    fn a_draining_pool_and_its_successor_of_the_same_name_are_one_series() {
+        let mut s = snapshot();
+        let mut old = pool("echo");
+        old.state = "removed".into();
+        old.jobs_queued = 99;
+        s.pools.insert(0, old);
+        let mut f = figures(&s);
+        f.pools.insert(
+            0,
+            PoolFigures {
+                name: "echo".into(),
+                socket_fed: true,
+                ..Default::default()
+            },
+        );
+        let text = render(&f, Format::OpenMetrics);
+        assert_eq!(
+            text.matches("jobhost_pool_jobs_queued{pool=\"echo\"}")
+                .count(),
+            1
+        );
+        assert!(text.contains("jobhost_pool_jobs_queued{pool=\"echo\"} 3\n"));
+        assert!(text.contains("jobhost_pool_jobs_submitted_total{pool=\"echo\"} 12\n"));
+        assert_eq!(
+            text.matches("jobhost_pool_state{pool=\"echo\",state=\"ok\"}")
+                .count(),
+            1
+        );
     }
 
     #[test]

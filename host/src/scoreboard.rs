@@ -100,7 +100,8 @@ pub enum SourceState {
     },
 }
 
-/// The stream's figures as the worker last read them (`XINFO GROUPS` and `XLEN`).
+/// The source's figures as the worker last read them: a stream's (`XINFO GROUPS` and `XLEN`),
+/// or a Gearman function's (gearmand's `status`: queued + running, running, queued).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamFigures {
     /// CLOCK_MONOTONIC milliseconds when they were read.

@@ -1163,7 +1163,7 @@ impl Master {
                     rss_bytes: crate::sys::rss_of(w.pid).ok(),
                     own_bytes: match memory {
                         Memory::Resident => None,
-                        Memory::Own => crate::sys::own_of(w.pid).ok(),
+                        Memory::Own => self.own_memory(w.pid, now),
                     },
                     started: rfc3339(wall.checked_sub(age).unwrap_or(wall)),
                     age_secs: age.as_secs_f64(),
@@ -1194,6 +1194,27 @@ impl Master {
                 })
                 .collect(),
         }
+    }
+
+    /// A worker's own memory, measured at most once per [`OWN_MEMORY_FOR`]: it walks the
+    /// worker's page tables (`smaps_rollup`), milliseconds each with a large table, and
+    /// `workers` and `metrics` may be asked for every pass (a scraper, a flood of lines whose
+    /// replies fill the session's output, so that each pass handles one).
+    fn own_memory(&self, pid: nix::unistd::Pid, now: Instant) -> Option<u64> {
+        let mut cache = self.io.own_memory.borrow_mut();
+        if let Some((at, bytes)) = cache.get(&pid) {
+            if now.saturating_duration_since(*at) < OWN_MEMORY_FOR {
+                return *bytes;
+            }
+        }
+        let bytes = crate::sys::own_of(pid).ok();
+        if cache.len() > 2 * self.io.procs.len() + 16 {
+            // Pids of workers that are gone.
+            let live = &self.io.by_pid;
+            cache.retain(|pid, _| live.contains_key(pid));
+        }
+        cache.insert(pid, (now, bytes));
+        bytes
     }
 
     /// Each pool's figures for `metrics` beyond its snapshot.
@@ -1278,6 +1299,9 @@ fn reload_reply(report: &ReloadReport) -> String {
         AdminError::ReloadFailed(report.message.clone()).reply()
     }
 }
+
+/// How long a worker's own memory, once measured, is shown before it is measured again.
+const OWN_MEMORY_FOR: Duration = Duration::from_secs(1);
 
 /// How much of each worker's memory a [`Master::snapshot`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,7 +66,10 @@ impl HttpChild {
             None if nix::unistd::geteuid().is_root() => {
                 let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
                 let ids = nobody.map_or((65534, 65534), |u| (u.uid.as_raw(), u.gid.as_raw()));
-                log::info!("http child runs as nobody (uid {}): host.user is not set", ids.0);
+                log::info!(
+                    "http child runs as nobody (uid {}): host.user is not set",
+                    ids.0
+                );
                 Some(ids)
             }
             other => other,

@@ -143,6 +143,8 @@ struct Io {
     /// only looks.
     tick_again: bool,
     scratch: Vec<u8>,
+    /// Each worker's own memory as last measured, and when (`Master::own_memory`).
+    own_memory: std::cell::RefCell<FxHashMap<Pid, (Instant, Option<u64>)>>,
     /// Connections and workers with output to write at the end of this pass.
     dirty_clients: Vec<u64>,
     dirty_workers: Vec<WorkerId>,

@@ -53,6 +53,8 @@ mod tests;
 /// for it and for KILL_GRACE.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 const WATCH_MIN: Duration = Duration::from_millis(100);
+/// Two starts of an engine-fed worker's job read this close together are the same start.
+const SAME_START: Duration = Duration::from_millis(5);
 /// After a worker could not be started for want of the master's own resources (socketpair or
 /// fork failing: a full fd table, the process limit), start none for this long. Not a crash
 /// of the pool: its plugin did nothing wrong.
@@ -484,6 +486,14 @@ fn queue_room(pool: &Pool, client: ClientId) -> Result<(), String> {
     }
 }
 
+/// A head job's time so far, into its pool's busy seconds, as its clock stops (the rendered
+/// counter adds the running jobs' time: dropping it unsaved would make it go back).
+fn settle_busy(metrics: &mut crate::metrics::PoolMetrics, started: Option<Instant>, now: Instant) {
+    if let Some(started) = started {
+        metrics.busy_seconds += now.saturating_duration_since(started).as_secs_f64();
+    }
+}
+
 /// The [`SlowJob`] of worker `w`'s head job (`timeout`: it is being killed for passing it).
 fn slow_job(
     id: WorkerId,
@@ -662,7 +672,15 @@ impl Supervisor {
             }
             Event::Running { worker, since } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
-                    w.head_started = since;
+                    // The slot says when in whole milliseconds, read against the clock anew
+                    // each time: within a few of the start known, it is that same job (one
+                    // that ended that soon was never slow or timed out), whose slow_job line
+                    // must not come again.
+                    let same = matches!((w.head_started, since), (Some(a), Some(b))
+                        if a.max(b).saturating_duration_since(a.min(b)) < SAME_START);
+                    if !same {
+                        w.head_started = since;
+                    }
                 }
             }
             Event::Recalled {
@@ -759,7 +777,8 @@ impl Supervisor {
                 let pool = &self.pools[w.pool].config;
                 let overdue = matches!(w.life, Life::Serving { .. } | Life::Draining { .. })
                     && w.job_due(pool.job_timeout).is_some_and(|due| now >= due);
-                overdue || (watch && pool.engine().is_some() && pool.job_timeout.is_some())
+                let timed = pool.job_timeout.is_some() || pool.slow_job.is_some();
+                overdue || (watch && pool.engine().is_some() && timed)
             })
             .map(|(id, _)| *id)
             .collect()
@@ -1190,10 +1209,10 @@ impl Supervisor {
         now: Instant,
     ) {
         let Some(&idx) = self.pool_index.get(pool) else {
+            self.unknown_pool = self.unknown_pool.saturating_add(1);
             let reason = if matches!(self.phase, Phase::Stopping { .. }) {
                 "shutting down".to_string()
             } else {
-                self.unknown_pool = self.unknown_pool.saturating_add(1);
                 format!("unknown pool {pool:?}")
             };
             return self.reject(client, id, reason, payload.len());
@@ -1337,7 +1356,8 @@ impl Supervisor {
                     worker.stalled = false;
                 }
                 if paused {
-                    worker.head_started = None;
+                    let pool = &mut self.pools[worker.pool];
+                    settle_busy(&mut pool.metrics, worker.head_started.take(), now);
                 } else if worker.head_started.is_none() && worker.busy() {
                     worker.head_started = Some(now);
                 }
@@ -1409,7 +1429,8 @@ impl Supervisor {
                 worker.pid
             );
             worker.in_flight.retain(|s| s.key != key);
-            worker.head_started = None;
+            let pool = &mut self.pools[worker.pool];
+            settle_busy(&mut pool.metrics, worker.head_started.take(), now);
             worker.head_data = 0;
             return self.log(log::Level::Info, text);
         }
@@ -1655,11 +1676,8 @@ impl Supervisor {
             _ => {}
         }
         self.pools[pool_idx].stats.count_exit(ending.kind());
-        if let Some(started) = worker.head_started {
-            // The job it was on ended with it: its time was busy time.
-            self.pools[pool_idx].metrics.busy_seconds +=
-                now.saturating_duration_since(started).as_secs_f64();
-        }
+        // The job it was on ended with it: its time was busy time.
+        settle_busy(&mut self.pools[pool_idx].metrics, worker.head_started, now);
         let reason = match &ending {
             Ending::Crashed { .. } => ExitReason::Crash,
             Ending::BootFailed => ExitReason::BootFailed,
@@ -1922,7 +1940,11 @@ impl Supervisor {
             .filter_map(|w| {
                 let pool = &self.pools[w.pool].config;
                 pool.engine()?;
-                Some((pool.job_timeout? / 4).clamp(WATCH_MIN, WATCH_EVERY))
+                let shortest = match (pool.job_timeout, pool.slow_job) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b)?,
+                };
+                Some((shortest / 4).clamp(WATCH_MIN, WATCH_EVERY))
             })
             .min()
     }
@@ -2124,8 +2146,10 @@ impl Supervisor {
             return;
         }
         if w.in_flight.is_empty() {
-            // Nothing it holds has started: it runs nothing.
-            w.head_started = None;
+            // Nothing it holds has started: it runs nothing. (The time since it was sent its
+            // head counted as busy, and a counter never goes back.)
+            let pool = &mut self.pools[w.pool];
+            settle_busy(&mut pool.metrics, w.head_started.take(), now);
         }
         // Fenced (frames it was written are taken back): it is sent nothing until it has seen
         // that. Only never-written frames taken: it has shown nothing wrong.

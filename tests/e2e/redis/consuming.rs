@@ -606,3 +606,42 @@ fn status_shows_the_stream_and_a_lost_connection_with_its_reason() {
         .unwrap();
     assert!((1..=5000).contains(&ttl), "PTTL {ttl}");
 }
+
+/// `slow_job` on a Redis-fed pool: the job runs in the worker, unseen by the master but for its
+/// slot; it is logged once, not at every look at the slot (whose time is in milliseconds).
+#[test]
+fn a_slow_stream_entry_is_logged_once_with_what_its_worker_does() {
+    if !have_redis() {
+        return;
+    }
+    let env = Env::new();
+    env.install("sleep");
+    let redis = Redis::at(&env).start();
+    let master = env.start_master(&pool(
+        "sleep",
+        1,
+        &redis,
+        "slow_job = \"500ms\"\njob_timeout = \"60s\"",
+        "results = \"out\"",
+    ));
+    master.wait_for_workers(1);
+    add_at_once(&redis, &[("e1", "3000")], &[]);
+    wait_until("its result", SOON, || redis.xlen("out") == 1);
+    let log = master.log_text();
+    let slow: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("slow job: pool q"))
+        .collect();
+    assert_eq!(slow.len(), 1, "once:\n{log}");
+    // The entry's id, and what the worker was doing at that moment (mostly sleeping; it may
+    // be caught reporting progress, or reading the stream's figures).
+    assert!(slow[0].contains(", job 1"), "{}", slow[0]);
+    let doing = slow[0].rsplit(": ").next().unwrap_or("");
+    assert!(
+        ["sleeping in", "running on a CPU", "blocked in", "waiting", "in user space"]
+            .iter()
+            .any(|w| doing.starts_with(w)),
+        "{}",
+        slow[0]
+    );
+}

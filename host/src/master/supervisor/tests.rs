@@ -2910,3 +2910,21 @@ fn a_job_killed_at_its_timeout_is_reported_before_the_signal() {
     assert_eq!(slow[0].timeout, Some(secs(5)));
     assert_eq!(slow[0].elapsed, secs(5));
 }
+
+/// jobhost_pool_busy_seconds_total never goes back: a job's time counts when its clock stops
+/// without an answer (an outcome after its timeout, a HOLD, a take-back of everything).
+#[test]
+fn busy_seconds_never_go_back_when_a_job_clock_stops_unanswered() {
+    let mut s = Sim::new(vec![pool("p", "job_timeout = \"5s\"\n")]);
+    let w1 = s.start()[0];
+    s.submit(1);
+    s.tick();
+    s.at(secs(5));
+    s.tick(); // past its timeout: SIGTERM
+    let before = s.sup.busy_seconds(0, s.t(secs(6)));
+    s.at(secs(6));
+    s.outcome(w1, 1, true); // too late: discarded
+    let after = s.sup.busy_seconds(0, s.t(secs(6)));
+    assert!(after >= before - 1e-9, "{before} -> {after}");
+    assert!((after - 6.0).abs() < 1e-9, "{after}");
+}
