@@ -860,7 +860,7 @@ impl Master {
             }
             Request::Metrics { format } => {
                 let (pools, master) = (self.pool_figures(), self.master_figures());
-                let mut text = self.with_snapshot(Memory::Own, |snapshot| {
+                let mut text = self.with_snapshot(Memory::OwnRecent, |snapshot| {
                     let figures = crate::metrics::Figures {
                         snapshot,
                         pools,
@@ -1163,7 +1163,8 @@ impl Master {
                     rss_bytes: crate::sys::rss_of(w.pid).ok(),
                     own_bytes: match memory {
                         Memory::Resident => None,
-                        Memory::Own => self.own_memory(w.pid, now),
+                        Memory::Own => crate::sys::own_of(w.pid).ok(),
+                        Memory::OwnRecent => self.own_memory(w.pid, now),
                     },
                     started: rfc3339(wall.checked_sub(age).unwrap_or(wall)),
                     age_secs: age.as_secs_f64(),
@@ -1311,6 +1312,9 @@ pub(super) enum Memory {
     /// The RSS and its own memory (`/proc/PID/smaps_rollup`, a walk of its page tables): for
     /// `workers`.
     Own,
+    /// The same, but the own memory as measured within the last [`OWN_MEMORY_FOR`]: for
+    /// `metrics`, which a scraper (or a flood) asks for again and again.
+    OwnRecent,
 }
 
 /// An engine-fed pool's source as its workers' slots tell it.
