@@ -961,7 +961,7 @@ pub fn metrics_cost(opts: &Opts, runs: usize) -> Result<Vec<Row>, String> {
             let scraper = every.map(|every| {
                 s.spawn(move || -> Result<(), String> {
                     while !stop.load(Ordering::Relaxed) {
-                        scrape(addr, &token)?;
+                        scrape(addr, token)?;
                         scrapes.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(every);
                     }
