@@ -109,6 +109,9 @@ pub enum Target {
         path: Option<String>,
         listening: bool,
     },
+    /// A unix socket whose line in the table cannot be told from a forged one (see
+    /// `find_unix_socket`).
+    UnixNameUncertain,
     /// A socket not found in the tables (another family, or past the read budget).
     Socket { inode: u64 },
     /// A pipe (`pipe:[N]`).
@@ -308,8 +311,30 @@ fn find_socket(pid: Pid, inode: u64) -> Target {
         }
     }
     let path = format!("/proc/{pid}/net/unix");
-    scan_table(&path, &mut budget, |line| parse_net_unix_line(line, inode))
-        .unwrap_or(Target::Socket { inode })
+    find_unix_socket(&path, &mut budget, inode).unwrap_or(Target::Socket { inode })
+}
+
+/// The unix socket with `inode` in the table at `path`. Unlike the TCP and UDP tables, this
+/// one holds text a process chose: a socket's path is printed as it is, newlines and all, so a
+/// process can bind a path that reads as a whole line of its own claiming any inode. The real
+/// line for the inode is always there too, so the whole table is read: one line claiming the
+/// inode names it; two or more, or a table cut short by the budget after a match, give
+/// [`Target::UnixNameUncertain`] rather than a name that may be forged.
+fn find_unix_socket(path: &str, budget: &mut u64, inode: u64) -> Option<Target> {
+    let mut found: Option<Target> = None;
+    let mut claims = 0u32;
+    let complete = for_each_line(path, budget, |line| {
+        if let Some(target) = parse_net_unix_line(line, inode) {
+            claims += 1;
+            found.get_or_insert(target);
+        }
+        claims < 2
+    })?;
+    match (found, claims, complete) {
+        (None, _, _) => None,
+        (Some(target), 1, true) => Some(target),
+        (Some(_), _, _) => Some(Target::UnixNameUncertain),
+    }
 }
 
 /// The first line of the table at `path` that `found` matches, reading line by line and at most
@@ -319,6 +344,18 @@ fn scan_table<T>(
     budget: &mut u64,
     mut found: impl FnMut(&str) -> Option<T>,
 ) -> Option<T> {
+    let mut hit = None;
+    for_each_line(path, budget, |line| {
+        hit = found(line);
+        hit.is_none()
+    })?;
+    hit
+}
+
+/// Calls `each` on the lines of the file at `path` until it returns false, reading at most
+/// `budget` bytes (which it spends). `Some(true)` if it read to the end of the file, `Some(false)`
+/// if it stopped early (`each` or the budget), `None` if the file could not be read.
+fn for_each_line(path: &str, budget: &mut u64, mut each: impl FnMut(&str) -> bool) -> Option<bool> {
     let file = File::open(path).ok()?;
     let mut reader = BufReader::with_capacity(64 << 10, file.take(*budget));
     let mut line = Vec::with_capacity(256);
@@ -326,11 +363,12 @@ fn scan_table<T>(
         line.clear();
         let read = reader.read_until(b'\n', &mut line).ok()?;
         if read == 0 {
-            return None;
+            // The end of the file, or of the budget: only the first is the whole table.
+            return Some(*budget > 0);
         }
         *budget = budget.saturating_sub(read as u64);
-        if let Some(hit) = found(&String::from_utf8_lossy(&line)) {
-            return Some(hit);
+        if !each(&String::from_utf8_lossy(&line)) {
+            return Some(false);
         }
     }
 }
@@ -396,7 +434,21 @@ fn parse_net_tcp_line(line: &str, inode: u64) -> Option<InetSocket> {
 /// name starts with `@`).
 fn parse_net_unix_line(line: &str, inode: u64) -> Option<Target> {
     let (fields, rest) = split_fields(line, 7)?;
-    if !fields[0].ends_with(':') || fields[6].parse::<u64>().ok()? != inode {
+    // The kernel's format, strictly ("%pK: %08X %08X %08X %04X %02X %5lu"): the tail of a path
+    // with a newline in it is not taken for a line.
+    let hex =
+        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
+    let slot = fields[0].strip_suffix(':')?;
+    let shaped = !slot.is_empty()
+        && slot.len() <= 16
+        && slot.bytes().all(|b| b.is_ascii_hexdigit())
+        && hex(fields[1], 8)
+        && hex(fields[2], 8)
+        && hex(fields[3], 8)
+        && hex(fields[4], 4)
+        && hex(fields[5], 2)
+        && fields[6].bytes().all(|b| b.is_ascii_digit());
+    if !shaped || fields[6].parse::<u64>().ok()? != inode {
         return None;
     }
     /// `__SO_ACCEPTCON`: the socket is listening.
@@ -709,6 +761,7 @@ impl fmt::Display for Target {
                 listening: false,
             } => write!(f, "unix socket {path}"),
             Target::Unix { path: None, .. } => f.write_str("unix socket"),
+            Target::UnixNameUncertain => f.write_str("unix socket (name not certain)"),
             Target::Socket { inode } => write!(f, "socket (inode {inode})"),
             Target::Pipe => f.write_str("pipe"),
             Target::Epoll => f.write_str("epoll"),

@@ -771,3 +771,70 @@ fn socket_tables_are_read_within_the_budget() {
     let mut budget = 1 << 20;
     assert_eq!(scan_table("/nonexistent/tcp", &mut budget, wanted(1)), None);
 }
+
+#[test]
+fn a_unix_socket_claimed_by_two_lines_is_not_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("unix");
+    let real = "0000000000000000: 00000002 00000000 00010000 0001 01 35677 /run/jobs.sock\n";
+    // A path with a newline that reads as a whole line claiming the same inode.
+    let forging = "0000000000000000: 00000002 00000000 00000000 0001 01 35680 /tmp/x\n\
+                   0000000000000000: 00000002 00000000 00000000 0001 03 35677 /etc/forged\n";
+    let other = "0000000000000000: 00000003 00000000 00000000 0001 03 14742\n";
+    let find = |text: &str, budget: u64| {
+        std::fs::write(&table, text).unwrap();
+        let mut budget = budget;
+        find_unix_socket(table.to_str().unwrap(), &mut budget, 35677)
+    };
+    let named = Some(Target::Unix {
+        path: Some("/run/jobs.sock".into()),
+        listening: true,
+    });
+    assert_eq!(find(&format!("{real}{other}"), 1 << 20), named);
+    assert_eq!(find(other, 1 << 20), None);
+    for text in [format!("{real}{forging}"), format!("{forging}{real}")] {
+        assert_eq!(find(&text, 1 << 20), Some(Target::UnixNameUncertain));
+    }
+    // The rest of a path is not a line unless it has the kernel's shape.
+    let tail = "0000000000000000: 2 0 0 1 1 35677 /etc/forged\n";
+    assert_eq!(find(&format!("{real}{tail}"), 1 << 20), named);
+    // A match with the rest of the table unread cannot be known to be the only one.
+    let budget = (real.len() + 10) as u64;
+    assert_eq!(
+        find(&format!("{real}{other}{other}"), budget),
+        Some(Target::UnixNameUncertain)
+    );
+    assert_eq!(
+        Target::UnixNameUncertain.to_string(),
+        "unix socket (name not certain)"
+    );
+}
+
+#[test]
+fn a_forged_line_in_the_real_unix_table_does_not_name_a_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let inode = File::from(OwnedFd::from(listener.try_clone().unwrap()))
+        .metadata()
+        .unwrap()
+        .ino();
+    // A second socket whose path holds a newline and then a line claiming the first's inode.
+    let forger = dir.path().join(format!(
+        "b\n0000000000000000: 00000002 00000000 00010000 0001 01 {inode} forged"
+    ));
+    let _forger = UnixListener::bind(&forger).unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let accepting = listener.try_clone().unwrap();
+    thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        // Ends when the test process does.
+        let _ = accepting.accept();
+    });
+    let tid = tid_rx.recv().unwrap();
+    let expected = "waiting in accept4 on unix socket (name not certain)";
+    let line = described_soon(tid, |line| is(line, expected));
+    assert!(is(&line, expected), "{line}");
+    assert!(!line.contains("forged"), "{line}");
+}
