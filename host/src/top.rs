@@ -56,8 +56,16 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The longest reply line accepted (as `jobhost ctl`: a `workers json` with many workers is
-/// one long line).
+/// one long line), and the most bytes of lines one refresh's replies may hold together.
 const MAX_REPLY_LINE: usize = 64 << 20;
+
+/// The most lines one refresh's replies may hold (each of the two is one line of JSON and its
+/// `OK`): a peer that keeps sending short lines is cut off, not kept in memory.
+const MAX_REPLY_LINES: usize = 1024;
+
+/// The most read from the socket before going back to `poll`: a peer that writes faster than
+/// this reads does not keep the keyboard, the signals and the deadline waiting.
+const READ_BURST: usize = 1 << 20;
 
 /// What a refresh asks, in this order.
 const QUESTIONS: &[u8] = b"status json\nworkers json\n";
@@ -129,6 +137,8 @@ pub enum FetchError {
     Closed,
     #[error("a reply line over {MAX_REPLY_LINE} bytes")]
     LineTooLong,
+    #[error("replies over {MAX_REPLY_LINES} lines or {MAX_REPLY_LINE} bytes")]
+    TooMuch,
     #[error("admin socket: {0}")]
     Io(io::Error),
     #[error("`{command}` refused: {reason}")]
@@ -583,6 +593,9 @@ struct Asked {
     replies: Vec<Result<Vec<String>, String>>,
     /// The lines of the reply being read.
     lines: Vec<String>,
+    /// Lines and bytes taken so far, both replies together.
+    taken_lines: usize,
+    taken_bytes: usize,
 }
 
 impl Fetcher {
@@ -616,6 +629,8 @@ impl Fetcher {
             deadline: now + REPLY_TIMEOUT,
             replies: Vec::new(),
             lines: Vec::new(),
+            taken_lines: 0,
+            taken_bytes: 0,
         });
         write_some(&mut conn)?;
         self.conn = Some(conn);
@@ -750,43 +765,52 @@ fn write_some(conn: &mut Conn) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Reads what is there, and takes the whole lines into the refresh being asked.
+/// Reads what is there (at most [`READ_BURST`] bytes; `poll` says when there is more), and
+/// takes the whole lines into the refresh being asked.
 fn read_some(conn: &mut Conn) -> Result<(), FetchError> {
     let mut buf = [0u8; 64 * 1024];
-    loop {
+    let mut burst = 0;
+    while burst < READ_BURST {
         match (&conn.stream).read(&mut buf) {
             Ok(0) => {
-                take_lines(conn);
+                take_lines(conn)?;
                 return Err(FetchError::Closed);
             }
-            Ok(n) => conn.unread.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                burst += n;
+                conn.unread.extend_from_slice(&buf[..n]);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_error(e)),
         }
-        take_lines(conn);
+        take_lines(conn)?;
         if conn.unread.len() > MAX_REPLY_LINE {
             return Err(FetchError::LineTooLong);
         }
     }
-    take_lines(conn);
-    Ok(())
+    take_lines(conn)
 }
 
-fn take_lines(conn: &mut Conn) {
+fn take_lines(conn: &mut Conn) -> Result<(), FetchError> {
     while let Some(at) = conn.unread[conn.scanned..].iter().position(|&b| b == b'\n') {
         let end = conn.scanned + at;
         let mut raw: Vec<u8> = conn.unread.drain(..=end).collect();
         conn.scanned = 0;
+        // Nothing asked (a master does not speak first): the line is dropped.
+        let Some(asked) = conn.asked.as_mut() else {
+            continue;
+        };
+        asked.taken_lines += 1;
+        asked.taken_bytes += raw.len();
+        if asked.taken_lines > MAX_REPLY_LINES || asked.taken_bytes > MAX_REPLY_LINE {
+            return Err(FetchError::TooMuch);
+        }
         raw.pop();
         if raw.last() == Some(&b'\r') {
             raw.pop();
         }
         let line = String::from_utf8_lossy(&raw).into_owned();
-        // Nothing asked (a master does not speak first): the line is dropped.
-        let Some(asked) = conn.asked.as_mut() else {
-            continue;
-        };
         if admin::is_final_line(&line) {
             let lines = std::mem::take(&mut asked.lines);
             asked.replies.push(match line.strip_prefix("ERR") {
@@ -798,6 +822,7 @@ fn take_lines(conn: &mut Conn) {
         }
     }
     conn.scanned = conn.unread.len();
+    Ok(())
 }
 
 /// Both replies, once they are in (the refresh is then over).
@@ -1613,5 +1638,36 @@ mod tests {
             shown.starts_with(&format!("no master at {} (", path.display())),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_flood_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        // Endless short lines: cut off by the line count, not kept.
+        let path = dir.path().join("lines.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let master = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let lines = "x\n".repeat(4096);
+            while stream.write_all(lines.as_bytes()).is_ok() {}
+        });
+        let e = Fetcher::new(path).fetch().unwrap_err();
+        assert!(matches!(e, FetchError::TooMuch), "{e:?}");
+        master.join().unwrap();
+
+        // One endless line, written as fast as it can be: cut off by its length.
+        let path = dir.path().join("line.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let master = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let chunk = vec![b'x'; 1 << 16];
+            while stream.write_all(&chunk).is_ok() {}
+        });
+        let e = Fetcher::new(path).fetch().unwrap_err();
+        assert!(
+            matches!(e, FetchError::LineTooLong | FetchError::Timeout(_)),
+            "{e:?}"
+        );
+        master.join().unwrap();
     }
 }
