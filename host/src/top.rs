@@ -8,8 +8,11 @@
 //! may add fields), the screen as a pure function ([`render`]: unit-tested without a
 //! terminal), and the terminal: raw mode through `nix::sys::termios`, the alternate screen and
 //! the hidden cursor through plain ANSI escapes, restored on every way out — `q`, an error, a
-//! signal (SIGINT, SIGTERM, SIGHUP come through [`crate::signals`]' self-pipe and end the loop),
-//! and a panic (a hook restores the terminal before the message is printed).
+//! signal (every catchable signal whose default is to end the process, [`ENDING_SIGNALS`],
+//! comes through [`crate::signals`]' self-pipe and ends the loop), and a panic (a hook restores
+//! the terminal before the message is printed). SIGTSTP (`kill -TSTP`; in raw mode Ctrl-Z is a
+//! key, not a signal) gives the terminal back, stops, and takes it again on SIGCONT, as a
+//! shell's job control expects; a SIGCONT after a plain SIGSTOP takes the terminal again too.
 //!
 //! One `poll` waits for the keyboard, the signal pipe and the admin socket, with a timeout to
 //! the next refresh or the reply deadline: idle, it costs nothing, and `q` is read at once even
@@ -66,6 +69,25 @@ const MAX_REPLY_LINES: usize = 1024;
 /// The most read from the socket before going back to `poll`: a peer that writes faster than
 /// this reads does not keep the keyboard, the signals and the deadline waiting.
 const READ_BURST: usize = 1 << 20;
+
+/// The catchable signals whose default action ends the process: each ends the view with the
+/// terminal restored (exit status 128 + its number). SIGPIPE is not among them: a closed
+/// terminal is a failed write.
+const ENDING_SIGNALS: [Signal; 13] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGIO,
+    Signal::SIGPWR,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+];
 
 /// What a refresh asks, in this order.
 const QUESTIONS: &[u8] = b"status json\nworkers json\n";
@@ -905,6 +927,8 @@ fn restore_terminal() {
 /// The terminal while `top` draws on it; restored on drop.
 struct Screen {
     out: io::Stdout,
+    /// The settings before raw mode and the raw ones (none when stdin is not a terminal).
+    termios: Option<(Termios, Termios)>,
 }
 
 impl Screen {
@@ -918,14 +942,15 @@ impl Screen {
             // TCSANOW, not TCSAFLUSH: a `q` typed before this is not thrown away.
             termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &settings)
                 .map_err(TopError::RawMode)?;
-            Some(before)
+            Some((before, settings))
         } else {
             None
         };
-        match SAVED.lock() {
-            Ok(mut saved) => *saved = Some(Saved { termios }),
-            Err(poisoned) => *poisoned.into_inner() = Some(Saved { termios }),
-        }
+        let mut screen = Screen {
+            out: io::stdout(),
+            termios,
+        };
+        screen.save();
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             // First, so the message is printed on the normal screen, not on the one that is
@@ -933,9 +958,37 @@ impl Screen {
             restore_terminal();
             previous(info);
         }));
-        let mut screen = Screen { out: io::stdout() };
         screen.write(ENTER_SCREEN)?;
         Ok(screen)
+    }
+
+    /// Leaves what [`restore_terminal`] needs to give the terminal back.
+    fn save(&self) {
+        let termios = self.termios.as_ref().map(|(before, _)| before.clone());
+        match SAVED.lock() {
+            Ok(mut saved) => *saved = Some(Saved { termios }),
+            Err(poisoned) => *poisoned.into_inner() = Some(Saved { termios }),
+        }
+    }
+
+    /// SIGTSTP: gives the terminal back and stops until SIGCONT, then takes it again.
+    fn stop(&mut self) -> Result<(), TopError> {
+        restore_terminal();
+        // Stops here; SIGSTOP cannot be caught, so this returns once continued.
+        let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+        self.take_again()
+    }
+
+    /// After a stop: the shell may have set the terminal back to cooked mode and drawn on it,
+    /// so raw mode and the alternate screen are set again (from the settings of the start,
+    /// never from what the terminal holds now) and the next paint draws the whole screen.
+    fn take_again(&mut self) -> Result<(), TopError> {
+        if let Some((_, raw)) = &self.termios {
+            termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, raw)
+                .map_err(TopError::RawMode)?;
+        }
+        self.save();
+        self.write(ENTER_SCREEN)
     }
 
     fn write(&mut self, text: &str) -> Result<(), TopError> {
@@ -1045,16 +1098,12 @@ fn once(mut fetcher: Fetcher) -> Result<ExitCode, TopError> {
     })
 }
 
-/// The live view, until a quit key (exit status 0) or SIGINT, SIGTERM, SIGHUP (128 + the
+/// The live view, until a quit key (exit status 0) or one of [`ENDING_SIGNALS`] (128 + the
 /// signal's number, as a shell reports a process killed by it).
 fn live(mut fetcher: Fetcher, interval: Duration) -> Result<ExitCode, TopError> {
-    let signals = SignalPipe::install(&[
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGWINCH,
-    ])
-    .map_err(TopError::Signals)?;
+    let mut caught = ENDING_SIGNALS.to_vec();
+    caught.extend([Signal::SIGWINCH, Signal::SIGTSTP, Signal::SIGCONT]);
+    let signals = SignalPipe::install(&caught).map_err(TopError::Signals)?;
     let stdin = io::stdin();
     let keyboard_is_terminal = stdin.is_terminal();
     let mut screen = Screen::enter(keyboard_is_terminal)?;
@@ -1109,10 +1158,20 @@ fn live(mut fetcher: Fetcher, interval: Duration) -> Result<ExitCode, TopError> 
 
         if !signal_ready.is_empty() {
             let delivered = signals.take_all();
-            for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-                if delivered.count(signal) > 0 {
-                    return Ok(ExitCode::from(128 + signal as u8));
+            if let Some(code) = ended_by(&delivered) {
+                return Ok(code);
+            }
+            if delivered.count(Signal::SIGTSTP) > 0 {
+                screen.stop()?;
+                // The SIGCONT that continued it is in the pipe (taken now, not again), and
+                // maybe a SIGTERM sent while it was stopped.
+                if let Some(code) = ended_by(&signals.take_all()) {
+                    return Ok(code);
                 }
+                repaint = true;
+            } else if delivered.count(Signal::SIGCONT) > 0 {
+                screen.take_again()?;
+                repaint = true;
             }
             if delivered.count(Signal::SIGWINCH) > 0 {
                 repaint = true;
@@ -1141,6 +1200,14 @@ fn live(mut fetcher: Fetcher, interval: Duration) -> Result<ExitCode, TopError> 
             }
         }
     }
+}
+
+/// The exit status for the first of [`ENDING_SIGNALS`] among `delivered`, if any.
+fn ended_by(delivered: &crate::signals::Delivered) -> Option<ExitCode> {
+    ENDING_SIGNALS
+        .into_iter()
+        .find(|&signal| delivered.count(signal) > 0)
+        .map(|signal| ExitCode::from(128 + signal as u8))
 }
 
 /// A refresh's outcome into the frame: new figures (the old ones become `previous`, for the

@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jobhost_e2e::{bin_dir, config_with, wait_until, Env, Master, SOON};
+use jobhost_e2e::{bin_dir, children_of, config_with, wait_until, Env, Master, SOON};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -15,6 +15,9 @@ const TWO_POOLS: &str = "[[pool]]\nname = \"echo\"\nplugin = \"echo\"\nworkers =
 
 /// What `top` writes to leave the alternate screen (after showing the cursor again).
 const LEAVE_SCREEN: &str = "\x1b[?25h\x1b[?1049l";
+
+/// What `top` writes to take the alternate screen.
+const ENTER_SCREEN: &str = "\x1b[?1049h";
 
 fn two_pools(env: &Env) -> Master {
     env.install("echo");
@@ -126,6 +129,24 @@ impl Top {
         let keyboard = self.keyboard.as_mut().expect("the keyboard");
         keyboard.write_all(keys).expect("type");
         keyboard.flush().expect("type");
+    }
+
+    /// The pid of `jobhost top` itself, under `script` (and maybe a shell).
+    fn pid(&self) -> i32 {
+        let mut found = None;
+        wait_until("top to start under script", SOON, || {
+            let mut queue = vec![self.child.id() as i32];
+            while let Some(pid) = queue.pop() {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim_end() == "jobhost" {
+                    found = Some(pid);
+                    return true;
+                }
+                queue.extend(children_of(pid));
+            }
+            false
+        });
+        found.unwrap()
     }
 
     /// Waits for top (and `script`, which exits with its status) to exit.
@@ -333,4 +354,65 @@ fn once_prints_one_plain_frame() {
     let run = env.jobhost(&["top", "--once", "--socket", socket]);
     run.assert_code(1)
         .assert_stdout_has(&format!("master not answering: no master at {socket}"));
+}
+
+/// The scheduler state letter of `pid` (`T` when stopped).
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+#[test]
+fn sigtstp_gives_the_terminal_back_while_stopped_and_sigquit_restores_it_on_the_way_out() {
+    if !have_script() {
+        return;
+    }
+    let env = Env::new();
+    let master = two_pools(&env);
+    let top = Top::start(&master.admin_socket());
+    top.wait_for("the pools", |s| done(s, "echo").is_some());
+    let pid = top.pid();
+
+    let before_stop = top.raw().len();
+    kill(Pid::from_raw(pid), Signal::SIGTSTP).unwrap();
+    wait_until("top to stop", SOON, || state_of(pid) == Some('T'));
+
+    // `script` stops itself when its child stops (as a shell takes the terminal back), maybe
+    // before it has copied what top wrote last, and continues its child when it is continued:
+    // what top wrote before it stopped is told by the order of what arrives.
+    let _ = kill(Pid::from_raw(top.child.id() as i32), Signal::SIGCONT);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+    wait_until(
+        "the terminal given back, then taken again and drawn on",
+        SOON,
+        || {
+            let raw = top.raw();
+            let Some(left) = raw[before_stop..].find(LEAVE_SCREEN) else {
+                return false;
+            };
+            let after_leaving = &raw[before_stop + left..];
+            after_leaving.find(ENTER_SCREEN).is_some_and(|entered| {
+                let drawn = &after_leaving[entered..];
+                drawn.contains("\x1b[H") && drawn.contains("\x1b[J")
+            })
+        },
+    );
+    top.wait_for("the pools again", |s| done(s, "echo").is_some());
+
+    // A signal that would end it by default ends it with the terminal given back.
+    let before_quit = top.raw().len();
+    kill(Pid::from_raw(pid), Signal::SIGQUIT).unwrap();
+    let mut top = top;
+    let status = top.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(128 + Signal::SIGQUIT as i32),
+        "{status:?}"
+    );
+    let raw = top.raw();
+    assert!(
+        raw[before_quit..].contains(LEAVE_SCREEN),
+        "SIGQUIT left the terminal on the alternate screen: {:?}",
+        &raw[before_quit..]
+    );
 }
