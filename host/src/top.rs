@@ -560,8 +560,8 @@ fn jobs_per_sec(pool: &Pool, now: &Status, previous: Option<&Status>) -> Option<
     // Not positive, or NaN: no time to divide by.
     let elapsed = Some(now.uptime_secs? - before.uptime_secs?).filter(|e| *e > 0.0)?;
     let old = before.pools.iter().find(|p| p.name == pool.name)?;
-    let finished =
-        (pool.jobs_done + pool.jobs_failed).checked_sub(old.jobs_done + old.jobs_failed)?;
+    let finished = (pool.jobs_done.saturating_add(pool.jobs_failed))
+        .checked_sub(old.jobs_done.saturating_add(old.jobs_failed))?;
     Some(finished as f64 / elapsed)
 }
 

@@ -208,7 +208,17 @@ struct Server {
     token: Vec<u8>,
     cookie: String,
     active: AtomicUsize,
+    /// The connections still reading their head, or lingering after their reply, oldest
+    /// first: when every slot is taken, a new connection ends the oldest of them ([`admit`]).
+    reading: Mutex<Reading>,
     complaints: Complaints,
+}
+
+#[derive(Default)]
+struct Reading {
+    next_id: u64,
+    /// Id and a handle to shut the connection down with.
+    heads: std::collections::VecDeque<(u64, TcpStream)>,
 }
 
 impl Server {
@@ -218,8 +228,39 @@ impl Server {
             cookie: request::session_cookie(&token),
             token,
             active: AtomicUsize::new(0),
+            reading: Mutex::new(Reading::default()),
             complaints: Complaints::default(),
         }
+    }
+
+    fn reading(&self) -> std::sync::MutexGuard<'_, Reading> {
+        self.reading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Notes a connection as reading its head; `None` if its handle cannot be cloned.
+    fn start_reading(&self, stream: &TcpStream) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let mut reading = self.reading();
+        let id = reading.next_id;
+        reading.next_id += 1;
+        reading.heads.push_back((id, handle));
+        Some(id)
+    }
+
+    fn done_reading(&self, id: u64) {
+        self.reading().heads.retain(|(each, _)| *each != id);
+    }
+
+    /// Ends the connection that has been reading its head longest: its thread's read returns
+    /// at once and the thread gives its slot back. False if none is reading.
+    fn end_oldest_reading(&self) -> bool {
+        let Some((_, oldest)) = self.reading().heads.pop_front() else {
+            return false;
+        };
+        let _ = oldest.shutdown(Shutdown::Both);
+        true
     }
 }
 
@@ -246,9 +287,28 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>) -> Result<(), HttpE
     }
 }
 
-/// A connection gets a thread of its own, or a 503 at once when [`MAX_CONNECTIONS`] are busy.
+/// A connection gets a thread of its own. When [`MAX_CONNECTIONS`] are busy, the one that has
+/// been reading its head longest is ended to make room: a client that sends its request at
+/// once (a scraper, a browser) is then not starved by ones that trickle heads they never
+/// finish (slowloris), which each new connection pushes out oldest first, while it takes a
+/// scraper a moment to send its head. Threads whose connection was ended may not have given
+/// their slot back yet: up to twice [`MAX_CONNECTIONS`] are allowed meanwhile. Only with every
+/// connection past its head (being answered) is a new one refused, a 503 at once.
 fn admit(server: &Arc<Server>, stream: TcpStream) {
-    let Some(slot) = Slot::take(server) else {
+    let slot = match Slot::take(server, MAX_CONNECTIONS) {
+        Some(slot) => Some(slot),
+        None if server.end_oldest_reading() => {
+            server.complaints.complain(&format_args!(
+                "{MAX_CONNECTIONS} connections busy: ended the one reading its request head longest"
+            ));
+            Slot::take(server, 2 * MAX_CONNECTIONS)
+        }
+        None => None,
+    };
+    let Some(slot) = slot else {
+        server.complaints.complain(&format_args!(
+            "{MAX_CONNECTIONS} connections busy being answered: refused one (503)"
+        ));
         refuse(stream);
         return;
     };
@@ -272,11 +332,12 @@ fn admit(server: &Arc<Server>, stream: TcpStream) {
 struct Slot(Arc<Server>);
 
 impl Slot {
-    fn take(server: &Arc<Server>) -> Option<Slot> {
+    /// A slot if fewer than `limit` are taken.
+    fn take(server: &Arc<Server>, limit: usize) -> Option<Slot> {
         server
             .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_CONNECTIONS).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot(Arc::clone(server)))
@@ -312,16 +373,21 @@ fn refuse(mut stream: TcpStream) {
 
 fn serve_connection(server: &Server, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let response = match read_head(&mut stream) {
+    let reading = server.start_reading(&stream);
+    let head = read_head(&mut stream);
+    if let Some(id) = reading {
+        server.done_reading(id);
+    }
+    let response = match head {
         Ok(head) => {
             let response = respond(server, &head);
-            send(&mut stream, &response, head.method == Method::Head);
+            send(server, &mut stream, &response, head.method == Method::Head);
             return;
         }
         Err(ReadFailure::Closed) => return,
         Err(ReadFailure::Answer(response)) => response,
     };
-    send(&mut stream, &response, false);
+    send(server, &mut stream, &response, false);
 }
 
 enum ReadFailure {
@@ -380,8 +446,9 @@ fn read_head(stream: &mut TcpStream) -> Result<Head, ReadFailure> {
 }
 
 /// Writes the reply within [`WRITE_DEADLINE`], ends the connection, lingers briefly (not after
-/// a 408: that client is still sending its head, if anything).
-fn send(stream: &mut TcpStream, response: &Response, head_only: bool) {
+/// a 408: that client is still sending its head, if anything). Lingering, the connection may be
+/// ended to make room, as one reading its head may.
+fn send(server: &Server, stream: &mut TcpStream, response: &Response, head_only: bool) {
     let bytes = response.to_bytes(head_only);
     let deadline = Instant::now() + WRITE_DEADLINE;
     let mut written = 0;
@@ -400,6 +467,15 @@ fn send(stream: &mut TcpStream, response: &Response, head_only: bool) {
     if stream.shutdown(Shutdown::Write).is_err() || response.status == 408 {
         return;
     }
+    let lingering = server.start_reading(stream);
+    linger(stream);
+    if let Some(id) = lingering {
+        server.done_reading(id);
+    }
+}
+
+/// Reads what the client still sends, for [`LINGER`] and [`LINGER_BYTES`] at most.
+fn linger(stream: &mut TcpStream) {
     let deadline = Instant::now() + LINGER;
     let mut drained = 0;
     let mut chunk = [0u8; 4096];
