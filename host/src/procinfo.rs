@@ -21,11 +21,20 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use std::time::{Duration, Instant};
+
 use nix::unistd::Pid;
 
 /// The most read of the socket tables for one description: with many sockets in the namespace
 /// they run to megabytes; a socket past this is described as "socket (inode N)".
 const NET_TABLES_BUDGET: u64 = 4 << 20;
+
+/// The most read of the socket tables a second by one [`TablesAllowance`], all descriptions
+/// together: a worker can fill its namespace's tables (tens of thousands of unix sockets make
+/// `/proc/net/unix` megabytes, some 15 ms a MiB to read) and many workers can turn slow at once,
+/// so the master's loop spends at most about this on them a second; past it, a socket is
+/// described by its inode.
+pub const TABLES_PER_SECOND: u64 = 2 << 20;
 
 /// The most read of a small file (`stat`, `syscall`, `wchan`): each is one short line.
 const SMALL_FILE_MAX: u64 = 4096;
@@ -141,8 +150,47 @@ pub enum TcpState {
     Other(u8),
 }
 
+/// How much of the socket tables a caller's descriptions may still read this second
+/// ([`TABLES_PER_SECOND`]).
+#[derive(Debug)]
+pub struct TablesAllowance {
+    left: u64,
+    since: Instant,
+}
+
+impl TablesAllowance {
+    pub fn new(now: Instant) -> TablesAllowance {
+        TablesAllowance {
+            left: TABLES_PER_SECOND,
+            since: now,
+        }
+    }
+
+    /// What one description may read now: [`NET_TABLES_BUDGET`] or what is left of the second.
+    fn grant(&mut self, now: Instant) -> u64 {
+        if now.saturating_duration_since(self.since) >= Duration::from_secs(1) {
+            self.left = TABLES_PER_SECOND;
+            self.since = now;
+        }
+        self.left.min(NET_TABLES_BUDGET)
+    }
+}
+
+/// What `pid` is doing, reading no more of the socket tables than `allowance` has left.
+pub fn doing_within(pid: Pid, allowance: &mut TablesAllowance, now: Instant) -> Doing {
+    let granted = allowance.grant(now);
+    let mut budget = granted;
+    let doing = doing_with_budget(pid, &mut budget);
+    allowance.left = allowance.left.saturating_sub(granted - budget);
+    doing
+}
+
 /// What `pid` (a process id or a thread id) is doing; never fails: what cannot be read is left out.
 pub fn doing(pid: Pid) -> Doing {
+    doing_with_budget(pid, &mut { NET_TABLES_BUDGET })
+}
+
+fn doing_with_budget(pid: Pid, budget: &mut u64) -> Doing {
     let state = read_state(pid);
     if matches!(state, State::Gone | State::Zombie) {
         return Doing {
@@ -160,7 +208,7 @@ pub fn doing(pid: Pid) -> Doing {
             // An int argument: the kernel reads the register's low 32 bits.
             let number = args[0] as u32 as i32;
             if number >= 0 {
-                *fd = Some((number, describe_fd(pid, number)));
+                *fd = Some((number, describe_fd(pid, number, budget)));
             }
         }
     }
@@ -247,13 +295,13 @@ fn parse_wchan(text: &str) -> Option<String> {
 }
 
 /// What the descriptor `fd` of `pid` is.
-fn describe_fd(pid: Pid, fd: i32) -> Target {
+fn describe_fd(pid: Pid, fd: i32, budget: &mut u64) -> Target {
     let Ok(link) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
         return Target::Unknown;
     };
     let link = link.to_string_lossy();
     match parse_fd_link(&link) {
-        Link::Socket(inode) => find_socket(pid, inode),
+        Link::Socket(inode) => find_socket(pid, inode, budget),
         Link::Target(target) => target,
     }
 }
@@ -291,9 +339,8 @@ fn parse_fd_link(link: &str) -> Link {
 }
 
 /// The socket with `inode` in `pid`'s network namespace, looked up in its TCP, UDP and unix
-/// tables in turn, reading at most [`NET_TABLES_BUDGET`] bytes of them together.
-fn find_socket(pid: Pid, inode: u64) -> Target {
-    let mut budget = NET_TABLES_BUDGET;
+/// tables in turn, reading at most `budget` bytes of them together (which it spends).
+fn find_socket(pid: Pid, inode: u64, budget: &mut u64) -> Target {
     for (table, tcp) in [
         ("tcp", true),
         ("tcp6", true),
@@ -301,8 +348,7 @@ fn find_socket(pid: Pid, inode: u64) -> Target {
         ("udp6", false),
     ] {
         let path = format!("/proc/{pid}/net/{table}");
-        if let Some(entry) = scan_table(&path, &mut budget, |line| parse_net_tcp_line(line, inode))
-        {
+        if let Some(entry) = scan_table(&path, budget, |line| parse_net_tcp_line(line, inode)) {
             return if tcp {
                 entry.tcp_target()
             } else {
@@ -311,7 +357,7 @@ fn find_socket(pid: Pid, inode: u64) -> Target {
         }
     }
     let path = format!("/proc/{pid}/net/unix");
-    find_unix_socket(&path, &mut budget, inode).unwrap_or(Target::Socket { inode })
+    find_unix_socket(&path, budget, inode).unwrap_or(Target::Socket { inode })
 }
 
 /// The unix socket with `inode` in the table at `path`. Unlike the TCP and UDP tables, this

@@ -182,6 +182,9 @@ pub struct Master {
     now: Instant,
     pid: Pid,
     io: Io,
+    /// What slow-job lines may read of the socket tables, a second, all together: on the loop,
+    /// so bounded ([`crate::procinfo::TABLES_PER_SECOND`]).
+    proc_tables: crate::procinfo::TablesAllowance,
 }
 
 /// The signals the master answers, and what each asks: the same [`Command`]s admin lines give
@@ -304,6 +307,7 @@ impl Master {
             instances,
             identity,
             started: Instant::now(),
+            proc_tables: crate::procinfo::TablesAllowance::new(Instant::now()),
             now: Instant::now(),
             pid: Pid::this(),
             io: Io {
@@ -557,7 +561,7 @@ impl Master {
     /// The slow-job line (`slow_job`, and a kill at `job_timeout`): the pool, the worker, the
     /// job and what the worker is doing right now, from its /proc — so that a hang can be told
     /// after the fact (uWSGI's harakiri log). Read before the kill that may follow.
-    fn log_slow_job(&self, slow: &supervisor::SlowJob) {
+    fn log_slow_job(&mut self, slow: &supervisor::SlowJob) {
         let job = match &slow.job {
             Some(job) => format!(
                 "job {} (client {}'s id {}), {} bytes",
@@ -574,7 +578,7 @@ impl Master {
                 None => "its job".to_string(),
             },
         };
-        let doing = crate::procinfo::doing(slow.pid);
+        let doing = crate::procinfo::doing_within(slow.pid, &mut self.proc_tables, self.now);
         match slow.timeout {
             None => log::warn!(
                 "slow job: pool {}, worker {}, {job}, running for {:.1?}: {doing}",

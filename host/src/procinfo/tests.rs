@@ -838,3 +838,41 @@ fn a_forged_line_in_the_real_unix_table_does_not_name_a_socket() {
     assert!(is(&line, expected), "{line}");
     assert!(!line.contains("forged"), "{line}");
 }
+
+#[test]
+fn the_socket_tables_cost_at_most_the_allowance_a_second() {
+    let start = Instant::now();
+    let mut allowance = TablesAllowance::new(start);
+    assert_eq!(
+        allowance.grant(start),
+        NET_TABLES_BUDGET.min(TABLES_PER_SECOND)
+    );
+    allowance.left = 0;
+    assert_eq!(allowance.grant(start + Duration::from_millis(999)), 0);
+    // Spent for this second: a socket is only its inode.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let accepting = listener.try_clone().unwrap();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        // Ends when the test process does.
+        let _ = accepting.accept();
+    });
+    let tid = tid_rx.recv().unwrap();
+    let named = format!(
+        "waiting in accept4 on socket listening on {}",
+        listener.local_addr().unwrap()
+    );
+    described_soon(tid, |line| is(line, &named));
+    let later = start + Duration::from_millis(999);
+    let line = doing_within(tid, &mut allowance, later).to_string();
+    assert!(
+        line.starts_with("waiting in accept4 on socket (inode "),
+        "{line}"
+    );
+    // A second later it is named again, and what the tables cost is taken off.
+    let next = start + Duration::from_secs(1);
+    let line = doing_within(tid, &mut allowance, next).to_string();
+    assert!(is(&line, &named), "{line}");
+    assert!(allowance.left < TABLES_PER_SECOND, "{allowance:?}");
+}
