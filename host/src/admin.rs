@@ -694,14 +694,28 @@ fn table(out: &mut String, columns: &[(&str, Align)], rows: Vec<Vec<String>>) {
     }
 }
 
-/// `text` with every control character escaped (`\n`, `\u{1b}`...), so it stays on one line.
+/// True for a character that must not reach a log line or a terminal as it is: a control
+/// character, and the invisible ones that change how the rest reads — bidi embeddings,
+/// overrides and isolates (U+202A–202E, U+2066–2069; "Trojan Source"), the line and paragraph
+/// separators (U+2028, U+2029), zero-width characters and marks (U+200B–200F, U+2060–2064,
+/// U+FEFF).
+pub fn is_unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+        )
+}
+
+/// `text` with every control or invisible character ([`is_unsafe_to_show`]) escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`...), so it stays on one line and reads as it is.
 pub fn one_line(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(is_unsafe_to_show) {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if is_unsafe_to_show(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -1411,6 +1425,16 @@ mod tests {
             assert_eq!(line.as_bytes()[column - 1], b' ', "{line}");
             assert_ne!(line.as_bytes()[column], b' ', "{line}");
         }
+    }
+
+    #[test]
+    fn one_line_escapes_controls_and_invisible_characters() {
+        assert_eq!(one_line("plain text, ünïcode"), "plain text, ünïcode");
+        assert_eq!(one_line("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        assert_eq!(
+            one_line("x\u{202e}y\u{2066}z\u{200b}w\u{2028}v\u{feff}"),
+            "x\\u{202e}y\\u{2066}z\\u{200b}w\\u{2028}v\\u{feff}"
+        );
     }
 
     #[test]

@@ -551,7 +551,8 @@ fn decode_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// `text` safe for one log line: control characters escaped, at most [`NAME_MAX_CHARS`].
+/// `text` safe for one log line: control and invisible characters escaped
+/// ([`crate::admin::is_unsafe_to_show`]), at most [`NAME_MAX_CHARS`].
 fn printable(text: &str) -> String {
     let mut out = String::new();
     for (count, c) in text.chars().enumerate() {
@@ -559,7 +560,7 @@ fn printable(text: &str) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if crate::admin::is_unsafe_to_show(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);

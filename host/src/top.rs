@@ -487,11 +487,12 @@ fn finish(lines: Vec<(String, Look)>, size: Size, style: Style, stale: bool) -> 
     out
 }
 
-/// Text from the master with every control character shown as `?`: a name or a reload
+/// Text from the master with every control or invisible character shown as `?`
+/// ([`admin::is_unsafe_to_show`]): a name or a reload
 /// message cannot move the cursor or change the terminal.
 fn clean(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if admin::is_unsafe_to_show(c) { '?' } else { c })
         .collect()
 }
 
@@ -1588,6 +1589,10 @@ mod tests {
         assert!(screen.contains("ev?[2Jil"), "{screen:?}");
         assert!(screen.contains("line?one?"), "{screen:?}");
         assert!(!screen.contains("\x1b[2J") && !screen.contains('\x07'));
+        // Invisible characters that reorder or hide text are not shown as they are either.
+        s.pools[0].name = "a\u{202e}b\u{200b}c\u{2028}d".into();
+        let screen = render(&frame(figures_of(&s)), None, Size::UNLIMITED, Style::Ansi);
+        assert!(screen.contains("a?b?c?d"), "{screen:?}");
     }
 
     #[test]

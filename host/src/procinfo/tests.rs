@@ -241,6 +241,16 @@ fn unix_table_lines_are_found_by_inode() {
         panic!("not found");
     };
     assert_eq!(path, "/tmp/a\\u{1b}[31m\\rfake");
+    // Nor one that reorders or hides what follows it.
+    let hostile =
+        "0000000000000000: 00000003 00000000 00000000 0001 03 5 /tmp/\u{202e}gpj.exe\u{200b}\n";
+    let Some(Target::Unix {
+        path: Some(path), ..
+    }) = parse_net_unix_line(hostile, 5)
+    else {
+        panic!("not found");
+    };
+    assert_eq!(path, "/tmp/\\u{202e}gpj.exe\\u{200b}");
     assert_eq!(parse_net_unix_line("0000: 1 2", 2), None);
 }
 
