@@ -377,15 +377,20 @@ fn sigtstp_gives_the_terminal_back_while_stopped_and_sigquit_restores_it_on_the_
     kill(Pid::from_raw(pid), Signal::SIGTSTP).unwrap();
     wait_until("top to stop", SOON, || state_of(pid) == Some('T'));
 
-    // `script` stops itself when its child stops (as a shell takes the terminal back), maybe
-    // before it has copied what top wrote last, and continues its child when it is continued:
-    // what top wrote before it stopped is told by the order of what arrives.
-    let _ = kill(Pid::from_raw(top.child.id() as i32), Signal::SIGCONT);
-    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+    // `script` stops itself when its child stops (as a shell takes the terminal back) — maybe
+    // before it has copied what top wrote last, maybe only after a moment — and continues its
+    // child when it is continued: whichever of the two is found stopped is continued, on every
+    // look, and what top wrote before it stopped is told by the order of what arrives.
+    let script = Pid::from_raw(top.child.id() as i32);
     wait_until(
         "the terminal given back, then taken again and drawn on",
         SOON,
         || {
+            for each in [script, Pid::from_raw(pid)] {
+                if state_of(each.as_raw()) == Some('T') {
+                    let _ = kill(each, Signal::SIGCONT);
+                }
+            }
             let raw = top.raw();
             let Some(left) = raw[before_stop..].find(LEAVE_SCREEN) else {
                 return false;
