@@ -239,18 +239,15 @@ impl Server {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Notes a connection as reading its head; `None` if its handle cannot be cloned.
-    fn start_reading(&self, stream: &TcpStream) -> Option<u64> {
+    /// Notes a connection as one that may be ended to make room, until the guard is dropped;
+    /// `None` if its handle cannot be cloned (then it is not ended early).
+    fn may_end(&self, stream: &TcpStream) -> Option<MayEnd<'_>> {
         let handle = stream.try_clone().ok()?;
         let mut reading = self.reading();
         let id = reading.next_id;
         reading.next_id += 1;
         reading.heads.push_back((id, handle));
-        Some(id)
-    }
-
-    fn done_reading(&self, id: u64) {
-        self.reading().heads.retain(|(each, _)| *each != id);
+        Some(MayEnd { server: self, id })
     }
 
     /// Ends the connection that has been reading its head longest: its thread's read returns
@@ -261,6 +258,21 @@ impl Server {
         };
         let _ = oldest.shutdown(Shutdown::Both);
         true
+    }
+}
+
+/// A connection [`Server::end_oldest_reading`] may end, while this lives.
+struct MayEnd<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for MayEnd<'_> {
+    fn drop(&mut self) {
+        self.server
+            .reading()
+            .heads
+            .retain(|(each, _)| *each != self.id);
     }
 }
 
@@ -373,11 +385,9 @@ fn refuse(mut stream: TcpStream) {
 
 fn serve_connection(server: &Server, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let reading = server.start_reading(&stream);
+    let reading = server.may_end(&stream);
     let head = read_head(&mut stream);
-    if let Some(id) = reading {
-        server.done_reading(id);
-    }
+    drop(reading);
     let response = match head {
         Ok(head) => {
             let response = respond(server, &head);
@@ -467,11 +477,8 @@ fn send(server: &Server, stream: &mut TcpStream, response: &Response, head_only:
     if stream.shutdown(Shutdown::Write).is_err() || response.status == 408 {
         return;
     }
-    let lingering = server.start_reading(stream);
+    let _lingering = server.may_end(stream);
     linger(stream);
-    if let Some(id) = lingering {
-        server.done_reading(id);
-    }
 }
 
 /// Reads what the client still sends, for [`LINGER`] and [`LINGER_BYTES`] at most.
