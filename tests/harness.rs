@@ -675,6 +675,62 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     utime + stime
 }
 
+/// Waits until `pid` uses at most one CPU tick (1/100 s) in a quarter of a second: until it
+/// has done the work it was given. One that spins never gets there, so this fails on a spin
+/// too (after [`SOON`]); a slow (debug, loaded) one only takes longer.
+pub fn wait_until_quiet(pid: i32, what: &str) {
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(250));
+        let used = cpu_ticks(pid).saturating_sub(before);
+        if used <= 1 {
+            return;
+        }
+        samples.push(used);
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never went quiet; ticks per 250 ms: {samples:?}"
+        );
+    }
+}
+
+/// Whether `command` is on the PATH.
+pub fn have(command: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v '{command}'")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `promtool check metrics` (Debian's prometheus package) of `text`: whether it passed, and
+/// what it said.
+pub fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool's output");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
 impl Master {
     /// The admin socket next to the job socket.
     pub fn admin_socket(&self) -> PathBuf {

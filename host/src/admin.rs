@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::human::{self, duration, job_age, size, Align};
+
 /// The longest command line the master accepts, in bytes (without the line ending).
 pub const MAX_LINE: usize = 4096;
 
@@ -629,56 +631,15 @@ fn json_reply<T: Serialize>(value: &T) -> String {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Align {
-    Left,
-    Right,
-}
-
-/// Writes a header line and one line per row, each column as wide as its widest cell, two
-/// spaces between columns, no trailing spaces. Cells are put on one line first. If a line
-/// would read as the end of the reply (a pool named `OK` or `ERR`...), every line of the table
-/// is indented by one space, so the columns stay aligned.
+/// Writes a header line and one line per row ([`human::table`]), cells put on one line first
+/// ([`one_line`]). If a line would read as the end of the reply (a pool named `OK` or
+/// `ERR`...), every line of the table is indented by one space, so the columns stay aligned.
 fn table(out: &mut String, columns: &[(&str, Align)], rows: Vec<Vec<String>>) {
-    let header: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
-    let lines: Vec<Vec<String>> = std::iter::once(header)
-        .chain(
-            rows.into_iter()
-                .map(|row| row.iter().map(|cell| one_line(cell)).collect()),
-        )
-        .collect();
-    let mut widths = vec![0; columns.len()];
-    for line in &lines {
-        for (width, cell) in widths.iter_mut().zip(line) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let rendered: Vec<String> = lines
+    let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|line| {
-            let mut text = String::new();
-            for (i, ((cell, width), (_, align))) in
-                line.iter().zip(&widths).zip(columns).enumerate()
-            {
-                if i > 0 {
-                    text.push_str("  ");
-                }
-                let pad = width.saturating_sub(cell.chars().count());
-                match align {
-                    Align::Left => {
-                        text.push_str(cell);
-                        text.extend(std::iter::repeat_n(' ', pad));
-                    }
-                    Align::Right => {
-                        text.extend(std::iter::repeat_n(' ', pad));
-                        text.push_str(cell);
-                    }
-                }
-            }
-            text.truncate(text.trim_end().len());
-            text
-        })
+        .map(|row| row.iter().map(|cell| one_line(cell)).collect())
         .collect();
+    let rendered = human::table(columns, &rows, usize::MAX);
     let indent = if rendered
         .iter()
         .any(|l| l.starts_with("OK") || l.starts_with("ERR"))
@@ -722,46 +683,6 @@ pub fn one_line(text: &str) -> String {
         }
     }
     out
-}
-
-/// A duration for people, two units at most: `45s`, `5m02s`, `1h02m`, `3d04h`. Negative or
-/// NaN counts as zero. (`jobhost top` shows them the same way.)
-pub(crate) fn duration(secs: f64) -> String {
-    // `as` saturates, and turns NaN into 0.
-    let s = secs.max(0.0) as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-/// A running job's age: tenths of a second under a minute (`1.2s`), then like [`duration`].
-pub(crate) fn job_age(secs: f64) -> String {
-    let secs = if secs.is_nan() { 0.0 } else { secs.max(0.0) };
-    if secs < 59.95 {
-        format!("{secs:.1}s")
-    } else {
-        // 59.95 to 60 would show as `60.0s` in tenths, and as `59s` truncated.
-        duration(secs.max(60.0))
-    }
-}
-
-/// A size in bytes for people, in powers of 1024 like `ps`: `512B`, `4.0K`, `12.3M`, `1.5G`.
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    // Round as `{:.1}` will, so 1023.96K becomes 1.0M rather than 1024.0K.
-    while value >= 1023.95 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
 }
 
 /// Splits an incoming byte stream into lines (ended by LF or CRLF), with a length limit.
@@ -1982,36 +1903,6 @@ mod tests {
         assert!(v["workers"][1]["job_age_secs"].is_null());
         assert!(v["workers"][1]["rss_bytes"].is_null());
         assert!(v["workers"][1]["own_bytes"].is_null());
-    }
-
-    #[test]
-    fn human_numbers() {
-        assert_eq!(duration(0.0), "0s");
-        assert_eq!(duration(-5.0), "0s");
-        assert_eq!(duration(f64::NAN), "0s");
-        assert_eq!(duration(59.99), "59s");
-        assert_eq!(duration(60.0), "1m00s");
-        assert_eq!(duration(302.0), "5m02s");
-        assert_eq!(duration(3599.0), "59m59s");
-        assert_eq!(duration(3720.0), "1h02m");
-        assert_eq!(duration(86399.0), "23h59m");
-        assert_eq!(duration(2.0 * 86400.0 + 3.0 * 3600.0), "2d03h");
-        assert_eq!(duration(f64::INFINITY), duration(u64::MAX as f64));
-
-        assert_eq!(job_age(0.0), "0.0s");
-        assert_eq!(job_age(1.23), "1.2s");
-        assert_eq!(job_age(59.9), "59.9s");
-        assert_eq!(job_age(59.97), "1m00s");
-        assert_eq!(job_age(125.0), "2m05s");
-        assert_eq!(job_age(f64::NAN), "0.0s");
-
-        assert_eq!(size(0), "0B");
-        assert_eq!(size(1023), "1023B");
-        assert_eq!(size(1024), "1.0K");
-        assert_eq!(size(12_900_000), "12.3M");
-        assert_eq!(size(1024 * 1024 - 1), "1.0M");
-        assert_eq!(size(3 << 30), "3.0G");
-        assert_eq!(size(u64::MAX), "16384.0P");
     }
 
     #[test]

@@ -47,9 +47,10 @@ use nix::sys::termios::{self, SetArg, Termios};
 use serde::Deserialize;
 
 use crate::admin;
-use crate::admin::{duration, job_age};
 use crate::cli::EXIT_ERROR;
+use crate::human::{self, duration, job_age, Align};
 use crate::signals::SignalPipe;
+use crate::view::{Pool, Status, Worker, WorkerList};
 
 /// How long the master has to answer both questions of a refresh (a master that takes longer
 /// is shown as not answering; the next refresh asks again on a new connection).
@@ -173,71 +174,6 @@ pub enum FetchError {
         command: &'static str,
         detail: String,
     },
-}
-
-// The documents, as far as they are shown. `#[serde(default)]` on each: a field the master
-// drops one day reads as its default instead of failing the whole screen; `null` numbers
-// (a NaN the master could not encode) read as absent.
-
-/// `status json`: the master and its pools.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    pub pid: u32,
-    pub version: String,
-    pub uptime_secs: Option<f64>,
-    pub generation: u64,
-    pub last_reload: Option<Reload>,
-    pub pools: Vec<Pool>,
-}
-
-/// How the master's last reload went.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Reload {
-    pub at: String,
-    pub ok: bool,
-    pub message: String,
-}
-
-/// One pool's counters.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Pool {
-    pub name: String,
-    pub state: String,
-    pub workers_wanted: u64,
-    pub workers_running: u64,
-    pub workers_busy: u64,
-    pub jobs_queued: u64,
-    pub jobs_running: u64,
-    pub jobs_done: u64,
-    pub jobs_failed: u64,
-    pub jobs_retried: u64,
-    pub crashes: u64,
-    pub timeouts: u64,
-}
-
-/// `workers json`: `{"workers": [...]}`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct WorkerList {
-    pub workers: Vec<Worker>,
-}
-
-/// One worker (from `workers json`, which measures its own memory).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Worker {
-    pub pid: i32,
-    pub pool: String,
-    pub generation: u64,
-    pub state: String,
-    pub job_age_secs: Option<f64>,
-    pub jobs_done: u64,
-    pub rss_bytes: Option<u64>,
-    pub own_bytes: Option<u64>,
-    pub age_secs: Option<f64>,
 }
 
 /// One refresh's figures.
@@ -496,59 +432,14 @@ fn clean(text: &str) -> String {
         .collect()
 }
 
-#[derive(Clone, Copy)]
-enum Align {
-    Left,
-    Right,
-}
-
-/// A table as lines (the header first): columns as wide as their widest cell, two spaces
-/// apart, or one when two would not fit in `cols`.
+/// A table as lines (the header first), its cells shown with [`clean`], fitting `cols` if
+/// one space between columns makes it fit.
 fn table(columns: &[(&str, Align)], rows: Vec<Vec<String>>, cols: usize) -> Vec<String> {
-    let header: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
-    let lines: Vec<Vec<String>> = std::iter::once(header)
-        .chain(
-            rows.into_iter()
-                .map(|row| row.iter().map(|c| clean(c)).collect()),
-        )
-        .collect();
-    let mut widths = vec![0; columns.len()];
-    for line in &lines {
-        for (width, cell) in widths.iter_mut().zip(line) {
-            *width = (*width).max(console::measure_text_width(cell));
-        }
-    }
-    let total: usize = widths.iter().sum();
-    let gap = if total + 2 * widths.len().saturating_sub(1) <= cols {
-        "  "
-    } else {
-        " "
-    };
-    lines
+    let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|line| {
-            let mut text = String::new();
-            for (i, ((cell, width), (_, align))) in
-                line.iter().zip(&widths).zip(columns).enumerate()
-            {
-                if i > 0 {
-                    text.push_str(gap);
-                }
-                let pad = " ".repeat(width.saturating_sub(console::measure_text_width(cell)));
-                match align {
-                    Align::Left => {
-                        text.push_str(cell);
-                        text.push_str(&pad);
-                    }
-                    Align::Right => {
-                        text.push_str(&pad);
-                        text.push_str(cell);
-                    }
-                }
-            }
-            text.trim_end().to_owned()
-        })
-        .collect()
+        .map(|row| row.iter().map(|cell| clean(cell)).collect())
+        .collect();
+    human::table(columns, &rows, cols)
 }
 
 /// A pool's jobs finished (done or failed) per second since `previous`, by the master's own

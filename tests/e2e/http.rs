@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jobhost_e2e::{
-    bin_dir, children_of, config_with, cpu_ticks, in_sleep_job, prerequisite, run, wait_until, Env,
-    Master, SOON,
+    bin_dir, children_of, config_with, have, in_sleep_job, prerequisite, promtool_check, run,
+    wait_until, wait_until_quiet, Env, Master, SOON,
 };
 
 const TOKEN: &str = "http-token-0123456789abcdef";
@@ -117,14 +117,6 @@ fn http_child(master: &Master) -> Option<i32> {
     })
 }
 
-fn have(command: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {command}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Runs jobs to their end.
 fn run_echo_jobs(master: &Master, n: usize) {
     let mut client = master.client();
@@ -207,25 +199,10 @@ fn metrics_come_in_both_formats_with_the_token_and_pass_promtool() {
         have("promtool"),
         "promtool is not installed (Debian: prometheus)",
     ) {
-        let mut promtool = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn promtool");
-        promtool
-            .stdin
-            .take()
-            .expect("its stdin")
-            .write_all(plain.body.as_bytes())
-            .expect("feed promtool");
-        let out = promtool.wait_with_output().expect("promtool ran");
+        let (ok, said) = promtool_check(&plain.body);
         assert!(
-            out.status.success(),
-            "promtool check metrics failed:\n{}{}\n--- the metrics:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
+            ok,
+            "promtool check metrics failed:\n{said}\n--- the metrics:\n{}",
             plain.body
         );
     }
@@ -551,26 +528,6 @@ fn the_status_page_in_chromium_shows_what_status_json_says() {
     drop(sleeper);
 }
 
-/// Waits until `pid` uses at most one CPU tick (1/100 s) in a quarter of a second: one that
-/// spins never gets there (the test fails), a slow one only takes longer.
-fn quiet(pid: i32, what: &str) {
-    let mut samples = Vec::new();
-    let deadline = Instant::now() + SOON;
-    loop {
-        let before = cpu_ticks(pid);
-        std::thread::sleep(Duration::from_millis(250));
-        let used = cpu_ticks(pid).saturating_sub(before);
-        if used <= 1 {
-            return;
-        }
-        samples.push(used);
-        assert!(
-            Instant::now() < deadline,
-            "{what} never went quiet: ticks per 250 ms: {samples:?}"
-        );
-    }
-}
-
 #[test]
 fn the_child_is_restarted_and_abuse_never_reaches_the_master() {
     let env = Env::new();
@@ -619,8 +576,8 @@ fn the_child_is_restarted_and_abuse_never_reaches_the_master() {
         "the child did not stay up"
     );
     // And neither it nor the master spins afterwards.
-    quiet(child, "the http child");
-    quiet(master.pid(), "the master");
+    wait_until_quiet(child, "the http child");
+    wait_until_quiet(master.pid(), "the master");
 
     // Killed, it is started again (after its back-off) and serves again.
     nix::sys::signal::kill(

@@ -3,11 +3,8 @@
 //! Debian's `promtool`; and the `slow_job` / `job_timeout` line that says what a worker is
 //! doing.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use jobhost::protocol::Status;
-use jobhost_e2e::{config_with, prerequisite, wait_until, Env, Master, SOON};
+use jobhost_e2e::{config_with, have, prerequisite, promtool_check, wait_until, Env, Master, SOON};
 
 /// One line of JSON from an admin command.
 fn json(master: &Master, command: &str) -> serde_json::Value {
@@ -35,39 +32,6 @@ fn pool_figure(status: &serde_json::Value, pool: &str, key: &str) -> u64 {
         .and_then(|pools| pools.iter().find(|p| p["name"] == pool))
         .and_then(|p| p[key].as_u64())
         .unwrap_or_else(|| panic!("{pool}.{key} in {status}"))
-}
-
-fn promtool_available() -> bool {
-    Command::new("promtool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// `promtool check metrics` of `text`: its exit status and what it said.
-fn promtool(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("promtool's stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool's output");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
 }
 
 const POOLS: &str = "[server]\nmax_payload = 1024\n\n\
@@ -233,16 +197,16 @@ fn metrics_count_what_status_counts_and_promtool_accepts_them() {
 
     // The older text format passes Debian's linter (it reads only that one).
     if prerequisite(
-        promtool_available(),
+        have("promtool"),
         "promtool (Debian's prometheus package) is not installed",
     ) {
         let text = master.admin("metrics prometheus");
         let text = text.strip_suffix("OK\n").expect("ends with OK");
         assert!(!text.contains("# EOF"));
-        let (ok, said) = promtool(text);
+        let (ok, said) = promtool_check(text);
         assert!(ok, "promtool check metrics: {said}\n{text}");
         // And it is a linter that can fail: a counter without its help is refused.
-        let (ok, _) = promtool("# TYPE jobhost_x_total counter\njobhost_x_total 1\n");
+        let (ok, _) = promtool_check("# TYPE jobhost_x_total counter\njobhost_x_total 1\n");
         assert!(!ok);
     }
 }

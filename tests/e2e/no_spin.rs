@@ -3,9 +3,9 @@
 //! handled or no longer asked for. Measured in real CPU time of the real master.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use jobhost_e2e::{config_with, cpu_ticks, wait_until, Env, SOON};
+use jobhost_e2e::{config_with, cpu_ticks, wait_until, wait_until_quiet, Env, SOON};
 
 /// `jobs_queued` of the first pool in a `status json` reply.
 fn queued(reply: &str) -> u64 {
@@ -18,27 +18,6 @@ fn ticks_over_two_seconds(pid: i32) -> u64 {
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
     cpu_ticks(pid).saturating_sub(before)
-}
-
-/// Waits until the master has done the work it was given: until it uses at most one tick in
-/// a quarter of a second. A master that spins never gets there, so this fails on a spin too;
-/// a slow (debug, loaded) master only takes longer.
-fn wait_until_quiet(pid: i32, what: &str) {
-    let mut samples = Vec::new();
-    let deadline = Instant::now() + SOON;
-    loop {
-        let before = cpu_ticks(pid);
-        std::thread::sleep(Duration::from_millis(250));
-        let used = cpu_ticks(pid).saturating_sub(before);
-        if used <= 1 {
-            return;
-        }
-        samples.push(used);
-        assert!(
-            Instant::now() < deadline,
-            "the master never went quiet after {what}: ticks per 250 ms: {samples:?}"
-        );
-    }
 }
 
 #[test]
@@ -63,7 +42,7 @@ fn a_client_paused_by_back_pressure_that_hangs_up_is_dropped_not_spun_on() {
             queued(&master.admin("status json")) == 3
         });
     }
-    wait_until_quiet(master.pid(), "the paused client left");
+    wait_until_quiet(master.pid(), "the master, after the paused client left");
     let used = ticks_over_two_seconds(master.pid());
     assert!(
         used <= 5,
@@ -92,9 +71,15 @@ fn a_closing_admin_session_that_keeps_sending_is_not_spun_on() {
     session.stream.write_all(lines.as_bytes()).unwrap();
     // The window starts once the master is done with those lines (it answered them all, up to
     // what the socket holds, and took the quit) — not after a guess at how long that takes.
-    wait_until_quiet(master.pid(), "2,000 status lines and a quit");
+    wait_until_quiet(
+        master.pid(),
+        "the master, after 2,000 status lines and a quit",
+    );
     session.stream.write_all(b"status\n").unwrap();
-    wait_until_quiet(master.pid(), "one more line on a closing session");
+    wait_until_quiet(
+        master.pid(),
+        "the master, after one more line on a closing session",
+    );
     let used = ticks_over_two_seconds(master.pid());
     assert!(
         used <= 5,

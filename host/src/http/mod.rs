@@ -607,7 +607,7 @@ fn parse<T: serde::de::DeserializeOwned>(command: Command, text: &str) -> Result
 }
 
 fn status_page(server: &Server) -> Response {
-    let (status, workers) = match snapshot::<page::Status, page::Workers>(server) {
+    let (status, workers) = match snapshot::<crate::view::Status, crate::view::WorkerList>(server) {
         Ok(views) => views,
         Err(response) => return response,
     };

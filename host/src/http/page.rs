@@ -3,109 +3,22 @@
 //! script (`page.js`, served at `/page.js`) refreshes the same tables from `/status.json`
 //! every 2 s, building the same rows with the same `data-*` marks (the e2e test reads them).
 //!
-//! It owns the page's view of the master ([`Status`], [`Worker`]: lenient, every field
-//! optional, so a newer or older master renders too) and its HTML. It never puts text into the
-//! page unescaped: pool, plugin and worker names, states, reasons and messages come from the
-//! config and from plugins, so they are untrusted; and it links nothing outside this server
-//! (the page works under `default-src 'self'`).
+//! It owns the page's HTML, rendered from the lenient [`crate::view`] of the master (so a
+//! newer or older master renders too). It never puts text into the page unescaped: pool,
+//! plugin and worker names, states, reasons and messages come from the config and from
+//! plugins, so they are untrusted; and it links nothing outside this server (the page works
+//! under `default-src 'self'`).
 
 use std::fmt::Write as _;
 
-use serde::Deserialize;
+use crate::human::{duration, job_age, size};
+use crate::view::{Pool, Recent, Reload, Status, Worker};
 
 /// The page's script.
 pub const SCRIPT: &str = include_str!("page.js");
 
 /// The page's style sheet.
 pub const STYLE: &str = include_str!("page.css");
-
-/// `status json`, as far as the page shows it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    pub pid: u32,
-    pub version: String,
-    pub uptime_secs: f64,
-    pub config: String,
-    pub generation: u64,
-    pub last_reload: Option<Reload>,
-    pub pools: Vec<Pool>,
-    /// Crashes, timeouts, failed boots and reloads, newest first (a master before the HTTP
-    /// child has none).
-    pub recent: Vec<Recent>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Reload {
-    pub at: String,
-    pub ok: bool,
-    pub message: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Pool {
-    pub name: String,
-    pub plugin: String,
-    pub plugin_version: String,
-    pub mode: String,
-    pub workers_wanted: u64,
-    pub workers_running: u64,
-    pub workers_busy: u64,
-    pub jobs_queued: u64,
-    pub jobs_running: u64,
-    pub jobs_in_flight: u64,
-    pub jobs_done: u64,
-    pub jobs_failed: u64,
-    pub jobs_retried: u64,
-    pub jobs_dropped: u64,
-    pub crashes: u64,
-    pub timeouts: u64,
-    pub state: String,
-    pub source: Option<Source>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Source {
-    pub kind: String,
-    pub address: String,
-    pub state: String,
-    pub reason: Option<String>,
-    pub lag: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Recent {
-    pub at: String,
-    pub kind: String,
-    pub pool: Option<String>,
-    pub pid: Option<i64>,
-    pub reason: String,
-}
-
-/// `workers json`: `{"workers": [...]}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Workers {
-    pub workers: Vec<Worker>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Worker {
-    pub pid: i64,
-    pub pool: String,
-    pub generation: u64,
-    pub state: String,
-    pub job_age_secs: Option<f64>,
-    pub jobs_done: u64,
-    pub rss_bytes: Option<u64>,
-    pub own_bytes: Option<u64>,
-    pub age_secs: f64,
-}
 
 /// The whole page. `rendered_at` is the wall-clock time of day shown until the script's
 /// first refresh (`HH:MM:SS UTC`).
@@ -202,7 +115,7 @@ fn header(out: &mut String, s: &Status, rendered_at: &str) {
          last reload <b data-field=\"last_reload\">{}</b>",
         s.pid,
         escape(&s.version),
-        duration(s.uptime_secs),
+        duration(s.uptime_secs.unwrap_or(0.0)),
         s.generation,
         escape(&last_reload(s.last_reload.as_ref()))
     );
@@ -287,7 +200,7 @@ fn worker_row(out: &mut String, w: &Worker) {
         ("jobs_done", w.jobs_done.to_string()),
         ("rss", w.rss_bytes.map_or_else(dash, size)),
         ("own", w.own_bytes.map_or_else(dash, size)),
-        ("age", duration(w.age_secs)),
+        ("age", duration(w.age_secs.unwrap_or(0.0))),
     ];
     let _ = write!(out, "<tr data-worker=\"{}\">", w.pid);
     for (field, text) in &cells {
@@ -382,44 +295,6 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// A duration for people, two units at most, as `jobhost ctl status` shows it (page.js has
-/// the same function).
-fn duration(secs: f64) -> String {
-    // `as` saturates, and turns NaN into 0.
-    let s = secs.max(0.0) as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
-/// A running job's age: tenths of a second under a minute, then like [`duration`].
-fn job_age(secs: f64) -> String {
-    let secs = if secs.is_nan() { 0.0 } else { secs.max(0.0) };
-    if secs < 59.95 {
-        format!("{secs:.1}s")
-    } else {
-        duration(secs.max(60.0))
-    }
-}
-
-/// A size in powers of 1024, like `ps`: `512B`, `4.0K`, `12.3M`.
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
-    if bytes < 1024 {
-        return format!("{bytes}B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1023.95 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1}{}", UNITS[unit])
-}
-
 /// The UTC time of day of `unix_secs`, `HH:MM:SS UTC`.
 pub fn time_of_day(unix_secs: u64) -> String {
     let s = unix_secs % 86400;
@@ -453,11 +328,12 @@ mod tests {
 
     #[test]
     fn untrusted_text_is_escaped_everywhere() {
-        let workers: Workers = serde_json::from_value(serde_json::json!({"workers": [
-            {"pid": 7, "pool": HOSTILE, "state": "<busy>", "job_age_secs": 1.23,
-             "jobs_done": 5, "rss_bytes": 2048, "own_bytes": null, "age_secs": 61.0}
-        ]}))
-        .expect("workers");
+        let workers: crate::view::WorkerList =
+            serde_json::from_value(serde_json::json!({"workers": [
+                {"pid": 7, "pool": HOSTILE, "state": "<busy>", "job_age_secs": 1.23,
+                 "jobs_done": 5, "rss_bytes": 2048, "own_bytes": null, "age_secs": 61.0}
+            ]}))
+            .expect("workers");
         let page = render(&hostile_status(), &workers.workers, "18:00:00 UTC");
         assert!(!page.contains("<script>alert"), "{page}");
         assert!(!page.contains("<b>\""), "{page}");
@@ -482,11 +358,12 @@ mod tests {
 
     #[test]
     fn the_figures_are_marked_for_tests() {
-        let workers: Workers = serde_json::from_value(serde_json::json!({"workers": [
-            {"pid": 7, "pool": "echo", "generation": 1, "state": "idle", "job_age_secs": null,
-             "jobs_done": 5, "rss_bytes": 2048, "own_bytes": 1536, "age_secs": 61.0}
-        ]}))
-        .expect("workers");
+        let workers: crate::view::WorkerList =
+            serde_json::from_value(serde_json::json!({"workers": [
+                {"pid": 7, "pool": "echo", "generation": 1, "state": "idle", "job_age_secs": null,
+                 "jobs_done": 5, "rss_bytes": 2048, "own_bytes": 1536, "age_secs": 61.0}
+            ]}))
+            .expect("workers");
         let page = render(&hostile_status(), &workers.workers, "18:00:00 UTC");
         for needle in [
             "<b data-field=\"pid\">42</b>",
@@ -541,13 +418,6 @@ mod tests {
 
     #[test]
     fn figures_for_people() {
-        assert_eq!(duration(59.9), "59s");
-        assert_eq!(duration(f64::NAN), "0s");
-        assert_eq!(duration(90000.0), "1d01h");
-        assert_eq!(job_age(1.23), "1.2s");
-        assert_eq!(job_age(125.0), "2m05s");
-        assert_eq!(size(1023), "1023B");
-        assert_eq!(size(12_900_000), "12.3M");
         assert_eq!(time_of_day(86400 * 3 + 3600 + 62), "01:01:02 UTC");
         assert_eq!(state_class("backing-off"), "state-backing-off");
         assert_eq!(state_class("x\" onclick=\"y"), "state-other");

@@ -445,33 +445,9 @@ impl Master {
                 }
                 continue;
             }
-            let id = self.io.next_admin_id;
-            self.io.next_admin_id += 1;
-            let token = Token::Admin(id).encode();
-            let watched = match &self.io.epoll {
-                Some(epoll) => epoll.add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)),
-                None => Err(nix::Error::EBADF),
-            };
-            if watched.is_err() {
-                continue;
+            if let Some(id) = self.admin_register(stream, !tcp, false) {
+                self.admin_schedule(id);
             }
-            let now = Instant::now();
-            let conn = AdminConn {
-                stream,
-                lines: LineBuffer::new(MAX_LINE),
-                out: Vec::new(),
-                authed: !tcp,
-                internal: false,
-                closing: false,
-                awaiting: false,
-                closing_after_lines: false,
-                interest: EpollFlags::EPOLLIN,
-                queued: false,
-                opened: now,
-                active: now,
-            };
-            self.io.admins.insert(id, conn);
-            self.admin_schedule(id);
         }
     }
 
@@ -482,24 +458,28 @@ impl Master {
         if stream.set_nonblocking(true).is_err() {
             return false;
         }
+        self.admin_register(AdminStream::Unix(stream), true, true)
+            .is_some()
+    }
+
+    /// Watches a new session's (non-blocking) stream and adds it; its id, or none if it could
+    /// not be watched (it is dropped, so closed). `internal`: the HTTP child's, with no idle
+    /// deadline.
+    fn admin_register(&mut self, stream: AdminStream, authed: bool, internal: bool) -> Option<u64> {
         let id = self.io.next_admin_id;
         self.io.next_admin_id += 1;
         let token = Token::Admin(id).encode();
-        let stream = AdminStream::Unix(stream);
-        let watched = match &self.io.epoll {
-            Some(epoll) => epoll.add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token)),
-            None => Err(nix::Error::EBADF),
-        };
-        if watched.is_err() {
-            return false;
-        }
+        let epoll = self.io.epoll.as_ref()?;
+        epoll
+            .add(stream.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+            .ok()?;
         let now = Instant::now();
         let conn = AdminConn {
             stream,
             lines: LineBuffer::new(MAX_LINE),
             out: Vec::new(),
-            authed: true,
-            internal: true,
+            authed,
+            internal,
             closing: false,
             awaiting: false,
             closing_after_lines: false,
@@ -509,7 +489,7 @@ impl Master {
             active: now,
         };
         self.io.admins.insert(id, conn);
-        true
+        Some(id)
     }
 
     /// Makes sure the loop wakes by session `id`'s deadline (it may be the earliest).
