@@ -2928,3 +2928,83 @@ fn busy_seconds_never_go_back_when_a_job_clock_stops_unanswered() {
     assert!(after >= before - 1e-9, "{before} -> {after}");
     assert!((after - 6.0).abs() < 1e-9, "{after}");
 }
+
+/// Every way a worker ends is counted under its own reason, once: the `reason` label of
+/// `jobhost_pool_worker_exits_total`.
+#[test]
+fn every_worker_exit_is_counted_by_its_reason() {
+    let exits = |s: &Sim| s.sup.pools()[0].metrics.exits;
+    let mut s = Sim::new(vec![pool(
+        "p",
+        "job_timeout = \"5s\"\nmax_attempts = 1\nmax_jobs = 1\nmax_lifetime = \"1h\"\nmax_rss = \"512MiB\"\n",
+    )]);
+    let mut want = [0u64; ExitReason::ALL.len()];
+    let mut w = s.start()[0];
+    let mut id = 0;
+    let mut t = 0;
+    // Each worker runs one job first, so that none looks like one that cannot get going.
+    let next = |s: &mut Sim, w: WorkerId, id: &mut u64, t: &mut u64| -> WorkerId {
+        *t += 3600;
+        s.at(secs(*t));
+        let spawned = s.tick().spawns();
+        let fresh = spawned.first().map_or(w, |(fresh, _)| *fresh);
+        *id += 1;
+        s.submit(*id);
+        s.tick();
+        s.finish(fresh);
+        fresh
+    };
+    w = next(&mut s, w, &mut id, &mut t);
+    for (code, reason) in [
+        (
+            WorkerExit::Recycled(Limit::MaxJobs).code(),
+            ExitReason::RecycleMaxJobs,
+        ),
+        (
+            WorkerExit::Recycled(Limit::MaxLifetime).code(),
+            ExitReason::RecycleMaxLifetime,
+        ),
+        (
+            WorkerExit::Recycled(Limit::MaxRss).code(),
+            ExitReason::RecycleMaxRss,
+        ),
+        (WorkerExit::Stopped.code(), ExitReason::Stop),
+    ] {
+        s.at(secs(t + 3600));
+        s.leave(w, code);
+        want[reason as usize] += 1;
+        assert_eq!(exits(&s), want, "{reason:?}");
+        w = next(&mut s, w, &mut id, &mut t);
+    }
+    s.crash(w);
+    want[ExitReason::Crash as usize] += 1;
+    assert_eq!(exits(&s), want, "a crash");
+    // The next one fails in worker_start.
+    t += 3600;
+    s.at(secs(t));
+    w = s.tick().spawns()[0].0;
+    s.leave(w, WorkerExit::BootFailed.code());
+    want[ExitReason::BootFailed as usize] += 1;
+    assert_eq!(exits(&s), want, "a failed boot");
+    // And the next one is killed at its job_timeout.
+    t += 3600;
+    s.at(secs(t));
+    w = s.tick().spawns()[0].0;
+    id += 1;
+    s.submit(id);
+    s.tick();
+    s.at(secs(t + 6));
+    s.tick();
+    let pid = s.pid(w);
+    s.reap(w, WaitStatus::Signaled(pid, Signal::SIGTERM, false));
+    want[ExitReason::Timeout as usize] += 1;
+    assert_eq!(exits(&s), want, "killed at its job_timeout");
+    assert_eq!(want.iter().filter(|&&n| n == 1).count(), 7);
+
+    let mut s = Sim::new(vec![pool("l", "mode = \"loop\"\n")]);
+    let w = s.start()[0];
+    s.leave(w, WorkerExit::PluginStopped.code());
+    let mut want = [0u64; ExitReason::ALL.len()];
+    want[ExitReason::PluginStop as usize] = 1;
+    assert_eq!(exits(&s), want, "its plugin said stop");
+}
