@@ -112,6 +112,19 @@ fn status_shows_the_jobs_waiting_at_gearmand_and_zero_once_they_ran() {
         )),
         "{text}"
     );
+    // The same figures in `metrics`, per source (read from the same snapshot as `status`; the
+    // 3 s job still runs, so they have not changed since).
+    let metrics = master.admin("metrics");
+    for line in [
+        "jobhost_source_up{pool=\"q\",kind=\"gearman\"} 1\n",
+        "jobhost_source_state{pool=\"q\",kind=\"gearman\",state=\"connected\"} 1\n",
+        "jobhost_source_length{pool=\"q\",kind=\"gearman\"} 4\n",
+        "jobhost_source_pending{pool=\"q\",kind=\"gearman\"} 1\n",
+        "jobhost_source_lag{pool=\"q\",kind=\"gearman\"} 3\n",
+        "jobhost_source_workers_connected{pool=\"q\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 
     // Once they all ran (the last round comes up to a second after the last job).
     wait_for_figures(&master, (0, 0, 0), PATIENCE);
