@@ -1719,8 +1719,23 @@ fn submits_are_rejected_with_their_reason() {
         );
     }
     assert!(s.sup.jobs.is_empty());
+    // Counted by reason for `jobhost_pool_jobs_rejected_total` (an unknown pool on its own).
+    let rejected = |s: &Sim, pool: usize| s.sup.pools()[pool].metrics.rejected;
+    let mut want = [0u64; Rejection::ALL.len()];
+    want[Rejection::TooLarge as usize] = 1;
+    assert_eq!(rejected(&s, 0), want);
+    let mut want = [0u64; Rejection::ALL.len()];
+    want[Rejection::NotSubmittable as usize] = 1;
+    assert_eq!((rejected(&s, 1), rejected(&s, 2)), (want, want));
+    assert_eq!(s.sup.unknown_pool_submits(), 1);
     let ok = s.submit_to(ClientId(1), 9, "p", &[b'x'; 1024]);
     assert!(ok.answers().is_empty(), "max_payload itself is fine");
+    // While the master stops.
+    s.start();
+    s.stop();
+    let out = s.submit_to(ClientId(1), 10, "p", b"x");
+    assert_eq!(out.answers()[0].1, Status::Rejected);
+    assert_eq!(rejected(&s, 0)[Rejection::ShuttingDown as usize], 1);
 }
 
 /// A pool whose queue holds max_queue jobs rejects the next one.
