@@ -1356,6 +1356,13 @@ mod tests {
             one_line("x\u{202e}y\u{2066}z\u{200b}w\u{2028}v\u{feff}"),
             "x\\u{202e}y\\u{2066}z\\u{200b}w\\u{2028}v\\u{feff}"
         );
+        // Every character it must not show comes out escaped, none as itself.
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            if is_unsafe_to_show(c) {
+                let shown = one_line(&c.to_string());
+                assert!(shown.starts_with('\\') && !shown.contains(c), "{shown:?}");
+            }
+        }
     }
 
     #[test]

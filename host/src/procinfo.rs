@@ -185,11 +185,8 @@ pub fn doing_within(pid: Pid, allowance: &mut TablesAllowance, now: Instant) -> 
     doing
 }
 
-/// What `pid` (a process id or a thread id) is doing; never fails: what cannot be read is left out.
-pub fn doing(pid: Pid) -> Doing {
-    doing_with_budget(pid, &mut { NET_TABLES_BUDGET })
-}
-
+/// What `pid` (a process id or a thread id) is doing, reading at most `budget` bytes of the
+/// socket tables (it spends them); never fails: what cannot be read is left out.
 fn doing_with_budget(pid: Pid, budget: &mut u64) -> Doing {
     let state = read_state(pid);
     if matches!(state, State::Gone | State::Zombie) {
@@ -554,19 +551,10 @@ fn decode_addr(text: &str) -> Option<SocketAddr> {
 /// `text` safe for one log line: control and invisible characters escaped
 /// ([`crate::admin::is_unsafe_to_show`]), at most [`NAME_MAX_CHARS`].
 fn printable(text: &str) -> String {
-    let mut out = String::new();
-    for (count, c) in text.chars().enumerate() {
-        if count == NAME_MAX_CHARS {
-            out.push('…');
-            break;
-        }
-        if crate::admin::is_unsafe_to_show(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    match text.char_indices().nth(NAME_MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", crate::admin::one_line(&text[..cut])),
+        None => crate::admin::one_line(text),
     }
-    out
 }
 
 /// How a system call is described, and whether its first argument is a descriptor worth naming.

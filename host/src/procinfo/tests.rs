@@ -15,6 +15,11 @@ use nix::unistd::gettid;
 
 use super::*;
 
+/// One description with a whole budget of its own (the master's go through an allowance).
+fn doing(pid: Pid) -> Doing {
+    doing_with_budget(pid, &mut { NET_TABLES_BUDGET })
+}
+
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
